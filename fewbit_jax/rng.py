@@ -1,0 +1,77 @@
+"""Counter-based randomness shared by the pure-JAX path and the kernels.
+
+Every random sketch in fewbit_jax is a pure function of a 64-bit key and two
+integer counters (a row and a column), so that the forward pass can throw the
+sketch away and the backward pass can rebuild exactly the same one, and so
+that the pure-JAX path, the C++ kernels and the CUDA kernels draw the very same
+numbers. ``xla_ext/codes.h`` holds the C++ twin of each function here.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from fewbit_jax import rng
+  >>> int(rng.hash4(jnp.uint32(1), jnp.uint32(2), jnp.uint32(3), jnp.uint32(4)))
+  2545114071
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["mix32", "hash4", "key_words", "uniform01", "gaussian"]
+
+
+def _u32(x):
+  return jnp.asarray(x, jnp.uint32)
+
+
+def mix32(x: jax.Array) -> jax.Array:
+  """lowbias32 integer finaliser (a bijection of uint32)."""
+  x = _u32(x)
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  x = x ^ (x >> 16)
+  return x
+
+
+def hash4(k0, k1, a, b) -> jax.Array:
+  """Hash of a key (k0, k1) and counters (a, b) to uniform uint32 bits."""
+  h = mix32(_u32(a) ^ _u32(k0) ^ jnp.uint32(0x9E3779B9))
+  h = mix32(h ^ _u32(b) ^ jnp.uint32(0x85EBCA6B))
+  return mix32(h ^ _u32(k1) ^ jnp.uint32(0xC2B2AE35))
+
+
+def key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The two uint32 words of a PRNG key (typed ``jax.random.key`` or raw).
+
+  Raises:
+    TypeError: for anything that is not a single 2-word key.
+  """
+  if jnp.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
+    data = jax.random.key_data(key)
+  else:
+    data = jnp.asarray(key)
+  if data.shape != (2,) or data.dtype != jnp.uint32:
+    raise TypeError(
+        "expected one PRNG key: jax.random.key(seed) or jax.random.PRNGKey(seed) "
+        f"(uint32[2]); got dtype {data.dtype} and shape {data.shape}. Split a "
+        "batch of keys before calling.")
+  return data[0], data[1]
+
+
+def uniform01(bits: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Map uint32 bits to a float in (0, 1]: ((bits >> 8) + 1) * 2**-24."""
+  return (((_u32(bits) >> 8) + 1).astype(jnp.float32) * (1.0 / 16777216.0)).astype(dtype)
+
+
+def gaussian(k0, k1, a, b) -> jax.Array:
+  """Standard normal draw at counters (a, b) by Box-Muller (float32).
+
+  Uses hash4 at columns 2b and 2b + 1: z = sqrt(-2 log u1) cos(2 pi u2).
+  """
+  b = _u32(b)
+  u1 = uniform01(hash4(k0, k1, a, b * 2))
+  u2 = uniform01(hash4(k0, k1, a, b * 2 + 1))
+  return jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(jnp.float32(2.0 * 3.14159265358979) * u2)
