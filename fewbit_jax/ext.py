@@ -31,7 +31,7 @@ import jax
 from fewbit_jax import codes as _codes
 
 __all__ = ["available", "platforms", "active_path", "set_mode", "get_mode", "mode",
-           "quantize_pack", "unpack_scale"]
+           "pack", "quantize_pack", "unpack_scale", "sketch_kernel"]
 
 _MODES = ("auto", "ffi", "jax")
 _ENV_TO_MODE = {"": "auto", "auto": "auto", "1": "ffi", "ffi": "ffi", "0": "jax", "jax": "jax"}
@@ -117,6 +117,11 @@ def active_path(platform: str | None = None) -> str:
   return "ffi" if has else "jax"
 
 
+def pack(codes: jax.Array, bits: int) -> jax.Array:
+  """Packs uint8 codes (..., n) into bit planes (..., bits, ceil(n/32))."""
+  return _codes.pack(codes, bits)
+
+
 def quantize_pack(x: jax.Array, borders: jax.Array, bits: int) -> jax.Array:
   """Codes of x against `borders`, packed into bit planes (see fewbit_jax.codes)."""
   return _codes.pack(_codes.compute_codes(x, borders, bits), bits)
@@ -127,3 +132,13 @@ def unpack_scale(packed: jax.Array, levels: jax.Array, g: jax.Array, bits: int) 
   n = g.shape[-1] if g.ndim else 1
   code = _codes.unpack(packed, bits, n).reshape(g.shape)
   return levels.astype(g.dtype)[code] * g
+
+
+def sketch_kernel(kind: str):
+  """The FFI implementation of ``S^T x`` for a sketch kind, or None.
+
+  Where it returns a callable ``f(x2d, k0, k1, k) -> (k, N)``, fewbit_jax.sketch
+  uses it in place of its pure-JAX projection; it must give the same result.
+  """
+  del kind
+  return None
