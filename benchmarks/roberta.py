@@ -1,0 +1,315 @@
+"""RoBERTa for sequence classification in Flax linen, and its training step.
+
+The architecture of Hugging Face's ``RobertaForSequenceClassification``
+(post-LayerNorm encoder, exact-erf GELU, learned positions offset by the
+padding index, a tanh classification head on the ``<s>`` token), written
+here so the benchmarks need no download and no weights: memory and time do
+not depend on the values of the parameters.
+
+Injection points, so one model serves every row of the memory table:
+
+* ``activation``: the FFN activation, ``x -> y`` (default: exact GELU).
+* ``dense``: the class of every dense layer, called like ``nn.Dense``
+  (``features``, ``dtype``, ``kernel_init``, ``name``); pass
+  ``functools.partial(fewbit_jax.linen.RandomizedDense, proj_dim_ratio=0.2)``
+  to randomize all of them.
+* ``layer_norm``: the LayerNorm class, called like ``nn.LayerNorm``.
+* ``remat_activation`` / ``remat_block`` / ``remat_policy``: ``jax.checkpoint``
+  around the activation or around each encoder layer.
+* ``dtype``: the compute dtype (``jnp.bfloat16`` for mixed precision;
+  parameters and optimizer state stay float32).
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from benchmarks import roberta
+  >>> cfg = roberta.RobertaConfig.tiny()
+  >>> model = roberta.RobertaClassifier(cfg)
+  >>> ids = jnp.ones((2, 8), jnp.int32)
+  >>> params = model.init(jax.random.key(0), ids, jnp.ones_like(ids))["params"]
+  >>> model.apply({"params": params}, ids, jnp.ones_like(ids)).shape
+  (2, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["RobertaConfig", "RobertaClassifier", "exact_gelu", "LeanLayerNorm",
+           "init_shapes", "make_batch", "batch_shapes", "make_train_step"]
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RobertaConfig:
+  """Sizes of a RoBERTa encoder; the defaults are roberta-base's."""
+  vocab_size: int = 50265
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 514
+  type_vocab_size: int = 1
+  layer_norm_eps: float = 1e-5
+  dropout_rate: float = 0.1
+  num_labels: int = 2
+  pad_token_id: int = 1
+
+  @classmethod
+  def base(cls, **overrides) -> "RobertaConfig":
+    """roberta-base (125M parameters), with optional overrides."""
+    return cls(**overrides)
+
+  @classmethod
+  def tiny(cls, **overrides) -> "RobertaConfig":
+    """A few-thousand-parameter model for tests."""
+    sizes = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
+                 intermediate_size=64, max_position_embeddings=66)
+    sizes.update(overrides)
+    return cls(**sizes)
+
+
+def exact_gelu(x: Array) -> Array:
+  """GELU with the erf form, as Hugging Face RoBERTa uses."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+@jax.custom_vjp
+def _lean_layer_norm(x, scale, bias, eps):
+  return _lean_layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _lean_layer_norm_fwd(x, scale, bias, eps):
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
+  xhat = (xf - mean) * rstd
+  y = (xhat * scale + bias).astype(x.dtype)
+  # One input-sized array (in the input dtype) and one scalar per row:
+  # what PyTorch's LayerNorm keeps (input, mean, rstd).
+  return y, (xhat.astype(x.dtype), rstd, scale)
+
+
+def _lean_layer_norm_bwd(res, g):
+  xhat, rstd, scale = res
+  xhat = xhat.astype(jnp.float32)
+  gf = g.astype(jnp.float32)
+  gs = gf * scale
+  dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+  axes = tuple(range(g.ndim - 1))
+  dscale = (gf * xhat).sum(axes)
+  dbias = gf.sum(axes)
+  return dx.astype(g.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype), None
+
+
+_lean_layer_norm.defvjp(_lean_layer_norm_fwd, _lean_layer_norm_bwd)
+
+
+class LeanLayerNorm(nn.Module):
+  """LayerNorm over the last axis that keeps one input-sized array for backward.
+
+  Same parameters (``scale``, ``bias``) and forward output as ``nn.LayerNorm``;
+  flax's own keeps two or three input-sized float32 arrays, which hide most of
+  what a randomized dense saves on the array it normalizes.
+  """
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (n,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (n,), self.param_dtype)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    return _lean_layer_norm(x, scale, bias, self.epsilon)
+
+
+def _dense(ctx: nn.Module, features: int, name: str) -> nn.Module:
+  return ctx.dense(features, dtype=ctx.dtype, kernel_init=nn.initializers.normal(0.02),
+                   name=name)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with an output projection and post-LayerNorm."""
+  cfg: RobertaConfig
+  dense: Callable[..., nn.Module]
+  layer_norm: Callable[..., nn.Module]
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
+    cfg = self.cfg
+    b, s, d = x.shape
+    h = cfg.num_heads
+    hd = d // h
+    split = lambda t: t.reshape(b, s, h, hd)
+    q = split(_dense(self, d, "query")(x))
+    k = split(_dense(self, d, "key")(x))
+    v = split(_dense(self, d, "value")(x))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
+    scores = scores + mask_bias.astype(scores.dtype)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, d)
+    out = _dense(self, d, "output")(ctx)
+    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return self.layer_norm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
+                           name="output_norm")(out + x)
+
+
+class RobertaLayer(nn.Module):
+  """One encoder layer: attention, then the FFN, each with post-LayerNorm."""
+  cfg: RobertaConfig
+  activation: Callable[[Array], Array]
+  dense: Callable[..., nn.Module]
+  layer_norm: Callable[..., nn.Module]
+  dtype: Any = None
+  remat_activation: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
+    cfg = self.cfg
+    x = SelfAttention(cfg, self.dense, self.layer_norm, self.dtype, name="attention")(
+        x, mask_bias, deterministic)
+    act = jax.checkpoint(self.activation) if self.remat_activation else self.activation
+    y = act(_dense(self, cfg.intermediate_size, "intermediate")(x))
+    y = _dense(self, cfg.hidden_size, "output")(y)
+    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    return self.layer_norm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
+                           name="output_norm")(y + x)
+
+
+class RobertaClassifier(nn.Module):
+  """RoBERTa encoder with Hugging Face's sequence-classification head.
+
+  Attributes:
+    cfg: the sizes.
+    activation: the FFN activation (default exact GELU).
+    dense: class of every dense layer (default ``nn.Dense``).
+    layer_norm: LayerNorm class (default ``nn.LayerNorm``).
+    dtype: compute dtype; ``None`` for float32.
+    remat_activation: wrap the activation in ``jax.checkpoint``.
+    remat_block: wrap each encoder layer in ``nn.remat``.
+    remat_policy: the ``jax.checkpoint`` policy of ``remat_block``
+      (``None``: save nothing but the layer inputs).
+  """
+  cfg: RobertaConfig
+  activation: Callable[[Array], Array] = exact_gelu
+  dense: Callable[..., nn.Module] = nn.Dense
+  layer_norm: Callable[..., nn.Module] = nn.LayerNorm
+  dtype: Any = None
+  remat_activation: bool = False
+  remat_block: bool = False
+  remat_policy: Callable | None = None
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Array,
+               deterministic: bool = True) -> Array:
+    cfg = self.cfg
+    init = nn.initializers.normal(0.02)
+    # Positions count non-padding tokens from pad_token_id + 1, as in HF.
+    not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+    positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
+    embed = functools.partial(nn.Embed, features=cfg.hidden_size, embedding_init=init,
+                              dtype=self.dtype)
+    x = (embed(cfg.vocab_size, name="word_embeddings")(input_ids)
+         + embed(cfg.max_position_embeddings, name="position_embeddings")(positions)
+         + embed(cfg.type_vocab_size, name="token_type_embeddings")(
+             jnp.zeros_like(input_ids)))
+    x = self.layer_norm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="embeddings_norm")(x)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+    dtype = self.dtype or jnp.float32
+    mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
+                          jnp.finfo(dtype).min).astype(dtype)
+    layer_cls = RobertaLayer
+    if self.remat_block:
+      layer_cls = nn.remat(RobertaLayer, static_argnums=(3,), policy=self.remat_policy)
+    for i in range(cfg.num_layers):
+      x = layer_cls(cfg, self.activation, self.dense, self.layer_norm, self.dtype,
+                    self.remat_activation, name=f"layer_{i}")(x, mask_bias, deterministic)
+
+    # Classification head on <s>: dropout, dense, tanh, dropout, projection.
+    h = nn.Dropout(cfg.dropout_rate)(x[:, 0], deterministic=deterministic)
+    h = jnp.tanh(self.dense(cfg.hidden_size, dtype=self.dtype, kernel_init=init,
+                            name="classifier_dense")(h))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    logits = self.dense(cfg.num_labels, dtype=self.dtype, kernel_init=init,
+                        name="classifier_out")(h)
+    return logits.astype(jnp.float32)
+
+
+def make_batch(cfg: RobertaConfig, batch: int, seq: int, key: Array | None = None) -> dict:
+  """An MRPC-shaped batch of random tokens: ids, attention mask and labels.
+
+  Each row has a random length in [seq // 2, seq] and is padded after it,
+  as a padded GLUE batch is.
+  """
+  key = jax.random.key(0) if key is None else key
+  k1, k2, k3 = jax.random.split(key, 3)
+  ids = jax.random.randint(k1, (batch, seq), 3, cfg.vocab_size, jnp.int32)
+  lengths = jax.random.randint(k2, (batch, 1), seq // 2, seq + 1)
+  mask = (jnp.arange(seq)[None, :] < lengths).astype(jnp.int32)
+  ids = jnp.where(mask > 0, ids, cfg.pad_token_id).at[:, 0].set(0)
+  labels = jax.random.randint(k3, (batch,), 0, cfg.num_labels, jnp.int32)
+  return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batch_shapes(batch: int, seq: int) -> dict:
+  """Abstract shapes of `make_batch`'s output, for lowering without data."""
+  s = jax.ShapeDtypeStruct
+  return {"input_ids": s((batch, seq), jnp.int32),
+          "attention_mask": s((batch, seq), jnp.int32),
+          "labels": s((batch,), jnp.int32)}
+
+
+def init_shapes(model: RobertaClassifier, tx: optax.GradientTransformation,
+                batch: int = 2, seq: int = 8):
+  """Abstract (params, opt_state) of `model`, built without allocating them."""
+  def init(key):
+    ids = jnp.ones((batch, seq), jnp.int32)
+    params = model.init({"params": key, "sketch": key, "dropout": key}, ids,
+                        jnp.ones_like(ids))["params"]
+    return params, tx.init(params)
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def init_params(model: RobertaClassifier, tx: optax.GradientTransformation, key: Array,
+                batch: int = 2, seq: int = 8):
+  """Concrete (params, opt_state) of `model`."""
+  ids = jnp.ones((batch, seq), jnp.int32)
+  params = jax.jit(lambda k: model.init({"params": k, "sketch": k, "dropout": k}, ids,
+                                        jnp.ones_like(ids))["params"])(key)
+  return params, tx.init(params)
+
+
+def make_train_step(model: RobertaClassifier, tx: optax.GradientTransformation,
+                    *, deterministic: bool = False, donate: bool = True):
+  """The jitted step ``(params, opt_state, batch, key) -> (params, opt_state, loss)``.
+
+  Uses the rng streams ``dropout`` and ``sketch`` (the randomized dense
+  layers' stream). Parameters and optimizer state are donated, so XLA updates
+  them in place as a PyTorch optimizer does.
+  """
+  def loss_fn(params, batch, key):
+    k_drop, k_sketch = jax.random.split(key)
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         deterministic=deterministic,
+                         rngs={"dropout": k_drop, "sketch": k_sketch})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+  def step(params, opt_state, batch, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
