@@ -1,5 +1,32 @@
-"""fewbit-jax: memory-efficient training for JAX and Flax."""
+"""fewbit-jax: memory-efficient training for JAX and Flax.
 
-from fewbit_jax import codes, ext, rng
+Few-bit activations (drop-in for ``jax.nn`` functions, saving only b-bit codes
+for backward) and randomized dense layers (saving only a random sketch of the
+input), with tools to convert existing models and to see the saving.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> import fewbit_jax as fb
+  >>> x = jnp.ones((4, 8))
+  >>> fb.gelu(x).shape                      # as jax.nn.gelu, 3-bit backward
+  (4, 8)
+  >>> act = fb.gelu(bits=2)                 # a callable for activation= fields
+  >>> act(x).shape
+  (4, 8)
+"""
+
+from fewbit_jax import codes, ext, rng, tables
+from fewbit_jax.activations import (
+    fewbit,
+    # piecewise, exact 1-bit gradient
+    relu, relu6, leaky_relu, hard_tanh, hard_sigmoid, threshold, hard_shrink, soft_shrink,
+    # continuous, bits 1..8
+    celu, elu, gelu, hard_swish, log_sigmoid, mish, selu, sigmoid, silu, softplus,
+    soft_sign, tanh, tanhshrink,
+    # the original library's spellings
+    hardtanh, hardsigmoid, hardshrink, softshrink, hardswish, hard_silu, logsigmoid,
+    softsign, swish,
+)
+from fewbit_jax.tables import Table, optimal_table, table
 
 __version__ = "0.1.0"
