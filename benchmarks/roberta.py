@@ -14,8 +14,8 @@ Injection points, so one model serves every row of the memory table:
   ``functools.partial(fewbit_jax.linen.RandomizedDense, proj_dim_ratio=0.2)``
   to randomize all of them.
 * ``layer_norm``: the LayerNorm class, called like ``nn.LayerNorm``.
-* ``remat_activation`` / ``remat_block`` / ``remat_policy``: ``jax.checkpoint``
-  around the activation or around each encoder layer.
+* ``remat`` / ``remat_policy``: ``jax.checkpoint`` around the activation,
+  the attention core, each LayerNorm or each encoder layer.
 * ``dtype``: the compute dtype (``jnp.bfloat16`` for mixed precision;
   parameters and optimizer state stay float32).
 
@@ -133,9 +133,33 @@ class LeanLayerNorm(nn.Module):
     return _lean_layer_norm(x, scale, bias, self.epsilon)
 
 
+REMAT_PARTS = ("activation", "attention", "layer_norm", "block")
+
+
 def _dense(ctx: nn.Module, features: int, name: str) -> nn.Module:
   return ctx.dense(features, dtype=ctx.dtype, kernel_init=nn.initializers.normal(0.02),
                    name=name)
+
+
+def _norm(ctx: nn.Module, name: str) -> nn.Module:
+  cls = nn.remat(ctx.layer_norm) if "layer_norm" in ctx.remat else ctx.layer_norm
+  return cls(epsilon=ctx.cfg.layer_norm_eps, dtype=ctx.dtype, name=name)
+
+
+def attention_core(q: Array, k: Array, v: Array, mask_bias: Array, key: Array | None,
+                   rate: float) -> Array:
+  """softmax(q k^T / sqrt(d) + mask) v, with dropout on the probabilities.
+
+  Shapes: q, k, v ``(batch, seq, heads, head_dim)``; mask_bias broadcastable
+  to ``(batch, heads, seq, seq)``; `key` None for no dropout.
+  """
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  scores = scores + mask_bias.astype(scores.dtype)
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+  if key is not None and rate > 0:
+    keep = jax.random.bernoulli(key, 1.0 - rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - rate), 0).astype(probs.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 class SelfAttention(nn.Module):
@@ -143,27 +167,25 @@ class SelfAttention(nn.Module):
   cfg: RobertaConfig
   dense: Callable[..., nn.Module]
   layer_norm: Callable[..., nn.Module]
-  dtype: Any
+  dtype: Any = None
+  remat: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
     cfg = self.cfg
     b, s, d = x.shape
-    h = cfg.num_heads
-    hd = d // h
-    split = lambda t: t.reshape(b, s, h, hd)
+    split = lambda t: t.reshape(b, s, cfg.num_heads, d // cfg.num_heads)
     q = split(_dense(self, d, "query")(x))
     k = split(_dense(self, d, "key")(x))
     v = split(_dense(self, d, "value")(x))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
-    scores = scores + mask_bias.astype(scores.dtype)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-    probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
-    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, d)
+    key = None if deterministic or cfg.dropout_rate == 0 else self.make_rng("dropout")
+    core = functools.partial(attention_core, rate=cfg.dropout_rate)
+    if "attention" in self.remat:
+      core = jax.checkpoint(core)
+    ctx = core(q, k, v, mask_bias, key).reshape(b, s, d)
     out = _dense(self, d, "output")(ctx)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
-    return self.layer_norm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
-                           name="output_norm")(out + x)
+    return _norm(self, "output_norm")(out + x)
 
 
 class RobertaLayer(nn.Module):
@@ -173,19 +195,18 @@ class RobertaLayer(nn.Module):
   dense: Callable[..., nn.Module]
   layer_norm: Callable[..., nn.Module]
   dtype: Any = None
-  remat_activation: bool = False
+  remat: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
     cfg = self.cfg
-    x = SelfAttention(cfg, self.dense, self.layer_norm, self.dtype, name="attention")(
-        x, mask_bias, deterministic)
-    act = jax.checkpoint(self.activation) if self.remat_activation else self.activation
+    x = SelfAttention(cfg, self.dense, self.layer_norm, self.dtype, self.remat,
+                      name="attention")(x, mask_bias, deterministic)
+    act = jax.checkpoint(self.activation) if "activation" in self.remat else self.activation
     y = act(_dense(self, cfg.intermediate_size, "intermediate")(x))
     y = _dense(self, cfg.hidden_size, "output")(y)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
-    return self.layer_norm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
-                           name="output_norm")(y + x)
+    return _norm(self, "output_norm")(y + x)
 
 
 class RobertaClassifier(nn.Module):
@@ -197,24 +218,27 @@ class RobertaClassifier(nn.Module):
     dense: class of every dense layer (default ``nn.Dense``).
     layer_norm: LayerNorm class (default ``nn.LayerNorm``).
     dtype: compute dtype; ``None`` for float32.
-    remat_activation: wrap the activation in ``jax.checkpoint``.
-    remat_block: wrap each encoder layer in ``nn.remat``.
-    remat_policy: the ``jax.checkpoint`` policy of ``remat_block``
-      (``None``: save nothing but the layer inputs).
+    remat: the parts to wrap in ``jax.checkpoint``, any of ``"activation"``,
+      ``"attention"`` (scores, softmax, dropout, weighted sum), ``"layer_norm"``
+      and ``"block"`` (each encoder layer, with `remat_policy`).
+    remat_policy: the ``jax.checkpoint`` policy of ``"block"`` (``None``:
+      save nothing but each layer's inputs).
   """
   cfg: RobertaConfig
   activation: Callable[[Array], Array] = exact_gelu
   dense: Callable[..., nn.Module] = nn.Dense
   layer_norm: Callable[..., nn.Module] = nn.LayerNorm
   dtype: Any = None
-  remat_activation: bool = False
-  remat_block: bool = False
+  remat: tuple[str, ...] = ()
   remat_policy: Callable | None = None
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array,
                deterministic: bool = True) -> Array:
     cfg = self.cfg
+    unknown = set(self.remat) - set(REMAT_PARTS)
+    if unknown:
+      raise ValueError(f"remat parts must be among {REMAT_PARTS}; got {sorted(unknown)}.")
     init = nn.initializers.normal(0.02)
     # Positions count non-padding tokens from pad_token_id + 1, as in HF.
     not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
@@ -225,18 +249,18 @@ class RobertaClassifier(nn.Module):
          + embed(cfg.max_position_embeddings, name="position_embeddings")(positions)
          + embed(cfg.type_vocab_size, name="token_type_embeddings")(
              jnp.zeros_like(input_ids)))
-    x = self.layer_norm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="embeddings_norm")(x)
+    x = _norm(self, "embeddings_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
     dtype = self.dtype or jnp.float32
     mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
                           jnp.finfo(dtype).min).astype(dtype)
     layer_cls = RobertaLayer
-    if self.remat_block:
+    if "block" in self.remat:
       layer_cls = nn.remat(RobertaLayer, static_argnums=(3,), policy=self.remat_policy)
     for i in range(cfg.num_layers):
       x = layer_cls(cfg, self.activation, self.dense, self.layer_norm, self.dtype,
-                    self.remat_activation, name=f"layer_{i}")(x, mask_bias, deterministic)
+                    self.remat, name=f"layer_{i}")(x, mask_bias, deterministic)
 
     # Classification head on <s>: dropout, dense, tanh, dropout, projection.
     h = nn.Dropout(cfg.dropout_rate)(x[:, 0], deterministic=deterministic)

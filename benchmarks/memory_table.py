@@ -1,0 +1,336 @@
+"""Memory and time of a RoBERTa-base training step under each fewbit option.
+
+The original library's table (PyTorch, RoBERTa-base on MRPC, batch 128,
+sequence 128, peak GPU memory) reports savings of 13.8% for 3-bit GELU,
+18.6% for randomized linear layers at 20% and 32.7% for both. This script
+prints the same rows for the Flax model in ``benchmarks/roberta.py`` trained
+with ``optax.adamw``, plus rows the original lacks.
+
+Memory is XLA's compiled memory analysis of the jitted training step
+(argument + output - alias + temp bytes): it needs no run and no memory, and
+on CPU it is exact and deterministic. With ``--real`` each row also runs two
+steps in a fresh process and reports the device's ``peak_bytes_in_use``
+(a GPU or TPU; CPU devices keep no such statistic).
+
+Time is the median wall time of a step on a smaller configuration that runs
+on a laptop CPU (``--time-layers`` layers, ``--time-batch`` x ``--seq``),
+as a ratio to the vanilla step timed in the same process, the rows
+interleaved so that load from other processes hits all of them alike.
+
+Usage (from the repository root):
+  python -m benchmarks.memory_table            # the original's four rows
+  python -m benchmarks.memory_table --full     # every row
+  python -m benchmarks.memory_table --rows bits,ratio --layers 4
+  python -m benchmarks.memory_table --full --real   # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks import roberta
+
+GiB = 2.0 ** 30
+
+# XLA's CPU pipeline expands optimization barriers before its last CSE pass,
+# which merges jax.checkpoint's recomputation back into the forward pass and
+# so undoes every remat; the GPU and TPU pipelines keep the barriers. Without
+# this pass the CPU analysis of the remat rows shows what they do on an
+# accelerator. Programs without jax.checkpoint have no barriers to keep.
+KEEP_REMAT_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
+
+
+def keep_remat_on_cpu() -> bool:
+  """Adds KEEP_REMAT_FLAG to XLA_FLAGS; False if JAX's backends already started."""
+  from jax._src import xla_bridge
+  flags = os.environ.get("XLA_FLAGS", "")
+  if KEEP_REMAT_FLAG not in flags:
+    if xla_bridge.backends_are_initialized():
+      return False
+    os.environ["XLA_FLAGS"] = f"{flags} {KEEP_REMAT_FLAG}".strip()
+  return True
+
+
+# --------------------------------------------------------------------------
+# The rows.
+
+
+def fewbit_gelu(bits: int = 3) -> Callable:
+  """Few-bit exact-erf GELU (RoBERTa's activation)."""
+  from fewbit_jax import activations
+  return activations.gelu(approximate=False, bits=bits)
+
+
+def randomized_dense(ratio: float = 0.2, sketch: str = "gaussian") -> Callable:
+  """The randomized dense class for every dense layer of the model."""
+  from fewbit_jax import linen
+  return functools.partial(linen.RandomizedDense, proj_dim_ratio=ratio, sketch=sketch)
+
+
+def codes_and_dots_policy():
+  """Remat policy: keep matmul outputs and few-bit codes, recompute the rest."""
+  from fewbit_jax import activations
+  cp = jax.checkpoint_policies
+  return cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                    cp.save_only_these_names(activations.CODES_NAME))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One configuration of the model: a name, a group and its model fields."""
+  name: str
+  group: str
+  model: Callable[[], dict]  # -> keyword arguments of RobertaClassifier
+  original: float | None = None  # the original library's saving, percent
+
+
+def _both(bits=3, ratio=0.2, **extra):
+  return lambda: dict(activation=fewbit_gelu(bits), dense=randomized_dense(ratio), **extra)
+
+
+SKETCHES = ("gaussian", "rademacher", "dct", "dft", "countsketch")
+
+ROWS: tuple[Row, ...] = (
+    Row("vanilla", "main", lambda: {}),
+    Row("3-bit GELU", "main", lambda: dict(activation=fewbit_gelu(3)), 13.8),
+    Row("randomized dense 20%", "main", lambda: dict(dense=randomized_dense(0.2)), 18.6),
+    Row("3-bit GELU + randomized 20%", "main", _both(), 32.7),
+    # What a JAX user would try instead, and the two combined.
+    Row("jax.checkpoint(gelu)", "remat", lambda: dict(remat=("activation",))),
+    Row("jax.checkpoint(each layer)", "remat", lambda: dict(remat=("block",))),
+    Row("jax.checkpoint(each layer) keeping dots", "remat",
+        lambda: dict(remat=("block",),
+                     remat_policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)),
+    Row("3-bit GELU + checkpoint(each layer) keeping dots+codes", "remat",
+        lambda: dict(activation=fewbit_gelu(3), remat=("block",),
+                     remat_policy=codes_and_dots_policy())),
+    # Closing the randomized-dense gap: LayerNorm and attention keep
+    # full-size arrays of their own (see benchmarks/residuals.py).
+    Row("randomized 20% + checkpoint(LayerNorm)", "gap",
+        lambda: dict(dense=randomized_dense(0.2), remat=("layer_norm",))),
+    Row("randomized 20% + checkpoint(LayerNorm+attention)", "gap",
+        lambda: dict(dense=randomized_dense(0.2), remat=("layer_norm", "attention"))),
+    Row("both + checkpoint(LayerNorm)", "gap", _both(remat=("layer_norm",))),
+    Row("both + checkpoint(LayerNorm+attention)", "gap",
+        _both(remat=("layer_norm", "attention"))),
+    # Mixed precision: bf16 compute, f32 parameters and optimizer state.
+    Row("bf16", "bf16", lambda: dict(dtype=jnp.bfloat16)),
+    Row("bf16 + 3-bit GELU", "bf16", lambda: dict(dtype=jnp.bfloat16,
+                                                   activation=fewbit_gelu(3))),
+    Row("bf16 + both", "bf16", _both(dtype=jnp.bfloat16)),
+    *(Row(f"{b}-bit GELU", "bits", lambda b=b: dict(activation=fewbit_gelu(b)))
+      for b in (1, 2, 4)),
+    *(Row(f"randomized dense {int(r * 100)}%", "ratio",
+          lambda r=r: dict(dense=randomized_dense(r))) for r in (0.1, 0.5)),
+    *(Row(f"randomized 20% {s}", "sketch", lambda s=s: dict(dense=randomized_dense(0.2, s)))
+      for s in SKETCHES[1:]),
+)
+
+GROUPS = ("main", "remat", "gap", "bf16", "bits", "ratio", "sketch")
+
+
+def select_rows(spec: str | None, full: bool) -> list[Row]:
+  """Rows by comma-separated groups or names; vanilla always comes first."""
+  if full:
+    return list(ROWS)
+  wanted = [w.strip() for w in (spec or "main").split(",") if w.strip()]
+  bad = [w for w in wanted if w not in GROUPS and w not in {r.name for r in ROWS}]
+  if bad:
+    raise SystemExit(f"unknown rows {bad}; use groups {GROUPS} or row names "
+                     f"{[r.name for r in ROWS]}")
+  rows = [r for r in ROWS if r.group in wanted or r.name in wanted]
+  return [ROWS[0]] + [r for r in rows if r is not ROWS[0]]
+
+
+# --------------------------------------------------------------------------
+# Measuring.
+
+
+def build(row: Row, cfg: roberta.RobertaConfig):
+  """The model and optimizer of a row."""
+  return roberta.RobertaClassifier(cfg, **row.model()), optax.adamw(2e-5)
+
+
+def compiled_memory(row: Row, cfg: roberta.RobertaConfig, batch: int, seq: int) -> dict:
+  """XLA's compiled memory analysis of the row's training step, in bytes."""
+  model, tx = build(row, cfg)
+  params, opt_state = roberta.init_shapes(model, tx)
+  step = roberta.make_train_step(model, tx)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  t0 = time.perf_counter()
+  ma = step.lower(params, opt_state, roberta.batch_shapes(batch, seq), key).compile() \
+           .memory_analysis()
+  out = dict(argument=ma.argument_size_in_bytes, output=ma.output_size_in_bytes,
+             alias=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes,
+             compile_s=time.perf_counter() - t0)
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def step_times(rows: list[Row], cfg: roberta.RobertaConfig, batch: int, seq: int,
+               repeats: int, steps_per_sample: int = 2, progress=None) -> dict[str, float]:
+  """Median seconds per training step of each row, interleaved round by round."""
+  runners = {}
+  for row in rows:
+    model, tx = build(row, cfg)
+    params, opt_state = roberta.init_params(model, tx, jax.random.key(0))
+    step = roberta.make_train_step(model, tx)
+    data = roberta.make_batch(cfg, batch, seq)
+    state = [params, opt_state]
+    key = jax.random.key(1)
+
+    def run(n, step=step, state=state, data=data, key=key):
+      for _ in range(n):
+        state[0], state[1], loss = step(state[0], state[1], data, key)
+      jax.block_until_ready(loss)
+
+    run(2)  # compile and warm up
+    runners[row.name] = run
+    if progress:
+      progress(f"compiled {row.name} for timing")
+  samples = {name: [] for name in runners}
+  for r in range(repeats):
+    for name, run in runners.items():
+      t0 = time.perf_counter()
+      run(steps_per_sample)
+      samples[name].append((time.perf_counter() - t0) / steps_per_sample)
+    if progress:
+      progress(f"timing round {r + 1}/{repeats}")
+  return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def real_peak(row: Row, cfg: roberta.RobertaConfig, batch: int, seq: int) -> int | None:
+  """Device peak_bytes_in_use after two real steps (None where not tracked)."""
+  model, tx = build(row, cfg)
+  params, opt_state = roberta.init_params(model, tx, jax.random.key(0))
+  step = roberta.make_train_step(model, tx)
+  data = roberta.make_batch(cfg, batch, seq)
+  for i in range(2):
+    params, opt_state, loss = step(params, opt_state, data, jax.random.key(i))
+  jax.block_until_ready(loss)
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else int(stats["peak_bytes_in_use"])
+
+
+def real_peak_subprocess(row: Row, args) -> int | None:
+  """`real_peak` in a fresh process, so each row's peak is its own."""
+  cmd = [sys.executable, "-m", "benchmarks.memory_table", "--real-one", row.name,
+         "--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq)]
+  if args.tiny:
+    cmd.append("--tiny")
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if out.returncode != 0:
+    raise RuntimeError(f"real run of {row.name!r} failed:\n{out.stderr[-4000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+
+# --------------------------------------------------------------------------
+# The table.
+
+
+def format_table(results: list[dict], with_time: bool, with_real: bool) -> str:
+  """A Markdown table of measured results (the first one is the baseline)."""
+  base = results[0]
+  head = ["configuration", "compiled GiB", "saving", "original's saving"]
+  if with_real:
+    head += ["peak GiB (real)", "saving (real)"]
+  if with_time:
+    head += ["time / step"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in results:
+    cells = [r["name"], f"{r['total'] / GiB:.2f}",
+             "-" if r is base else f"{100 * (1 - r['total'] / base['total']):.1f}%",
+             "-" if r["original"] is None else f"{r['original']:.1f}%"]
+    if with_real:
+      if r.get("peak") is None:
+        cells += ["n/a", "n/a"]
+      else:
+        cells += [f"{r['peak'] / GiB:.2f}",
+                  "-" if r is base else f"{100 * (1 - r['peak'] / base['peak']):.1f}%"]
+    if with_time:
+      cells += [f"{r['time'] / base['time']:.2f}x"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=__doc__.split("Usage")[1])
+  p.add_argument("--full", action="store_true", help="every row (about 25 compiles)")
+  p.add_argument("--rows", help=f"comma-separated groups {GROUPS} or row names "
+                                "(default: main)")
+  p.add_argument("--layers", type=int, default=12, help="encoder layers for memory")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--time-layers", type=int, default=2)
+  p.add_argument("--time-batch", type=int, default=8)
+  p.add_argument("--repeats", type=int, default=5, help="timing rounds (0: no timing)")
+  p.add_argument("--tiny", action="store_true", help="a tiny model (smoke tests)")
+  p.add_argument("--real", action="store_true",
+                 help="also run each row on the device and report peak_bytes_in_use")
+  p.add_argument("--json", help="also write the results to this file")
+  p.add_argument("--real-one", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if not keep_remat_on_cpu():
+    print(f"warning: JAX started before {KEEP_REMAT_FLAG} could be set; on CPU the "
+          "jax.checkpoint rows will show no saving.", file=sys.stderr)
+
+  base_cfg = roberta.RobertaConfig.tiny() if args.tiny else roberta.RobertaConfig.base()
+  cfg = dataclasses.replace(base_cfg, num_layers=args.layers)
+  if args.real_one:
+    row = next(r for r in ROWS if r.name == args.real_one)
+    print(json.dumps({"peak": real_peak(row, cfg, args.batch, args.seq)}))
+    return
+
+  rows = select_rows(args.rows, args.full)
+  t_start = time.perf_counter()
+  log = lambda msg: print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr,
+                          flush=True)
+  print(f"RoBERTa ({cfg.num_layers} layers, hidden {cfg.hidden_size}), batch {args.batch} x "
+        f"{args.seq}, optax.adamw step, {jax.devices()[0].platform}, jax {jax.__version__}",
+        flush=True)
+  results = []
+  for i, row in enumerate(rows):
+    mem = compiled_memory(row, cfg, args.batch, args.seq)
+    res = dict(name=row.name, group=row.group, original=row.original, **mem)
+    if args.real:
+      res["peak"] = real_peak_subprocess(row, args)
+    results.append(res)
+    saving = 100 * (1 - mem["total"] / results[0]["total"])
+    log(f"memory {i + 1}/{len(rows)}: {row.name}: {mem['total'] / GiB:.2f} GiB "
+        f"({saving:+.1f}% saved; compiled in {mem['compile_s']:.0f}s)")
+
+  if args.repeats > 0:
+    tcfg = dataclasses.replace(base_cfg, num_layers=args.time_layers)
+    times = step_times(rows, tcfg, args.time_batch, args.seq, args.repeats, progress=log)
+    for res in results:
+      res["time"] = times[res["name"]]
+  print()
+  print(format_table(results, with_time=args.repeats > 0, with_real=args.real))
+  if args.repeats > 0:
+    print(f"\ntime / step: median of {args.repeats} interleaved samples, ratio to vanilla, "
+          f"{args.time_layers} layers, batch {args.time_batch} x {args.seq}, "
+          f"{jax.devices()[0].platform} (vanilla {results[0]['time'] * 1e3:.0f} ms).")
+  if args.real and results[0].get("peak") is None:
+    print("peak GiB (real): n/a, this device keeps no peak_bytes_in_use (run on a GPU).")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
