@@ -7,9 +7,14 @@
 //   code_of        fewbit_jax/codes.py:compute_codes
 //   plane layout   fewbit_jax/codes.py:pack / unpack
 //   mix32, hash4   fewbit_jax/rng.py:mix32 / hash4
+//   uniform01, gaussian   fewbit_jax/rng.py:uniform01 / gaussian
+//   sketch entries        fewbit_jax/sketch.py (gaussian, rademacher, countsketch)
+//   dtype rounding        XLA's f32 -> bf16 / f16 conversion (round to nearest even)
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <cmath>
 
 #if defined(__CUDACC__)
 #define FEWBIT_HD __host__ __device__ __forceinline__
@@ -59,6 +64,143 @@ FEWBIT_HD uint32_t hash4(uint32_t k0, uint32_t k1, uint32_t a, uint32_t b) {
   uint32_t h = mix32(a ^ k0 ^ 0x9e3779b9u);
   h = mix32(h ^ b ^ 0x85ebca6bu);
   return mix32(h ^ k1 ^ 0xc2b2ae35u);
+}
+
+// ---------------------------------------------------------------------------
+// Float formats. bf16 and f16 travel as their uint16 bit patterns; they are
+// widened to float32 exactly and narrowed with round-to-nearest-even, as XLA
+// does, so a product computed in float32 and narrowed once is the correctly
+// rounded product in the narrow type (the float32 product of two bf16 or two
+// f16 numbers is exact).
+
+FEWBIT_HD float as_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+FEWBIT_HD uint32_t as_uint(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+FEWBIT_HD float bf16_to_float(uint16_t h) { return as_float(uint32_t(h) << 16); }
+
+FEWBIT_HD uint16_t float_to_bf16(float f) {
+  uint32_t u = as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+FEWBIT_HD float f16_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2**-24, exact in float32
+    const float v = float(mant) * 5.9604644775390625e-08f;
+    return as_float(as_uint(v) | sign);
+  }
+  if (exp == 31) return as_float(sign | 0x7f800000u | (mant << 13));
+  return as_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+FEWBIT_HD uint16_t float_to_f16(float x) {
+  uint32_t f = as_uint(x);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  uint32_t o;
+  if (f >= 0x47800000u) {  // >= 65536, Inf or NaN
+    o = (f > 0x7f800000u) ? 0x7e00u : 0x7c00u;
+  } else if (f < 0x38800000u) {  // below 2**-14: subnormal or zero
+    // Adding 0.5 puts the f16 subnormal mantissa in the low bits, rounded by
+    // the float32 addition itself (round to nearest even).
+    o = as_uint(as_float(f) + 0.5f) - 0x3f000000u;
+  } else {
+    const uint32_t mant_odd = (f >> 13) & 1u;
+    f += (uint32_t(15 - 127) << 23) + 0xfffu;
+    f += mant_odd;
+    o = f >> 13;  // a carry into the exponent rounds 65520.. up to Inf
+  }
+  return uint16_t(o | (sign >> 16));
+}
+
+// Element types understood by the kernels (the FFI's data types, mapped to
+// one small enum that CUDA code can use too).
+enum class Dtype : int { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3 };
+
+template <Dtype D> struct Storage;
+template <> struct Storage<Dtype::kF32> { using type = float; };
+template <> struct Storage<Dtype::kBF16> { using type = uint16_t; };
+template <> struct Storage<Dtype::kF16> { using type = uint16_t; };
+template <> struct Storage<Dtype::kF64> { using type = double; };
+
+// Widens one stored element to float32 (f64 is rounded to nearest, as
+// x.astype(float32) does).
+template <Dtype D>
+FEWBIT_HD float load_f32(const typename Storage<D>::type* p, int64_t i) {
+  if constexpr (D == Dtype::kF32) return p[i];
+  else if constexpr (D == Dtype::kBF16) return bf16_to_float(p[i]);
+  else if constexpr (D == Dtype::kF16) return f16_to_float(p[i]);
+  else return float(p[i]);
+}
+
+// Rounds a float32 to the storage type (round to nearest even).
+template <Dtype D>
+FEWBIT_HD typename Storage<D>::type from_f32(float v) {
+  if constexpr (D == Dtype::kF32) return v;
+  else if constexpr (D == Dtype::kBF16) return float_to_bf16(v);
+  else if constexpr (D == Dtype::kF16) return float_to_f16(v);
+  else return double(v);
+}
+
+// ---------------------------------------------------------------------------
+// Sketch entries. Row i runs over the flattened leading positions of the
+// sketched array (as uint32, wrapping like jnp's uint32 arithmetic), column
+// j over 0..k-1.
+
+// uint32 bits to a float in (0, 1]: ((bits >> 8) + 1) * 2**-24.
+FEWBIT_HD float uniform01(uint32_t bits) {
+  return float((bits >> 8) + 1u) * (1.0f / 16777216.0f);
+}
+
+// Standard normal draw at (a, b) by Box-Muller on hash4 columns 2b, 2b + 1.
+FEWBIT_HD float gaussian(uint32_t k0, uint32_t k1, uint32_t a, uint32_t b) {
+  const float u1 = uniform01(hash4(k0, k1, a, b * 2u));
+  const float u2 = uniform01(hash4(k0, k1, a, b * 2u + 1u));
+  return sqrtf(-2.0f * logf(u1)) * cosf(float(2.0 * 3.14159265358979) * u2);
+}
+
+// +1 or -1 from the top bit of hash4.
+FEWBIT_HD float rademacher_sign(uint32_t k0, uint32_t k1, uint32_t a, uint32_t b) {
+  return 1.0f - 2.0f * float(hash4(k0, k1, a, b) >> 31);
+}
+
+// Count sketch: row i goes to bucket hash4(i, 0) % k with sign from hash4(i, 1).
+FEWBIT_HD uint32_t countsketch_bucket(uint32_t k0, uint32_t k1, uint32_t i, uint32_t k) {
+  return hash4(k0, k1, i, 0u) % k;
+}
+
+FEWBIT_HD float countsketch_sign(uint32_t k0, uint32_t k1, uint32_t i) {
+  return rademacher_sign(k0, k1, i, 1u);
+}
+
+enum class SketchKind : int { kGaussian = 0, kRademacher = 1, kCountSketch = 2 };
+
+// Entry S[i, j] of a dense sketch before its 1/sqrt(k) scale.
+template <SketchKind K>
+FEWBIT_HD float dense_entry(uint32_t k0, uint32_t k1, uint32_t i, uint32_t j) {
+  if constexpr (K == SketchKind::kGaussian) return gaussian(k0, k1, i, j);
+  else return rademacher_sign(k0, k1, i, j);
 }
 
 }  // namespace fewbit

@@ -1,0 +1,471 @@
+// CPU XLA FFI handlers of fewbit-jax (see handlers.h for the targets).
+//
+// Work is split into tasks over independent output slices and run on XLA's
+// intra-op thread pool, so each element of a result is written by one task
+// and results do not depend on the number of threads.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "codes.h"
+#include "handlers.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace fewbit {
+namespace {
+
+// Runs f(0) .. f(n_tasks - 1) on the calling thread and the pool. Tasks are
+// claimed from a shared counter, so the caller finishes everything itself if
+// the pool is busy; it only waits for tasks that another thread has claimed.
+// A pool thread that starts after the call returned finds nothing to claim
+// and touches only the shared state it owns.
+void parallel_for(ffi::ThreadPool& pool, int64_t n_tasks,
+                  const std::function<void(int64_t)>& f) {
+  const int64_t threads = pool.num_threads();
+  if (n_tasks <= 1 || threads <= 1) {
+    for (int64_t t = 0; t < n_tasks; ++t) f(t);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t n_tasks = 0;
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+    const std::function<void(int64_t)>* f = nullptr;
+  };
+  auto state = std::make_shared<State>();
+  state->n_tasks = n_tasks;
+  state->f = &f;
+  auto work = [](const std::shared_ptr<State>& s) {
+    int64_t finished = 0;
+    for (int64_t t; (t = s->next.fetch_add(1)) < s->n_tasks;) {
+      (*s->f)(t);
+      ++finished;
+    }
+    if (finished) {
+      std::lock_guard<std::mutex> lock(s->mu);
+      s->done += finished;
+      if (s->done == s->n_tasks) s->cv.notify_all();
+    }
+  };
+  const int64_t helpers = std::min(threads, n_tasks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) {
+    pool.Schedule([state, work] { work(state); });
+  }
+  work(state);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done == state->n_tasks; });
+}
+
+// Splits `total` units into at most `max_tasks` contiguous ranges of at least
+// `min_units` units.
+struct Chunks {
+  int64_t count;
+  int64_t size;
+};
+
+Chunks chunks(int64_t total, int64_t min_units, int64_t max_tasks) {
+  if (total <= 0) return {0, 1};
+  int64_t count = std::max<int64_t>(1, std::min(max_tasks, total / std::max<int64_t>(min_units, 1)));
+  const int64_t size = (total + count - 1) / count;
+  count = (total + size - 1) / size;
+  return {count, size};
+}
+
+int64_t max_tasks(ffi::ThreadPool& pool) {
+  return std::max<int64_t>(1, pool.num_threads()) * 4;
+}
+
+// ---------------------------------------------------------------------------
+// Packing. One word of every plane is built from 32 codes at a time; BITS is
+// a template parameter so the plane loop and the binary search unroll.
+
+template <int BITS>
+inline void pack_word(const uint32_t* codes, uint32_t* planes_row, int64_t words, int64_t w) {
+  uint32_t acc[BITS] = {};
+  for (int t = 0; t < kWordBits; ++t) {
+    const uint32_t c = codes[t];
+    for (int p = 0; p < BITS; ++p) acc[p] |= plane_bit(c, p, t);
+  }
+  for (int p = 0; p < BITS; ++p) planes_row[p * words + w] = acc[p];
+}
+
+// Packs rows [r0, r1) of an (rows, n) array whose code at (r, i) is
+// code(r, i); planes has shape (rows, BITS, W).
+template <int BITS, class CodeFn>
+void pack_rows(int64_t r0, int64_t r1, int64_t n, uint32_t* planes, CodeFn code) {
+  const int64_t words = words_for(n);
+  uint32_t buf[kWordBits];
+  for (int64_t r = r0; r < r1; ++r) {
+    uint32_t* row = planes + r * BITS * words;
+    for (int64_t w = 0; w < words; ++w) {
+      const int64_t i0 = w * kWordBits;
+      const int m = int(std::min<int64_t>(kWordBits, n - i0));
+      for (int t = 0; t < m; ++t) buf[t] = code(r, i0 + t);
+      for (int t = m; t < kWordBits; ++t) buf[t] = 0;
+      pack_word<BITS>(buf, row, words, w);
+    }
+  }
+}
+
+template <class F>
+ffi::Error with_bits(int32_t bits, F&& f) {
+  switch (bits) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: return check_bits(bits);
+  }
+  return ffi::Error::Success();
+}
+
+// Row ranges sized so a task handles at least ~64K elements.
+Chunks row_chunks(ffi::ThreadPool& pool, int64_t rows, int64_t n) {
+  const int64_t min_rows = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(n, 1));
+  return chunks(rows, min_rows, max_tasks(pool));
+}
+
+ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> codes,
+                    ffi::ResultBuffer<ffi::U32> planes, int32_t bits) {
+  if (auto e = check_bits(bits); !e.success()) return e;
+  if (auto e = check_planes(codes.dimensions(), planes->dimensions(), bits, "packed result");
+      !e.success()) {
+    return e;
+  }
+  const RowsCols rc = rows_cols(codes.dimensions());
+  const uint8_t* c = codes.typed_data();
+  uint32_t* out = planes->typed_data();
+  const int64_t n = rc.cols;
+  const Chunks ch = row_chunks(pool, rc.rows, n);
+  return with_bits(bits, [&](auto b) {
+    constexpr int B = decltype(b)::value;
+    parallel_for(pool, ch.count, [&](int64_t t) {
+      const int64_t r0 = t * ch.size, r1 = std::min(rc.rows, r0 + ch.size);
+      pack_rows<B>(r0, r1, n, out, [&](int64_t r, int64_t i) { return uint32_t(c[r * n + i]); });
+    });
+  });
+}
+
+template <Dtype D>
+void quantize_pack_typed(ffi::ThreadPool& pool, const void* data, const float* borders,
+                         uint32_t* out, RowsCols rc, int32_t bits) {
+  using T = typename Storage<D>::type;
+  const T* x = static_cast<const T*>(data);
+  const int64_t n = rc.cols;
+  const Chunks ch = row_chunks(pool, rc.rows, n);
+  with_bits(bits, [&](auto b) {
+    constexpr int B = decltype(b)::value;
+    parallel_for(pool, ch.count, [&](int64_t t) {
+      const int64_t r0 = t * ch.size, r1 = std::min(rc.rows, r0 + ch.size);
+      pack_rows<B>(r0, r1, n, out, [&](int64_t r, int64_t i) {
+        return code_of(load_f32<D>(x, r * n + i), borders, B);
+      });
+    });
+  });
+}
+
+ffi::Error QuantizePackImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                            ffi::Buffer<ffi::F32> borders,
+                            ffi::ResultBuffer<ffi::U32> planes, int32_t bits) {
+  if (auto e = check_bits(bits); !e.success()) return e;
+  if (auto e = check_table(int64_t(borders.element_count()), (int64_t(1) << bits) - 1,
+                           "borders");
+      !e.success()) {
+    return e;
+  }
+  if (auto e = check_planes(x.dimensions(), planes->dimensions(), bits, "packed result");
+      !e.success()) {
+    return e;
+  }
+  const RowsCols rc = rows_cols(x.dimensions());
+  const float* bd = borders.typed_data();
+  uint32_t* out = planes->typed_data();
+  switch (x.element_type()) {
+    case ffi::F32: quantize_pack_typed<Dtype::kF32>(pool, x.untyped_data(), bd, out, rc, bits); break;
+    case ffi::BF16: quantize_pack_typed<Dtype::kBF16>(pool, x.untyped_data(), bd, out, rc, bits); break;
+    case ffi::F16: quantize_pack_typed<Dtype::kF16>(pool, x.untyped_data(), bd, out, rc, bits); break;
+    case ffi::F64: quantize_pack_typed<Dtype::kF64>(pool, x.untyped_data(), bd, out, rc, bits); break;
+    default:
+      return ffi::Error::InvalidArgument(
+          "fewbit quantize_pack: x must be float32, bfloat16, float16 or float64");
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// levels[code] * g, one row at a time: the codes of a word are rebuilt from
+// its BITS plane words.
+
+template <Dtype D, int BITS>
+void unpack_scale_rows(int64_t r0, int64_t r1, int64_t n, const uint32_t* planes,
+                       const float* levels, const typename Storage<D>::type* g,
+                       typename Storage<D>::type* out) {
+  const int64_t words = words_for(n);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint32_t* row = planes + r * BITS * words;
+    for (int64_t w = 0; w < words; ++w) {
+      uint32_t pw[BITS];
+      for (int p = 0; p < BITS; ++p) pw[p] = row[p * words + w];
+      const int64_t i0 = w * kWordBits;
+      const int m = int(std::min<int64_t>(kWordBits, n - i0));
+      for (int t = 0; t < m; ++t) {
+        uint32_t c = 0;
+        for (int p = 0; p < BITS; ++p) c |= ((pw[p] >> t) & 1u) << p;
+        const int64_t i = r * n + i0 + t;
+        out[i] = from_f32<D>(levels[c] * load_f32<D>(g, i));
+      }
+    }
+  }
+}
+
+template <Dtype D>
+void unpack_scale_typed(ffi::ThreadPool& pool, const uint32_t* planes, const float* levels,
+                        const void* g, void* out, RowsCols rc, int32_t bits) {
+  using T = typename Storage<D>::type;
+  const int64_t n = rc.cols;
+  const Chunks ch = row_chunks(pool, rc.rows, n);
+  with_bits(bits, [&](auto b) {
+    constexpr int B = decltype(b)::value;
+    parallel_for(pool, ch.count, [&](int64_t t) {
+      const int64_t r0 = t * ch.size, r1 = std::min(rc.rows, r0 + ch.size);
+      unpack_scale_rows<D, B>(r0, r1, n, planes, levels, static_cast<const T*>(g),
+                              static_cast<T*>(out));
+    });
+  });
+}
+
+ffi::Error UnpackScaleImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> planes,
+                           ffi::Buffer<ffi::F32> levels, ffi::AnyBuffer g,
+                           ffi::Result<ffi::AnyBuffer> out, int32_t bits) {
+  if (auto e = check_bits(bits); !e.success()) return e;
+  if (auto e = check_table(int64_t(levels.element_count()), int64_t(1) << bits, "levels");
+      !e.success()) {
+    return e;
+  }
+  if (auto e = check_planes(g.dimensions(), planes.dimensions(), bits, "packed codes");
+      !e.success()) {
+    return e;
+  }
+  if (out->element_type() != g.element_type() ||
+      out->element_count() != g.element_count()) {
+    return ffi::Error::InvalidArgument(
+        "fewbit unpack_scale: the result must have the dtype and shape of g");
+  }
+  const RowsCols rc = rows_cols(g.dimensions());
+  const uint32_t* pl = planes.typed_data();
+  const float* lv = levels.typed_data();
+  switch (g.element_type()) {
+    case ffi::F32: unpack_scale_typed<Dtype::kF32>(pool, pl, lv, g.untyped_data(), out->untyped_data(), rc, bits); break;
+    case ffi::BF16: unpack_scale_typed<Dtype::kBF16>(pool, pl, lv, g.untyped_data(), out->untyped_data(), rc, bits); break;
+    case ffi::F16: unpack_scale_typed<Dtype::kF16>(pool, pl, lv, g.untyped_data(), out->untyped_data(), rc, bits); break;
+    default:
+      return ffi::Error::InvalidArgument(
+          "fewbit unpack_scale: g must be float32, bfloat16 or float16");
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// Sketches. out[g] (k, N) = S^T x[g] with S (R, k) generated on the fly.
+
+constexpr int kRowBlock = 256;  // rows of S (and x) per tile
+constexpr int kColBlock = 64;   // columns of S (rows of the result) per tile
+constexpr int kLanes = 16;      // columns of x per micro-tile
+
+typedef float v8f __attribute__((vector_size(32)));
+
+// acc[q] (16 floats as two v8f) += S[r, j + q] * x[r, 0:16] over the rows of a
+// tile, for 4 consecutive sketch columns; then adds acc into the result.
+__attribute__((target_clones("avx2", "default")))
+void micro_tile(const float* st, int rows, int j, const float* xc, float* const* out_rows,
+                int64_t n0, int valid) {
+  v8f acc[4][2] = {};
+  for (int r = 0; r < rows; ++r) {
+    v8f x0, x1;
+    std::memcpy(&x0, xc + r * kLanes, sizeof x0);
+    std::memcpy(&x1, xc + r * kLanes + 8, sizeof x1);
+    const float* s = st + int64_t(r) * kColBlock + j;
+    for (int q = 0; q < 4; ++q) {
+      const v8f sv = {s[q], s[q], s[q], s[q], s[q], s[q], s[q], s[q]};
+      acc[q][0] += sv * x0;
+      acc[q][1] += sv * x1;
+    }
+  }
+  for (int q = 0; q < 4; ++q) {
+    float* o = out_rows[q];
+    if (o == nullptr) continue;
+    float tmp[kLanes];
+    std::memcpy(tmp, &acc[q][0], sizeof(v8f));
+    std::memcpy(tmp + 8, &acc[q][1], sizeof(v8f));
+    for (int l = 0; l < valid; ++l) o[n0 + l] += tmp[l];
+  }
+}
+
+template <Dtype D, SketchKind K>
+void dense_sketch_group(ffi::ThreadPool& pool, const typename Storage<D>::type* x,
+                        uint32_t k0, uint32_t k1, uint32_t row0, int64_t R, int64_t N,
+                        int64_t k, float* out) {
+  std::fill(out, out + k * N, 0.0f);
+  // The scale as fewbit_jax.sketch writes it: float32(1 / sqrt(k)) from double.
+  const float inv_root_k = float(1.0 / std::sqrt(double(k)));
+  const int64_t jblocks = (k + kColBlock - 1) / kColBlock;
+  const int64_t nlanes = (N + kLanes - 1) / kLanes;
+  // Split the columns of x too when there are few column blocks of S.
+  const int64_t want = max_tasks(pool);
+  const int64_t nsplit = std::max<int64_t>(1, std::min(nlanes, (want + jblocks - 1) / jblocks));
+  const int64_t lanes_per = (nlanes + nsplit - 1) / nsplit;
+  parallel_for(pool, jblocks * nsplit, [&](int64_t task) {
+    const int64_t jb = task / nsplit, ns = task % nsplit;
+    const int64_t j0 = jb * kColBlock, jn = std::min<int64_t>(kColBlock, k - j0);
+    const int64_t l0 = ns * lanes_per, l1 = std::min(nlanes, l0 + lanes_per);
+    std::vector<float> st(size_t(kRowBlock) * kColBlock);
+    std::vector<float> xc(size_t(kRowBlock) * kLanes);
+    for (int64_t rb = 0; rb < R; rb += kRowBlock) {
+      const int rows = int(std::min<int64_t>(kRowBlock, R - rb));
+      for (int r = 0; r < rows; ++r) {
+        const uint32_t i = row0 + uint32_t(rb + r);
+        float* srow = st.data() + int64_t(r) * kColBlock;
+        for (int64_t jj = 0; jj < jn; ++jj) {
+          srow[jj] = dense_entry<K>(k0, k1, i, uint32_t(j0 + jj)) * inv_root_k;
+        }
+        for (int64_t jj = jn; jj < kColBlock; ++jj) srow[jj] = 0.0f;
+      }
+      for (int64_t lane = l0; lane < l1; ++lane) {
+        const int64_t n0 = lane * kLanes;
+        const int valid = int(std::min<int64_t>(kLanes, N - n0));
+        for (int r = 0; r < rows; ++r) {
+          const int64_t base = (rb + r) * N + n0;
+          float* dst = xc.data() + r * kLanes;
+          for (int l = 0; l < valid; ++l) dst[l] = load_f32<D>(x, base + l);
+          for (int l = valid; l < kLanes; ++l) dst[l] = 0.0f;
+        }
+        for (int64_t jj = 0; jj < jn; jj += 4) {
+          float* rows_out[4];
+          for (int q = 0; q < 4; ++q) {
+            rows_out[q] = (jj + q < jn) ? out + (j0 + jj + q) * N : nullptr;
+          }
+          micro_tile(st.data(), rows, int(jj), xc.data(), rows_out, n0, valid);
+        }
+      }
+    }
+  });
+}
+
+template <Dtype D>
+void countsketch_group(ffi::ThreadPool& pool, const typename Storage<D>::type* x,
+                       uint32_t k0, uint32_t k1, uint32_t row0, int64_t R, int64_t N,
+                       int64_t k, float* out) {
+  std::fill(out, out + k * N, 0.0f);
+  // Tasks own disjoint column ranges, so every output element is summed in
+  // row order by one thread.
+  const Chunks ch = chunks(N, 256, max_tasks(pool));
+  parallel_for(pool, ch.count, [&](int64_t t) {
+    const int64_t c0 = t * ch.size, c1 = std::min(N, c0 + ch.size);
+    for (int64_t r = 0; r < R; ++r) {
+      const uint32_t i = row0 + uint32_t(r);
+      const uint32_t b = countsketch_bucket(k0, k1, i, uint32_t(k));
+      const float s = countsketch_sign(k0, k1, i);
+      float* o = out + int64_t(b) * N;
+      const int64_t base = r * N;
+      for (int64_t c = c0; c < c1; ++c) o[c] += s * load_f32<D>(x, base + c);
+    }
+  });
+}
+
+template <SketchKind K>
+ffi::Error SketchImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> keys,
+                      ffi::Buffer<ffi::U32> row0, ffi::ResultBuffer<ffi::F32> out) {
+  int64_t groups = 1;
+  if (auto e = check_sketch(x.dimensions(), keys.dimensions(), row0.dimensions(),
+                            out->dimensions(), &groups);
+      !e.success()) {
+    return e;
+  }
+  const auto xd = x.dimensions();
+  const int64_t R = xd[xd.size() - 2], N = xd[xd.size() - 1];
+  const int64_t k = out->dimensions()[xd.size() - 2];
+  const uint32_t* kw = keys.typed_data();
+  const uint32_t* r0 = row0.typed_data();
+  float* o = out->typed_data();
+  auto run = [&](auto dtype_tag, const auto* xs) {
+    constexpr Dtype D = decltype(dtype_tag)::value;
+    for (int64_t g = 0; g < groups; ++g) {
+      const auto* xg = xs + g * R * N;
+      float* og = o + g * k * N;
+      if constexpr (K == SketchKind::kCountSketch) {
+        countsketch_group<D>(pool, xg, kw[2 * g], kw[2 * g + 1], r0[g], R, N, k, og);
+      } else {
+        dense_sketch_group<D, K>(pool, xg, kw[2 * g], kw[2 * g + 1], r0[g], R, N, k, og);
+      }
+    }
+  };
+  using F32Tag = std::integral_constant<Dtype, Dtype::kF32>;
+  using BF16Tag = std::integral_constant<Dtype, Dtype::kBF16>;
+  using F16Tag = std::integral_constant<Dtype, Dtype::kF16>;
+  using F64Tag = std::integral_constant<Dtype, Dtype::kF64>;
+  switch (x.element_type()) {
+    case ffi::F32: run(F32Tag{}, static_cast<const float*>(x.untyped_data())); break;
+    case ffi::BF16: run(BF16Tag{}, static_cast<const uint16_t*>(x.untyped_data())); break;
+    case ffi::F16: run(F16Tag{}, static_cast<const uint16_t*>(x.untyped_data())); break;
+    case ffi::F64: run(F64Tag{}, static_cast<const double*>(x.untyped_data())); break;
+    default:
+      return ffi::Error::InvalidArgument(
+          "fewbit sketch: x must be float32, bfloat16, float16 or float64");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace fewbit
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FewbitPackCpu, fewbit::PackImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Attr<int32_t>("bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FewbitQuantizePackCpu, fewbit::QuantizePackImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Attr<int32_t>("bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FewbitUnpackScaleCpu, fewbit::UnpackScaleImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("bits"));
+
+#define FEWBIT_SKETCH_CPU(NAME, KIND)                                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, fewbit::SketchImpl<KIND>,                \
+                                ffi::Ffi::Bind()                               \
+                                    .Ctx<ffi::ThreadPool>()                    \
+                                    .Arg<ffi::AnyBuffer>()                     \
+                                    .Arg<ffi::Buffer<ffi::U32>>()              \
+                                    .Arg<ffi::Buffer<ffi::U32>>()              \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
+
+FEWBIT_SKETCH_CPU(FewbitSketchGaussianCpu, fewbit::SketchKind::kGaussian)
+FEWBIT_SKETCH_CPU(FewbitSketchRademacherCpu, fewbit::SketchKind::kRademacher)
+FEWBIT_SKETCH_CPU(FewbitSketchCountsketchCpu, fewbit::SketchKind::kCountSketch)
