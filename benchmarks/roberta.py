@@ -182,7 +182,8 @@ class SelfAttention(nn.Module):
     core = functools.partial(attention_core, rate=cfg.dropout_rate)
     if "attention" in self.remat:
       core = jax.checkpoint(core)
-    ctx = core(q, k, v, mask_bias, key).reshape(b, s, d)
+    with jax.named_scope("core"):
+      ctx = core(q, k, v, mask_bias, key).reshape(b, s, d)
     out = _dense(self, d, "output")(ctx)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     return _norm(self, "output_norm")(out + x)
@@ -203,7 +204,9 @@ class RobertaLayer(nn.Module):
     x = SelfAttention(cfg, self.dense, self.layer_norm, self.dtype, self.remat,
                       name="attention")(x, mask_bias, deterministic)
     act = jax.checkpoint(self.activation) if "activation" in self.remat else self.activation
-    y = act(_dense(self, cfg.intermediate_size, "intermediate")(x))
+    y = _dense(self, cfg.intermediate_size, "intermediate")(x)
+    with jax.named_scope("activation"):
+      y = act(y)
     y = _dense(self, cfg.hidden_size, "output")(y)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     return _norm(self, "output_norm")(y + x)
