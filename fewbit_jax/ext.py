@@ -139,13 +139,25 @@ def mode(new_mode: str):
     set_mode(old)
 
 
+def _canonical(platform: str) -> str:
+  """'cpu', 'cuda' or 'rocm': jax calls both GPU platforms 'gpu'."""
+  platform = platform.lower()
+  if platform != "gpu":
+    return platform
+  try:
+    version = jax.devices("gpu")[0].client.platform_version.lower()
+  except RuntimeError:
+    version = ""
+  return "rocm" if "rocm" in version else "cuda"
+
+
 def active_path(platform: str | None = None) -> str:
   """'ffi' or 'jax': the path used for arrays on `platform` (default backend).
 
   Raises:
     RuntimeError: in mode 'ffi' when there are no kernels for the platform.
   """
-  platform = (platform or jax.default_backend()).lower()
+  platform = _canonical(platform or jax.default_backend())
   has = platform in _REGISTERED
   if _mode == "jax":
     return "jax"
