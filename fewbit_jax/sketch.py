@@ -1,0 +1,306 @@
+"""Random sketches ``S`` (B x k) with ``E[S S^T] = I``, applied as ``S^T x``.
+
+A randomized dense layer keeps ``S^T x`` (k x N) instead of its input ``x``
+(B x N, B = all batch and sequence positions) and estimates the weight
+gradient ``x^T g`` by ``(S^T x)^T (S^T g)``, which is unbiased whenever
+``E[S S^T] = I_B``. Every sketch here is a pure function of a PRNG key, so the
+backward pass regenerates the forward's ``S`` instead of keeping it.
+
+The kinds (rows ``i`` in ``0..B-1`` index the flattened leading positions,
+columns ``j`` in ``0..k-1``; ``(k0, k1) = rng.key_words(key)``):
+
+* ``gaussian``: ``S[i, j] = rng.gaussian(k0, k1, i, j) / sqrt(k)``.
+* ``rademacher``: ``S[i, j] = (1 - 2 * (hash4(k0, k1, i, j) >> 31)) / sqrt(k)``.
+* ``countsketch``: row ``i`` has one non-zero, ``sign(i)`` in column
+  ``bucket(i)``, where ``bucket(i) = hash4(k0, k1, i, 0) % k`` and
+  ``sign(i) = 1 - 2 * (hash4(k0, k1, i, 1) >> 31)``. ``S^T x`` is a signed
+  segment sum: O(B N) work and no ``S`` at all.
+* ``dct``: ``S = sqrt(B / k) * diag(sign) * C[:, J]`` where ``C`` is the
+  orthonormal DCT-II basis of size B (column ``m``:
+  ``s_m cos(pi (2 i + 1) m / (2 B))``, ``s_0 = sqrt(1/B)``, else ``sqrt(2/B)``),
+  ``sign(i)`` is countsketch's sign, and ``J`` holds the k basis indices with
+  the smallest ``(hash4(k0, k1, m, 2), m)``: k of B chosen uniformly without
+  replacement, in that order.
+* ``dft``: the same with the real orthonormal Fourier basis of size B, which
+  spans what the unitary DFT does with real vectors: index 0 is the constant
+  ``1/sqrt(B)``; odd ``m`` is ``sqrt(2/B) cos(2 pi f i / B)`` and even
+  ``m > 0`` is ``sqrt(2/B) sin(2 pi f i / B)`` with ``f = (m + 1) // 2``; for
+  even B the last index is the alternating ``(-1)**i / sqrt(B)``.
+
+``dct`` and ``dft`` are the original fewbit kinds with the unbiased scale
+``sqrt(B/k)`` (the original scaled by ``k B``). The random signs are an
+addition: ``E[S S^T] = diag(sign) I diag(sign) = I`` for any signs, so they
+keep the estimator unbiased, and they spread inputs that are concentrated on a
+few basis vectors (a per-feature mean over the batch is all in the constant
+vector) over all of them; without them the variance of such inputs grows by up
+to a factor B / k. tests/test_sketch.py measures both.
+
+Memory: ``gaussian`` and ``rademacher`` generate ``S`` in blocks of rows inside
+a loop and accumulate ``S_block^T x_block`` in float32, so neither ``S`` nor a
+float32 copy of ``x`` is ever whole; ``countsketch`` loops over the same row
+blocks; ``dct`` and ``dft`` run FFTs over blocks of columns of ``x``.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from fewbit_jax import sketch
+  >>> x = jnp.ones((6, 3))
+  >>> sketch.project("countsketch", x, jax.random.key(0), 2).shape
+  (2, 3)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fewbit_jax import ext, rng
+
+__all__ = ["KINDS", "check_kind", "project", "sketch_matrix", "default_block_rows"]
+
+KINDS = ("gaussian", "rademacher", "countsketch", "dct", "dft")
+
+# Elements (float32) of the largest temporary a pure-JAX projection builds per
+# loop step: an S block for gaussian/rademacher, an x block for countsketch, a
+# column slab of the FFT for dct/dft. 2**20 elements = 4 MiB.
+_BLOCK_ELEMS = 1 << 20
+
+# Counter `b` of hash4 behind each use, part of the sketch definitions above.
+_B_BUCKET, _B_SIGN, _B_ORDER = 0, 1, 2
+
+_DIMS_T = (((0,), (0,)), ((), ()))  # contract the row axes: A^T B
+
+
+def check_kind(kind) -> str:
+  """Returns `kind` if it names a sketch, else raises a ValueError saying which do."""
+  if not isinstance(kind, str) or kind not in KINDS:
+    raise ValueError(f"unknown sketch {kind!r}: expected one of {', '.join(KINDS)}.")
+  return kind
+
+
+def default_block_rows(kind: str, b: int, n: int, k: int) -> int:
+  """Rows per loop step of the pure-JAX gaussian/rademacher/countsketch path."""
+  width = max(n, 1) if kind == "countsketch" else max(k, n, 1)
+  rows = max(8, _BLOCK_ELEMS // width)
+  return max(1, min(b, rows))
+
+
+def project(kind: str, x2d: jax.Array, key: jax.Array, k: int, *,
+            precision=None, block_rows: int | None = None) -> jax.Array:
+  """``S^T x`` (k x N, float32) for the sketch `kind` drawn from `key`.
+
+  Uses the FFI kernel of `kind` where ``fewbit_jax.ext`` has one for the
+  current backend, otherwise the pure-JAX definition (see the module
+  docstring); both give the same S.
+
+  Args:
+    kind: one of `KINDS`.
+    x2d: array (B, N) of any float dtype; accumulation is float32.
+    key: a PRNG key (typed or raw uint32[2]); the same key gives the same S.
+    k: number of sketch columns, ``1 <= k <= B`` (``k <= B`` for dct/dft).
+    precision: ``lax.Precision`` of the float32 matmuls (gaussian, rademacher).
+    block_rows: rows per loop step of the pure-JAX path (default: bounded so a
+      step holds at most 2**20 float32 elements).
+
+  Returns:
+    float32 array (k, N).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import sketch
+    >>> x = jnp.arange(12.0).reshape(4, 3)
+    >>> s = sketch.project("dct", x, jax.random.key(1), 4)  # k = B: exact
+    >>> bool(jnp.allclose(s.T @ s, x.T @ x, rtol=1e-5))
+    True
+  """
+  check_kind(kind)
+  if x2d.ndim != 2:
+    raise ValueError(f"project expects a 2-D array (B, N); got shape {x2d.shape}.")
+  b, n = x2d.shape
+  k = int(k)
+  if not 1 <= k <= max(b, 1):
+    raise ValueError(f"sketch size k={k} must be in [1, B={b}].")
+  k0, k1 = rng.key_words(key)
+  if ext.active_path() == "ffi":
+    kernel = ext.sketch_kernel(kind)
+    if kernel is not None:
+      return kernel(x2d, k0, k1, k).astype(jnp.float32)
+  if b == 0:
+    return jnp.zeros((k, n), jnp.float32)
+  if kind in ("dct", "dft"):
+    return _project_trig(kind, x2d, k0, k1, k, signs=True)
+  rows = block_rows or default_block_rows(kind, b, n, k)
+  return _project_rows(kind, x2d, k0, k1, k, min(int(rows), b), precision)
+
+
+# --- gaussian, rademacher, countsketch: loop over blocks of rows -------------
+
+def _zero_of(a):
+  """A uint32 0 that XLA cannot tell is constant: it depends on `a`'s data.
+
+  Adding it to the counters of a sketch ties the sketch to the array it is
+  applied to. Otherwise S depends on the key alone, and XLA hoists its blocks
+  out of the loop, computes them at the start of the program, or merges the
+  forward's and the backward's S (same key) into one buffer kept alive across
+  the whole model: the memory the sketch was meant to save.
+  """
+  first = a.reshape(-1)[0].astype(jnp.float32)
+  return jnp.minimum(lax.bitcast_convert_type(first, jnp.uint32), jnp.uint32(0))
+
+
+def _row_contribution(kind, xb, rows, valid, k0, k1, k, precision):
+  """S[rows]^T xb for one block; rows not `valid` contribute nothing."""
+  if kind == "countsketch":
+    bucket = rng.hash4(k0, k1, rows, _B_BUCKET) % jnp.uint32(k)
+    sign = _sign(k0, k1, rows)
+    upd = jnp.where(valid, sign, 0.0)[:, None] * xb
+    def add(acc):
+      if acc is None:  # zeros tied to x, see _zero_of
+        acc = jnp.zeros((k, xb.shape[1]), jnp.float32) + _zero_of(xb).astype(jnp.float32)
+      return acc.at[bucket.astype(jnp.int32)].add(upd)
+    return add
+  cols = jnp.arange(k, dtype=jnp.uint32)[None, :]
+  if kind == "gaussian":
+    s = rng.gaussian(k0, k1, rows[:, None], cols)
+  else:
+    s = 1.0 - 2.0 * (rng.hash4(k0, k1, rows[:, None], cols) >> 31).astype(jnp.float32)
+  s = jnp.where(valid[:, None], s * jnp.float32(1.0 / math.sqrt(k)), 0.0)
+  part = lax.dot_general(s, xb, _DIMS_T, precision=precision,
+                         preferred_element_type=jnp.float32)
+  return lambda acc: part if acc is None else acc + part
+
+
+def _project_rows(kind, x2d, k0, k1, k, bs, precision):
+  b, n = x2d.shape
+  nblocks = -(-b // bs)
+
+  def step(t, acc):
+    # The last block is shifted back to stay inside x (no padded copy of x);
+    # rows it shares with the previous block are masked out.
+    start = jnp.minimum(t * bs, b - bs)
+    xb = lax.dynamic_slice_in_dim(x2d, start, bs, axis=0).astype(jnp.float32)
+    rows = start + jnp.arange(bs, dtype=jnp.int32)
+    valid = rows >= t * bs
+    rows = rows.astype(jnp.uint32) + _zero_of(xb)
+    return _row_contribution(kind, xb, rows, valid, k0, k1, k, precision)(acc)
+
+  # The first block starts the sum: a zero-filled start would be one more
+  # (k, N) buffer, which XLA also copies once per loop when it shares the zeros.
+  acc = step(jnp.int32(0), None)
+  if nblocks == 1:
+    return acc
+  return lax.fori_loop(1, nblocks, step, acc)
+
+
+def _sign(k0, k1, rows):
+  return 1.0 - 2.0 * (rng.hash4(k0, k1, rows, _B_SIGN) >> 31).astype(jnp.float32)
+
+
+# --- dct, dft: FFT over blocks of columns ------------------------------------
+
+def _chosen(k0, k1, b, k):
+  """The k basis indices of dct/dft, in order: smallest (hash, index) first."""
+  idx = jnp.arange(b, dtype=jnp.uint32)
+  order = jnp.argsort(rng.hash4(k0, k1, idx, _B_ORDER), stable=True)
+  return order[:k].astype(jnp.int32)
+
+
+def _trig_weights(kind, m, b, k):
+  """For basis indices m: rfft bin, and weights of its real and imaginary parts.
+
+  Column m of the basis applied to v (dct: Makhoul's reordering of x) is
+  ``wr * Re(rfft(v)[bin]) + wi * Im(rfft(v)[bin])``, already scaled by sqrt(B/k).
+  """
+  scale = math.sqrt(b / k)
+  half = b // 2
+  if kind == "dct":
+    # X[m] = s_m Re(V[m] exp(-i pi m / 2B)), V = fft(v); V[m] = conj(V[B-m]).
+    upper = m > half
+    binx = jnp.where(upper, b - m, m)
+    theta = m.astype(jnp.float32) * jnp.float32(math.pi / (2 * b))
+    s = jnp.where(m == 0, math.sqrt(1.0 / b), math.sqrt(2.0 / b)) * scale
+    wr = s * jnp.cos(theta)
+    wi = jnp.where(upper, -1.0, 1.0) * s * jnp.sin(theta)
+    return binx, wr.astype(jnp.float32), wi.astype(jnp.float32)
+  # dft: rfft(x)[f] = sum x cos(2 pi f i / B) - i sum x sin(2 pi f i / B).
+  binx = (m + 1) // 2
+  is_sin = (m > 0) & (m % 2 == 0)
+  lone = (m == 0) | ((b % 2 == 0) & (m == b - 1))  # constant and alternating
+  s = jnp.where(lone, math.sqrt(1.0 / b), math.sqrt(2.0 / b)) * scale
+  wr = jnp.where(is_sin, 0.0, s)
+  wi = jnp.where(is_sin, -s, 0.0)
+  return binx, wr.astype(jnp.float32), wi.astype(jnp.float32)
+
+
+def _project_trig(kind, x2d, k0, k1, k, *, signs: bool = True, block_cols=None):
+  b, n = x2d.shape
+  zero = _zero_of(x2d)
+  m = _chosen(k0, k1 + zero, b, k)
+  binx, wr, wi = _trig_weights(kind, m, b, k)
+  sign = _sign(k0, k1 + zero, jnp.arange(b, dtype=jnp.uint32)) if signs else None
+  nb = int(block_cols or max(1, min(n, _BLOCK_ELEMS // (2 * b))))
+  nblocks = -(-n // nb)
+
+  def step(t, out):
+    # Columns are independent, so the shifted last block just recomputes some.
+    start = jnp.minimum(t * nb, n - nb)
+    xb = lax.dynamic_slice_in_dim(x2d, start, nb, axis=1).astype(jnp.float32).T
+    if sign is not None:
+      xb = xb * sign
+    if kind == "dct":
+      xb = jnp.concatenate([xb[:, 0::2], xb[:, 1::2][:, ::-1]], axis=1)
+    v = jnp.fft.rfft(xb, axis=1)[:, binx]  # (nb, k)
+    part = (v.real * wr + v.imag * wi).T
+    return lax.dynamic_update_slice_in_dim(out, part, start, axis=1)
+
+  # Zeros tied to x: shared zeros would be copied once per loop and allocated
+  # at the start of the program.
+  out = jnp.zeros((k, n), jnp.float32) + _zero_of(x2d).astype(jnp.float32)
+  if nblocks == 1:
+    return step(jnp.int32(0), out)
+  return lax.fori_loop(0, nblocks, step, out)
+
+
+# --- reference ---------------------------------------------------------------
+
+def sketch_matrix(kind: str, key: jax.Array, b: int, k: int) -> jax.Array:
+  """The whole sketch S (B x k, float32), straight from the definitions.
+
+  For tests and small sizes only: `project` never builds it. For every kind,
+  ``project(kind, x, key, k) == sketch_matrix(kind, key, B, k).T @ x`` up to
+  float32 rounding.
+
+  Example:
+    >>> import jax
+    >>> from fewbit_jax import sketch
+    >>> s = sketch.sketch_matrix("countsketch", jax.random.key(0), 5, 2)
+    >>> s.shape, int((s != 0).sum())
+    ((5, 2), 5)
+  """
+  check_kind(kind)
+  k0, k1 = rng.key_words(key)
+  i = jnp.arange(b, dtype=jnp.uint32)[:, None]
+  j = jnp.arange(k, dtype=jnp.uint32)[None, :]
+  if kind == "gaussian":
+    return rng.gaussian(k0, k1, i, j) / np.float32(math.sqrt(k))
+  if kind == "rademacher":
+    return (1.0 - 2.0 * (rng.hash4(k0, k1, i, j) >> 31).astype(jnp.float32)) / np.float32(math.sqrt(k))
+  sign = _sign(k0, k1, i[:, 0])[:, None]
+  if kind == "countsketch":
+    bucket = (rng.hash4(k0, k1, i[:, 0], _B_BUCKET) % jnp.uint32(k))[:, None]
+    return jnp.where(bucket == j, sign, 0.0)
+  m = _chosen(k0, k1, b, k)[None, :].astype(jnp.float32)
+  fi = i.astype(jnp.float32)
+  if kind == "dct":
+    s = jnp.where(m == 0, math.sqrt(1.0 / b), math.sqrt(2.0 / b))
+    basis = s * jnp.cos(jnp.pi * (2 * fi + 1) * m / (2 * b))
+  else:
+    f = jnp.floor((m + 1) / 2)
+    ang = 2 * jnp.pi * jnp.mod(f * fi, b) / b
+    lone = (m == 0) | ((b % 2 == 0) & (m == b - 1))
+    s = jnp.where(lone, math.sqrt(1.0 / b), math.sqrt(2.0 / b))
+    basis = s * jnp.where((m > 0) & (jnp.mod(m, 2) == 0), jnp.sin(ang), jnp.cos(ang))
+  return (sign * basis * math.sqrt(b / k)).astype(jnp.float32)
