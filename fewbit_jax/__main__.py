@@ -83,7 +83,7 @@ def main(argv=None) -> int:
   p = sub.add_parser("tables", help="recompute the built-in tables")
   p.add_argument("--out", default=None, help="output JSON (default: the package's tables.json)")
   p.add_argument("--max-bits", type=int, default=8)
-  p.add_argument("--cells", type=int, default=2048)
+  p.add_argument("--cells", type=int, default=4096)
   p.set_defaults(func=_cmd_tables)
   p = sub.add_parser("errors", help="print the gradient error table")
   p.add_argument("--max-bits", type=int, default=8)

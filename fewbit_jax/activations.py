@@ -302,7 +302,7 @@ tanhshrink.__doc__ = tanhshrink.__doc__.replace("identical to ``jax.nn.tanhshrin
 # Piecewise-linear activations (exact 1-bit gradient).
 
 
-def _piecewise_doc(name: str, formula: str, ref: str) -> str:
+def _piecewise_doc(name: str, formula: str, ref: str, call: str = "") -> str:
   return f"""Few-bit {name}: ``{formula}`` with an exact 1-bit gradient.
 
   Forward is identical to ``{ref}``; the backward is exactly its gradient
@@ -315,7 +315,7 @@ def _piecewise_doc(name: str, formula: str, ref: str) -> str:
   Example:
     >>> import jax, jax.numpy as jnp, fewbit_jax as fb
     >>> x = jnp.linspace(-4.0, 4.0, 9)
-    >>> g = jax.grad(lambda x: fb.{name}(x).sum())(x)
+    >>> g = jax.grad(lambda x: fb.{name}(x{call}).sum())(x)
     >>> bool(g.dtype == x.dtype)
     True
   """
@@ -444,7 +444,8 @@ def threshold(x=_NO_X, threshold: float | None = None, value: float | None = Non
 
 fb_threshold = threshold
 threshold.__doc__ = _piecewise_doc("threshold", "x if x > threshold else value",
-                                   "torch.nn.functional.threshold, in jnp")
+                                   "torch.nn.functional.threshold, in jnp",
+                                   call=", threshold=0.5, value=-1.0")
 
 
 def hard_shrink(x=_NO_X, lambd: float = 0.5, *, bits: int | None = None):

@@ -1,0 +1,18 @@
+"""Every example in the public docstrings runs and prints what it says."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["fewbit_jax", "fewbit_jax.codes", "fewbit_jax.rng", "fewbit_jax.tables",
+           "fewbit_jax.activations", "fewbit_jax.ext"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+  mod = importlib.import_module(name)
+  result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+                           verbose=False)
+  assert result.attempted > 0, f"{name} has no examples"
+  assert result.failed == 0
