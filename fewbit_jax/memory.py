@@ -1,0 +1,378 @@
+"""Seeing the saving: what the backward pass keeps, and what XLA allocates.
+
+Two reports, each printable (``print(report)``) and a plain dict
+(``report.as_dict()``):
+
+* `saved_residuals` lists the arrays the forward pass hands to the backward
+  pass of ``jax.vjp(f, *args)`` (the *residuals*), from JAX's jaxpr before
+  XLA, with their bytes by dtype and by source: an argument of `f` (kept
+  anyway), a named array (``checkpoint_name``: few-bit codes are
+  ``'fewbit_codes'``, randomized dense sketches ``'randomized_dense_sketch'``)
+  or the output of an operation (``mul``, ``exp``, ``dot_general``, ...) at a
+  source line. This wraps ``jax.ad_checkpoint.print_saved_residuals``: the
+  same arrays, as data, each array once even when the jaxpr lists it twice,
+  and looking through ``jax.jit`` boundaries to the operation that made it.
+* `compiled` is XLA's compiled memory analysis of a jitted function:
+  argument, output, alias (outputs that reuse donated arguments), temp
+  (everything else live at some point, activations and residuals included)
+  and ``total = argument + output - alias + temp``. On CPU it is exact and
+  needs no run; ``peak_memory_in_bytes`` is reported as XLA gives it, but on
+  CPU it excludes temps, so compare ``temp`` and ``total``.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> import fewbit_jax as fb
+  >>> from fewbit_jax import memory
+  >>> w, x = jnp.ones((64, 64)), jnp.ones((32, 64))
+  >>> vanilla = memory.saved_residuals(lambda w: jax.nn.gelu(x @ w).sum(), w)
+  >>> fewbit = memory.saved_residuals(lambda w: fb.gelu(x @ w, bits=3).sum(), w)
+  >>> fewbit.saved_bytes < vanilla.saved_bytes
+  True
+  >>> fewbit.by_source()["named 'fewbit_codes'"]     # 3 bits per element
+  768
+  >>> memory.compiled(jax.grad(lambda w: jnp.tanh(x @ w).sum()), w).argument
+  16384
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+__all__ = ["Residual", "ResidualReport", "saved_residuals", "CompiledMemory", "compiled",
+           "format_bytes"]
+
+
+def format_bytes(n: float) -> str:
+  """``1536 -> '1.5 KiB'``: bytes in binary units, 3 significant digits.
+
+  Example:
+    >>> from fewbit_jax.memory import format_bytes
+    >>> format_bytes(512), format_bytes(3 * 2**20), format_bytes(-2048)
+    ('512 B', '3.00 MiB', '-2.00 KiB')
+  """
+  sign, n = ("-" if n < 0 else ""), abs(float(n))
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if n < 1024 or unit == "TiB":
+      return f"{sign}{int(n)} B" if unit == "B" else f"{sign}{n:.3g} {unit}" if n >= 100 \
+          else f"{sign}{n:.2f} {unit}"
+    n /= 1024
+  raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------
+# Residuals.
+
+
+# Residual kinds that are alive whether or not the backward keeps them.
+_INPUT_KINDS = ("argument", "constant", "literal")
+
+
+@dataclasses.dataclass(frozen=True)
+class Residual:
+  """One array kept from the forward pass for the backward pass."""
+  shape: tuple[int, ...]
+  dtype: str
+  nbytes: int
+  kind: str  # 'argument', 'named', 'op', 'literal' or 'constant'
+  label: str  # argument name, checkpoint name, or primitive name
+  source: str  # 'file.py:line (function)' of the operation, '' for arguments
+  scope: str  # JAX name stack of the operation (module path under Flax)
+  count: int = 1  # times the jaxpr lists this array as a residual
+
+  @property
+  def origin(self) -> str:
+    """The key of `ResidualReport.by_source`: 'argument', "named 'x'" or 'op mul'."""
+    if self.kind == "named":
+      return f"named {self.label!r}"
+    if self.kind == "op":
+      return f"op {self.label}"
+    return self.kind
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualReport:
+  """The residuals of ``jax.vjp(f, *args)``, largest first, and their totals.
+
+  Attributes:
+    residuals: one `Residual` per distinct array.
+    total_bytes: bytes of all of them.
+    input_bytes: bytes of those that are arguments of f (parameters,
+      inputs) or arrays it closes over (kinds 'argument', 'constant' and
+      'literal'): alive anyway, so they cost the backward nothing extra.
+    saved_bytes: ``total_bytes - input_bytes``, what the backward adds.
+  """
+  residuals: tuple[Residual, ...]
+
+  @property
+  def total_bytes(self) -> int:
+    return sum(r.nbytes for r in self.residuals)
+
+  @property
+  def input_bytes(self) -> int:
+    return sum(r.nbytes for r in self.residuals if r.kind in _INPUT_KINDS)
+
+  @property
+  def saved_bytes(self) -> int:
+    return self.total_bytes - self.input_bytes
+
+  def by_dtype(self, include_inputs: bool = False) -> dict[str, int]:
+    """Bytes per dtype, largest first (arguments and constants left out unless asked)."""
+    out = collections.Counter()
+    for r in self.residuals:
+      if include_inputs or r.kind not in _INPUT_KINDS:
+        out[r.dtype] += r.nbytes
+    return dict(out.most_common())
+
+  def by_source(self, include_inputs: bool = False) -> dict[str, int]:
+    """Bytes per origin (``"named 'fewbit_codes'"``, ``'op mul'``, ...), largest first.
+
+    Arguments and constants are left out unless asked.
+    """
+    out = collections.Counter()
+    for r in self.residuals:
+      if include_inputs or r.kind not in _INPUT_KINDS:
+        out[r.origin] += r.nbytes
+    return dict(out.most_common())
+
+  def named_bytes(self, name: str) -> int:
+    """Bytes of the residuals named `name` with ``checkpoint_name``."""
+    return sum(r.nbytes for r in self.residuals if r.kind == "named" and r.label == name)
+
+  def as_dict(self) -> dict[str, Any]:
+    """Totals, breakdowns and every residual, as plain Python values."""
+    return dict(total_bytes=self.total_bytes, input_bytes=self.input_bytes,
+                saved_bytes=self.saved_bytes, by_dtype=self.by_dtype(),
+                by_source=self.by_source(), residuals=[r.as_dict() for r in self.residuals])
+
+  def __str__(self) -> str:
+    lines = [f"residuals kept for the backward pass: {format_bytes(self.saved_bytes)} "
+             f"(+ {format_bytes(self.input_bytes)} of arguments and constants, alive anyway)"]
+    lines.append("  by dtype:  " + ", ".join(f"{k} {format_bytes(v)}"
+                                             for k, v in self.by_dtype().items()))
+    lines.append("  by source: " + ", ".join(f"{k} {format_bytes(v)}"
+                                             for k, v in self.by_source().items()))
+    for r in self.residuals:
+      shape = f"{r.dtype}[{','.join(map(str, r.shape))}]"
+      what = r.origin if r.kind != "argument" else f"argument {r.label}"
+      where = f"  {r.source}" if r.source else ""
+      times = f" (x{r.count})" if r.count > 1 else ""
+      lines.append(f"  {format_bytes(r.nbytes):>10}  {shape:<24} {what}{times}{where}")
+    return "\n".join(lines)
+
+
+def _nbytes(aval) -> int:
+  return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+
+
+def _summarize(source_info) -> str:
+  from jax._src import source_info_util
+  src = source_info_util.summarize(source_info)
+  return src.replace(os.getcwd() + os.sep, "")
+
+
+def _scope(source_info) -> str:
+  parts = str(source_info.name_stack).split("/")
+  return "/".join(p for p in parts if p and "(" not in p)
+
+
+def _inner_jaxpr(eqn):
+  j = eqn.params.get("jaxpr")
+  if j is None:
+    return None
+  return getattr(j, "jaxpr", j)
+
+
+def _resolve(var, jaxpr, producers) -> tuple:
+  """Who made `var` in `jaxpr`: ('input', i) for its i-th input, or
+  (kind, label, source, scope), looking into jit calls."""
+  from jax._src import core
+  while True:
+    if isinstance(var, core.Literal):
+      return "literal", "", "", ""
+    if var in jaxpr.invars:
+      return "input", jaxpr.invars.index(var)
+    if var in jaxpr.constvars or var not in producers:
+      return "constant", "", "", ""
+    eqn = producers[var]
+    name = eqn.primitive.name
+    if name == "name":
+      return "named", eqn.params["name"], _summarize(eqn.source_info), _scope(eqn.source_info)
+    if name == "reduce_precision":  # as jax's report: look through it
+      var = eqn.invars[0]
+      continue
+    inner = _inner_jaxpr(eqn) if name in ("jit", "pjit", "closed_call", "core_call") else None
+    if inner is None:
+      return "op", name, _summarize(eqn.source_info), _scope(eqn.source_info)
+    found = _resolve(inner.outvars[eqn.outvars.index(var)], inner,
+                     {v: e for e in inner.eqns for v in e.outvars})
+    if found[0] != "input":
+      kind, label, src, scope = found
+      return kind, label, src or _summarize(eqn.source_info), scope
+    var = eqn.invars[found[1]]  # passed straight through: the caller's value
+
+
+def saved_residuals(f: Callable, *args, **kwargs) -> ResidualReport:
+  """What the backward pass of ``jax.vjp(f, *args, **kwargs)`` keeps.
+
+  The same arrays as ``jax.ad_checkpoint.print_saved_residuals(f, *args)``,
+  each once, with its bytes and origin, largest first. Computed from the
+  jaxpr, before XLA: the compiled program can keep a little more (layout
+  copies) or less (fused broadcasts, dead zeros); `compiled` gives XLA's
+  totals. Call it on the un-jitted loss where you can; inside a ``jax.jit``
+  the origin is still found by looking into the call.
+
+  Args:
+    f: a function of arrays (pytrees; concrete or ``jax.ShapeDtypeStruct``)
+      to an output pytree. For an NNX model, pass ``nnx.split`` state and
+      merge it inside f.
+    *args, **kwargs: its arguments, all differentiated (non-float leaves are
+      fine: they get no residuals of their own).
+
+  Returns:
+    A `ResidualReport`: ``print`` it, or use ``.saved_bytes``,
+    ``.by_dtype()``, ``.by_source()``, ``.named_bytes(name)``,
+    ``.as_dict()``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import memory
+    >>> x = jnp.ones((16, 32))
+    >>> rep = memory.saved_residuals(lambda x: jnp.exp(jnp.sin(x)).sum(), x)
+    >>> rep.saved_bytes, rep.by_source()      # cos(x) and exp(sin(x))
+    (4096, {'op cos': 2048, 'op exp': 2048})
+    >>> print(rep)                            # doctest: +ELLIPSIS
+    residuals kept for the backward pass: 4.00 KiB (+ 0 B of arguments and constants, alive anyway)
+    ...
+  """
+  leaves, tree = jax.tree.flatten((args, kwargs))
+  try:
+    from jax._src import api_util
+    names = api_util.debug_info("saved_residuals", f, args, kwargs).arg_names
+  except Exception:  # the names are only labels
+    names = None
+  names = tuple(names) if names and len(names) == len(leaves) else tuple(
+      f"#{i}" for i in range(len(leaves)))
+
+  def flat(*xs):
+    a, kw = jax.tree.unflatten(tree, xs)
+    return f(*a, **kw)
+
+  closed, (_, vjp_shape) = jax.make_jaxpr(lambda *xs: jax.vjp(flat, *xs),
+                                          return_shape=True)(*leaves)
+  jaxpr = closed.jaxpr
+  n_res = jax.tree.structure(vjp_shape).num_leaves
+  res_vars = jaxpr.outvars[len(jaxpr.outvars) - n_res:]
+  producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+
+  from jax._src import core
+  counts: dict[Any, int] = collections.Counter()
+  order: list[Any] = []
+  literals = []
+  for v in res_vars:
+    if isinstance(v, core.Literal):
+      literals.append(v)
+      continue
+    if v not in counts:
+      order.append(v)
+    counts[v] += 1
+  out = []
+  for v in order + literals:
+    found = _resolve(v, jaxpr, producers)
+    kind, label, src, scope = (("argument", names[found[1]], "", "") if found[0] == "input"
+                               else found)
+    aval = v.aval
+    out.append(Residual(tuple(int(d) for d in aval.shape), str(aval.dtype), _nbytes(aval),
+                        kind, label, src, scope,
+                        1 if isinstance(v, core.Literal) else counts[v]))
+  out.sort(key=lambda r: -r.nbytes)
+  return ResidualReport(tuple(out))
+
+
+# --------------------------------------------------------------------------
+# Compiled memory.
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledMemory:
+  """XLA's memory analysis of one compiled function, in bytes.
+
+  ``total = argument + output - alias + temp``: what the function needs at
+  its peak if every temp were live at once (XLA's buffer assignment already
+  reuses temps, so this is its planned high-water mark). Compare ``temp``
+  between variants of a training step: residuals live there.
+  """
+  argument: int
+  output: int
+  alias: int
+  temp: int
+  generated_code: int
+  peak: int | None  # XLA's peak_memory_in_bytes (on CPU it excludes temps)
+  platform: str
+
+  @property
+  def total(self) -> int:
+    return self.argument + self.output - self.alias + self.temp
+
+  def as_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["total"] = self.total
+    return d
+
+  def __str__(self) -> str:
+    parts = [f"{k} {format_bytes(getattr(self, k))}"
+             for k in ("argument", "output", "alias", "temp")]
+    return (f"compiled memory ({self.platform}): total {format_bytes(self.total)} = "
+            + " + ".join(parts[:2]) + f" - {parts[2]} + {parts[3]}")
+
+
+def compiled(f: Callable, *args, **kwargs) -> CompiledMemory:
+  """XLA's compiled memory of ``jax.jit(f)(*args, **kwargs)``, without running it.
+
+  Args:
+    f: a function, or an already jitted one (``jax.jit(f, donate_argnums=...)``,
+      ``nnx.jit(f)``: anything with ``.lower``), whose options are kept.
+    *args, **kwargs: arrays or ``jax.ShapeDtypeStruct``s (pytrees).
+
+  Returns:
+    A `CompiledMemory`: ``print`` it, or use ``.temp``, ``.total``,
+    ``.as_dict()``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import memory
+    >>> x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+    >>> m = memory.compiled(lambda x: jnp.sin(x) @ jnp.cos(x), x)
+    >>> m.argument, m.output                   # 256 KiB in, 256 KiB out
+    (262144, 262144)
+    >>> m.total == m.argument + m.output - m.alias + m.temp
+    True
+  """
+  lower = getattr(f, "lower", None)
+  if lower is None:
+    if not callable(f):
+      raise TypeError(f"compiled needs a function; got {type(f).__name__}")
+    lower = jax.jit(f).lower
+  lowered = lower(*args, **kwargs)
+  exe = lowered.compile()
+  ma = exe.memory_analysis()
+  if ma is None:
+    raise RuntimeError("this backend gives no compiled memory analysis "
+                       f"({jax.default_backend()}); use a CPU, GPU or TPU backend.")
+  peak = getattr(ma, "peak_memory_in_bytes", None)
+  try:
+    platform = exe.runtime_executable().devices()[0].platform  # type: ignore[union-attr]
+  except Exception:
+    platform = jax.default_backend()
+  return CompiledMemory(int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
+                        int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes),
+                        int(ma.generated_code_size_in_bytes),
+                        None if peak is None else int(peak), platform)
