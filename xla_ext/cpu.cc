@@ -14,6 +14,10 @@
 #include <mutex>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "codes.h"
 #include "handlers.h"
 #include "xla/ffi/api/ffi.h"
@@ -87,51 +91,99 @@ int64_t max_tasks(ffi::ThreadPool& pool) {
 }
 
 // ---------------------------------------------------------------------------
-// Packing. One word of every plane is built from 32 codes at a time; BITS is
-// a template parameter so the plane loop and the binary search unroll.
+// Word kernels: 32 elements at a time, as loops of fixed length over the 32
+// lanes that the compiler vectorises. Each is built twice, for AVX2+FMA
+// (x86-64-v3: Haswell, Zen and later) and for baseline x86-64, and picked at
+// load time by CPU features.
 
-template <int BITS>
-inline void pack_word(const uint32_t* codes, uint32_t* planes_row, int64_t words, int64_t w) {
-  uint32_t acc[BITS] = {};
-  for (int t = 0; t < kWordBits; ++t) {
-    const uint32_t c = codes[t];
-    for (int p = 0; p < BITS; ++p) acc[p] |= plane_bit(c, p, t);
-  }
-  for (int p = 0; p < BITS; ++p) planes_row[p * words + w] = acc[p];
-}
+#define FEWBIT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 
-// Packs rows [r0, r1) of an (rows, n) array whose code at (r, i) is
-// code(r, i); planes has shape (rows, BITS, W).
-template <int BITS, class CodeFn>
-void pack_rows(int64_t r0, int64_t r1, int64_t n, uint32_t* planes, CodeFn code) {
-  const int64_t words = words_for(n);
-  uint32_t buf[kWordBits];
-  for (int64_t r = r0; r < r1; ++r) {
-    uint32_t* row = planes + r * BITS * words;
-    for (int64_t w = 0; w < words; ++w) {
-      const int64_t i0 = w * kWordBits;
-      const int m = int(std::min<int64_t>(kWordBits, n - i0));
-      for (int t = 0; t < m; ++t) buf[t] = code(r, i0 + t);
-      for (int t = m; t < kWordBits; ++t) buf[t] = 0;
-      pack_word<BITS>(buf, row, words, w);
-    }
+// Codes of 32 float32 values: the count of borders strictly below x, which
+// for ascending borders is code_of's binary search (searchsorted side="left";
+// NaN compares false, code 0). Compares are cheaper than the search's
+// dependent lookups up to 15 borders.
+FEWBIT_CLONES
+void codes_by_count(const float* xf, const float* borders, int n_borders, uint32_t* c) {
+  for (int t = 0; t < kWordBits; ++t) c[t] = 0;
+  for (int i = 0; i < n_borders; ++i) {
+    const float b = borders[i];
+    for (int t = 0; t < kWordBits; ++t) c[t] += (b < xf[t]) ? 1u : 0u;
   }
 }
 
-template <class F>
-ffi::Error with_bits(int32_t bits, F&& f) {
-  switch (bits) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: return check_bits(bits);
+FEWBIT_CLONES
+void codes_by_search(const float* xf, const float* borders, int bits, uint32_t* c) {
+  for (int t = 0; t < kWordBits; ++t) c[t] = code_of(xf[t], borders, bits);
+}
+
+// planes[p * words + w] = sum_t ((c[t] >> p) & 1) << t for p < bits.
+FEWBIT_CLONES
+void pack_word(const uint32_t* c, int bits, uint32_t* planes_row, int64_t words, int64_t w) {
+  for (int p = 0; p < bits; ++p) {
+    uint32_t acc = 0;
+    for (int t = 0; t < kWordBits; ++t) acc |= plane_bit(c[t], p, t);
+    planes_row[p * words + w] = acc;
   }
-  return ffi::Error::Success();
+}
+
+// The 32 codes of a word from its `bits` plane words pw[p].
+FEWBIT_CLONES
+void unpack_word(const uint32_t* pw, int bits, uint32_t* c) {
+  for (int t = 0; t < kWordBits; ++t) c[t] = 0;
+  for (int p = 0; p < bits; ++p) {
+    const uint32_t word = pw[p];
+    for (int t = 0; t < kWordBits; ++t) c[t] |= ((word >> t) & 1u) << p;
+  }
+}
+
+void scale_word_generic(const uint32_t* c, const float* levels, int bits, const float* g,
+                        float* out) {
+  (void)bits;
+  for (int t = 0; t < kWordBits; ++t) out[t] = levels[c[t]] * g[t];
+}
+
+#if defined(__x86_64__)
+// With AVX2 a table of up to 8 levels sits in one register and vpermps looks
+// 8 codes up at once (a gather per element is the slow part otherwise).
+__attribute__((target("avx2,fma")))
+void scale_word_avx2(const uint32_t* c, const float* levels, int bits, const float* g,
+                     float* out) {
+  if (bits > 3) {
+    for (int t = 0; t < kWordBits; ++t) out[t] = levels[c[t]] * g[t];
+    return;
+  }
+  float table[8] = {};
+  for (int i = 0; i < (1 << bits); ++i) table[i] = levels[i];
+  const __m256 lv = _mm256_loadu_ps(table);
+  for (int t = 0; t < kWordBits; t += 8) {
+    const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + t));
+    const __m256 l = _mm256_permutevar8x32_ps(lv, idx);
+    _mm256_storeu_ps(out + t, _mm256_mul_ps(l, _mm256_loadu_ps(g + t)));
+  }
+}
+#endif
+
+using ScaleWordFn = void (*)(const uint32_t*, const float*, int, const float*, float*);
+
+ScaleWordFn pick_scale_word() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) return scale_word_avx2;
+#endif
+  return scale_word_generic;
+}
+
+// levels[c[t]] * g[t] for the 32 lanes of a word.
+void scale_word(const uint32_t* c, const float* levels, int bits, const float* g, float* out) {
+  static const ScaleWordFn fn = pick_scale_word();
+  fn(c, levels, bits, g, out);
+}
+
+// Widens up to 32 stored elements to float32, zero-filling the rest.
+template <Dtype D>
+inline void load_word(const typename Storage<D>::type* x, int m, float* xf) {
+  for (int t = 0; t < m; ++t) xf[t] = load_f32<D>(x, t);
+  for (int t = m; t < kWordBits; ++t) xf[t] = 0.0f;
 }
 
 // Row ranges sized so a task handles at least ~64K elements.
@@ -148,17 +200,24 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> codes,
     return e;
   }
   const RowsCols rc = rows_cols(codes.dimensions());
-  const uint8_t* c = codes.typed_data();
+  const uint8_t* cd = codes.typed_data();
   uint32_t* out = planes->typed_data();
-  const int64_t n = rc.cols;
+  const int64_t n = rc.cols, words = words_for(n);
   const Chunks ch = row_chunks(pool, rc.rows, n);
-  return with_bits(bits, [&](auto b) {
-    constexpr int B = decltype(b)::value;
-    parallel_for(pool, ch.count, [&](int64_t t) {
-      const int64_t r0 = t * ch.size, r1 = std::min(rc.rows, r0 + ch.size);
-      pack_rows<B>(r0, r1, n, out, [&](int64_t r, int64_t i) { return uint32_t(c[r * n + i]); });
-    });
+  parallel_for(pool, ch.count, [&](int64_t task) {
+    const int64_t r0 = task * ch.size, r1 = std::min(rc.rows, r0 + ch.size);
+    uint32_t c[kWordBits];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t w = 0; w < words; ++w) {
+        const int64_t i0 = w * kWordBits;
+        const int m = int(std::min<int64_t>(kWordBits, n - i0));
+        for (int t = 0; t < m; ++t) c[t] = cd[r * n + i0 + t];
+        for (int t = m; t < kWordBits; ++t) c[t] = 0;
+        pack_word(c, bits, out + r * bits * words, words, w);
+      }
+    }
   });
+  return ffi::Error::Success();
 }
 
 template <Dtype D>
@@ -166,16 +225,24 @@ void quantize_pack_typed(ffi::ThreadPool& pool, const void* data, const float* b
                          uint32_t* out, RowsCols rc, int32_t bits) {
   using T = typename Storage<D>::type;
   const T* x = static_cast<const T*>(data);
-  const int64_t n = rc.cols;
+  const int64_t n = rc.cols, words = words_for(n);
+  const int n_borders = (1 << bits) - 1;
   const Chunks ch = row_chunks(pool, rc.rows, n);
-  with_bits(bits, [&](auto b) {
-    constexpr int B = decltype(b)::value;
-    parallel_for(pool, ch.count, [&](int64_t t) {
-      const int64_t r0 = t * ch.size, r1 = std::min(rc.rows, r0 + ch.size);
-      pack_rows<B>(r0, r1, n, out, [&](int64_t r, int64_t i) {
-        return code_of(load_f32<D>(x, r * n + i), borders, B);
-      });
-    });
+  parallel_for(pool, ch.count, [&](int64_t task) {
+    const int64_t r0 = task * ch.size, r1 = std::min(rc.rows, r0 + ch.size);
+    float xf[kWordBits];
+    uint32_t c[kWordBits];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t w = 0; w < words; ++w) {
+        const int64_t i0 = w * kWordBits;
+        const int m = int(std::min<int64_t>(kWordBits, n - i0));
+        load_word<D>(x + r * n + i0, m, xf);
+        if (bits <= 4) codes_by_count(xf, borders, n_borders, c);
+        else codes_by_search(xf, borders, bits, c);
+        for (int t = m; t < kWordBits; ++t) c[t] = 0;  // padding has code 0
+        pack_word(c, bits, out + r * bits * words, words, w);
+      }
+    }
   });
 }
 
@@ -208,44 +275,40 @@ ffi::Error QuantizePackImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
 }
 
 // ---------------------------------------------------------------------------
-// levels[code] * g, one row at a time: the codes of a word are rebuilt from
-// its BITS plane words.
-
-template <Dtype D, int BITS>
-void unpack_scale_rows(int64_t r0, int64_t r1, int64_t n, const uint32_t* planes,
-                       const float* levels, const typename Storage<D>::type* g,
-                       typename Storage<D>::type* out) {
-  const int64_t words = words_for(n);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint32_t* row = planes + r * BITS * words;
-    for (int64_t w = 0; w < words; ++w) {
-      uint32_t pw[BITS];
-      for (int p = 0; p < BITS; ++p) pw[p] = row[p * words + w];
-      const int64_t i0 = w * kWordBits;
-      const int m = int(std::min<int64_t>(kWordBits, n - i0));
-      for (int t = 0; t < m; ++t) {
-        uint32_t c = 0;
-        for (int p = 0; p < BITS; ++p) c |= ((pw[p] >> t) & 1u) << p;
-        const int64_t i = r * n + i0 + t;
-        out[i] = from_f32<D>(levels[c] * load_f32<D>(g, i));
-      }
-    }
-  }
-}
+// levels[code] * g: codes rebuilt a word at a time, the product in float32
+// and rounded once to g's dtype.
 
 template <Dtype D>
 void unpack_scale_typed(ffi::ThreadPool& pool, const uint32_t* planes, const float* levels,
-                        const void* g, void* out, RowsCols rc, int32_t bits) {
+                        const void* gv, void* outv, RowsCols rc, int32_t bits) {
   using T = typename Storage<D>::type;
-  const int64_t n = rc.cols;
+  const T* g = static_cast<const T*>(gv);
+  T* out = static_cast<T*>(outv);
+  const int64_t n = rc.cols, words = words_for(n);
   const Chunks ch = row_chunks(pool, rc.rows, n);
-  with_bits(bits, [&](auto b) {
-    constexpr int B = decltype(b)::value;
-    parallel_for(pool, ch.count, [&](int64_t t) {
-      const int64_t r0 = t * ch.size, r1 = std::min(rc.rows, r0 + ch.size);
-      unpack_scale_rows<D, B>(r0, r1, n, planes, levels, static_cast<const T*>(g),
-                              static_cast<T*>(out));
-    });
+  parallel_for(pool, ch.count, [&](int64_t task) {
+    const int64_t r0 = task * ch.size, r1 = std::min(rc.rows, r0 + ch.size);
+    uint32_t pw[8], c[kWordBits];
+    float gf[kWordBits], of[kWordBits];
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t* row = planes + r * bits * words;
+      for (int64_t w = 0; w < words; ++w) {
+        for (int p = 0; p < bits; ++p) pw[p] = row[p * words + w];
+        unpack_word(pw, bits, c);
+        const int64_t i0 = r * n + w * kWordBits;
+        const int m = int(std::min<int64_t>(kWordBits, n - w * kWordBits));
+        if constexpr (D == Dtype::kF32) {
+          if (m == kWordBits) {
+            scale_word(c, levels, bits, g + i0, out + i0);
+            continue;
+          }
+        }
+        load_word<D>(g + i0, m, gf);
+        for (int t = m; t < kWordBits; ++t) c[t] = 0;
+        scale_word(c, levels, bits, gf, of);
+        for (int t = 0; t < m; ++t) out[i0 + t] = from_f32<D>(of[t]);
+      }
+    }
   });
 }
 
@@ -291,7 +354,7 @@ typedef float v8f __attribute__((vector_size(32)));
 
 // acc[q] (16 floats as two v8f) += S[r, j + q] * x[r, 0:16] over the rows of a
 // tile, for 4 consecutive sketch columns; then adds acc into the result.
-__attribute__((target_clones("avx2", "default")))
+FEWBIT_CLONES
 void micro_tile(const float* st, int rows, int j, const float* xc, float* const* out_rows,
                 int64_t n0, int valid) {
   v8f acc[4][2] = {};
@@ -325,8 +388,9 @@ void dense_sketch_group(ffi::ThreadPool& pool, const typename Storage<D>::type* 
   const float inv_root_k = float(1.0 / std::sqrt(double(k)));
   const int64_t jblocks = (k + kColBlock - 1) / kColBlock;
   const int64_t nlanes = (N + kLanes - 1) / kLanes;
-  // Split the columns of x too when there are few column blocks of S.
-  const int64_t want = max_tasks(pool);
+  // Split the columns of x too when there are fewer column blocks of S than
+  // threads (each split regenerates its S tiles).
+  const int64_t want = std::max<int64_t>(1, pool.num_threads());
   const int64_t nsplit = std::max<int64_t>(1, std::min(nlanes, (want + jblocks - 1) / jblocks));
   const int64_t lanes_per = (nlanes + nsplit - 1) / nsplit;
   parallel_for(pool, jblocks * nsplit, [&](int64_t task) {
