@@ -143,3 +143,9 @@ def test_format_bytes():
   assert memory.format_bytes(1024) == "1.00 KiB"
   assert memory.format_bytes(150 * 2 ** 20) == "150 MiB"
   assert memory.format_bytes(np.int64(5 * 2 ** 30)) == "5.00 GiB"
+
+
+def test_memory_docstring_examples():
+  import doctest
+  res = doctest.testmod(memory, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert res.attempted > 0 and res.failed == 0
