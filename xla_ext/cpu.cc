@@ -347,29 +347,30 @@ ffi::Error UnpackScaleImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> planes,
 // Sketches. out[g] (k, N) = S^T x[g] with S (R, k) generated on the fly.
 
 constexpr int kRowBlock = 256;  // rows of S (and x) per tile
-constexpr int kColBlock = 64;   // columns of S (rows of the result) per tile
+constexpr int kColBlock = 48;   // columns of S (rows of the result) per tile
+constexpr int kTileJ = 6;       // sketch columns per micro-tile (12 accumulators)
 constexpr int kLanes = 16;      // columns of x per micro-tile
 
 typedef float v8f __attribute__((vector_size(32)));
 
 // acc[q] (16 floats as two v8f) += S[r, j + q] * x[r, 0:16] over the rows of a
-// tile, for 4 consecutive sketch columns; then adds acc into the result.
+// tile, for kTileJ consecutive sketch columns; then adds acc into the result.
 FEWBIT_CLONES
 void micro_tile(const float* st, int rows, int j, const float* xc, float* const* out_rows,
                 int64_t n0, int valid) {
-  v8f acc[4][2] = {};
+  v8f acc[kTileJ][2] = {};
   for (int r = 0; r < rows; ++r) {
     v8f x0, x1;
     std::memcpy(&x0, xc + r * kLanes, sizeof x0);
     std::memcpy(&x1, xc + r * kLanes + 8, sizeof x1);
     const float* s = st + int64_t(r) * kColBlock + j;
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < kTileJ; ++q) {
       const v8f sv = {s[q], s[q], s[q], s[q], s[q], s[q], s[q], s[q]};
       acc[q][0] += sv * x0;
       acc[q][1] += sv * x1;
     }
   }
-  for (int q = 0; q < 4; ++q) {
+  for (int q = 0; q < kTileJ; ++q) {
     float* o = out_rows[q];
     if (o == nullptr) continue;
     float tmp[kLanes];
@@ -418,9 +419,9 @@ void dense_sketch_group(ffi::ThreadPool& pool, const typename Storage<D>::type* 
           for (int l = 0; l < valid; ++l) dst[l] = load_f32<D>(x, base + l);
           for (int l = valid; l < kLanes; ++l) dst[l] = 0.0f;
         }
-        for (int64_t jj = 0; jj < jn; jj += 4) {
-          float* rows_out[4];
-          for (int q = 0; q < 4; ++q) {
+        for (int64_t jj = 0; jj < jn; jj += kTileJ) {
+          float* rows_out[kTileJ];
+          for (int q = 0; q < kTileJ; ++q) {
             rows_out[q] = (jj + q < jn) ? out + (j0 + jj + q) * N : nullptr;
           }
           micro_tile(st.data(), rows, int(jj), xc.data(), rows_out, n0, valid);
