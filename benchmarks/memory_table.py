@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -47,21 +46,21 @@ GiB = 2.0 ** 30
 
 # XLA's CPU pipeline expands optimization barriers before its last CSE pass,
 # which merges jax.checkpoint's recomputation back into the forward pass and
-# so undoes every remat; the GPU and TPU pipelines keep the barriers. Without
-# this pass the CPU analysis of the remat rows shows what they do on an
-# accelerator. Programs without jax.checkpoint have no barriers to keep.
-KEEP_REMAT_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
+# so undoes every remat (remat of each layer saved 4% instead of 73%); the
+# GPU and TPU pipelines keep the barriers. On CPU we compile without that pass,
+# so the remat rows show what they do on an accelerator; programs without
+# jax.checkpoint have no barriers and do not change.
+KEEP_REMAT = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+# LLVM's optimisation level changes no buffer: memory-only compiles skip it
+# (the same analysis, two to three times faster).
+MEMORY_ONLY = {"xla_backend_optimization_level": 0}
 
 
-def keep_remat_on_cpu() -> bool:
-  """Adds KEEP_REMAT_FLAG to XLA_FLAGS; False if JAX's backends already started."""
-  from jax._src import xla_bridge
-  flags = os.environ.get("XLA_FLAGS", "")
-  if KEEP_REMAT_FLAG not in flags:
-    if xla_bridge.backends_are_initialized():
-      return False
-    os.environ["XLA_FLAGS"] = f"{flags} {KEEP_REMAT_FLAG}".strip()
-  return True
+def compiler_options(memory_only: bool) -> dict:
+  """Compile options for the CPU measurements (none on other platforms)."""
+  if jax.devices()[0].platform != "cpu":
+    return {}
+  return {**KEEP_REMAT, **(MEMORY_ONLY if memory_only else {})}
 
 
 # --------------------------------------------------------------------------
@@ -117,13 +116,16 @@ ROWS: tuple[Row, ...] = (
     Row("3-bit GELU + checkpoint(each layer) keeping dots+codes", "remat",
         lambda: dict(activation=fewbit_gelu(3), remat=("block",),
                      remat_policy=codes_and_dots_policy())),
-    # Closing the randomized-dense gap: LayerNorm and attention keep
-    # full-size arrays of their own (see benchmarks/residuals.py).
+    # Closing the randomized-dense gap: flax's LayerNorm and the softmax keep
+    # full-size arrays of their own (see benchmarks/residuals.py); remat of
+    # just those keeps only their inputs. Each pair: without, then with.
+    Row("jax.checkpoint(LayerNorm)", "gap", lambda: dict(remat=("layer_norm",))),
     Row("randomized 20% + checkpoint(LayerNorm)", "gap",
         lambda: dict(dense=randomized_dense(0.2), remat=("layer_norm",))),
+    Row("jax.checkpoint(LayerNorm+attention)", "gap",
+        lambda: dict(remat=("layer_norm", "attention"))),
     Row("randomized 20% + checkpoint(LayerNorm+attention)", "gap",
         lambda: dict(dense=randomized_dense(0.2), remat=("layer_norm", "attention"))),
-    Row("both + checkpoint(LayerNorm)", "gap", _both(remat=("layer_norm",))),
     Row("both + checkpoint(LayerNorm+attention)", "gap",
         _both(remat=("layer_norm", "attention"))),
     # Mixed precision: bf16 compute, f32 parameters and optimizer state.
@@ -171,8 +173,8 @@ def compiled_memory(row: Row, cfg: roberta.RobertaConfig, batch: int, seq: int) 
   step = roberta.make_train_step(model, tx)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   t0 = time.perf_counter()
-  ma = step.lower(params, opt_state, roberta.batch_shapes(batch, seq), key).compile() \
-           .memory_analysis()
+  ma = step.lower(params, opt_state, roberta.batch_shapes(batch, seq), key).compile(
+      compiler_options(memory_only=True)).memory_analysis()
   out = dict(argument=ma.argument_size_in_bytes, output=ma.output_size_in_bytes,
              alias=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes,
              compile_s=time.perf_counter() - t0)
@@ -187,10 +189,11 @@ def step_times(rows: list[Row], cfg: roberta.RobertaConfig, batch: int, seq: int
   for row in rows:
     model, tx = build(row, cfg)
     params, opt_state = roberta.init_params(model, tx, jax.random.key(0))
-    step = roberta.make_train_step(model, tx)
     data = roberta.make_batch(cfg, batch, seq)
-    state = [params, opt_state]
     key = jax.random.key(1)
+    step = roberta.make_train_step(model, tx).lower(params, opt_state, data, key).compile(
+        compiler_options(memory_only=False))
+    state = [params, opt_state]
 
     def run(n, step=step, state=state, data=data, key=key):
       for _ in range(n):
@@ -244,21 +247,22 @@ def real_peak_subprocess(row: Row, args) -> int | None:
 def format_table(results: list[dict], with_time: bool, with_real: bool) -> str:
   """A Markdown table of measured results (the first one is the baseline)."""
   base = results[0]
-  head = ["configuration", "compiled GiB", "saving", "original's saving"]
+  unit, scale = ("GiB", GiB) if base["total"] >= GiB / 4 else ("MiB", 2.0 ** 20)
+  head = ["configuration", f"compiled {unit}", "saving", "original's saving"]
   if with_real:
-    head += ["peak GiB (real)", "saving (real)"]
+    head += [f"peak {unit} (real)", "saving (real)"]
   if with_time:
     head += ["time / step"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in results:
-    cells = [r["name"], f"{r['total'] / GiB:.2f}",
+    cells = [r["name"], f"{r['total'] / scale:.2f}",
              "-" if r is base else f"{100 * (1 - r['total'] / base['total']):.1f}%",
              "-" if r["original"] is None else f"{r['original']:.1f}%"]
     if with_real:
       if r.get("peak") is None:
         cells += ["n/a", "n/a"]
       else:
-        cells += [f"{r['peak'] / GiB:.2f}",
+        cells += [f"{r['peak'] / scale:.2f}",
                   "-" if r is base else f"{100 * (1 - r['peak'] / base['peak']):.1f}%"]
     if with_time:
       cells += [f"{r['time'] / base['time']:.2f}x"]
@@ -285,9 +289,6 @@ def main(argv=None) -> None:
   p.add_argument("--json", help="also write the results to this file")
   p.add_argument("--real-one", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  if not keep_remat_on_cpu():
-    print(f"warning: JAX started before {KEEP_REMAT_FLAG} could be set; on CPU the "
-          "jax.checkpoint rows will show no saving.", file=sys.stderr)
 
   base_cfg = roberta.RobertaConfig.tiny() if args.tiny else roberta.RobertaConfig.base()
   cfg = dataclasses.replace(base_cfg, num_layers=args.layers)
@@ -311,7 +312,7 @@ def main(argv=None) -> None:
       res["peak"] = real_peak_subprocess(row, args)
     results.append(res)
     saving = 100 * (1 - mem["total"] / results[0]["total"])
-    log(f"memory {i + 1}/{len(rows)}: {row.name}: {mem['total'] / GiB:.2f} GiB "
+    log(f"memory {i + 1}/{len(rows)}: {row.name}: {mem['total'] / 2**20:.1f} MiB "
         f"({saving:+.1f}% saved; compiled in {mem['compile_s']:.0f}s)")
 
   if args.repeats > 0:

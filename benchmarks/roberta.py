@@ -41,8 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["RobertaConfig", "RobertaClassifier", "exact_gelu", "LeanLayerNorm",
-           "init_shapes", "make_batch", "batch_shapes", "make_train_step"]
+__all__ = ["RobertaConfig", "RobertaClassifier", "exact_gelu", "init_shapes", "make_batch", "batch_shapes", "make_train_step"]
 
 Array = jax.Array
 
@@ -79,58 +78,6 @@ class RobertaConfig:
 def exact_gelu(x: Array) -> Array:
   """GELU with the erf form, as Hugging Face RoBERTa uses."""
   return jax.nn.gelu(x, approximate=False)
-
-
-@jax.custom_vjp
-def _lean_layer_norm(x, scale, bias, eps):
-  return _lean_layer_norm_fwd(x, scale, bias, eps)[0]
-
-
-def _lean_layer_norm_fwd(x, scale, bias, eps):
-  xf = x.astype(jnp.float32)
-  mean = xf.mean(-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
-  xhat = (xf - mean) * rstd
-  y = (xhat * scale + bias).astype(x.dtype)
-  # One input-sized array (in the input dtype) and one scalar per row:
-  # what PyTorch's LayerNorm keeps (input, mean, rstd).
-  return y, (xhat.astype(x.dtype), rstd, scale)
-
-
-def _lean_layer_norm_bwd(res, g):
-  xhat, rstd, scale = res
-  xhat = xhat.astype(jnp.float32)
-  gf = g.astype(jnp.float32)
-  gs = gf * scale
-  dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
-  axes = tuple(range(g.ndim - 1))
-  dscale = (gf * xhat).sum(axes)
-  dbias = gf.sum(axes)
-  return dx.astype(g.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype), None
-
-
-_lean_layer_norm.defvjp(_lean_layer_norm_fwd, _lean_layer_norm_bwd)
-
-
-class LeanLayerNorm(nn.Module):
-  """LayerNorm over the last axis that keeps one input-sized array for backward.
-
-  Same parameters (``scale``, ``bias``) and forward output as ``nn.LayerNorm``;
-  flax's own keeps two or three input-sized float32 arrays, which hide most of
-  what a randomized dense saves on the array it normalizes.
-  """
-  epsilon: float = 1e-6
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    n = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (n,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (n,), self.param_dtype)
-    if self.dtype is not None:
-      x = x.astype(self.dtype)
-    return _lean_layer_norm(x, scale, bias, self.epsilon)
 
 
 REMAT_PARTS = ("activation", "attention", "layer_norm", "block")

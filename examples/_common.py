@@ -1,0 +1,67 @@
+"""Helpers shared by the examples: memory of a jitted step, smoothing, plots."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
+
+
+def compiled_bytes(jitted, *args) -> int:
+  """Argument + output - alias + temp bytes of XLA's compiled `jitted(*args)`.
+
+  `args` may be arrays or ``jax.ShapeDtypeStruct``s; nothing is run.
+  """
+  ma = jitted.lower(*args).compile().memory_analysis()
+  return (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+          + ma.temp_size_in_bytes)
+
+
+def abstract(tree):
+  """The ``jax.ShapeDtypeStruct`` of every array in `tree`."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def smooth(values, window: int) -> np.ndarray:
+  """Moving average over `window` points (shorter at the start)."""
+  v = np.asarray(values, np.float64)
+  if window <= 1 or len(v) == 0:
+    return v
+  c = np.cumsum(np.insert(v, 0, 0.0))
+  idx = np.arange(1, len(v) + 1)
+  lo = np.maximum(0, idx - window)
+  return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot_curves(curves: dict, path: str, *, title: str, ylabel: str, xlabel: str = "step",
+                window: int = 1, second: dict | None = None, second_label: str = "",
+                second_x: dict | None = None, logy: bool = False) -> str:
+  """Plots one line per variant (and an optional second panel) to a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  ncols = 2 if second else 1
+  fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.6), dpi=100)
+  axes = np.atleast_1d(axes)
+  for name, ys in curves.items():
+    axes[0].plot(smooth(ys, window), label=name, linewidth=1.2)
+  axes[0].set(title=title, xlabel=xlabel, ylabel=ylabel)
+  if logy:
+    axes[0].set_yscale("log")
+  axes[0].grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  if second:
+    for name, ys in second.items():
+      xs = (second_x or {}).get(name, np.arange(1, len(ys) + 1))
+      axes[1].plot(xs, ys, label=name, linewidth=1.2, marker=".")
+    axes[1].set(title=second_label, xlabel=xlabel, ylabel=second_label)
+    axes[1].grid(alpha=0.3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path
