@@ -438,7 +438,7 @@ void countsketch_group(ffi::ThreadPool& pool, const typename Storage<D>::type* x
   std::fill(out, out + k * N, 0.0f);
   // Tasks own disjoint column ranges, so every output element is summed in
   // row order by one thread.
-  const Chunks ch = chunks(N, 256, max_tasks(pool));
+  const Chunks ch = chunks(N, 128, max_tasks(pool));
   parallel_for(pool, ch.count, [&](int64_t t) {
     const int64_t c0 = t * ch.size, c1 = std::min(N, c0 + ch.size);
     for (int64_t r = 0; r < R; ++r) {
