@@ -60,7 +60,8 @@ import jax.numpy as jnp
 
 from fewbit_jax import activations
 
-__all__ = ["patch_activations", "PATCHABLE", "NAMESPACES", "original"]
+__all__ = ["patch_activations", "PATCHABLE", "NAMESPACES", "original", "parse_bits",
+           "swap_activation"]
 
 # Modules whose attributes are patched (those importable at patch time).
 NAMESPACES = ("jax.nn", "flax.linen", "flax.linen.activation", "flax.nnx",
@@ -162,6 +163,61 @@ def _wrapper(entry: _Entry) -> Callable:
   return patched
 
 
+def parse_bits(bits: dict[str, Any]) -> dict[str, int | None]:
+  """Validates ``{name: bits}`` into ``{canonical name: bits for fb.<name>}``.
+
+  ``True`` stands for the default bits (None). The same checks and errors as
+  `patch_activations`.
+
+  Example:
+    >>> from fewbit_jax.patch import parse_bits
+    >>> parse_bits({"swish": 2, "relu": True})
+    {'silu': 2, 'relu': None}
+  """
+  chosen: dict[str, int | None] = {}
+  given: dict[str, str] = {}
+  for name, b in bits.items():
+    canon = _canonical(name)
+    nb = _check_bits(canon, b)
+    if canon in chosen and chosen[canon] != nb:
+      raise ValueError(f"{given[canon]}={bits[given[canon]]!r} and {name}={b!r} name the same "
+                       f"function ({canon}) with different bits; pass one of them.")
+    chosen[canon] = nb
+    given[canon] = name
+  return chosen
+
+
+def swap_activation(value: Any, chosen: dict[str, int | None]) -> Callable | None:
+  """The few-bit version of `value` if it is a chosen activation, else None.
+
+  `value` may be the ``jax.nn`` function object (as ``flax.linen`` and
+  ``flax.nnx`` re-export it) or a ``functools.partial`` of it with keyword
+  arguments only (``partial(nn.gelu, approximate=False)``). `chosen` is
+  `parse_bits`'s result.
+
+  Example:
+    >>> import functools, jax
+    >>> from fewbit_jax.patch import parse_bits, swap_activation
+    >>> f = swap_activation(functools.partial(jax.nn.gelu, approximate=False),
+    ...                     parse_bits({"gelu": 4}))
+    >>> f.__name__
+    'fewbit.gelu(approximate=False, bits=4)'
+    >>> swap_activation(jax.nn.relu, parse_bits({"gelu": 4})) is None
+    True
+  """
+  func, keywords = value, {}
+  if isinstance(value, functools.partial):
+    if value.args:
+      return None
+    func, keywords = value.func, dict(value.keywords)
+  if not callable(func):
+    return None
+  for name, nb in chosen.items():
+    if func is _ORIGINALS[name]:
+      return getattr(activations, name)(bits=nb, **keywords)
+  return None
+
+
 class patch_activations(contextlib.ContextDecorator):
   """Context (or decorator) making ``jax.nn``/flax activations few-bit while tracing.
 
@@ -215,16 +271,7 @@ class patch_activations(contextlib.ContextDecorator):
     if not bits:
       raise ValueError("patch_activations needs at least one activation and its bits, e.g. "
                        "patch_activations(gelu=3, relu=1).")
-    chosen: dict[str, int | None] = {}
-    given: dict[str, str] = {}
-    for name, b in bits.items():
-      canon = _canonical(name)
-      nb = _check_bits(canon, b)
-      if canon in chosen and chosen[canon] != nb:
-        raise ValueError(f"{given[canon]}={bits[given[canon]]!r} and {name}={b!r} name the same "
-                         f"function ({canon}) with different bits; pass one of them.")
-      chosen[canon] = nb
-      given[canon] = name
+    chosen = parse_bits(bits)
     self.bits = chosen
     self.warn_unused = warn_unused
     self._stack: list[tuple[list[tuple[Any, str, Any]], list[_Entry]]] = []
