@@ -1,0 +1,247 @@
+"""Randomized dense: ``x @ kernel + bias`` that keeps only a sketch of ``x``.
+
+For ``y = x W + b`` with ``x`` of shape (..., N) and B leading positions, the
+weight gradient ``dW = x^T g`` normally keeps all of ``x`` from the forward
+to the backward pass. `randomized_dense` keeps ``S^T x`` (k x N) instead, for
+a random sketch S (B x k, ``E[S S^T] = I``, see `fewbit_jax.sketch`) drawn
+from a key, regenerates S in the backward pass and uses the unbiased estimate
+
+    dW ~= (S^T x)^T (S^T g),
+
+accumulated in float32. ``dx = g W^T`` and ``db`` are exact, and the forward
+output is exactly that of ``flax.linen.Dense`` / ``flax.nnx.Linear``.
+
+Reference: Bershatsky et al., "Memory-Efficient Backpropagation through Large
+Linear Layers", arXiv 2201.13195.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fewbit_jax import rng, sketch as _sketch
+
+__all__ = ["randomized_dense", "projection_dim", "SKETCH_NAME"]
+
+# checkpoint_name of the kept sketch S^T x, for jax.checkpoint policies such
+# as jax.checkpoint_policies.save_only_these_names(SKETCH_NAME).
+SKETCH_NAME = "randomized_dense_sketch"
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, bool)
+
+
+def projection_dim(b: int, *, proj_dim_ratio=None, proj_dim=None, proj_dim_min=None,
+                   proj_dim_max=None) -> int:
+  """The sketch size k for B rows.
+
+  ``k = proj_dim`` if given (it takes precedence over the ratio), else
+  ``ceil(proj_dim_ratio * B)``; then clamped to ``[proj_dim_min, proj_dim_max]``
+  and to ``[1, B]``.
+
+  Raises:
+    ValueError: if neither `proj_dim_ratio` nor `proj_dim` is given, the ratio
+      is not in (0, 1], a size is not a positive int, or min > max.
+
+  Example:
+    >>> from fewbit_jax.dense import projection_dim
+    >>> projection_dim(1000, proj_dim_ratio=0.2), projection_dim(1000, proj_dim=64)
+    (200, 64)
+    >>> projection_dim(1000, proj_dim_ratio=0.01, proj_dim_min=32)
+    32
+  """
+  if proj_dim_ratio is None and proj_dim is None:
+    raise ValueError("randomized dense needs a sketch size: pass proj_dim_ratio "
+                     "(a fraction in (0, 1] of the B leading positions, e.g. 0.2) or "
+                     "proj_dim (a number of rows >= 1).")
+  if proj_dim_ratio is not None:
+    ok = isinstance(proj_dim_ratio, (numbers.Real, np.floating)) and not isinstance(proj_dim_ratio, bool)
+    if not ok or not 0.0 < float(proj_dim_ratio) <= 1.0:
+      raise ValueError(f"proj_dim_ratio={proj_dim_ratio!r} must be a number in (0, 1]: "
+                       "the fraction of the B leading positions kept, e.g. 0.2. For "
+                       "a fixed size use proj_dim instead.")
+  for name, v in (("proj_dim", proj_dim), ("proj_dim_min", proj_dim_min),
+                  ("proj_dim_max", proj_dim_max)):
+    if v is not None and (not _is_int(v) or v < 1):
+      raise ValueError(f"{name}={v!r} must be an int >= 1 (a number of sketch rows), or None.")
+  if proj_dim_min is not None and proj_dim_max is not None and proj_dim_min > proj_dim_max:
+    raise ValueError(f"proj_dim_min={proj_dim_min} is larger than proj_dim_max="
+                     f"{proj_dim_max}; pass min <= max.")
+  if proj_dim is not None:
+    k = int(proj_dim)
+  else:
+    k = math.ceil(float(proj_dim_ratio) * b)
+  if proj_dim_min is not None:
+    k = max(k, int(proj_dim_min))
+  if proj_dim_max is not None:
+    k = min(k, int(proj_dim_max))
+  return max(1, min(k, b))
+
+
+def _forward(x, kernel, bias, precision, preferred_element_type, out_sharding):
+  # The computation of flax.linen.Dense / flax.nnx.Linear, op for op.
+  kwargs = {}
+  if preferred_element_type is not None:
+    kwargs["preferred_element_type"] = preferred_element_type
+  if out_sharding is not None:
+    kwargs["out_sharding"] = out_sharding
+  y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
+                      **kwargs)
+  if bias is not None:
+    y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+  return y
+
+
+def _after(a, dep):
+  """`a` unchanged (bitwise), but computed only once `dep` is.
+
+  XLA schedules for memory without knowing that the sketch lets x die: left
+  alone it may run the projection late (keeping x alive into the backward
+  pass) or beside the matmul (adding its temporaries to the peak). Making the
+  small kernel operand of the matmul depend on the sketch orders the projection
+  first. ``optimization_barrier`` does not survive the CPU pipeline; this
+  multiply by an exact 1 that XLA cannot fold does.
+  """
+  if dep.size == 0:
+    return a
+  bits = lax.bitcast_convert_type(dep[(0,) * dep.ndim].astype(jnp.float32), jnp.uint32)
+  one = (jnp.minimum(bits, jnp.uint32(0)) + 1).astype(a.dtype)
+  return a * one
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _rdense(x, kernel, bias, kw, k, kind, precision, pet, out_sharding):
+  del kw, k, kind
+  return _forward(x, kernel, bias, precision, pet, out_sharding)
+
+
+def _rdense_fwd(x, kernel, bias, kw, k, kind, precision, pet, out_sharding):
+  sx = _sketch.project(kind, x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), kw, k,
+                       precision=precision)
+  sx = sx.astype(x.dtype)
+  y = _forward(x, _after(kernel, sx), bias, precision, pet, out_sharding)
+  sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
+  return y, (sx, kw, kernel, bias)
+
+
+def _rdense_bwd(k, kind, precision, pet, out_sharding, res, g):
+  sx, kw, kernel, bias = res
+  n, m = kernel.shape
+  sg = _sketch.project(kind, g.reshape(math.prod(g.shape[:-1]), m), kw, k, precision=precision)
+  kernel = _after(kernel, sg)
+  x_aval = jax.ShapeDtypeStruct(g.shape[:-1] + (n,), kernel.dtype)
+  # dx and db are the transposes of the forward's linear map, so they are
+  # exactly what autodiff of the plain dense layer gives.
+  if bias is None:
+    (dx,) = jax.linear_transpose(
+        lambda x: _forward(x, kernel, None, precision, pet, out_sharding), x_aval)(g)
+    db = None
+  else:
+    b_aval = jax.ShapeDtypeStruct(bias.shape, bias.dtype)
+    dx, db = jax.linear_transpose(
+        lambda x, b: _forward(x, kernel, b, precision, pet, out_sharding), x_aval, b_aval)(g)
+  dw = lax.dot_general(sx.astype(jnp.float32), sg, (((0,), (0,)), ((), ())),
+                       precision=precision, preferred_element_type=jnp.float32)
+  return dx, dw.astype(kernel.dtype), db, None
+
+
+_rdense.defvjp(_rdense_fwd, _rdense_bwd)
+
+
+def _check_array(name, a):
+  if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+    raise TypeError(f"{name} must be an array; got {type(a).__name__}.")
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    raise TypeError(f"{name} has dtype {a.dtype}; randomized_dense needs a real floating "
+                    f"dtype (float32, bfloat16, float16, float64). Cast it first, e.g. "
+                    f"{name}.astype(jnp.float32).")
+
+
+def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None,
+                     proj_dim_min=None, proj_dim_max=None, sketch: str = "gaussian",
+                     precision=None, preferred_element_type=None, out_sharding=None):
+  """``x @ kernel + bias`` whose weight gradient is estimated from a sketch.
+
+  The forward output is exactly ``flax.linen.Dense``'s (same ``dot_general``
+  and bias add). For the backward pass only ``S^T x`` (k x N, in x's dtype)
+  and the key are kept, where S (B x k) is the sketch `sketch` drawn from
+  `key` and B is the number of leading positions of `x` (all axes but the
+  last). Then
+
+  * ``dW = (S^T x)^T (S^T g)``, accumulated in float32 and cast to the
+    kernel's dtype; unbiased since ``E[S S^T] = I``;
+  * ``dx = g W^T`` and ``db = sum(g)``: exact.
+
+  Use a fresh key every step. Under ``jax.vmap`` each mapped example gets its
+  own sketch over its own leading positions.
+
+  Args:
+    x: input (..., N).
+    kernel: weights (N, M).
+    bias: (M,) or None.
+    key: a PRNG key (``jax.random.key(...)`` or a raw ``uint32[2]``).
+    proj_dim_ratio: k as a fraction in (0, 1] of B: ``k = ceil(ratio * B)``.
+    proj_dim: k as a number of rows; takes precedence over `proj_dim_ratio`.
+    proj_dim_min: lower bound on k.
+    proj_dim_max: upper bound on k. k is also clamped to [1, B].
+    sketch: one of ``gaussian``, ``rademacher``, ``countsketch`` (O(B N),
+      the fastest), ``dct``, ``dft``; see `fewbit_jax.sketch`.
+    precision: ``lax.Precision`` of the matmuls, as in ``nn.Dense``.
+    preferred_element_type: output dtype of the forward ``dot_general``, as in
+      ``nnx.Linear``.
+    out_sharding: sharding of the forward output, as in ``nnx.Linear``.
+
+  Returns:
+    ``x @ kernel + bias``, shape (..., M). Arrays of different dtypes are
+    promoted to a common one first, as flax does.
+
+  Raises:
+    ValueError: bad sketch size options, unknown `sketch`, shapes that do not
+      match.
+    TypeError: non-float inputs or a key that is not one PRNG key.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax.dense import randomized_dense
+    >>> x = jnp.ones((8, 16, 32))                     # B = 128 positions
+    >>> w, b = jnp.ones((32, 4)), jnp.zeros(4)
+    >>> def loss(w, key):
+    ...   y = randomized_dense(x, w, b, key, proj_dim_ratio=0.25)
+    ...   return (y ** 2).sum()
+    >>> dw = jax.grad(loss)(w, jax.random.key(0))      # keeps 32 x 32, not 128 x 32
+    >>> dw.shape
+    (32, 4)
+  """
+  kind = _sketch.check_kind(sketch)
+  _check_array("x", x)
+  _check_array("kernel", kernel)
+  if bias is not None:
+    _check_array("bias", bias)
+  if kernel.ndim != 2:
+    raise ValueError(f"kernel must be 2-D (in_features, out_features); got shape {kernel.shape}.")
+  if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
+    raise ValueError(f"x's last axis must match kernel's first: x {x.shape}, kernel "
+                     f"{kernel.shape}; expected x of shape (..., {kernel.shape[0]}).")
+  if bias is not None and bias.shape != (kernel.shape[1],):
+    raise ValueError(f"bias must have shape ({kernel.shape[1]},) to match kernel "
+                     f"{kernel.shape}; got {bias.shape}. Pass None for no bias.")
+  b = math.prod(x.shape[:-1])
+  k = projection_dim(b, proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim,
+                     proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max)
+  k0, k1 = rng.key_words(key)
+  dtype = jnp.result_type(*(a for a in (x, kernel, bias) if a is not None))
+  x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
+  bias = None if bias is None else jnp.asarray(bias, dtype)
+  with jax.named_scope("randomized_dense"):
+    if b == 0 or kernel.size == 0:  # nothing to sketch; dW is empty or zero
+      return _forward(x, kernel, bias, precision, preferred_element_type, out_sharding)
+    return _rdense(x, kernel, bias, jnp.stack([k0, k1]), k, kind, precision,
+                   preferred_element_type, out_sharding)
