@@ -59,7 +59,8 @@ from jax import lax
 
 from fewbit_jax import ext, rng
 
-__all__ = ["KINDS", "check_kind", "project", "sketch_matrix", "default_block_rows"]
+__all__ = ["KINDS", "check_kind", "project", "sketch_matrix", "default_block_rows",
+           "estimate_variance"]
 
 KINDS = ("gaussian", "rademacher", "countsketch", "dct", "dft")
 
@@ -304,3 +305,80 @@ def sketch_matrix(kind: str, key: jax.Array, b: int, k: int) -> jax.Array:
     s = jnp.where(lone, math.sqrt(1.0 / b), math.sqrt(2.0 / b))
     basis = s * jnp.where((m > 0) & (jnp.mod(m, 2) == 0), jnp.sin(ang), jnp.cos(ang))
   return (sign * basis * math.sqrt(b / k)).astype(jnp.float32)
+
+
+# --- variance of the estimate ----------------------------------------------------
+
+def _trig_basis(kind: str, b: int) -> np.ndarray:
+  """Rows: the orthonormal dct/dft basis of size B in the index order above (float64)."""
+  i = np.arange(b)
+  if kind == "dct":
+    m = np.arange(b)[:, None]
+    scale = np.where(m == 0, math.sqrt(1.0 / b), math.sqrt(2.0 / b))
+    return scale * np.cos(np.pi * (2 * i[None, :] + 1) * m / (2 * b))
+  m = np.arange(b)[:, None]
+  f = (m + 1) // 2
+  ang = 2 * np.pi * ((f * i[None, :]) % b) / b
+  lone = (m == 0) | ((b % 2 == 0) & (m == b - 1))
+  scale = np.where(lone, math.sqrt(1.0 / b), math.sqrt(2.0 / b))
+  return scale * np.where((m > 0) & (m % 2 == 0), np.sin(ang), np.cos(ang))
+
+
+def estimate_variance(kind: str, x, g, k: int, *, signs: bool = True) -> np.ndarray:
+  """Variance over keys of each entry of ``(S^T x)^T (S^T g)``, the dW estimate.
+
+  In float64 with numpy, for choosing a kind and k for given data; dct/dft
+  build a B x B basis, so keep B small (hundreds). With ``a = x[:, n]``,
+  ``b = g[:, m]``:
+
+  * gaussian: ``((a.b)^2 + |a|^2 |b|^2) / k`` (each of the k terms
+    ``(z.a)(z.b)``, z ~ N(0, I), has that variance by Isserlis' theorem).
+  * rademacher, countsketch: ``((a.b)^2 + |a|^2 |b|^2 - 2 sum_i a_i^2 b_i^2) / k``
+    (fourth moments of +-1 signs pair up; for countsketch the pairs collide
+    in a bucket with probability 1/k). Never more than gaussian's.
+  * dct, dft: k of the B basis vectors r_j drawn without replacement and
+    scaled by B/k: for fixed signs, with ``z_j = (r_j.Da)(r_j.Db)``,
+    ``B (B - k) / (k (B - 1)) * (sum_j z_j^2 - (a.b)^2 / B)``, averaged over
+    the random signs D. ``signs=False`` gives the variance without the signs
+    (the original fewbit kinds, with the unbiased scale), for comparison.
+
+  Args:
+    kind: one of `KINDS`.
+    x: (B, N) array.
+    g: (B, M) array.
+    k: sketch size.
+    signs: dct/dft only, see above.
+
+  Returns:
+    float64 array (N, M).
+
+  Example:
+    >>> import numpy as np
+    >>> from fewbit_jax import sketch
+    >>> x, g = np.ones((8, 1)), np.ones((8, 1))
+    >>> float(sketch.estimate_variance("gaussian", x, g, 4)[0, 0])  # (64 + 64) / 4
+    32.0
+    >>> float(sketch.estimate_variance("countsketch", x, g, 4)[0, 0])  # (64 + 64 - 16) / 4
+    28.0
+  """
+  check_kind(kind)
+  x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  b = x.shape[0]
+  t = x.T @ g
+  outer = np.outer((x ** 2).sum(0), (g ** 2).sum(0))
+  if kind == "gaussian":
+    return (t ** 2 + outer) / k
+  if kind in ("rademacher", "countsketch"):
+    return (t ** 2 + outer - 2 * (x ** 2).T @ (g ** 2)) / k
+  r = _trig_basis(kind, b)
+  if signs:
+    # E_D[z_j^2] = (sum_i P_ji a_i^2)(sum_i P_ji b_i^2) + 2 (sum_i P_ji a_i b_i)^2
+    #              - 2 sum_i P_ji^2 a_i^2 b_i^2,  P = r^2 (pairings of the signs).
+    p = r ** 2
+    xg = np.einsum("in,im->inm", x, g)
+    sum_z2 = (np.einsum("jn,jm->nm", p @ x ** 2, p @ g ** 2)
+              + 2 * (np.einsum("ji,inm->jnm", p, xg) ** 2).sum(0)
+              - 2 * np.einsum("ji,inm->nm", p ** 2, xg ** 2))
+  else:
+    sum_z2 = np.einsum("jn,jm->nm", (r @ x) ** 2, (r @ g) ** 2)
+  return b * (b - k) / (k * (b - 1)) * (sum_z2 - t ** 2 / b)

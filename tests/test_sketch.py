@@ -1,9 +1,9 @@
 """Sketch kinds: definitions, unbiasedness, variance against theory, memory.
 
 For a sketch S (B x k) the estimate of a^T b is (S^T a)^T (S^T b). Its
-variance per kind, derived in the comments of `theory_variance`, is checked
-against the variance measured over many keys; the mean over the same keys is
-checked against a^T b with a bound from that variance.
+variance per kind, derived in `sketch.estimate_variance`, is checked against
+the variance measured over many keys; the mean over the same keys is checked
+against a^T b with a bound from that variance.
 """
 
 import functools
@@ -49,46 +49,6 @@ def _basis(kind, b):
     else:
       rows.append(-f[q].imag * math.sqrt(2 / b))
   return np.stack(rows)
-
-
-def theory_variance(kind, x, g, k, signs=True):
-  """Var of [(S^T x)^T (S^T g)]_{nm} for each (n, m), float64.
-
-  With a = x[:, n], b = g[:, m]:
-  * gaussian, S_ij ~ N(0, 1/k) iid: a sum of k iid terms (z.a)(z.b)/k with
-    z ~ N(0, I); Var (z.a)(z.b) = (a.b)^2 + |a|^2 |b|^2 (Isserlis).
-  * rademacher, S_ij = +-1/sqrt(k): E[r_i r_j r_l r_m] is 1 on pairings, so
-    Var = (|a|^2 |b|^2 + (a.b)^2 - 2 sum_i a_i^2 b_i^2) / k.
-  * countsketch: estimate = a.b + sum_{i != l} s_i s_l a_i b_l [h_i = h_l];
-    only the pairings {i', l'} = {i, l} survive, each with P(h_i = h_l) = 1/k:
-    the same formula as rademacher.
-  * dct/dft: k of the B basis vectors r_j sampled without replacement, scaled
-    by B/k, so for fixed signs D with z_j = (r_j.Da)(r_j.Db), sum_j z_j = a.b:
-    Var = B (B - k) / (k (B - 1)) * (sum_j z_j^2 - (a.b)^2 / B). The mean over
-    D is unchanged (a.b for every D), so the total variance averages this over
-    D, with E_D[z_j^2] = (sum_i P_ji a_i^2)(sum_i P_ji b_i^2)
-    + 2 (sum_i P_ji a_i b_i)^2 - 2 sum_i P_ji^2 a_i^2 b_i^2, P = r^2.
-  """
-  x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
-  b = x.shape[0]
-  t = x.T @ g
-  na, nb = (x ** 2).sum(0), (g ** 2).sum(0)
-  cross4 = (x ** 2).T @ (g ** 2)
-  if kind == "gaussian":
-    return (t ** 2 + np.outer(na, nb)) / k
-  if kind in ("rademacher", "countsketch"):
-    return (t ** 2 + np.outer(na, nb) - 2 * cross4) / k
-  r = _basis(kind, b)
-  if signs:
-    p = r ** 2
-    xg = np.einsum("in,im->inm", x, g)
-    ez2 = (np.einsum("jn,jm->jnm", p @ x ** 2, p @ g ** 2)
-           + 2 * np.einsum("ji,inm->jnm", p, xg) ** 2
-           - 2 * np.einsum("ji,inm->jnm", p ** 2, xg ** 2))
-    sum_z2 = ez2.sum(0)
-  else:
-    sum_z2 = np.einsum("jn,jm->nm", (r @ x) ** 2, (r @ g) ** 2)
-  return b * (b - k) / (k * (b - 1)) * (sum_z2 - t ** 2 / b)
 
 
 def _estimates(kind, x, g, k, n_keys, signs=True, seed=0):
@@ -176,6 +136,12 @@ def test_trig_sketch_is_signed_scaled_basis_columns(kind, b):
 
 
 @pytest.mark.parametrize("kind", ["dct", "dft"])
+def test_variance_basis_is_the_fft_basis(kind):
+  for b in (15, 16):
+    np.testing.assert_allclose(sketch._trig_basis(kind, b), _basis(kind, b), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dct", "dft"])
 def test_trig_full_size_is_exact(kind):
   # k = B: S is a signed orthonormal basis, S S^T = I, the estimate is exact.
   x, g = _xg(b=24)
@@ -231,7 +197,7 @@ def test_unbiased_and_variance_matches_theory(kind, signs):
   x, g = _xg(b=b)
   est = _estimates(kind, x, g, k, n_keys, signs=signs)
   truth = x.astype(np.float64).T @ g
-  var = theory_variance(kind, x, g, k, signs=signs)
+  var = sketch.estimate_variance(kind, x, g, k, signs=signs)
   # Unbiased: each entry's mean is within 5 standard errors of the truth, and
   # the squared standardized errors average about 1 (their expectation).
   z = (est.mean(0) - truth) / np.sqrt(var / n_keys)
@@ -251,8 +217,8 @@ def test_random_signs_cut_trig_variance_of_offset_inputs():
   x, g = _xg(b=64, dc=4.0)
   g = g + 3.0
   for kind in ("dct", "dft"):
-    with_signs = theory_variance(kind, x, g, 16, signs=True).sum()
-    without = theory_variance(kind, x, g, 16, signs=False).sum()
+    with_signs = sketch.estimate_variance(kind, x, g, 16, signs=True).sum()
+    without = sketch.estimate_variance(kind, x, g, 16, signs=False).sum()
     assert with_signs < without / 3, (kind, with_signs, without)
     measured = [((_estimates(kind, x, g, 16, 1000, signs=s) - x.T @ g) ** 2).sum(axis=(1, 2)).mean()
                 for s in (True, False)]
@@ -265,9 +231,9 @@ def test_rademacher_and_countsketch_beat_gaussian_on_spiky_rows():
   x, g = _xg(b=64)
   x[3] *= 20
   g[3] *= 20
-  vg = theory_variance("gaussian", x, g, 16).sum()
+  vg = sketch.estimate_variance("gaussian", x, g, 16).sum()
   for kind in ("rademacher", "countsketch"):
-    assert theory_variance(kind, x, g, 16).sum() < 0.8 * vg
+    assert sketch.estimate_variance(kind, x, g, 16).sum() < 0.8 * vg
 
 
 # --- memory -------------------------------------------------------------------
