@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 
+import fewbit_jax
 from fewbit_jax import ext
 
 pytestmark = pytest.mark.skipif(not ext.available(), reason="fewbit_jax._xla_ext not built")
@@ -97,12 +98,16 @@ _SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def test_batch_sharded_step_does_not_gather_activations():
+def test_batch_sharded_step_does_not_gather_activations(tmp_path):
   env = dict(os.environ)
+  # The child must import the fewbit_jax this process imported (the installed
+  # one with its extension, not a source checkout that `-c` would put first).
+  here = os.path.dirname(os.path.dirname(os.path.abspath(fewbit_jax.__file__)))
+  env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=600, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   # Every kernel ran on per-device slices: x's shard is (64/8, 4, 96), its
