@@ -183,8 +183,13 @@ def compiled_memory(row: Row, cfg: roberta.RobertaConfig, batch: int, seq: int) 
 
 
 def step_times(rows: list[Row], cfg: roberta.RobertaConfig, batch: int, seq: int,
-               repeats: int, steps_per_sample: int = 2, progress=None) -> dict[str, float]:
-  """Median seconds per training step of each row, interleaved round by round."""
+               repeats: int, steps_per_sample: int = 2, progress=None,
+               optimize: bool = True) -> dict[str, float]:
+  """Median seconds per training step of each row, interleaved round by round.
+
+  `optimize=False` compiles without LLVM optimisation (quicker to build,
+  slower to run: for smoke tests only).
+  """
   runners = {}
   for row in rows:
     model, tx = build(row, cfg)
@@ -192,7 +197,7 @@ def step_times(rows: list[Row], cfg: roberta.RobertaConfig, batch: int, seq: int
     data = roberta.make_batch(cfg, batch, seq)
     key = jax.random.key(1)
     step = roberta.make_train_step(model, tx).lower(params, opt_state, data, key).compile(
-        compiler_options(memory_only=False))
+        compiler_options(memory_only=not optimize))
     state = [params, opt_state]
 
     def run(n, step=step, state=state, data=data, key=key):

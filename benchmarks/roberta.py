@@ -261,8 +261,10 @@ def init_params(model: RobertaClassifier, tx: optax.GradientTransformation, key:
                 batch: int = 2, seq: int = 8):
   """Concrete (params, opt_state) of `model`."""
   ids = jnp.ones((batch, seq), jnp.int32)
-  params = jax.jit(lambda k: model.init({"params": k, "sketch": k, "dropout": k}, ids,
-                                        jnp.ones_like(ids))["params"])(key)
+  init = jax.jit(lambda k: model.init({"params": k, "sketch": k, "dropout": k}, ids,
+                                      jnp.ones_like(ids))["params"])
+  # It runs once: compiled without LLVM optimisation (faster than op by op too).
+  params = init.lower(key).compile({"xla_backend_optimization_level": 0})(key)
   return params, tx.init(params)
 
 

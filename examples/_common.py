@@ -10,19 +10,17 @@ import numpy as np
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 
 
-def compiled_bytes(jitted, *args) -> int:
-  """Argument + output - alias + temp bytes of XLA's compiled `jitted(*args)`.
+def compile_with_memory(jitted, *args):
+  """Compiles `jitted` for `args`; returns (executable, bytes of memory).
 
-  `args` may be arrays or ``jax.ShapeDtypeStruct``s; nothing is run.
+  Memory is argument + output - alias + temp bytes of XLA's compiled memory
+  analysis. `args` may be arrays or ``jax.ShapeDtypeStruct``s. Train with
+  the returned executable so the step is compiled only once.
   """
-  ma = jitted.lower(*args).compile().memory_analysis()
-  return (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-          + ma.temp_size_in_bytes)
-
-
-def abstract(tree):
-  """The ``jax.ShapeDtypeStruct`` of every array in `tree`."""
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+  compiled = jitted.lower(*args).compile()
+  ma = compiled.memory_analysis()
+  return compiled, (ma.argument_size_in_bytes + ma.output_size_in_bytes
+                    - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
 
 
 def smooth(values, window: int) -> np.ndarray:

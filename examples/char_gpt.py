@@ -159,9 +159,8 @@ def train(variant: str, train_data, val_batches, vocab: int, *, steps: int = 600
   opt_state = tx.init(nnx.state(model, nnx.Param))
   step, evaluate = make_step(graphdef, tx)
 
-  tok = jax.ShapeDtypeStruct((batch, context), jnp.int32)
-  memory = _common.compiled_bytes(step, _common.abstract(state),
-                                  _common.abstract(opt_state), tok, tok)
+  tokens = np.zeros((batch, context), np.int32)
+  step, memory = _common.compile_with_memory(step, state, opt_state, tokens, tokens)
 
   rng = np.random.default_rng(seed)  # the same batches for every variant
   losses, val, val_at = [], [], []

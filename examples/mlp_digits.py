@@ -26,7 +26,6 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -109,10 +108,8 @@ def train(variant: str, data, *, seed: int = 0, epochs: int = 40, batch: int = 1
   predict = jax.jit(lambda p, x: model.apply({"params": p}, x,
                                              rngs={"sketch": key}).argmax(-1))
 
-  shapes = (_common.abstract(params), _common.abstract(opt_state),
-            jax.ShapeDtypeStruct((batch, x_tr.shape[1]), jnp.float32),
-            jax.ShapeDtypeStruct((batch,), jnp.int32), jax.random.key(0))
-  memory = _common.compiled_bytes(step, *shapes)
+  step, memory = _common.compile_with_memory(
+      step, params, opt_state, x_tr[:batch], y_tr[:batch], jax.random.key(0))
 
   rng = np.random.default_rng(seed)  # the same batches for every variant
   losses, accuracy = [], []
@@ -134,7 +131,8 @@ def train(variant: str, data, *, seed: int = 0, epochs: int = 40, batch: int = 1
 
 
 def run(variants=tuple(VARIANTS), seeds: int = 3, epochs: int = 40, batch: int = 128,
-        hidden: int = 256, depth: int = 2, plot: str | None = None, progress: bool = True):
+        hidden: int = 256, depth: int = 2, lr: float = 2e-3, plot: str | None = None,
+        progress: bool = True):
   """Trains every variant for every seed; returns {variant: [result per seed]}."""
   data = load_digits(0)
   steps = epochs * (len(data[0]) // batch)
@@ -144,7 +142,7 @@ def run(variants=tuple(VARIANTS), seeds: int = 3, epochs: int = 40, batch: int =
     for seed in range(seeds):
       for v in variants:
         results[v].append(train(v, data, seed=seed, epochs=epochs, batch=batch,
-                                hidden=hidden, depth=depth, bar=bar))
+                                hidden=hidden, depth=depth, lr=lr, bar=bar))
   if plot:
     _common.plot_curves(
         {v: np.mean([r["losses"] for r in rs], 0) for v, rs in results.items()}, plot,
