@@ -6,6 +6,7 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -157,4 +158,105 @@ def test_patch_docstring_examples():
   import doctest
   from fewbit_jax import patch
   res = doctest.testmod(patch, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert res.attempted > 0 and res.failed == 0
+
+
+# --------------------------------------------------------------------------
+# Randomized dot_general / einsum (the core of the *General layers)
+
+from fewbit_jax.dense import SKETCH_NAME  # noqa: E402
+from fewbit_jax.dense_general import randomized_dot_general, randomized_einsum  # noqa: E402
+
+_KX, _KW, _KG = jax.random.split(jax.random.key(3), 3)
+
+
+def _vjp(f, x, w, g):
+  def run(x, w, g):
+    y, pull = jax.vjp(f, x, w)
+    return (y, *pull(g))
+  return jax.jit(run)(x, w, g)
+
+
+@pytest.mark.parametrize("xs, ws, dims", [
+    ((3, 4, 8), (8, 5), (((2,), (0,)), ((), ()))),                  # Dense
+    ((3, 4, 2, 6), (2, 6, 8), (((2, 3), (0, 1)), ((), ()))),        # from heads back
+    ((6, 3, 4), (5, 6), (((0,), (1,)), ((), ()))),                  # leading axis, kernel^T
+])
+def test_dot_general_exact_with_a_full_orthogonal_sketch(xs, ws, dims):
+  x, w = jax.random.normal(_KX, xs), jax.random.normal(_KW, ws)
+  ref = lambda x, w: jax.lax.dot_general(x, w, dims)
+  g = jax.random.normal(_KG, jax.eval_shape(ref, x, w).shape)
+  b = x.size // np.prod([xs[a] for a in dims[0][0]])
+  y0, dx0, dw0 = _vjp(ref, x, w, g)
+  y1, dx1, dw1 = _vjp(lambda x, w: randomized_dot_general(
+      x, w, jax.random.key(0), dims, proj_dim=int(b), sketch="dct"), x, w, g)
+  assert bool(jnp.all(y1 == y0))            # the same dot_general
+  assert bool(jnp.all(dx1 == dx0))          # its exact transpose
+  np.testing.assert_allclose(dw1, dw0, rtol=2e-5, atol=2e-5)  # S S^T = I at k = B
+
+
+@pytest.mark.parametrize("subscripts, xs, ws", [
+    ("bdt,ndh->hbnt", (2, 6, 5), (3, 6, 4)),
+    ("...d,fd->...f", (2, 3, 6), (4, 6)),
+])
+def test_einsum_forward_bitwise_and_gradient_unbiased(subscripts, xs, ws):
+  x, w = jax.random.normal(_KX, xs), jax.random.normal(_KW, ws)
+  ref = lambda x, w: jnp.einsum(subscripts, x, w)
+  g = jax.random.normal(_KG, jax.eval_shape(ref, x, w).shape)
+  y0, dx0, dw0 = _vjp(ref, x, w, g)
+  f = lambda key: _vjp(lambda x, w: randomized_einsum(subscripts, x, w, key, proj_dim=3), x, w, g)
+  y1, dx1, _ = f(jax.random.key(0))
+  assert bool(jnp.all(y1 == y0)) and bool(jnp.all(dx1 == dx0))
+  n = 1000
+  def dw(key):
+    return jax.vjp(lambda w: randomized_einsum(subscripts, x, w, key, proj_dim=3), w)[1](g)[0]
+  dw1 = jax.jit(jax.vmap(dw))(jax.random.split(jax.random.key(1), n))
+  mean = dw1.mean(0)
+  # The mean of n independent estimates is within a few of its standard errors.
+  err = jnp.abs(mean - dw0) / (dw1.std(0) / np.sqrt(n) + 1e-6)
+  assert float(jnp.max(err)) < 5.0
+  assert 0.98 < cosine_np(mean, dw0)
+
+
+def cosine_np(a, b):
+  a, b = np.ravel(a), np.ravel(b)
+  return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_general_keeps_the_sketch_not_the_input():
+  x, w = jnp.ones((16, 8, 32)), jnp.ones((32, 4, 8))
+  rep = memory.saved_residuals(
+      lambda w: randomized_einsum("btd,dnh->btnh", x, w, jax.random.key(0),
+                                  proj_dim_ratio=0.25).sum(), w)
+  assert rep.named_bytes(SKETCH_NAME) == 32 * 32 * 4     # k = 128 / 4 rows of 32
+  assert rep.saved_bytes == rep.named_bytes(SKETCH_NAME) + 8  # and the key words
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, w: randomized_dot_general(x, w, jax.random.key(0), (((2,), (0,)), ((0,), (1,))),
+                                         proj_dim=2), "batch dimensions"),
+    (lambda x, w: randomized_einsum("btd,bdh->bth", x, w, jax.random.key(0), proj_dim=2),
+     "in x, the kernel and the output"),
+    (lambda x, w: randomized_einsum("btd,dh->bh", x, w, jax.random.key(0), proj_dim=2),
+     "summed over one operand"),
+    (lambda x, w: randomized_einsum("btd,eh->bth", x, w, jax.random.key(0), proj_dim=2),
+     "summed over one operand"),
+    (lambda x, w: randomized_einsum("btd,dh", x, w, jax.random.key(0), proj_dim=2),
+     "explicit"),
+    (lambda x, w: randomized_dot_general(x, w, jax.random.key(0), (((1,), (0,)), ((), ())),
+                                         proj_dim=2), "equal sizes"),
+    (lambda x, w: randomized_einsum("btd,dh->bth", x, w, jax.random.key(0)), "sketch size"),
+])
+def test_general_bad_input(call, match):
+  x, w = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
+  if "bdh" in str(call.__code__.co_consts):
+    w = jnp.ones((2, 4, 5))
+  with pytest.raises(ValueError, match=match):
+    call(x, w)
+
+
+def test_general_docstring_examples():
+  import doctest
+  from fewbit_jax import dense_general
+  res = doctest.testmod(dense_general, optionflags=doctest.ELLIPSIS)
   assert res.attempted > 0 and res.failed == 0
