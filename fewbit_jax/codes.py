@@ -75,8 +75,11 @@ def compute_codes(x: jax.Array, borders: jax.Array, bits: int) -> jax.Array:
   """
   borders = jnp.asarray(borders, jnp.float32)
   xf = jnp.asarray(x).astype(jnp.float32)
-  pos = jnp.zeros(xf.shape, jnp.int32)
-  for s in range(bits - 1, -1, -1):
+  # The first step compares against one border (a scalar): as a gather with a
+  # constant index it would be constant-folded by XLA at the size of x.
+  top = 1 << (bits - 1)
+  pos = jnp.where(borders[top - 1] < xf, jnp.int32(top), jnp.int32(0))
+  for s in range(bits - 2, -1, -1):
     cand = pos + (1 << s)
     pos = jnp.where(borders[cand - 1] < xf, cand, pos)
   return pos.astype(jnp.uint8)
