@@ -59,8 +59,7 @@ from jax import lax
 
 from fewbit_jax import ext, rng
 
-__all__ = ["KINDS", "check_kind", "project", "sketch_matrix", "default_block_rows",
-           "estimate_variance"]
+__all__ = ["KINDS", "check_kind", "project", "sketch_matrix", "estimate_variance"]
 
 KINDS = ("gaussian", "rademacher", "countsketch", "dct", "dft")
 
@@ -76,16 +75,23 @@ _DIMS_T = (((0,), (0,)), ((), ()))  # contract the row axes: A^T B
 
 
 def check_kind(kind) -> str:
-  """Returns `kind` if it names a sketch, else raises a ValueError saying which do."""
+  """Returns `kind` if it names a sketch, else raises a ValueError saying which do.
+
+  Example:
+    >>> from fewbit_jax import sketch
+    >>> sketch.check_kind("dct")
+    'dct'
+  """
   if not isinstance(kind, str) or kind not in KINDS:
     raise ValueError(f"unknown sketch {kind!r}: expected one of {', '.join(KINDS)}.")
   return kind
 
 
-def default_block_rows(kind: str, b: int, n: int, k: int) -> int:
+def _default_block_rows(kind: str, b: int, n: int, k: int) -> int:
   """Rows per loop step of the pure-JAX gaussian/rademacher/countsketch path."""
-  width = max(n, 1) if kind == "countsketch" else max(k, n, 1)
-  rows = max(8, _BLOCK_ELEMS // width)
+  # countsketch's step only adds x rows into buckets: small blocks cost it little.
+  budget = _BLOCK_ELEMS // 4 if kind == "countsketch" else _BLOCK_ELEMS
+  rows = max(8, budget // max(k if kind != "countsketch" else 1, n, 1))
   return max(1, min(b, rows))
 
 
@@ -133,7 +139,7 @@ def project(kind: str, x2d: jax.Array, key: jax.Array, k: int, *,
     return jnp.zeros((k, n), jnp.float32)
   if kind in ("dct", "dft"):
     return _project_trig(kind, x2d, k0, k1, k, signs=True)
-  rows = block_rows or default_block_rows(kind, b, n, k)
+  rows = block_rows or _default_block_rows(kind, b, n, k)
   return _project_rows(kind, x2d, k0, k1, k, min(int(rows), b), precision)
 
 
@@ -250,11 +256,11 @@ def _project_trig(kind, x2d, k0, k1, k, *, signs: bool = True, block_cols=None):
     start = jnp.minimum(t * nb, n - nb)
     xb = lax.dynamic_slice_in_dim(x2d, start, nb, axis=1).astype(jnp.float32).T
     if sign is not None:
-      xb = xb * sign
+      xb = xb * sign[None, :]
     if kind == "dct":
       xb = jnp.concatenate([xb[:, 0::2], xb[:, 1::2][:, ::-1]], axis=1)
     v = jnp.fft.rfft(xb, axis=1)[:, binx]  # (nb, k)
-    part = (v.real * wr + v.imag * wi).T
+    part = (v.real * wr[None, :] + v.imag * wi[None, :]).T
     return lax.dynamic_update_slice_in_dim(out, part, start, axis=1)
 
   # Zeros tied to x: shared zeros would be copied once per loop and allocated

@@ -244,7 +244,8 @@ def test_projection_temp_below_input_size(kind):
   # 205 MiB) would be over four times x (48 MiB).
   x = jax.ShapeDtypeStruct((16384, 768), jnp.float32)
   f = jax.jit(lambda x, key: sketch.project(kind, x, key, 3277))
-  temp = f.lower(x, jax.random.key(0)).compile().memory_analysis().temp_size_in_bytes
+  compiled = f.lower(x, jax.random.key(0)).compile({"xla_backend_optimization_level": 0})
+  temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < 16384 * 768 * 4 / 2, temp
 
 
