@@ -15,7 +15,7 @@ Example:
   (4, 8)
 """
 
-from fewbit_jax import codes, ext, rng, tables
+from fewbit_jax import codes, ext, rng, tables, sketch, dense, linen, nnx, memory
 from fewbit_jax.activations import (
     fewbit,
     # piecewise, exact 1-bit gradient
@@ -28,5 +28,7 @@ from fewbit_jax.activations import (
     softsign, swish,
 )
 from fewbit_jax.tables import Table, optimal_table, table
+from fewbit_jax.dense import randomized_dense
+from fewbit_jax.linen import RandomizedDense
 
 __version__ = "0.1.0"

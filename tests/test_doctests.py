@@ -6,6 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["fewbit_jax", "fewbit_jax.codes", "fewbit_jax.rng", "fewbit_jax.tables",
+           "fewbit_jax.sketch", "fewbit_jax.dense", "fewbit_jax.memory",
            "fewbit_jax.activations", "fewbit_jax.ext"]
 
 
