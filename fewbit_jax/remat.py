@@ -1,0 +1,109 @@
+"""``jax.checkpoint`` policies that keep only few-bit codes and sketches.
+
+Few-bit activations and randomized dense layers shrink what the backward
+pass keeps, but other layers (LayerNorm, softmax attention, residual adds)
+still keep full-size arrays. ``jax.checkpoint`` (remat) trades those for
+recomputation; its default keeps nothing and recomputes the whole block,
+including the activations and matmuls whose residuals few-bit had already
+made small. `checkpoint_policy` keeps exactly the small residuals (arrays
+named ``'fewbit_codes'`` by the activations and ``'randomized_dense_sketch'``
+by the randomized dense layers, plus any names you add) and recomputes the
+rest, so a block's backward does not recompute its MLP at all and the peak
+of the recomputation is lower than plain remat's.
+
+Use it wherever jax takes a policy: ``jax.checkpoint(f, policy=...)``,
+``flax.linen.remat(Block, policy=...)``, ``flax.nnx.remat(f, policy=...)``.
+
+Measured on CPU (``python -m benchmarks.bench_convert --remat``): see that
+script's output and ``tests/test_remat.py``. On CPU, XLA's
+``cse_barrier_expander`` pass merges any recomputation back into the forward
+pass (undoing every remat, this policy's and plain ``jax.checkpoint``'s
+alike), so compare remat variants there with
+``XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander``; GPU and TPU
+pipelines keep the barriers.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> import fewbit_jax as fb
+  >>> from fewbit_jax.remat import checkpoint_policy
+  >>> def block(w, x):
+  ...   return fb.gelu(jnp.sin(x) @ w, bits=3)
+  >>> f = jax.checkpoint(block, policy=checkpoint_policy())
+  >>> w, x = jnp.ones((32, 32)), jnp.ones((8, 32))
+  >>> from fewbit_jax import memory
+  >>> rep = memory.saved_residuals(lambda w, x: f(w, x).sum(), w, x)
+  >>> rep.by_source()          # the codes; sin(x) and cos(x) are recomputed
+  {"named 'fewbit_codes'": 96}
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from fewbit_jax.activations import CODES_NAME
+from fewbit_jax.dense import SKETCH_NAME
+
+__all__ = ["checkpoint_policy", "CODES_NAME", "SKETCH_NAME"]
+
+
+def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
+                      dots: bool = False) -> Callable[..., bool]:
+  """A ``jax.checkpoint`` policy keeping few-bit codes, sketches and `names`.
+
+  Everything else inside the checkpointed function is recomputed in the
+  backward pass from the function's inputs and the kept arrays.
+
+  Args:
+    *names: more ``jax.ad_checkpoint.checkpoint_name`` names to keep (e.g.
+      the attention probabilities of your model, if you name them).
+    codes: keep few-bit activation codes (``'fewbit_codes'``; default True).
+    sketches: keep randomized dense sketches ``S^T x``
+      (``'randomized_dense_sketch'``; default True).
+    dots: also keep the outputs of matmuls without batch dimensions (jax's
+      ``dots_with_no_batch_dims_saveable``): less recomputation, more memory.
+
+  Returns:
+    A policy for ``jax.checkpoint(..., policy=)``, ``flax.linen.remat`` or
+    ``flax.nnx.remat``.
+
+  Raises:
+    TypeError: a name that is not a non-empty string.
+    ValueError: nothing to keep at all (use ``jax.checkpoint`` without a
+      policy for that).
+
+  A name that no array carries keeps nothing and is not an error (the
+  policy cannot see the function); check with
+  ``fewbit_jax.memory.saved_residuals`` that the arrays you expect are named.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.ad_checkpoint import checkpoint_name
+    >>> from fewbit_jax.remat import checkpoint_policy
+    >>> policy = checkpoint_policy("attn_probs")
+    >>> f = jax.checkpoint(lambda x: checkpoint_name(jnp.sin(x), "attn_probs") ** 2,
+    ...                    policy=policy)
+    >>> jax.grad(lambda x: f(x).sum())(jnp.ones(3)).shape
+    (3,)
+  """
+  for n in names:
+    if not isinstance(n, str) or not n:
+      raise TypeError(f"checkpoint_policy names must be non-empty strings (the names given "
+                      f"to jax.ad_checkpoint.checkpoint_name); got {n!r}")
+  keep = list(names)
+  if codes:
+    keep.append(CODES_NAME)
+  if sketches:
+    keep.append(SKETCH_NAME)
+  cp = jax.checkpoint_policies
+  if not keep:
+    if dots:
+      return cp.dots_with_no_batch_dims_saveable
+    raise ValueError("checkpoint_policy with codes=False, sketches=False and no names keeps "
+                     "nothing: that is jax.checkpoint's default policy, use it without a "
+                     "policy.")
+  policy = cp.save_only_these_names(*dict.fromkeys(keep))
+  if dots:
+    policy = cp.save_from_both_policies(policy, cp.dots_with_no_batch_dims_saveable)
+  return policy
