@@ -11,6 +11,8 @@ import pytest
 from flax import nnx
 
 import fewbit_jax as fb
+import fewbit_jax.linen  # noqa: F401  (fb.linen)
+import fewbit_jax.nnx  # noqa: F401  (fb.nnx)
 from fewbit_jax import memory
 from fewbit_jax.activations import CODES_NAME
 from fewbit_jax.patch import NAMESPACES, PATCHABLE, original, patch_activations
@@ -171,46 +173,53 @@ _KX, _KW, _KG = jax.random.split(jax.random.key(3), 3)
 
 
 def _vjp(f, x, w, g):
-  def run(x, w, g):
-    y, pull = jax.vjp(f, x, w)
-    return (y, *pull(g))
-  return jax.jit(run)(x, w, g)
+  y, pull = jax.vjp(f, x, w)
+  return (y, *pull(g))
 
 
-@pytest.mark.parametrize("xs, ws, dims", [
-    ((3, 4, 8), (8, 5), (((2,), (0,)), ((), ()))),                  # Dense
-    ((3, 4, 2, 6), (2, 6, 8), (((2, 3), (0, 1)), ((), ()))),        # from heads back
-    ((6, 3, 4), (5, 6), (((0,), (1,)), ((), ()))),                  # leading axis, kernel^T
-])
-def test_dot_general_exact_with_a_full_orthogonal_sketch(xs, ws, dims):
+@pytest.mark.parametrize("op, xs, ws", [
+    ((((2,), (0,)), ((), ())), (3, 4, 8), (8, 5)),                   # Dense
+    ((((2, 3), (0, 1)), ((), ())), (3, 4, 2, 6), (2, 6, 8)),         # from heads back
+    ((((0,), (1,)), ((), ())), (6, 3, 4), (5, 6)),                   # leading axis, kernel^T
+    ("...d,fd->...f", (2, 3, 6), (4, 6)),
+], ids=["dense", "from-heads", "leading-axis", "ellipsis"])
+def test_general_exact_with_a_full_orthogonal_sketch(op, xs, ws):
   x, w = jax.random.normal(_KX, xs), jax.random.normal(_KW, ws)
-  ref = lambda x, w: jax.lax.dot_general(x, w, dims)
-  g = jax.random.normal(_KG, jax.eval_shape(ref, x, w).shape)
-  b = x.size // np.prod([xs[a] for a in dims[0][0]])
-  y0, dx0, dw0 = _vjp(ref, x, w, g)
-  y1, dx1, dw1 = _vjp(lambda x, w: randomized_dot_general(
-      x, w, jax.random.key(0), dims, proj_dim=int(b), sketch="dct"), x, w, g)
-  assert bool(jnp.all(y1 == y0))            # the same dot_general
+  if isinstance(op, str):
+    ref = lambda x, w: jnp.einsum(op, x, w)
+    ours = lambda b: lambda x, w: randomized_einsum(op, x, w, jax.random.key(0), proj_dim=b,
+                                                    sketch="dct")
+  else:
+    ref = lambda x, w: jax.lax.dot_general(x, w, op)
+    ours = lambda b: lambda x, w: randomized_dot_general(x, w, jax.random.key(0), op,
+                                                         proj_dim=b, sketch="dct")
+  y_shape = jax.eval_shape(ref, x, w).shape
+  g = jax.random.normal(_KG, y_shape)
+  contracted = (xs[-1],) if isinstance(op, str) else tuple(xs[a] for a in op[0][0])
+  b = x.size // int(np.prod(contracted))  # rows of x2d
+
+  y0, dx0, dw0 = jax.jit(lambda x, w, g: _vjp(ref, x, w, g))(x, w, g)  # separate programs,
+  y1, dx1, dw1 = jax.jit(lambda x, w, g: _vjp(ours(b), x, w, g))(x, w, g)  # as in training
+  assert bool(jnp.all(y1 == y0))            # the same dot_general / einsum
   assert bool(jnp.all(dx1 == dx0))          # its exact transpose
   np.testing.assert_allclose(dw1, dw0, rtol=2e-5, atol=2e-5)  # S S^T = I at k = B
 
 
-@pytest.mark.parametrize("subscripts, xs, ws", [
-    ("bdt,ndh->hbnt", (2, 6, 5), (3, 6, 4)),
-    ("...d,fd->...f", (2, 3, 6), (4, 6)),
-])
-def test_einsum_forward_bitwise_and_gradient_unbiased(subscripts, xs, ws):
-  x, w = jax.random.normal(_KX, xs), jax.random.normal(_KW, ws)
+def test_einsum_forward_bitwise_and_gradient_unbiased():
+  subscripts = "bdt,ndh->hbnt"  # contracted axis in the middle, output permuted
+  x, w = jax.random.normal(_KX, (2, 6, 5)), jax.random.normal(_KW, (3, 6, 4))
   ref = lambda x, w: jnp.einsum(subscripts, x, w)
-  g = jax.random.normal(_KG, jax.eval_shape(ref, x, w).shape)
-  y0, dx0, dw0 = _vjp(ref, x, w, g)
-  f = lambda key: _vjp(lambda x, w: randomized_einsum(subscripts, x, w, key, proj_dim=3), x, w, g)
-  y1, dx1, _ = f(jax.random.key(0))
-  assert bool(jnp.all(y1 == y0)) and bool(jnp.all(dx1 == dx0))
+  g = jax.random.normal(_KG, (4, 2, 3, 5))
   n = 1000
-  def dw(key):
-    return jax.vjp(lambda w: randomized_einsum(subscripts, x, w, key, proj_dim=3), w)[1](g)[0]
-  dw1 = jax.jit(jax.vmap(dw))(jax.random.split(jax.random.key(1), n))
+
+  # Arguments, not constants: XLA folds constant expressions with other numerics.
+  y0, dx0, dw0 = jax.jit(lambda x, w, g: _vjp(ref, x, w, g))(x, w, g)
+  ours = lambda key, x, w, g: _vjp(
+      lambda x, w: randomized_einsum(subscripts, x, w, key, proj_dim=3), x, w, g)
+  y1, dx1, _ = jax.jit(ours)(jax.random.key(0), x, w, g)
+  dw1 = jax.jit(jax.vmap(lambda key, x, w, g: ours(key, x, w, g)[2], (0, None, None, None)))(
+      jax.random.split(jax.random.key(1), n), x, w, g)
+  assert bool(jnp.all(y1 == y0)) and bool(jnp.all(dx1 == dx0))
   mean = dw1.mean(0)
   # The mean of n independent estimates is within a few of its standard errors.
   err = jnp.abs(mean - dw0) / (dw1.std(0) / np.sqrt(n) + 1e-6)
@@ -260,3 +269,320 @@ def test_general_docstring_examples():
   from fewbit_jax import dense_general
   res = doctest.testmod(dense_general, optionflags=doctest.ELLIPSIS)
   assert res.attempted > 0 and res.failed == 0
+
+
+# --------------------------------------------------------------------------
+# Converting whole transformers (the models of benchmarks/bench_convert.py)
+
+import optax  # noqa: E402
+
+from benchmarks import bench_convert as bc  # noqa: E402
+
+CFG = bc.Config.tiny()
+
+
+def _nnx_model(seed=0):
+  return bc.NnxTransformer(CFG, rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def nnx_vanilla():
+  model = _nnx_model()
+  x, y = bc.data(CFG)
+  grads = bc._kernels(nnx.jit(bc.nnx_grads)(model, x, y))
+  temp = memory.compiled(nnx.jit(bc.nnx_grads), model, x, y).temp
+  return dict(y=nnx.jit(lambda m, x: m(x))(model, x), grads=grads, temp=temp, x=x, t=y)
+
+
+def test_nnx_transformer_converted_in_place(nnx_vanilla):
+  model = _nnx_model()
+  x, t = nnx_vanilla["x"], nnx_vanilla["t"]
+  params = nnx.state(model, nnx.Param)
+  objects = [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)  # state made before
+  out = bc.convert_nnx(model, ratio=0.5)
+  assert out is model
+  kinds = {p: type(m).__name__ for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+  assert sum(k == "RandomizedLinear" for k in kinds.values()) == 6 * CFG.layers
+  assert kinds[("head",)] == "Linear"  # outside the pattern
+  # The very same Param objects, in the same tree.
+  assert [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)] == objects
+  after = nnx.state(model, nnx.Param)
+  assert jax.tree.structure(after) == jax.tree.structure(params)
+  assert all(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(after)))
+
+  patch = patch_activations(gelu=3)
+  y = nnx.jit(patch(lambda m, x: m(x)))(model, x)
+  assert bool(jnp.all(y == nnx_vanilla["y"]))  # forward bitwise unchanged
+  grads_fn = nnx.jit(patch(bc.nnx_grads))
+  samples = [bc._kernels(grads_fn(model, x, t)) for _ in range(8)]  # fresh sketch per call
+  cos = bc._cosines(nnx_vanilla["grads"], samples)
+  print("\nNNX per-layer cosine (1 step, mean of 8):",
+        {k: (round(a, 3), round(b, 3)) for k, (a, b) in cos.items()})
+  assert cos["/head"][0] > 0.999  # exact layer; only the GELU codes upstream differ
+  for path, (one, mean) in cos.items():
+    assert one > 0.25 and mean > 0.8 and mean >= one - 0.05, (path, one, mean)
+  temp = memory.compiled(grads_fn, model, x, t).temp
+  assert temp < 0.8 * nnx_vanilla["temp"]
+
+  # The optimizer state made before the conversion fits and updates the same Params.
+  kernel = model.layers[0].mlp.up.kernel
+  before = kernel[...]
+  optimizer.update(model, grads_fn(model, x, t))
+  assert model.layers[0].mlp.up.kernel is kernel and not bool(jnp.all(kernel[...] == before))
+
+
+@pytest.fixture(scope="module")
+def linen_setup():
+  model = bc.LinenTransformer(CFG)
+  x, t = bc.data(CFG)
+  variables = model.init(jax.random.key(0), x)
+  loss = lambda p, x, t, key: bc.mse(model.apply({"params": p}, x, rngs={"sketch": key}), t)
+  step = jax.jit(jax.grad(loss))
+  grads = bc._kernels({"params": step(variables["params"], x, t, jax.random.key(1))})
+  temp = memory.compiled(jax.grad(loss), variables["params"], x, t, jax.random.key(1)).temp
+  return dict(model=model, x=x, t=t, variables=variables, loss=loss, grads=grads, temp=temp,
+              y=jax.jit(model.apply)(variables, x))
+
+
+def test_linen_transformer_intercepted(linen_setup):
+  s = linen_setup
+  model, x, t, params, loss = s["model"], s["x"], s["t"], s["variables"]["params"], s["loss"]
+  with bc.fb.linen.intercept(bc.LINEN_BLOCKS, proj_dim_ratio=0.5, warn_unused=False):
+    inside = model.init(jax.random.key(0), x)  # parameters are untouched by interception
+  assert jax.tree.structure(inside) == jax.tree.structure(s["variables"])
+  assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(inside),
+                                                    jax.tree.leaves(s["variables"])))
+
+  def converted(*args):
+    with patch_activations(gelu=3), bc.fb.linen.intercept(bc.LINEN_BLOCKS,
+                                                           proj_dim_ratio=0.5) as seen:
+      out = jax.grad(loss)(*args)
+    assert len(seen.converted) == 6 * CFG.layers and "/head" not in seen.converted
+    return out
+
+  def apply(v, x, key):
+    with patch_activations(gelu=3), bc.fb.linen.intercept(proj_dim_ratio=0.5):
+      return model.apply(v, x, rngs={"sketch": key})
+  assert bool(jnp.all(jax.jit(apply)(s["variables"], x, jax.random.key(2)) == s["y"]))
+  step = jax.jit(converted)
+  samples = [bc._kernels({"params": step(params, x, t, jax.random.key(i))}) for i in range(8)]
+  cos = bc._cosines(s["grads"], samples)
+  print("\nlinen per-layer cosine (1 step, mean of 8):",
+        {k: (round(a, 3), round(b, 3)) for k, (a, b) in cos.items()})
+  for path, (one, mean) in cos.items():
+    assert one > 0.25 and mean > 0.8 and mean >= one - 0.05, (path, one, mean)
+  temp = memory.compiled(step, params, x, t, jax.random.key(0)).temp
+  assert temp < 0.8 * s["temp"]
+
+
+def test_linen_exact_sketch_and_errors(linen_setup):
+  s = linen_setup
+  params, x, t = s["variables"]["params"], s["x"], s["t"]
+  with bc.fb.linen.intercept(proj_dim_ratio=1.0, sketch="dct"):
+    g = bc._kernels({"params": jax.jit(jax.grad(s["loss"]))(params, x, t, jax.random.key(0))})
+  for path, want in s["grads"].items():
+    np.testing.assert_allclose(g[path], want, rtol=1e-3, atol=1e-5, err_msg=path)
+  with pytest.raises(ValueError, match="'sketch' rng stream"):
+    with bc.fb.linen.intercept(warn_unused=False):
+      jax.eval_shape(s["model"].apply, s["variables"], x)
+  with pytest.warns(UserWarning, match="matched none of the dense layers called: /Block_0/down"):
+    with bc.fb.linen.intercept("/Blok_"):
+      jax.eval_shape(s["model"].apply, s["variables"], x)
+  with pytest.raises(ValueError, match="unknown sketch"):
+    with bc.fb.linen.intercept(sketch="gauss"):
+      pass
+
+
+# --------------------------------------------------------------------------
+# map_module, convert_linear, convert_activations
+
+class _Shared(nnx.Module):
+  def __init__(self):
+    lin = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+    self.a = lin
+    self.b = nnx.List([lin, nnx.Linear(4, 2, rngs=nnx.Rngs(1))])
+    self.act = nnx.gelu
+
+
+def test_map_module_post_order_paths_and_shared_modules():
+  model = _Shared()
+  calls = []
+
+  def fn(m, path):
+    calls.append((path, type(m).__name__))
+    if isinstance(m, nnx.Linear):
+      return fb.nnx.convert_linear(m, proj_dim=2, rngs=nnx.Rngs(sketch=0))
+    return m
+
+  shared_kernel = model.a.kernel
+  out = fb.nnx.map_module(model, fn)
+  assert out is model
+  assert calls == [("/a", "Linear"), ("/b/1", "Linear"), ("/b", "List"), ("/", "_Shared")]
+  assert model.a is model.b[0]                  # converted once, still shared
+  assert isinstance(model.a, fb.nnx.RandomizedLinear) and model.a.kernel is shared_kernel
+  assert isinstance(model.b[1], fb.nnx.RandomizedLinear)
+
+
+def test_map_module_pattern_root_and_errors():
+  model = _Shared()
+  fb.nnx.map_module(model, lambda m, p: fb.nnx.convert_linear(m, proj_dim=2), pattern=r"^/b/1$")
+  assert type(model.a) is nnx.Linear and isinstance(model.b[1], fb.nnx.RandomizedLinear)
+  with pytest.raises(ValueError, match=r"matches no module path.*/b/1, /b, /"):
+    fb.nnx.map_module(model, lambda m, p: m, pattern="/decoder/")
+  lin = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  new = fb.nnx.map_module(lin, lambda m, p: fb.nnx.convert_linear(m, proj_dim=1))
+  assert isinstance(new, fb.nnx.RandomizedLinear) and new.kernel is lin.kernel
+
+  class InTuple(nnx.Module):
+    def __init__(self):
+      self.t = nnx.data((nnx.Linear(2, 2, rngs=nnx.Rngs(0)),))
+  with pytest.raises(ValueError, match="cannot be changed in place.*nnx.List"):
+    fb.nnx.map_module(InTuple(), lambda m, p: fb.nnx.convert_linear(m, proj_dim=1))
+  with pytest.raises(TypeError, match="needs a function"):
+    fb.nnx.map_module(model, "convert")
+
+
+def test_convert_linear_options_and_pass_through():
+  lin = nnx.Linear(3, 5, use_bias=False, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  new = fb.nnx.convert_linear(lin, fb.nnx.RandomizedLinear, proj_dim_ratio=0.3,
+                              sketch="countsketch", rngs=nnx.Rngs(sketch=1))
+  assert (new.use_bias, new.param_dtype, new.sketch, new.proj_dim_ratio) == (
+      False, jnp.bfloat16, "countsketch", 0.3)
+  assert new.kernel is lin.kernel and new.bias is None
+  x = jnp.ones((6, 3), jnp.bfloat16)
+  assert bool(jnp.all(new(x) == lin(x)))
+  with pytest.raises(ValueError, match="proj_dim_ratio=2.0"):
+    fb.nnx.convert_linear(lin, proj_dim_ratio=2.0)
+  with pytest.raises(ValueError, match="unknown sketch"):
+    fb.nnx.convert_linear(lin, sketch="fft")
+
+  class MyLinear(nnx.Linear):  # a subclass may compute something else: left alone
+    pass
+  mine = MyLinear(2, 2, rngs=nnx.Rngs(0))
+  assert fb.nnx.convert_linear(mine) is mine
+  custom = nnx.Linear(2, 2, dot_general=lambda *a, **k: jax.lax.dot_general(*a, **k),
+                      rngs=nnx.Rngs(0))
+  with pytest.warns(UserWarning, match="custom dot_general"):
+    assert fb.nnx.convert_linear(custom) is custom
+  # Layers converted from one Rngs get different sketch streams.
+  r = nnx.Rngs(sketch=0)
+  a, b = (fb.nnx.convert_linear(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), rngs=r) for _ in range(2))
+  assert not bool(jnp.all(jax.random.key_data(a._key(None)) == jax.random.key_data(b._key(None))))
+
+
+def test_convert_activations_attributes_and_sequential():
+  import functools
+  model = _Shared()
+  model.act2 = functools.partial(nnx.gelu, approximate=False)
+  seq = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.relu, nnx.silu)
+  fb.nnx.convert_activations(model, gelu=2)
+  assert model.act.__name__ == "fewbit.gelu(approximate=True, bits=2)"
+  assert model.act2.__name__ == "fewbit.gelu(approximate=False, bits=2)"
+  fb.nnx.map_module(seq, lambda m, _: fb.nnx.convert_activations(m, relu=1, swish=3))
+  assert [getattr(f, "__name__", "") for f in seq.layers][1:] == [
+      "fewbit.relu(bits=1)", "fewbit.silu(bits=3)"]
+  x = jnp.linspace(-2, 2, 12).reshape(3, 4)
+  assert _codes_bytes(lambda x: seq(x).sum(), x) > 0
+  with pytest.raises(ValueError, match="unknown activation"):
+    fb.nnx.convert_activations(model, gleu=2)
+
+
+def test_linear_general_and_einsum_converted():
+  class Attn(nnx.Module):
+    def __init__(self, rngs):
+      self.qkv = nnx.LinearGeneral(16, (3, 2, 8), rngs=rngs)
+      self.out = nnx.LinearGeneral((2, 8), 16, axis=(-2, -1), rngs=rngs)
+      self.proj = nnx.Einsum("btd,dh->bth", (16, 8), (8,), rngs=rngs)
+      self.batched = nnx.LinearGeneral(16, 4, batch_axis={0: 2}, rngs=rngs)
+
+    def __call__(self, x):
+      q, k, v = jnp.moveaxis(self.qkv(x), 2, 0)
+      a = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k), -1)
+      return self.proj(self.out(jnp.einsum("bhts,bshd->bthd", a, v)))
+
+  model = Attn(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+  fwd = nnx.jit(lambda m: m(x))
+  y0 = fwd(model)
+  grads = nnx.jit(lambda m: nnx.grad(lambda m: m(x).sum())(m))
+  g0 = bc._kernels(grads(model))
+  objects = [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
+  with pytest.warns(UserWarning, match="batch axes"):
+    fb.nnx.map_module(model, lambda m, p: fb.nnx.convert_linear(
+        m, proj_dim_ratio=1.0, sketch="dct", rngs=nnx.Rngs(sketch=0)))
+  assert isinstance(model.qkv, fb.nnx.RandomizedLinearGeneral)
+  assert isinstance(model.out, fb.nnx.RandomizedLinearGeneral)
+  assert isinstance(model.proj, fb.nnx.RandomizedEinsum)
+  assert type(model.batched) is nnx.LinearGeneral
+  assert [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)] == objects
+  assert bool(jnp.all(fwd(model) == y0))
+  g1 = bc._kernels(grads(model))
+  for path in ("/qkv", "/out", "/proj"):  # exact at k = B with an orthogonal sketch
+    np.testing.assert_allclose(g1[path], g0[path], rtol=1e-4, atol=1e-5, err_msg=path)
+
+  # Constructed directly: the same Params as the nnx layer from the same rngs.
+  ref = nnx.LinearGeneral(16, (2, 8), rngs=nnx.Rngs(3))
+  ours = fb.nnx.RandomizedLinearGeneral(16, (2, 8), rngs=nnx.Rngs(3, sketch=0))
+  assert bool(jnp.all(ours.kernel[...] == ref.kernel[...])) and ours.kernel.shape == (16, 2, 8)
+  with pytest.raises(ValueError, match="batch_axis"):
+    fb.nnx.RandomizedLinearGeneral(16, 4, batch_axis={0: 2}, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="einsum_op"):
+    fb.nnx.RandomizedEinsum("bd,dh->bh", (4, 2), einsum_op=lambda *a, **k: 0,
+                            rngs=nnx.Rngs(0))
+
+
+def test_linen_dense_general_and_swap_activations():
+  import functools
+
+  class Mlp(nn.Module):
+    activation: object = nn.gelu
+
+    @nn.compact
+    def __call__(self, x):
+      h = nn.DenseGeneral((2, 8), name="heads")(x)
+      h = nn.DenseGeneral(16, axis=(-2, -1), name="merge")(self.activation(h))
+      return nn.Dense(4, name="out")(h)
+
+  class Net(nn.Module):
+    mlps: tuple = (Mlp(), Mlp(activation=functools.partial(nn.gelu, approximate=False)))
+
+    def __call__(self, x):
+      for m in self.mlps:
+        x = jnp.tile(m(x), (1, 1, 4))
+      return x
+
+  net, x = Net(), jax.random.normal(jax.random.key(0), (2, 5, 16))
+  v = jax.jit(net.init)(jax.random.key(1), x)
+  y0 = jax.jit(net.apply)(v, x)
+  swapped = fb.linen.swap_activations(net, gelu=3)
+  assert [m.activation.__name__ for m in swapped.mlps] == [
+      "fewbit.gelu(approximate=True, bits=3)", "fewbit.gelu(approximate=False, bits=3)"]
+  assert net.mlps[0].activation is nn.gelu  # the original is untouched
+  assert fb.linen.swap_activations(net, relu=1) is net  # nothing to swap
+  assert bool(jnp.all(jax.jit(swapped.apply)(v, x) == y0))
+  assert _codes_bytes(lambda x: swapped.apply(v, x).sum(), x) > 0
+
+  loss = lambda p, key: (net.apply({"params": p}, x, rngs={"sketch": key}) ** 2).sum()
+  g0 = bc._kernels({"params": jax.jit(jax.grad(loss))(v["params"], jax.random.key(0))})
+  with fb.linen.intercept("heads|merge", proj_dim_ratio=1.0, sketch="dct") as seen:
+    g1 = bc._kernels({"params": jax.jit(jax.grad(loss))(v["params"], jax.random.key(0))})
+  assert sorted(set(seen.converted)) == ["/mlps_0/heads", "/mlps_0/merge", "/mlps_1/heads",
+                                         "/mlps_1/merge"]
+  for path, want in g0.items():
+    np.testing.assert_allclose(g1[path], want, rtol=1e-4, atol=1e-5, err_msg=path)
+
+
+@pytest.mark.parametrize("obj", [
+    fb.nnx.map_module, fb.nnx.convert_linear, fb.nnx.convert_activations,
+    fb.nnx.RandomizedLinearGeneral, fb.nnx.RandomizedEinsum, fb.linen.intercept,
+    fb.linen.swap_activations], ids=lambda o: o.__name__)
+def test_conversion_docstring_examples(obj):
+  import doctest
+  finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(
+      optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  tests = [t for t in finder.find(obj, obj.__name__, globs={}) if t.examples]
+  assert tests
+  for t in tests:
+    runner.run(t)
+  assert runner.failures == 0

@@ -1,0 +1,456 @@
+"""Converting a transformer nobody wrote for fewbit: outputs, gradients, memory, remat.
+
+Two small pre-LN transformers written the plain way, an NNX one (``nnx.Linear``
+everywhere, ``nnx.gelu`` called inline) and a linen one (``nn.Dense``,
+``nn.gelu`` inline, ``@nn.compact``), are converted without touching their
+source:
+
+* NNX: ``fb.nnx.map_module`` + ``fb.nnx.convert_linear`` on the blocks'
+  linear layers (the head stays exact), ``fb.patch_activations(gelu=3)``
+  for the inline GELU;
+* linen: ``fb.linen.intercept`` on the blocks' dense layers and
+  ``fb.patch_activations(gelu=3)``.
+
+For each the script prints: whether the forward output is bitwise the same,
+whether the parameters are the same objects / the same tree, the cosine
+similarity of each layer's weight gradient with the vanilla one (one step,
+and the mean of ``--average`` steps, which tends to 1 since the estimate is
+unbiased), and XLA's compiled temp bytes of the gradient step, vanilla and
+converted.
+
+``--remat`` compares, on the linen transformer with ``nn.remat`` around
+each block, the compiled temp bytes and the step time of: vanilla, few-bit
+alone (3-bit GELU + randomized dense), plain ``jax.checkpoint`` (keep
+nothing), ``jax.checkpoint`` keeping matmul outputs (jax's
+``dots_with_no_batch_dims_saveable``), plain checkpoint of the few-bit
+model, and few-bit with ``fb.checkpoint_policy()`` (keep only codes and
+sketches). On CPU XLA's ``cse_barrier_expander`` pass undoes every remat
+(it merges the recomputation back into the forward pass), so the script
+disables that pass, as ``benchmarks/memory_table.py`` does; GPU and TPU
+pipelines keep the barriers.
+
+Usage (from the repository root):
+  python -m benchmarks.bench_convert                 # conversion table
+  python -m benchmarks.bench_convert --remat         # remat comparison
+  python -m benchmarks.bench_convert --remat --layers 2 --batch 4 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+KEEP_REMAT_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
+
+
+def keep_remat_on_cpu() -> bool:
+  """Adds KEEP_REMAT_FLAG to XLA_FLAGS; False if JAX's backends already started."""
+  if "jax" in sys.modules:
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+      return KEEP_REMAT_FLAG in os.environ.get("XLA_FLAGS", "")
+  flags = os.environ.get("XLA_FLAGS", "")
+  if KEEP_REMAT_FLAG not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {KEEP_REMAT_FLAG}".strip()
+  return True
+
+
+import flax.linen as nn  # noqa: E402  (after the flag can be set)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import fewbit_jax as fb  # noqa: E402
+import fewbit_jax.linen  # noqa: E402,F401
+import fewbit_jax.nnx  # noqa: E402,F401
+from fewbit_jax import memory  # noqa: E402
+from fewbit_jax.patch import patch_activations  # noqa: E402
+from fewbit_jax.remat import checkpoint_policy  # noqa: E402
+
+MiB = 2.0 ** 20
+
+# The blocks' layers, not the head: a regular expression on module paths.
+NNX_BLOCKS = r"^/layers/\d+/"
+LINEN_BLOCKS = r"^/Block_\d+/"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Sizes of the transformer and its batch."""
+  d_model: int = 256
+  heads: int = 4
+  hidden: int = 1024
+  layers: int = 4
+  out: int = 16
+  batch: int = 8
+  seq: int = 128
+
+  @classmethod
+  def tiny(cls) -> "Config":
+    return cls(d_model=32, heads=2, hidden=128, layers=2, out=4, batch=2, seq=32)
+
+
+# --------------------------------------------------------------------------
+# The models, written the plain way.
+
+
+class NnxAttention(nnx.Module):
+  def __init__(self, d: int, heads: int, *, rngs: nnx.Rngs):
+    self.heads = heads
+    self.q = nnx.Linear(d, d, rngs=rngs)
+    self.k = nnx.Linear(d, d, rngs=rngs)
+    self.v = nnx.Linear(d, d, rngs=rngs)
+    self.o = nnx.Linear(d, d, rngs=rngs)
+
+  def __call__(self, x):
+    b, t, d = x.shape
+    split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
+    q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+    s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d // self.heads).astype(np.float32)
+    a = nnx.softmax(s, axis=-1)
+    return self.o(jnp.einsum("bhts,bshd->bthd", a, v).reshape(b, t, d))
+
+
+class NnxMlp(nnx.Module):
+  def __init__(self, d: int, hidden: int, *, rngs: nnx.Rngs):
+    self.up = nnx.Linear(d, hidden, rngs=rngs)
+    self.down = nnx.Linear(hidden, d, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(nnx.gelu(self.up(x)))
+
+
+class NnxBlock(nnx.Module):
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+    self.ln1 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+    self.attn = NnxAttention(cfg.d_model, cfg.heads, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+    self.mlp = NnxMlp(cfg.d_model, cfg.hidden, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.attn(self.ln1(x))
+    return x + self.mlp(self.ln2(x))
+
+
+class NnxTransformer(nnx.Module):
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+    self.layers = nnx.List([NnxBlock(cfg, rngs=rngs) for _ in range(cfg.layers)])
+    self.head = nnx.Linear(cfg.d_model, cfg.out, rngs=rngs)
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = layer(x)
+    return self.head(x)
+
+
+class LinenBlock(nn.Module):
+  heads: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, d = x.shape
+    h = nn.LayerNorm()(x)
+    split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
+    q, k, v = (split(nn.Dense(d, name=n)(h)) for n in ("q", "k", "v"))
+    s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d // self.heads).astype(np.float32)
+    a = nn.softmax(s, axis=-1)
+    x = x + nn.Dense(d, name="o")(jnp.einsum("bhts,bshd->bthd", a, v).reshape(b, t, d))
+    h = nn.LayerNorm()(x)
+    return x + nn.Dense(d, name="down")(nn.gelu(nn.Dense(self.hidden, name="up")(h)))
+
+
+class LinenTransformer(nn.Module):
+  cfg: Config
+  remat_policy: object = None  # None: no remat; "plain": keep nothing; or a policy
+
+  @nn.compact
+  def __call__(self, x):
+    block = LinenBlock
+    if self.remat_policy is not None:
+      policy = None if self.remat_policy == "plain" else self.remat_policy
+      block = nn.remat(LinenBlock, policy=policy)
+    for i in range(self.cfg.layers):
+      x = block(self.cfg.heads, self.cfg.hidden, name=f"Block_{i}")(x)
+    return nn.Dense(self.cfg.out, name="head")(x)
+
+
+def data(cfg: Config, seed: int = 0):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (cfg.batch, cfg.seq, cfg.d_model))
+  y = jax.random.normal(ky, (cfg.batch, cfg.seq, cfg.out))
+  return x, y
+
+
+def mse(pred, y):
+  return jnp.mean((pred - y) ** 2)
+
+
+# --------------------------------------------------------------------------
+# Measuring.
+
+
+def cosine(a, b) -> float:
+  a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+  return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _kernels(tree) -> dict[str, jax.Array]:
+  """'/layers/0/mlp/up' -> the kernel (or its gradient) in an nnx.State or linen params."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    if keys and keys[-1] == "value":  # nnx.Variable
+      keys = keys[:-1]
+    if keys and keys[0] == "params":  # linen
+      keys = keys[1:]
+    if keys and keys[-1] == "kernel":
+      out["/" + "/".join(keys[:-1])] = leaf
+  return out
+
+
+def convert_nnx(model: NnxTransformer, ratio: float, sketch: str = "gaussian", seed: int = 0):
+  """The blocks' linear layers as randomized linear layers, in place."""
+  rngs = nnx.Rngs(sketch=seed)
+  return fb.nnx.map_module(
+      model, lambda m, path: fb.nnx.convert_linear(m, fb.nnx.RandomizedLinear,
+                                                   proj_dim_ratio=ratio, sketch=sketch,
+                                                   rngs=rngs),
+      pattern=NNX_BLOCKS)
+
+
+def nnx_grads(model, x, y):
+  """The parameter gradients of the loss of `model` (an ``nnx.State``)."""
+  return nnx.grad(lambda m: mse(m(x), y))(model)
+
+
+def nnx_case(cfg: Config, ratio: float, bits: int, average: int, seed: int = 0) -> dict:
+  """Convert the NNX transformer; compare outputs, params, gradients and memory."""
+  model = NnxTransformer(cfg, rngs=nnx.Rngs(seed))
+  x, y = data(cfg, seed)
+  params_before = nnx.state(model, nnx.Param)
+  param_objects = {id(v) for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+  y_vanilla = model(x)
+  g_vanilla = _kernels(nnx.jit(nnx_grads)(model, x, y))
+  temp_vanilla = memory.compiled(nnx.jit(nnx_grads), model, x, y).temp
+
+  convert_nnx(model, ratio)
+  patch = patch_activations(gelu=bits)
+  converted = [p for p, m in nnx.iter_graph(model) if isinstance(m, fb.nnx.RandomizedLinear)]
+  with patch:
+    y_conv = model(x)
+  same_objects = param_objects == {id(v) for _, v in nnx.iter_graph(model)
+                                   if isinstance(v, nnx.Param)}
+  same_tree = jax.tree.structure(params_before) == jax.tree.structure(
+      nnx.state(model, nnx.Param)) and all(
+          a is b for a, b in zip(jax.tree.leaves(params_before),
+                                 jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+  grads = nnx.jit(patch(nnx_grads))
+  samples = [_kernels(grads(model, x, y)) for _ in range(average)]  # a new sketch each call
+  temp_conv = memory.compiled(grads, model, x, y).temp
+  return dict(framework="nnx", converted=len(converted), forward_bitwise=bool(
+      jnp.all(y_conv == y_vanilla)), same_param_objects=same_objects,
+      same_param_tree=same_tree, cosine=_cosines(g_vanilla, samples),
+      temp_vanilla=temp_vanilla, temp_converted=temp_conv)
+
+
+def _cosines(g_vanilla: dict, samples: list[dict]) -> dict[str, tuple[float, float]]:
+  out = {}
+  for path, g in g_vanilla.items():
+    one = cosine(g, samples[0][path])
+    mean = cosine(g, np.mean([np.asarray(s[path]) for s in samples], axis=0))
+    out[path] = (one, mean)
+  return out
+
+
+def linen_case(cfg: Config, ratio: float, bits: int, average: int, seed: int = 0) -> dict:
+  """Intercept the linen transformer; compare outputs, params, gradients and memory."""
+  model = LinenTransformer(cfg)
+  x, y = data(cfg, seed)
+  variables = model.init(jax.random.key(seed), x)
+  with fb.linen.intercept(LINEN_BLOCKS, proj_dim_ratio=ratio, warn_unused=False):
+    variables_inside = model.init(jax.random.key(seed), x)
+  same_tree = jax.tree.structure(variables) == jax.tree.structure(variables_inside) and all(
+      bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(variables),
+                                            jax.tree.leaves(variables_inside)))
+
+  def loss(params, x, y, key):
+    return mse(model.apply({"params": params}, x, rngs={"sketch": key}), y)
+
+  def converted(f):
+    def g(*args):
+      with patch_activations(gelu=bits), fb.linen.intercept(LINEN_BLOCKS,
+                                                             proj_dim_ratio=ratio):
+        return f(*args)
+    return g
+
+  key = jax.random.key(seed + 1)
+  params = variables["params"]
+  y_vanilla = model.apply(variables, x)
+  y_conv = converted(lambda v, x: model.apply(v, x, rngs={"sketch": key}))(variables, x)
+  step_vanilla, step_conv = jax.jit(jax.grad(loss)), jax.jit(converted(jax.grad(loss)))
+  g_vanilla = _kernels({"params": step_vanilla(params, x, y, key)})
+  samples = [_kernels({"params": step_conv(params, x, y, jax.random.fold_in(key, i))})
+             for i in range(average)]
+  with fb.linen.intercept(LINEN_BLOCKS, proj_dim_ratio=ratio) as seen:
+    with patch_activations(gelu=bits):
+      temp_conv = memory.compiled(jax.grad(loss), params, x, y, key).temp
+  temp_vanilla = memory.compiled(jax.grad(loss), params, x, y, key).temp
+  return dict(framework="linen", converted=len(seen.converted),
+              forward_bitwise=bool(jnp.all(y_conv == y_vanilla)),
+              same_param_objects=None, same_param_tree=same_tree,
+              cosine=_cosines(g_vanilla, samples), temp_vanilla=temp_vanilla,
+              temp_converted=temp_conv)
+
+
+# --------------------------------------------------------------------------
+# Remat.
+
+REMAT_ROWS = (
+    ("vanilla", False, None),
+    ("few-bit (3-bit GELU + randomized 20%)", True, None),
+    ("jax.checkpoint each block (keep nothing)", False, "plain"),
+    ("jax.checkpoint each block (keep dots)", False, "dots"),
+    ("few-bit + jax.checkpoint (keep nothing)", True, "plain"),
+    ("few-bit + fb.checkpoint_policy()", True, "fewbit"),
+)
+
+
+def remat_step(cfg: Config, fewbit: bool, remat: str | None, ratio: float = 0.2,
+               bits: int = 3):
+  """(jitted grad step, params): the linen transformer with one remat choice."""
+  policy = {None: None, "plain": "plain", "fewbit": checkpoint_policy(),
+            "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[remat]
+  model = LinenTransformer(cfg, remat_policy=policy)
+  x, y = data(cfg)
+  params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+
+  def loss(params, x, y, key):
+    return mse(model.apply({"params": params}, x, rngs={"sketch": key}), y)
+
+  def step(params, x, y, key):
+    if not fewbit:
+      return jax.grad(loss)(params, x, y, key)
+    with patch_activations(gelu=bits), fb.linen.intercept(LINEN_BLOCKS, proj_dim_ratio=ratio):
+      return jax.grad(loss)(params, x, y, key)
+
+  return jax.jit(step), params, (x, y, jax.random.key(1)), model
+
+
+def remat_table(cfg: Config, repeats: int, log=lambda s: None) -> list[dict]:
+  """Compiled temp/total bytes and median step time of each REMAT_ROWS entry."""
+  rows, runners = [], {}
+  for name, fewbit, remat in REMAT_ROWS:
+    step, params_shape, (x, y, key), model = remat_step(cfg, fewbit, remat)
+    m = memory.compiled(step, params_shape, x, y, key)
+    rows.append(dict(name=name, temp=m.temp, total=m.total))
+    log(f"compiled {name}: temp {m.temp / MiB:.1f} MiB")
+    if repeats:
+      params = model.init(jax.random.key(0), x)["params"]
+      jax.block_until_ready(step(params, x, y, key))
+      runners[name] = lambda step=step, params=params: jax.block_until_ready(
+          step(params, x, y, key))
+  if repeats:
+    times = {n: [] for n in runners}
+    for _ in range(repeats):  # interleaved, so load hits every row alike
+      for n, run in runners.items():
+        t0 = time.perf_counter()
+        run()
+        times[n].append(time.perf_counter() - t0)
+    for r in rows:
+      r["time"] = statistics.median(times[r["name"]])
+  return rows
+
+
+# --------------------------------------------------------------------------
+# Printing.
+
+
+def format_case(res: dict) -> str:
+  lines = [f"### {res['framework']}: {res['converted']} dense layers converted",
+           f"forward output bitwise unchanged: {res['forward_bitwise']}",
+           f"parameter tree identical: {res['same_param_tree']}"]
+  if res["same_param_objects"] is not None:
+    lines.append(f"the very same nnx.Param objects: {res['same_param_objects']}")
+  lines += ["", "| layer | cosine, 1 step | cosine, mean of steps |", "|---|---|---|"]
+  for path, (one, mean) in res["cosine"].items():
+    lines.append(f"| {path} | {one:.3f} | {mean:.3f} |")
+  v, c = res["temp_vanilla"], res["temp_converted"]
+  lines += ["", f"compiled temp bytes of the gradient step: vanilla {v / MiB:.2f} MiB, "
+                f"converted {c / MiB:.2f} MiB ({100 * (1 - c / v):.1f}% less)"]
+  return "\n".join(lines)
+
+
+def format_remat(rows: list[dict]) -> str:
+  base = rows[0]
+  timed = "time" in base
+  lines = ["| configuration | temp MiB | total MiB | temp vs vanilla |"
+           + (" step time vs vanilla |" if timed else ""),
+           "|---|---|---|---|" + ("---|" if timed else "")]
+  for r in rows:
+    cells = [r["name"], f"{r['temp'] / MiB:.2f}", f"{r['total'] / MiB:.2f}",
+             f"{100 * (r['temp'] / base['temp'] - 1):+.1f}%"]
+    if timed:
+      cells.append(f"{r['time'] / base['time']:.2f}x")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=__doc__.split("Usage")[1])
+  p.add_argument("--remat", action="store_true", help="the remat comparison")
+  p.add_argument("--layers", type=int, default=Config.layers)
+  p.add_argument("--batch", type=int, default=Config.batch)
+  p.add_argument("--seq", type=int, default=Config.seq)
+  p.add_argument("--ratio", type=float, default=0.2, help="randomized dense proj_dim_ratio")
+  p.add_argument("--bits", type=int, default=3, help="GELU bits")
+  p.add_argument("--average", type=int, default=16, help="steps averaged for the mean cosine")
+  p.add_argument("--repeats", type=int, default=7, help="timing rounds for --remat (0: none)")
+  p.add_argument("--tiny", action="store_true", help="a tiny model (smoke tests)")
+  p.add_argument("--json", help="also write the results to this file")
+  args = p.parse_args(argv)
+  base = Config.tiny() if args.tiny else Config()
+  cfg = dataclasses.replace(base, layers=args.layers if not args.tiny else base.layers,
+                            batch=args.batch if not args.tiny else base.batch,
+                            seq=args.seq if not args.tiny else base.seq)
+  t0 = time.perf_counter()
+  log = lambda s: print(f"[{time.perf_counter() - t0:6.1f}s] {s}", file=sys.stderr, flush=True)
+  print(f"transformer: {cfg.layers} layers, d_model {cfg.d_model}, {cfg.heads} heads, MLP "
+        f"{cfg.hidden}, batch {cfg.batch} x {cfg.seq}, f32; {jax.devices()[0].platform}, "
+        f"jax {jax.__version__}\n")
+  if args.remat:
+    if not keep_remat_on_cpu():
+      print(f"warning: JAX started before {KEEP_REMAT_FLAG} could be set; on CPU the "
+            "remat rows will show no saving.", file=sys.stderr)
+    rows = remat_table(cfg, args.repeats, log)
+    print(format_remat(rows))
+    if args.repeats:
+      print(f"\nstep time: median of {args.repeats} interleaved runs of the jitted gradient "
+            f"step, ratio to vanilla ({rows[0]['time'] * 1e3:.0f} ms). XLA_FLAGS="
+            f"{os.environ.get('XLA_FLAGS', '')}")
+    results = rows
+  else:
+    results = []
+    for case in (nnx_case, linen_case):
+      res = case(cfg, args.ratio, args.bits, args.average)
+      log(f"{res['framework']} done")
+      print(format_case(res) + "\n")
+      results.append(res)
+    print(f"randomized dense: proj_dim_ratio {args.ratio}, gaussian sketch; GELU: {args.bits} "
+          f"bits; mean of {args.average} steps with fresh sketches.")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
