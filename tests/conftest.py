@@ -1,4 +1,14 @@
+import os
+import sys
+
 import pytest
+
+# benchmarks/ and examples/ are imported by their smoke tests. The repository
+# root goes at the *end* of sys.path so that an installed fewbit_jax (with its
+# compiled kernels) still wins over the source tree.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.append(_ROOT)
 
 
 def pytest_addoption(parser):
