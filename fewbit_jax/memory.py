@@ -170,6 +170,9 @@ class ResidualReport:
 
 
 def _nbytes(aval) -> int:
+  if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):  # typed keys: their key data
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(aval.shape, aval.dtype))
+    return int(np.prod(data.shape, dtype=np.int64)) * np.dtype(data.dtype).itemsize
   return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
 
 

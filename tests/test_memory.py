@@ -149,3 +149,11 @@ def test_memory_docstring_examples():
   import doctest
   res = doctest.testmod(memory, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert res.attempted > 0 and res.failed == 0
+
+
+def test_typed_keys_count_their_key_data():
+  key = jax.random.key(0)
+  f = jax.checkpoint(lambda x, k: jnp.sin(x * jax.random.normal(k, x.shape)))
+  rep = memory.saved_residuals(lambda x, k: f(x, k).sum(), jnp.ones(4), key)
+  keys = [r for r in rep.residuals if r.dtype.startswith("key")]
+  assert keys and keys[0].nbytes == jax.random.key_data(key).nbytes
