@@ -418,6 +418,9 @@ def main(argv=None) -> None:
   p.add_argument("--tiny", action="store_true", help="a tiny model (smoke tests)")
   p.add_argument("--json", help="also write the results to this file")
   args = p.parse_args(argv)
+  if args.remat and not keep_remat_on_cpu():
+    print(f"warning: JAX started before {KEEP_REMAT_FLAG} could be set; on CPU the "
+          "remat rows will show no saving.", file=sys.stderr)
   base = Config.tiny() if args.tiny else Config()
   cfg = dataclasses.replace(base, layers=args.layers if not args.tiny else base.layers,
                             batch=args.batch if not args.tiny else base.batch,
@@ -428,9 +431,6 @@ def main(argv=None) -> None:
         f"{cfg.hidden}, batch {cfg.batch} x {cfg.seq}, f32; {jax.devices()[0].platform}, "
         f"jax {jax.__version__}\n")
   if args.remat:
-    if not keep_remat_on_cpu():
-      print(f"warning: JAX started before {KEEP_REMAT_FLAG} could be set; on CPU the "
-            "remat rows will show no saving.", file=sys.stderr)
     rows = remat_table(cfg, args.repeats, log)
     print(format_remat(rows))
     if args.repeats:

@@ -1,0 +1,123 @@
+"""fewbit_jax.remat: the policy keeps codes and sketches only, and beats plain remat."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.ad_checkpoint import checkpoint_name
+
+import fewbit_jax as fb
+from fewbit_jax import memory
+from fewbit_jax.activations import CODES_NAME
+from fewbit_jax.dense import SKETCH_NAME, randomized_dense
+from fewbit_jax.remat import checkpoint_policy
+
+B, D, F = 64, 32, 128
+KEY = jax.random.key(0)
+W1 = jax.random.normal(jax.random.key(1), (D, F)) * 0.1
+W2 = jax.random.normal(jax.random.key(2), (F, D)) * 0.1
+X = jax.random.normal(jax.random.key(3), (B, D))
+
+
+def _block(fewbit: bool):
+  def block(w1, w2, x, key):
+    k1, k2 = jax.random.split(key)
+    h = x - x.mean(-1, keepdims=True)
+    h = h * jax.lax.rsqrt((h ** 2).mean(-1, keepdims=True) + 1e-6)  # a LayerNorm
+    h = checkpoint_name(h, "normed")
+    if fewbit:
+      h = randomized_dense(h, w1, None, k1, proj_dim_ratio=0.25)
+      h = fb.gelu(h, bits=3)
+      return x + randomized_dense(h, w2, None, k2, proj_dim_ratio=0.25)
+    return x + jax.nn.gelu(h @ w1) @ w2
+  return block
+
+
+def _saved(block, policy="none"):
+  if policy == "plain":
+    block = jax.checkpoint(block)
+  elif policy != "none":
+    block = jax.checkpoint(block, policy=policy)
+  return memory.saved_residuals(lambda w1, w2, x: block(w1, w2, x, KEY).sum(), W1, W2, X)
+
+
+def test_policy_keeps_only_codes_and_sketches():
+  alone = _saved(_block(True))
+  ours = _saved(_block(True), checkpoint_policy())
+  # k = 16 rows of D and of F, float32; codes: 3 planes of F / 32 words per row.
+  sketch = 16 * (D + F) * 4
+  codes = B * 3 * (F // 32) * 4
+  assert ours.by_source() == {f"named {SKETCH_NAME!r}": sketch, f"named {CODES_NAME!r}": codes}
+  assert ours.saved_bytes == sketch + codes
+  assert alone.saved_bytes > 2 * ours.saved_bytes  # the LayerNorm's arrays, x for the key, ...
+  assert _saved(_block(True), "plain").saved_bytes == 0  # keeps nothing but the inputs
+
+
+def test_policy_options():
+  block = _block(True)
+  extra = _saved(_block(False), checkpoint_policy("normed"))  # h @ w1 needs h for dW
+  assert extra.by_source() == {"named 'normed'": B * D * 4}
+  only_codes = _saved(block, checkpoint_policy(sketches=False))
+  assert set(only_codes.by_source()) == {f"named {CODES_NAME!r}"}
+  dots = _saved(_block(False), checkpoint_policy(dots=True))
+  assert dots.by_source()["op dot_general"] == B * F * 4  # h @ w1; the output is not needed
+  with pytest.raises(TypeError, match="non-empty strings"):
+    checkpoint_policy(3)
+  with pytest.raises(TypeError, match="non-empty strings"):
+    checkpoint_policy("")
+  with pytest.raises(ValueError, match="keeps nothing"):
+    checkpoint_policy(codes=False, sketches=False)
+  assert checkpoint_policy(codes=False, sketches=False, dots=True) is \
+      jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+def test_policy_gradient_is_the_unremat_gradient():
+  block = _block(True)
+  loss = lambda f: lambda w1, w2, x: f(w1, w2, x, KEY).sum()
+  g0 = jax.jit(jax.grad(loss(block), argnums=(0, 1, 2)))(W1, W2, X)
+  g1 = jax.jit(jax.grad(loss(jax.checkpoint(block, policy=checkpoint_policy())),
+                        argnums=(0, 1, 2)))(W1, W2, X)
+  for a, b in zip(g0, g1):  # the same sketches (same key), the same codes
+    assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+_COMPILED = """
+import json, sys
+from benchmarks import bench_convert as bc
+assert bc.keep_remat_on_cpu()
+from fewbit_jax import memory
+cfg = bc.Config.tiny()
+out = {}
+for name, fewbit, remat in bc.REMAT_ROWS:
+  if name.startswith(("few-bit", "jax.checkpoint each block (keep nothing)")):
+    step, params, args, _ = bc.remat_step(cfg, fewbit, remat)
+    out[name] = memory.compiled(step, params, *args).temp
+print(json.dumps(out))
+"""
+
+
+def test_policy_beats_plain_remat_and_fewbit_alone_in_compiled_temp():
+  # A fresh process: XLA's CPU pipeline undoes remat unless the flag is set
+  # before JAX starts (see fewbit_jax.remat).
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("XLA_FLAGS", None)
+  res = subprocess.run([sys.executable, "-c", _COMPILED], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  temp = json.loads(res.stdout.strip().splitlines()[-1])
+  ours = temp["few-bit + fb.checkpoint_policy()"]
+  assert ours < temp["few-bit (3-bit GELU + randomized 20%)"]
+  assert ours < temp["jax.checkpoint each block (keep nothing)"]
+  assert ours < temp["few-bit + jax.checkpoint (keep nothing)"]
+
+
+def test_remat_docstring_examples():
+  import doctest
+  from fewbit_jax import remat
+  res = doctest.testmod(remat, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert res.attempted > 0 and res.failed == 0
