@@ -174,7 +174,23 @@ class RandomizedDense(nn.Module):
 
 @dataclasses.dataclass
 class Interception:
-  """What an `intercept` context converted: the paths of the layers it ran randomized."""
+  """What an `intercept` context converted: the paths of the layers it ran randomized.
+
+  ``converted`` has one entry per converted call (a layer called twice, or
+  traced twice, appears twice); ``skipped`` lists matching layers left
+  plain (a custom ``dot_general``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> import fewbit_jax as fb
+    >>> layer = nn.Dense(3)
+    >>> v = layer.init(jax.random.key(0), jnp.ones((4, 2)))
+    >>> with fb.linen.intercept(proj_dim=2) as seen:
+    ...   _ = layer.apply(v, jnp.ones((4, 2)), rngs={"sketch": jax.random.key(1)})
+    >>> seen
+    Interception(converted=['/'], skipped=[])
+  """
   converted: list[str] = dataclasses.field(default_factory=list)
   skipped: list[str] = dataclasses.field(default_factory=list)
 

@@ -75,7 +75,15 @@ _INPUT_KINDS = ("argument", "constant", "literal")
 
 @dataclasses.dataclass(frozen=True)
 class Residual:
-  """One array kept from the forward pass for the backward pass."""
+  """One array kept from the forward pass for the backward pass.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import memory
+    >>> r = memory.saved_residuals(lambda x: jnp.sin(x).sum(), jnp.ones(8)).residuals[0]
+    >>> r.shape, r.dtype, r.nbytes, r.origin          # cos(x), for sin's derivative
+    ((8,), 'float32', 32, 'op cos')
+  """
   shape: tuple[int, ...]
   dtype: str
   nbytes: int
@@ -109,6 +117,16 @@ class ResidualReport:
       inputs) or arrays it closes over (kinds 'argument', 'constant' and
       'literal'): alive anyway, so they cost the backward nothing extra.
     saved_bytes: ``total_bytes - input_bytes``, what the backward adds.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import memory
+    >>> rep = memory.saved_residuals(lambda w, x: jnp.tanh(x @ w).sum(),
+    ...                              jnp.ones((4, 4)), jnp.ones((2, 4)))
+    >>> rep.input_bytes, rep.saved_bytes      # w and x are arguments, kept anyway
+    (96, 64)
+    >>> sorted(rep.as_dict()["by_source"].items())  # tanh(x @ w) and 1 - tanh(x @ w)**2
+    [('op sub', 32), ('op tanh', 32)]
   """
   residuals: tuple[Residual, ...]
 
@@ -312,6 +330,13 @@ class CompiledMemory:
   its peak if every temp were live at once (XLA's buffer assignment already
   reuses temps, so this is its planned high-water mark). Compare ``temp``
   between variants of a training step: residuals live there.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import memory
+    >>> m = memory.compiled(lambda x: x + 1, jax.ShapeDtypeStruct((1024,), jnp.float32))
+    >>> m.as_dict()["total"] == m.total == m.argument + m.output - m.alias + m.temp
+    True
   """
   argument: int
   output: int

@@ -576,7 +576,7 @@ def test_linen_dense_general_and_swap_activations():
 @pytest.mark.parametrize("obj", [
     fb.nnx.map_module, fb.nnx.convert_linear, fb.nnx.convert_activations,
     fb.nnx.RandomizedLinearGeneral, fb.nnx.RandomizedEinsum, fb.linen.intercept,
-    fb.linen.swap_activations], ids=lambda o: o.__name__)
+    fb.linen.Interception, fb.linen.swap_activations], ids=lambda o: o.__name__)
 def test_conversion_docstring_examples(obj):
   import doctest
   finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(

@@ -145,12 +145,6 @@ def test_format_bytes():
   assert memory.format_bytes(np.int64(5 * 2 ** 30)) == "5.00 GiB"
 
 
-def test_memory_docstring_examples():
-  import doctest
-  res = doctest.testmod(memory, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-  assert res.attempted > 0 and res.failed == 0
-
-
 def test_typed_keys_count_their_key_data():
   key = jax.random.key(0)
   f = jax.checkpoint(lambda x, k: jnp.sin(x * jax.random.normal(k, x.shape)))
