@@ -35,6 +35,15 @@ few basis vectors (a per-feature mean over the batch is all in the constant
 vector) over all of them; without them the variance of such inputs grows by up
 to a factor B / k. tests/test_sketch.py measures both.
 
+Block-diagonal sketches (`project_blocks`, used by the randomized layers under
+data parallelism): the B rows are cut into C contiguous blocks of B / C rows
+and block c gets its own sketch ``S_c`` of the same kind with ``k_c`` columns,
+drawn from the key words ``block_keys(key, C)[c] = (hash4(k0, k1, c, 3),
+hash4(k0, k1, c, 4))`` (for C = 1 the key's own words, so that one block is
+the sketch above). Then ``S = diag(S_0, ..., S_{C-1})`` and
+``E[S S^T] = diag(E[S_c S_c^T]) = I``: still unbiased, and with one block per
+device the sketch of a batch-sharded x never leaves its device.
+
 Memory: ``gaussian`` and ``rademacher`` generate ``S`` in blocks of rows inside
 a loop and accumulate ``S_block^T x_block`` in float32, so neither ``S`` nor a
 float32 copy of ``x`` is ever whole; ``countsketch`` loops over the same row
@@ -59,7 +68,8 @@ from jax import lax
 
 from fewbit_jax import ext, rng
 
-__all__ = ["KINDS", "check_kind", "project", "sketch_matrix", "estimate_variance"]
+__all__ = ["KINDS", "check_kind", "project", "project_blocks", "block_keys", "sketch_matrix",
+           "estimate_variance"]
 
 KINDS = ("gaussian", "rademacher", "countsketch", "dct", "dft")
 
@@ -70,6 +80,7 @@ _BLOCK_ELEMS = 1 << 20
 
 # Counter `b` of hash4 behind each use, part of the sketch definitions above.
 _B_BUCKET, _B_SIGN, _B_ORDER = 0, 1, 2
+_B_BLOCK_K0, _B_BLOCK_K1 = 3, 4  # the key words of block c of a block-diagonal sketch
 
 _DIMS_T = (((0,), (0,)), ((), ()))  # contract the row axes: A^T B
 
@@ -96,7 +107,7 @@ def _default_block_rows(kind: str, b: int, n: int, k: int) -> int:
 
 
 def project(kind: str, x2d: jax.Array, key: jax.Array, k: int, *,
-            precision=None, block_rows: int | None = None) -> jax.Array:
+            precision=None, block_rows: int | None = None, row0=None) -> jax.Array:
   """``S^T x`` (k x N, float32) for the sketch `kind` drawn from `key`.
 
   Uses the FFI kernel of `kind` where ``fewbit_jax.ext`` has one for the
@@ -111,6 +122,11 @@ def project(kind: str, x2d: jax.Array, key: jax.Array, k: int, *,
     precision: ``lax.Precision`` of the float32 matmuls (gaussian, rademacher).
     block_rows: rows per loop step of the pure-JAX path (default: bounded so a
       step holds at most 2**20 float32 elements).
+    row0: gaussian, rademacher and countsketch only: the row number of x2d's
+      first row in S (a uint32 scalar, may be traced), so that x2d can be a
+      slice of the rows of a larger x whose sketch is the sum of the slices'.
+      The kernels number rows from 0, so a given `row0` takes the pure-JAX
+      path.
 
   Returns:
     float32 array (k, N).
@@ -130,8 +146,12 @@ def project(kind: str, x2d: jax.Array, key: jax.Array, k: int, *,
   k = int(k)
   if not 1 <= k <= max(b, 1):
     raise ValueError(f"sketch size k={k} must be in [1, B={b}].")
+  if row0 is not None and kind in ("dct", "dft"):
+    raise ValueError(f"the {kind} sketch mixes all B rows (an FFT over them), so it cannot be "
+                     "taken over a slice of the rows: row0 is for gaussian, rademacher and "
+                     "countsketch.")
   k0, k1 = rng.key_words(key)
-  if ext.active_path() == "ffi":
+  if ext.active_path() == "ffi" and row0 is None:
     kernel = ext.sketch_kernel(kind)
     if kernel is not None:
       return kernel(x2d, k0, k1, k).astype(jnp.float32)
@@ -140,7 +160,69 @@ def project(kind: str, x2d: jax.Array, key: jax.Array, k: int, *,
   if kind in ("dct", "dft"):
     return _project_trig(kind, x2d, k0, k1, k, signs=True)
   rows = block_rows or _default_block_rows(kind, b, n, k)
-  return _project_rows(kind, x2d, k0, k1, k, min(int(rows), b), precision)
+  return _project_rows(kind, x2d, k0, k1, k, min(int(rows), b), precision,
+                       jnp.uint32(0) if row0 is None else jnp.asarray(row0, jnp.uint32))
+
+
+def block_keys(key: jax.Array, blocks: int) -> jax.Array:
+  """Key words (C, 2) of the C blocks of a block-diagonal sketch (module docstring).
+
+  Example:
+    >>> import jax
+    >>> from fewbit_jax import sketch
+    >>> sketch.block_keys(jax.random.key(0), 4).shape
+    (4, 2)
+  """
+  k0, k1 = rng.key_words(key)
+  if int(blocks) == 1:
+    return jnp.stack([k0, k1])[None]
+  c = jnp.arange(int(blocks), dtype=jnp.uint32)
+  return jnp.stack([rng.hash4(k0, k1, c, _B_BLOCK_K0), rng.hash4(k0, k1, c, _B_BLOCK_K1)],
+                   axis=-1)
+
+
+def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *, precision=None,
+                   row0=None) -> jax.Array:
+  """``S_c^T x3d[c]`` for every block c: the block-diagonal sketch, (C, k, N) float32.
+
+  Block c is sketched by `project` with the raw key ``keys[c]`` and k columns,
+  so ``project_blocks(kind, x.reshape(C, B // C, N), block_keys(key, C), k)``
+  is the sketch ``S^T x`` of the block-diagonal S (``C * k`` columns) of the
+  module docstring, kept as (C, k, N). The estimate of ``x^T g`` is the sum
+  over blocks, ``einsum('ckn,ckm->nm', sx, sg)``.
+
+  Args:
+    kind: one of `KINDS`.
+    x3d: array (C, R, N): C blocks of R rows.
+    keys: uint32 (C, 2), e.g. from `block_keys`.
+    k: columns per block, ``1 <= k <= R``.
+    precision: as in `project`.
+    row0: as in `project`, the same for every block.
+
+  Returns:
+    float32 array (C, k, N).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import sketch
+    >>> x = jnp.ones((8, 3))
+    >>> key = jax.random.key(0)
+    >>> sx = sketch.project_blocks("gaussian", x.reshape(2, 4, 3), sketch.block_keys(key, 2), 2)
+    >>> s = sketch.sketch_matrix("gaussian", key, 8, 2, blocks=2)  # (8, 4), block-diagonal
+    >>> bool(jnp.allclose(sx.reshape(4, 3), s.T @ x, atol=1e-5))
+    True
+  """
+  check_kind(kind)
+  if x3d.ndim != 3:
+    raise ValueError(f"project_blocks expects a 3-D array (C, R, N); got shape {x3d.shape}.")
+  keys = jnp.asarray(keys)
+  if keys.shape != (x3d.shape[0], 2) or keys.dtype != jnp.uint32:
+    raise ValueError(f"keys must be uint32 of shape (C, 2) = ({x3d.shape[0]}, 2), one raw key "
+                     f"per block (see block_keys); got {keys.dtype} {keys.shape}.")
+  one = lambda xb, kb: project(kind, xb, kb, k, precision=precision, row0=row0)
+  if x3d.shape[0] == 1:
+    return one(x3d[0], keys[0])[None]
+  return jax.vmap(one)(x3d, keys)
 
 
 # --- gaussian, rademacher, countsketch: loop over blocks of rows -------------
@@ -180,7 +262,7 @@ def _row_contribution(kind, xb, rows, valid, k0, k1, k, precision):
   return lambda acc: part if acc is None else acc + part
 
 
-def _project_rows(kind, x2d, k0, k1, k, bs, precision):
+def _project_rows(kind, x2d, k0, k1, k, bs, precision, row0):
   b, n = x2d.shape
   nblocks = -(-b // bs)
 
@@ -191,7 +273,7 @@ def _project_rows(kind, x2d, k0, k1, k, bs, precision):
     xb = lax.dynamic_slice_in_dim(x2d, start, bs, axis=0).astype(jnp.float32)
     rows = start + jnp.arange(bs, dtype=jnp.int32)
     valid = rows >= t * bs
-    rows = rows.astype(jnp.uint32) + _zero_of(xb)
+    rows = rows.astype(jnp.uint32) + (row0 + _zero_of(xb))
     return _row_contribution(kind, xb, rows, valid, k0, k1, k, precision)(acc)
 
   # The first block starts the sum: a zero-filled start would be one more
@@ -273,12 +355,14 @@ def _project_trig(kind, x2d, k0, k1, k, *, signs: bool = True, block_cols=None):
 
 # --- reference ---------------------------------------------------------------
 
-def sketch_matrix(kind: str, key: jax.Array, b: int, k: int) -> jax.Array:
+def sketch_matrix(kind: str, key: jax.Array, b: int, k: int, *, blocks: int = 1) -> jax.Array:
   """The whole sketch S (B x k, float32), straight from the definitions.
 
   For tests and small sizes only: `project` never builds it. For every kind,
   ``project(kind, x, key, k) == sketch_matrix(kind, key, B, k).T @ x`` up to
-  float32 rounding.
+  float32 rounding. With ``blocks=C`` (dividing B), the block-diagonal sketch
+  of `project_blocks`: B x (C k), block c being the sketch of
+  ``block_keys(key, C)[c]`` over B / C rows with k columns.
 
   Example:
     >>> import jax
@@ -288,6 +372,11 @@ def sketch_matrix(kind: str, key: jax.Array, b: int, k: int) -> jax.Array:
     ((5, 2), 5)
   """
   check_kind(kind)
+  if blocks != 1:
+    if blocks < 1 or b % blocks:
+      raise ValueError(f"blocks={blocks} must be a positive divisor of B={b}.")
+    parts = [sketch_matrix(kind, kc, b // blocks, k) for kc in block_keys(key, blocks)]
+    return jax.scipy.linalg.block_diag(*parts)
   k0, k1 = rng.key_words(key)
   i = jnp.arange(b, dtype=jnp.uint32)[:, None]
   j = jnp.arange(k, dtype=jnp.uint32)[None, :]
