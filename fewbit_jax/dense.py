@@ -11,12 +11,25 @@ from a key, regenerates S in the backward pass and uses the unbiased estimate
 accumulated in float32. ``dx = g W^T`` and ``db`` are exact, and the forward
 output is exactly that of ``flax.linen.Dense`` / ``flax.nnx.Linear``.
 
+Sharded training: under data parallelism a sketch over all B rows sums over
+the devices (an all-reduce of a (k, N) array in the forward and another in
+the backward pass). With ``sketch_blocks=C`` the rows are cut into C blocks,
+one per data shard, each with its own sketch of k / C columns
+(`fewbit_jax.sketch.project_blocks`): S is block-diagonal, still unbiased,
+and every sketch stays on its device, so the only collective left is the
+usual all-reduce of the weight gradient. Under an ``AxisType.Explicit`` mesh
+C is taken from x's type by default; under an ``AxisType.Auto`` mesh pass it
+(or set it for a whole model with `sketch_blocks_default`). Kernels sharded
+on either axis (tensor parallelism) need nothing: the sketches keep the
+sharding of x's and g's feature axis (`fewbit_jax.sharded`).
+
 Reference: Bershatsky et al., "Memory-Efficient Backpropagation through Large
 Linear Layers", arXiv 2201.13195.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -25,10 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fewbit_jax import rng, sketch as _sketch
+from fewbit_jax import rng, sharded as _sharded, sketch as _sketch
 
-__all__ = ["randomized_dense", "projection_dim", "SKETCH_NAME"]
+__all__ = ["randomized_dense", "projection_dim", "sketch_blocks_default", "SKETCH_NAME"]
 
 # checkpoint_name of the kept sketch S^T x, for jax.checkpoint policies such
 # as jax.checkpoint_policies.save_only_these_names(SKETCH_NAME).
@@ -117,6 +131,171 @@ def _after(a, dep):
   return a * one
 
 
+# --- block-diagonal sketches -------------------------------------------------------
+
+_blocks_default = None  # set by sketch_blocks_default
+
+
+@contextlib.contextmanager
+def sketch_blocks_default(sketch_blocks):
+  """Sets ``sketch_blocks`` for every randomized layer traced inside the context.
+
+  For models whose layers (`fewbit_jax.linen.RandomizedDense`,
+  `fewbit_jax.nnx.RandomizedLinear`, `randomized_dense` calls without the
+  argument) should sketch per data shard under an ``AxisType.Auto`` mesh.
+  An explicit ``sketch_blocks=`` argument takes precedence. Like
+  ``fewbit_jax.ext.mode``, it is read when a function is traced: enter it
+  around the first call of a jitted step (or its ``.lower``).
+
+  Args:
+    sketch_blocks: as the argument of `randomized_dense`: an int, mesh axis
+      name(s), or None (the default rule).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax.dense import randomized_dense, sketch_blocks_default
+    >>> x, w = jnp.ones((8, 4)), jnp.ones((4, 2))
+    >>> f = lambda w: randomized_dense(x, w, None, jax.random.key(0), proj_dim=4).sum()
+    >>> with sketch_blocks_default(2):   # two blocks of 4 rows, 2 sketch rows each
+    ...   dw = jax.grad(f)(w)
+    >>> dw.shape
+    (4, 2)
+  """
+  global _blocks_default
+  _check_blocks_arg(sketch_blocks)
+  old = _blocks_default
+  _blocks_default = sketch_blocks
+  try:
+    yield
+  finally:
+    _blocks_default = old
+
+
+def _check_blocks_arg(v) -> None:
+  ok = (v is None or (_is_int(v) and v >= 1) or isinstance(v, str)
+        or (isinstance(v, tuple) and v and all(isinstance(a, str) for a in v)))
+  if not ok:
+    raise ValueError(f"sketch_blocks={v!r} must be None (the default rule), an int >= 1 (the "
+                     "number of row blocks) or mesh axis name(s) such as 'data' or "
+                     "('replica', 'data') (one block per shard of those axes).")
+
+
+def _mesh_axis_sizes(x) -> dict:
+  mesh = jax.sharding.get_abstract_mesh()
+  if not getattr(mesh, "axis_names", ()):
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  if mesh is None or not getattr(mesh, "axis_names", ()):
+    return {}
+  return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def _num_blocks(x, sketch_blocks) -> tuple[int, bool]:
+  """(C, per_shard) for the leading positions of x; C == 0 means the plain path.
+
+  per_shard: C was derived from a sharding, so the blocks must line up with
+  the shards of x's first axis.
+  """
+  v = _blocks_default if sketch_blocks is None else sketch_blocks
+  _check_blocks_arg(v)
+  spec = _sharded.explicit_spec(x)
+  if v is None:
+    if spec is None:
+      return (1 if _sharded._context_mesh() is not None else 0), False
+    lead = spec[:-1]
+    if any(e is not None for e in lead[1:]):
+      raise ValueError(
+          f"x is sharded on leading axes beyond the first ({jax.typeof(x)}): randomized_dense "
+          "takes one sketch per shard of the first axis (the batch) only. Reshard x so that "
+          "only its first and last axes are sharded, or pass sketch_blocks=1 for one sketch "
+          "over all positions.")
+    names = _sharded._axes(lead[0]) if lead else ()
+    sizes = _mesh_axis_sizes(x)
+    return math.prod(sizes[a] for a in names), bool(names)
+  if _is_int(v):
+    return int(v), False
+  names = (v,) if isinstance(v, str) else v
+  sizes = _mesh_axis_sizes(x)
+  missing = [a for a in names if a not in sizes]
+  if missing:
+    raise ValueError(f"sketch_blocks={v!r} names mesh axes {missing} that the current mesh "
+                     f"({sizes or 'none'}) lacks. Call under jax.set_mesh(mesh), or pass the "
+                     "number of blocks as an int.")
+  return math.prod(sizes[a] for a in names), True
+
+
+def _block_layout(x, c: int, per_shard: bool):
+  """Checks that C blocks fit x; returns the explicit specs of x and of its (C, R, N) view."""
+  b = math.prod(x.shape[:-1])
+  if b % c or (per_shard and x.ndim > 1 and x.shape[0] % c):
+    what = (f"x's first axis ({x.shape[0]})" if per_shard else f"the B={b} leading positions")
+    raise ValueError(f"sketch_blocks gives {c} blocks, which do not divide {what} of x "
+                     f"{x.shape}. Use a batch size divisible by the number of data shards, or "
+                     "pass sketch_blocks explicitly (an int dividing B, or 1).")
+  spec = _sharded.explicit_spec(x)
+  if spec is None:
+    return None, None
+  return spec, (spec[0] if x.ndim > 1 else None, None, spec[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _rdense_blocks(x, kernel, bias, keys, kb, kind, precision, pet, out_sharding, layout):
+  del keys, kb, kind, layout
+  return _forward(x, kernel, bias, precision, pet, out_sharding)
+
+
+def _as_blocks(a, c, spec3):
+  return _sharded.reshape(a, (c, math.prod(a.shape[:-1]) // c, a.shape[-1]), spec3)
+
+
+def _rdense_blocks_fwd(x, kernel, bias, keys, kb, kind, precision, pet, out_sharding, layout):
+  x3_spec = layout[1]
+  c = keys.shape[0]
+  x3 = _as_blocks(x, c, x3_spec)
+  sx = _sharded.project_blocks(kind, x3, keys, kb, precision=precision).astype(x.dtype)
+  y = _forward(x, _sharded.after(kernel, sx), bias, precision, pet, out_sharding)
+  sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
+  return y, (sx, keys, kernel, bias)
+
+
+def _rdense_blocks_bwd(kb, kind, precision, pet, out_sharding, layout, res, g):
+  sx, keys, kernel, bias = res
+  x_spec = layout[0]
+  n, _ = kernel.shape
+  c = keys.shape[0]
+  g_spec = _sharded.explicit_spec(g)
+  g3 = _as_blocks(g, c, None if g_spec is None else (g_spec[0], None, g_spec[-1]))
+  sg = _sharded.project_blocks(kind, g3, keys, kb, precision=precision)
+  kernel = _sharded.after(kernel, sg)
+  # dx and db are the transposes of the forward's linear map, so they are
+  # exactly what autodiff of the plain dense layer gives.
+  x_sharding = None
+  if x_spec is not None:
+    x_sharding = NamedSharding(jax.sharding.get_abstract_mesh(), P(*x_spec))
+  x_aval = jax.ShapeDtypeStruct(g.shape[:-1] + (n,), kernel.dtype, sharding=x_sharding)
+  if bias is None:
+    (dx,) = jax.linear_transpose(
+        lambda x: _forward(x, kernel, None, precision, pet, out_sharding), x_aval)(g)
+    db = None
+  else:
+    b_aval = jax.ShapeDtypeStruct(bias.shape, bias.dtype,
+                                  sharding=getattr(jax.typeof(bias), "sharding", None)
+                                  if x_spec is not None else None)
+    dx, db = jax.linear_transpose(
+        lambda x, b: _forward(x, kernel, b, precision, pet, out_sharding), x_aval, b_aval)(g)
+  # dW = sum over blocks of (S_c^T x_c)^T (S_c^T g_c): a sum over the blocks,
+  # so over the data shards: the all-reduce any data-parallel weight gradient has.
+  kw = {}
+  k_spec = _sharded.explicit_spec(kernel)
+  if k_spec is not None:
+    kw["out_sharding"] = P(*k_spec)
+  dw = lax.dot_general(sx.astype(jnp.float32), sg, (((0, 1), (0, 1)), ((), ())),
+                       precision=precision, preferred_element_type=jnp.float32, **kw)
+  return dx, dw.astype(kernel.dtype), db, None
+
+
+_rdense_blocks.defvjp(_rdense_blocks_fwd, _rdense_blocks_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _rdense(x, kernel, bias, kw, k, kind, precision, pet, out_sharding):
   del kw, k, kind
@@ -167,7 +346,8 @@ def _check_array(name, a):
 
 def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None,
                      proj_dim_min=None, proj_dim_max=None, sketch: str = "gaussian",
-                     precision=None, preferred_element_type=None, out_sharding=None):
+                     precision=None, preferred_element_type=None, out_sharding=None,
+                     sketch_blocks=None):
   """``x @ kernel + bias`` whose weight gradient is estimated from a sketch.
 
   The forward output is exactly ``flax.linen.Dense``'s (same ``dot_general``
@@ -182,6 +362,13 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
 
   Use a fresh key every step. Under ``jax.vmap`` each mapped example gets its
   own sketch over its own leading positions.
+
+  Sharded inputs (see the module docstring): with C = `sketch_blocks` blocks
+  the B positions are cut into C contiguous blocks of B / C rows, each
+  sketched with its own key (`fewbit_jax.sketch.block_keys`) and
+  ``ceil(k / C)`` columns, and ``dW = sum_c (S_c^T x_c)^T (S_c^T g_c)``. With
+  x's first (batch) axis sharded over C devices each block lies on one
+  device, so the sketches need no communication.
 
   Args:
     x: input (..., N).
@@ -198,6 +385,20 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
     preferred_element_type: output dtype of the forward ``dot_general``, as in
       ``nnx.Linear``.
     out_sharding: sharding of the forward output, as in ``nnx.Linear``.
+    sketch_blocks: how many blocks of rows get their own sketch:
+
+      * None (default): the value set by `sketch_blocks_default` if any;
+        else, when x's type is sharded over ``AxisType.Explicit`` mesh axes,
+        one block per shard of its first axis; else one sketch over all B
+        positions (under an ``AxisType.Auto`` mesh each device then sketches
+        its rows and the partial sketches are all-reduced);
+      * an int C dividing B: C blocks;
+      * mesh axis name(s), e.g. ``'data'``: one block per shard of those
+        axes of the current mesh (``jax.set_mesh``); x's first axis must be
+        divisible by their size. Use this under ``AxisType.Auto`` meshes for
+        no sketch communication.
+
+      One block on one device is exactly the sketch without blocks.
 
   Returns:
     ``x @ kernel + bias``, shape (..., M). Arrays of different dtypes are
@@ -205,7 +406,7 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
 
   Raises:
     ValueError: bad sketch size options, unknown `sketch`, shapes that do not
-      match.
+      match, or blocks that do not divide the positions.
     TypeError: non-float inputs or a key that is not one PRNG key.
 
   Example:
@@ -240,8 +441,14 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
   dtype = jnp.result_type(*(a for a in (x, kernel, bias) if a is not None))
   x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
   bias = None if bias is None else jnp.asarray(bias, dtype)
+  c, per_shard = _num_blocks(x, sketch_blocks)
   with jax.named_scope("randomized_dense"):
     if b == 0 or kernel.size == 0:  # nothing to sketch; dW is empty or zero
       return _forward(x, kernel, bias, precision, preferred_element_type, out_sharding)
-    return _rdense(x, kernel, bias, jnp.stack([k0, k1]), k, kind, precision,
-                   preferred_element_type, out_sharding)
+    if c == 0:  # no mesh, no blocks asked for: one sketch of the (B, N) rows
+      return _rdense(x, kernel, bias, jnp.stack([k0, k1]), k, kind, precision,
+                     preferred_element_type, out_sharding)
+    layout = _block_layout(x, c, per_shard)
+    keys = _sketch.block_keys(jnp.stack([k0, k1]), c)
+    return _rdense_blocks(x, kernel, bias, keys, -(-k // c), kind, precision,
+                          preferred_element_type, out_sharding, layout)

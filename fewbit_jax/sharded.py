@@ -1,0 +1,293 @@
+"""Block sketches of sharded arrays, computed shard by shard.
+
+`fewbit_jax.sketch.project_blocks` takes the sketch ``S_c^T x[c]`` of every
+block c of x (C, R, N). Each output block depends only on its input block,
+and each output column only on the same input column, so on sharded arrays
+the sketch needs no communication at all when the block axis C and the
+column axis N keep their shardings. The SPMD partitioner cannot see that
+through the FFI kernels (opaque custom calls), and it turns the scalars the
+pure-JAX path ties its loops to into collectives. `project_blocks` here runs
+the sketch on each device's own shard instead:
+
+* under a mesh with ``AxisType.Explicit`` axes (``jax.set_mesh``), where x's
+  type says how it is sharded, through ``jax.shard_map`` over those axes;
+* under a mesh with ``AxisType.Auto`` axes, where the sharding is only known
+  once the partitioner has chosen it, through
+  ``jax.experimental.custom_partitioning``: its rule keeps the shardings of
+  C and N and the partition callback builds the per-device sketch;
+* elsewhere (no mesh, inside ``jax.vmap``, inside a ``shard_map`` body) as
+  plain `fewbit_jax.sketch.project_blocks`.
+
+If the rows R of a block are sharded too (e.g. one block under data
+parallelism), each device sketches its rows of the block (the gaussian,
+rademacher and countsketch sketches number rows globally, so the slices add
+up to the block's sketch) and the partial sketches are summed over the
+devices that share the block: one all-reduce of a (k, N) array, which is
+what a sketch over rows spread across devices costs. dct and dft mix all
+rows of a block, so for them sharded rows are gathered first.
+
+All three give the same values as `fewbit_jax.sketch.project_blocks` on one
+device (up to float32 summation order when rows are sharded).
+
+`after` orders a computation after a sketch in the same way, shard by shard.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from fewbit_jax import sharded, sketch
+  >>> x = jnp.ones((2, 4, 3))
+  >>> keys = sketch.block_keys(jax.random.key(0), 2)
+  >>> sharded.project_blocks("gaussian", x, keys, 2).shape
+  (2, 2, 3)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from fewbit_jax import sketch as _sketch
+
+__all__ = ["project_blocks", "after", "explicit_spec", "reshape"]
+
+_ROW_KINDS = ("gaussian", "rademacher", "countsketch")  # row slices of S add up
+
+
+def _axes(entry) -> tuple[str, ...]:
+  """Mesh axis names of one PartitionSpec entry."""
+  if entry is None or entry is P.UNCONSTRAINED:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _entry(axes: tuple[str, ...]):
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def explicit_spec(a) -> tuple | None:
+  """The PartitionSpec entries of `a`'s type over its Explicit mesh axes, or None.
+
+  None when `a`'s type carries no Explicit axis (no mesh, or an Auto one).
+  """
+  sharding = getattr(jax.typeof(a), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not getattr(mesh, "axis_names", ()):
+    return None
+  explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
+  if not explicit:
+    return None
+  spec = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
+  return tuple(_entry(tuple(n for n in _axes(e) if n in explicit)) for e in spec)
+
+
+def reshape(a, shape, spec=None):
+  """``a.reshape(shape)``; under an Explicit mesh with the result sharded as `spec`.
+
+  Explicit meshes ask for the sharding of a reshape that merges or splits a
+  sharded axis; `spec` gives it (entries for the new axes).
+  """
+  shape = tuple(int(d) for d in shape)
+  if spec is None or explicit_spec(a) is None:
+    return a.reshape(shape)
+  return lax.reshape(a, shape, out_sharding=P(*spec))
+
+
+# --- per-device body ---------------------------------------------------------------
+
+def _local(x3, keys, *, kind, k, precision, row_axes, rows_local):
+  """The block sketch of this device's shard; summed over `row_axes` if rows are split."""
+  row0 = None
+  if row_axes:
+    row0 = (lax.axis_index(row_axes) * rows_local).astype(jnp.uint32)
+  out = _sketch.project_blocks(kind, x3, keys, k, precision=precision, row0=row0)
+  if row_axes:
+    out = lax.psum(out, row_axes)
+  return out
+
+
+def _divides(mesh_shape, axes, size) -> bool:
+  return size % math.prod(mesh_shape[a] for a in axes) == 0
+
+
+def _plan(kind, shape, spec, mesh_shape):
+  """(x3 spec, keys spec, output spec, row axes) for x3 of `shape` sharded as `spec`.
+
+  Keeps the shardings of C and N that divide them evenly; rows stay split
+  only for the kinds whose row slices add up.
+  """
+  spec = tuple(spec) + (None,) * (3 - len(tuple(spec)))
+  c_axes, r_axes, n_axes = (_axes(e) for e in spec)
+  if not _divides(mesh_shape, c_axes, shape[0]):
+    c_axes = ()
+  if not _divides(mesh_shape, n_axes, shape[2]):
+    n_axes = ()
+  if kind not in _ROW_KINDS or not _divides(mesh_shape, r_axes, shape[1]):
+    r_axes = ()
+  c, r, n = _entry(c_axes), _entry(r_axes), _entry(n_axes)
+  return P(c, r, n), P(c, None), P(c, None, n), r_axes
+
+
+# --- Auto meshes: custom_partitioning ------------------------------------------------
+
+def _cp_body(x3, keys, kind, k, precision):
+  return _sketch.project_blocks(kind, x3, keys, k, precision=precision)
+
+
+_cp_project = custom_partitioning(_cp_body, static_argnums=(2, 3, 4))
+
+
+def _named(sharding):
+  if isinstance(sharding, NamedSharding):
+    return sharding.mesh, sharding.spec
+  return None, P()
+
+
+def _cp_partition(kind, k, precision, mesh, arg_shapes, result_shape):
+  del result_shape
+  x_mesh, x_spec = _named(arg_shapes[0].sharding)
+  mesh = x_mesh if x_mesh is not None else mesh
+  x_spec, k_spec, out_spec, r_axes = _plan(kind, arg_shapes[0].shape, x_spec, dict(mesh.shape))
+  rows_local = arg_shapes[0].shape[1] // math.prod(mesh.shape[a] for a in r_axes)
+  body = functools.partial(_local, kind=kind, k=k, precision=precision, row_axes=r_axes,
+                           rows_local=rows_local)
+  return (mesh, body, NamedSharding(mesh, out_spec),
+          (NamedSharding(mesh, x_spec), NamedSharding(mesh, k_spec)))
+
+
+def _cp_infer(kind, k, precision, mesh, arg_shapes, result_shape):
+  del precision, result_shape
+  x_mesh, x_spec = _named(arg_shapes[0].sharding)
+  mesh = x_mesh if x_mesh is not None else mesh
+  return NamedSharding(mesh, _plan(kind, arg_shapes[0].shape, x_spec, dict(mesh.shape))[2])
+
+
+# Factors: c (blocks) and n (columns) pass through; r (rows) is summed over,
+# t (the two key words) and q (the k sketch rows) are never split. Shardy wants
+# the special factors in the order they first appear: r, t, q.
+_cp_project.def_partition(
+    _cp_partition, infer_sharding_from_operands=_cp_infer,
+    sharding_rule="c r n, c t -> c q n", reduction_factors=("r",),
+    need_replication_factors=("t", "q"))
+
+
+def _context_mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh if getattr(mesh, "axis_names", ()) else None
+
+
+# --- dispatch ----------------------------------------------------------------------
+
+def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *,
+                   precision=None) -> jax.Array:
+  """`fewbit_jax.sketch.project_blocks`, computed on each device's shard.
+
+  Args and result as in `fewbit_jax.sketch.project_blocks`: x3d (C, R, N),
+  keys uint32 (C, 2), k columns per block; returns float32 (C, k, N), sharded
+  like x3d on C and N (see the module docstring for how).
+
+  Raises:
+    ValueError: as `fewbit_jax.sketch.project_blocks`.
+  """
+  _sketch.check_kind(kind)
+  if x3d.ndim != 3:
+    raise ValueError(f"project_blocks expects a 3-D array (C, R, N); got shape {x3d.shape}.")
+  keys = jnp.asarray(keys, jnp.uint32)
+  spec = explicit_spec(x3d)
+  if spec is not None and any(e is not None for e in spec):
+    mesh = jax.typeof(x3d).sharding.mesh
+    shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    x_spec, k_spec, out_spec, r_axes = _plan(kind, x3d.shape, spec, shape)
+    rows_local = x3d.shape[1] // math.prod(shape[a] for a in r_axes)
+    body = functools.partial(_local, kind=kind, k=k, precision=precision, row_axes=r_axes,
+                             rows_local=rows_local)
+    manual = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
+    x3d = jax.sharding.reshard(x3d, x_spec)
+    keys = jax.sharding.reshard(keys, k_spec)
+    return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, k_spec), out_specs=out_spec,
+                         axis_names=manual)(x3d, keys)
+  mesh = _context_mesh()
+  if mesh is not None and spec is None and all(t == AxisType.Auto for t in mesh.axis_types):
+    try:
+      return _cp_project(x3d, keys, kind, int(k), precision)
+    except NotImplementedError:
+      # custom_partitioning has no batching rule: under jax.vmap the mapped
+      # example's sketch is taken as a whole, by the plain path below.
+      pass
+  return _sketch.project_blocks(kind, x3d, keys, k, precision=precision)
+
+
+# --- ordering ------------------------------------------------------------------------
+
+def _after_body(a, dep):
+  """`a` times an exact 1 that XLA cannot fold, read from dep's first element."""
+  first = dep[(0,) * dep.ndim].astype(jnp.float32)
+  one = jnp.minimum(lax.bitcast_convert_type(first, jnp.uint32), jnp.uint32(0)) + 1
+  return a * one.astype(a.dtype)
+
+
+_cp_after = custom_partitioning(_after_body)
+
+
+def _cp_after_partition(mesh, arg_shapes, result_shape):
+  del result_shape
+  a, dep = (s.sharding for s in arg_shapes)
+  return mesh, _after_body, a, (a, dep)
+
+
+def _cp_after_infer(mesh, arg_shapes, result_shape):
+  del mesh, result_shape
+  return arg_shapes[0].sharding
+
+
+def _after_rule(mesh, value_types, result_types):
+  """Shardy rule of `after`: a's axes pass through; dep's are read where they are."""
+  del mesh, result_types
+  letters = iter("abcdefghijklmnopqrstuvwxyz")
+  a, dep = (" ".join(next(letters) for _ in t.shape) or "()" for t in value_types)
+  return f"{a}, {dep} -> {a}"
+
+
+_cp_after.def_partition(_cp_after_partition, infer_sharding_from_operands=_cp_after_infer,
+                        sharding_rule=_after_rule)
+
+
+def after(a: jax.Array, dep: jax.Array) -> jax.Array:
+  """`a` unchanged (bitwise), but computed only once `dep` is, with no communication.
+
+  XLA schedules for memory without knowing that a sketch lets its input die:
+  left alone it may run the sketch late (keeping the input alive into the
+  backward pass) or beside the matmul (adding its temporaries to the peak).
+  Multiplying the matmul's small operand by an exact 1 read from the sketch
+  orders the sketch first (``optimization_barrier`` does not survive the CPU
+  pipeline). On sharded arrays one element of `dep` lies on one device only,
+  and XLA would send it to all; here each device reads its own shard's first
+  element instead: all of them are the same 1, so `a` keeps its sharding.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import sharded
+    >>> sharded.after(jnp.arange(3.0), jnp.ones((2, 2))).tolist()
+    [0.0, 1.0, 2.0]
+  """
+  if dep.size == 0:
+    return a
+  a_spec, d_spec = explicit_spec(a), explicit_spec(dep)
+  if a_spec is not None or d_spec is not None:
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
+    a_spec = a_spec or (None,) * a.ndim
+    d_spec = d_spec or (None,) * dep.ndim
+    return jax.shard_map(_after_body, mesh=mesh, in_specs=(P(*a_spec), P(*d_spec)),
+                         out_specs=P(*a_spec), axis_names=manual, check_vma=False)(a, dep)
+  mesh = _context_mesh()
+  if mesh is not None and all(t == AxisType.Auto for t in mesh.axis_types) and a.ndim:
+    try:
+      return _cp_after(a, dep)
+    except NotImplementedError:  # under jax.vmap, see project_blocks
+      pass
+  return _after_body(a, dep)
