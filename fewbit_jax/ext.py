@@ -201,14 +201,15 @@ def _def_impl(prim):
   prim.def_impl(impl)
 
 
-def _frontend_and_rule(ctx, num_batch_dims: int, in_specs, out_specs):
+def _frontend_and_rule(ctx, num_batch_dims: int, in_specs, out_specs, **factor_sizes):
   """Extra custom-call attributes that make XLA partition over batch axes.
 
   `num_batch_dims` leading axes are shared by every operand and result whose
   spec starts with '...'; XLA's batch partitioner (enabled per target by
   jax.ffi.register_ffi_target_as_batch_partitionable) shards the call along
   them and replicates the rest. The Shardy rule tells the propagation the
-  same thing.
+  same thing; `factor_sizes` are the sizes of factors that only appear inside
+  a compound dimension such as ``(g r)``.
   """
   if num_batch_dims <= 0:
     return None
@@ -216,7 +217,8 @@ def _frontend_and_rule(ctx, num_batch_dims: int, in_specs, out_specs):
   if jax.config.jax_use_shardy_partitioner:
     from jax._src.custom_partitioning_sharding_rule import (  # pylint: disable=g-import-not-at-top
         sdy_sharding_rule_to_mlir, str_to_sdy_sharding_rule)
-    rule = str_to_sdy_sharding_rule(", ".join(in_specs) + " -> " + ", ".join(out_specs))
+    rule = str_to_sdy_sharding_rule(", ".join(in_specs) + " -> " + ", ".join(out_specs),
+                                    **factor_sizes)
     attrs["sdy.sharding_rule"] = sdy_sharding_rule_to_mlir(
         rule, [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_in],
         [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_out])
@@ -384,14 +386,28 @@ _register_lowerings(
 
 
 # ---------------------------------------------------------------------------
-# fewbit_sketch: x (G..., R, N), keys (G..., 2), row0 (G...) -> f32 (G..., k, N).
+# fewbit_sketch: x (L..., B, N), keys (L..., G, 2), row0 (L..., G)
+#                -> f32 (L..., G, k, N).
+#
+# The B rows of x are G groups of R = B / G consecutive rows; group g is
+# sketched with its own key words and its rows numbered row0[g] + r. L... are
+# independent problems (vmap). x keeps its (B, N) shape, with no group axis:
+# the layer's matmul reads the same array, and XLA computes it once. A
+# reshaped operand is a second consumer of another shape, into which XLA
+# fuses (duplicates) the elementwise producer of x: a second B x N buffer, and
+# the producer's intermediates kept alive for both.
 
 _sketch_p = _jcore.Primitive("fewbit_sketch")
 
 
 def _sketch_abstract(x, keys, row0, *, kind, k):
-  del keys, row0, kind
-  return jax.core.ShapedArray((*x.shape[:-2], k, x.shape[-1]), jnp.float32)
+  del kind
+  lead, groups = row0.shape[:-1], (row0.shape[-1] if row0.ndim else 0)
+  if (groups < 1 or x.ndim != row0.ndim + 1 or x.shape[:-2] != lead
+      or keys.shape != (*lead, groups, 2) or x.shape[-2] % groups):
+    raise ValueError(f"fewbit_sketch: x (L..., B, N), keys (L..., G, 2) and row0 (L..., G) "
+                     f"with G dividing B; got x {x.shape}, keys {keys.shape}, row0 {row0.shape}")
+  return jax.core.ShapedArray((*lead, groups, k, x.shape[-1]), jnp.float32)
 
 
 def _dense_sketch_matrix(kind, k0, k1, rows, k):
@@ -421,11 +437,19 @@ def _sketch_pure_one(x, keys, row0, *, kind, k):
 
 
 def _sketch_pure(x, keys, row0, *, kind, k):
+  """The definition for groups as leading axes: x (G..., R, N) -> (G..., k, N)."""
   lead = x.shape[:-2]
   g = math.prod(lead)
   out = jax.vmap(functools.partial(_sketch_pure_one, kind=kind, k=k))(
       x.reshape(g, *x.shape[-2:]), keys.reshape(g, 2), row0.reshape(g))
   return out.reshape(*lead, k, x.shape[-1])
+
+
+def _sketch_pure_rows(x, keys, row0, *, kind, k):
+  """The primitive's pure-JAX lowering: groups of rows, as the kernels read them."""
+  groups = row0.shape[-1]
+  xg = x.reshape(*x.shape[:-2], groups, x.shape[-2] // groups, x.shape[-1])
+  return _sketch_pure(xg, keys, row0, kind=kind, k=k)
 
 
 _sketch_p.def_abstract_eval(_sketch_abstract)
@@ -447,13 +471,30 @@ def _sketch_jvp(primals, tangents, *, kind, k):
   return out, _sketch_p.bind(dx, keys, row0, kind=kind, k=k)
 
 
+def _sketch_partitioning(ctx):
+  """x's B rows split like the G groups: (g r) in Shardy's terms.
+
+  A shard of x along B holds whole groups when the number of shards divides
+  G, which `_sketch_groups` arranges. Shardy takes no factor of size 1 in a
+  compound dimension, so G = 1 or R = 1 name B as one factor.
+  """
+  groups = ctx.avals_in[2].shape[-1]
+  rows = ctx.avals_in[0].shape[-2] // groups
+  if groups == 1:
+    x_spec, sizes = "... r n", {}
+  elif rows == 1:
+    x_spec, sizes = "... g n", {}
+  else:
+    x_spec, sizes = "... (g r) n", {"r": rows}
+  return _frontend_and_rule(ctx, len(ctx.avals_in[2].shape), [x_spec, "... g t", "... g"],
+                            ["... g q m"], **sizes)
+
+
 batching.primitive_batchers[_sketch_p] = _sketch_batch
 ad.primitive_jvps[_sketch_p] = _sketch_jvp
 _register_lowerings(
     _sketch_p, lambda params: f"fewbit_sketch_{params['kind']}",
-    _sketch_pure, lambda params: {},
-    lambda ctx, *, kind, k: _frontend_and_rule(
-        ctx, len(ctx.avals_in[0].shape) - 2, ["... r n", "... t", "..."], ["... q m"]))
+    _sketch_pure_rows, lambda params: {}, lambda ctx, *, kind, k: _sketch_partitioning(ctx))
 
 for _platform, _names in _REGISTERED.items():
   for _name in sorted(_names):
@@ -568,11 +609,11 @@ def _make_sketch(kind: str):
     if b == 0 or n == 0:
       return jnp.zeros((k, n), jnp.float32)
     groups = _sketch_groups(b)
-    xg = x2d.reshape(groups, b // groups, n)
     keys = jnp.broadcast_to(jnp.stack([jnp.asarray(k0, jnp.uint32), jnp.asarray(k1, jnp.uint32)]),
                             (groups, 2))
     row0 = jnp.arange(groups, dtype=jnp.uint32) * jnp.uint32(b // groups)
-    xin = xg if x2d.dtype in (*_KERNEL_DTYPES, jnp.float64) else xg.astype(jnp.float32)
+    # x2d itself, not a (groups, B / groups, N) view of it: see _sketch_p.
+    xin = x2d if x2d.dtype in (*_KERNEL_DTYPES, jnp.float64) else x2d.astype(jnp.float32)
     part = _sketch_p.bind(xin, keys, row0, kind=kind, k=k)
     return part[0] if groups == 1 else jnp.sum(part, axis=0)
 

@@ -316,15 +316,61 @@ def test_sketch_matches_fewbit_sketch(kind):
 
 
 def test_sketch_groups_are_rows_of_one_sketch():
-  """Partial sketches over row groups add up to the sketch of all rows."""
+  """Partial sketches over row groups add up to the sketch of all rows.
+
+  The kernel reads x (B, N) with no group axis and splits its rows into the G
+  groups of keys (G, 2) and row0 (G,); the pure lowering does the same.
+  """
   x = jax.random.normal(jax.random.key(14), (96, 20))
   k0, k1 = rng.key_words(jax.random.key(15))
+  keys = jnp.stack([k0, k1])
   for kind in ext.SKETCH_KINDS:
-    whole = ext._sketch_p.bind(x[None], jnp.stack([k0, k1])[None], jnp.zeros((1,), jnp.uint32),
-                               kind=kind, k=9)[0]
-    parts = ext._sketch_p.bind(x.reshape(4, 24, 20), jnp.broadcast_to(jnp.stack([k0, k1]), (4, 2)),
+    whole = ext._sketch_p.bind(x, keys[None], jnp.zeros((1,), jnp.uint32), kind=kind, k=9)
+    assert whole.shape == (1, 9, 20)
+    parts = ext._sketch_p.bind(x, jnp.broadcast_to(keys, (4, 2)),
                                jnp.arange(4, dtype=jnp.uint32) * 24, kind=kind, k=9)
-    np.testing.assert_allclose(np.asarray(parts.sum(0)), np.asarray(whole), rtol=1e-5, atol=1e-5)
+    assert parts.shape == (4, 9, 20)
+    np.testing.assert_allclose(np.asarray(parts.sum(0)), np.asarray(whole[0]), rtol=1e-5,
+                               atol=1e-5)
+    # Group g is rows 24 g .. 24 g + 23 of x: the definition on that slice.
+    for g in range(4):
+      want = ext._sketch_pure(x[24 * g:24 * (g + 1)][None], keys[None],
+                              jnp.full((1,), 24 * g, jnp.uint32), kind=kind, k=9)[0]
+      np.testing.assert_allclose(np.asarray(parts[g]), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # The lowering on platforms without kernels.
+    pure = ext._sketch_pure_rows(x, jnp.broadcast_to(keys, (4, 2)),
+                                 jnp.arange(4, dtype=jnp.uint32) * 24, kind=kind, k=9)
+    np.testing.assert_allclose(np.asarray(pure), np.asarray(parts), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="G dividing B"):
+    ext._sketch_p.bind(x, jnp.broadcast_to(keys, (5, 2)), jnp.zeros((5,), jnp.uint32),
+                       kind="gaussian", k=3)
+
+
+@pytest.mark.parametrize("kind", ext.SKETCH_KINDS)
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("lead", [(4096,), (16, 256)])
+def test_matmul_and_sketch_share_one_copy_of_x(kind, groups, lead, monkeypatch):
+  """An activation read by a matmul and by the sketch kernel is computed once.
+
+  The kernel takes x (B, N) as the layer's matmul reads it. Given a reshaped
+  view, XLA fused the activation into a second consumer and computed it
+  twice (three B x N buffers for (16, 256, N) inputs, against one).
+  """
+  monkeypatch.setattr(ext, "_sketch_groups", lambda rows: groups)  # as with `groups` devices
+  n = 256
+  k0, k1 = rng.key_words(jax.random.key(0))
+
+  def f(x, w):
+    h = jnp.tanh(x) * x
+    y = jnp.einsum("...n,nm->...m", h, w)
+    return y, ext.sketch_kernel(kind)(h.reshape(-1, n), k0, k1, 64)
+
+  with ext.mode("ffi"):
+    compiled = jax.jit(f).lower(jax.ShapeDtypeStruct((*lead, n), jnp.float32),
+                                jax.ShapeDtypeStruct((n, 64), jnp.float32)).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < 1.5 * 4096 * n * 4, temp / (4096 * n * 4)
+  assert f"fewbit_sketch_{kind}" in compiled.as_text()
 
 
 def test_sketch_vmap_over_inputs_and_keys():

@@ -455,15 +455,17 @@ void countsketch_group(ffi::ThreadPool& pool, const typename Storage<D>::type* x
 template <SketchKind K>
 ffi::Error SketchImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> keys,
                       ffi::Buffer<ffi::U32> row0, ffi::ResultBuffer<ffi::F32> out) {
-  int64_t groups = 1;
+  int64_t groups = 1, R = 0;
   if (auto e = check_sketch(x.dimensions(), keys.dimensions(), row0.dimensions(),
-                            out->dimensions(), &groups);
+                            out->dimensions(), &groups, &R);
       !e.success()) {
     return e;
   }
+  // Group g's rows are rows g * R .. of x, viewed as (groups * R, N).
   const auto xd = x.dimensions();
-  const int64_t R = xd[xd.size() - 2], N = xd[xd.size() - 1];
-  const int64_t k = out->dimensions()[xd.size() - 2];
+  const auto od = out->dimensions();
+  const int64_t N = xd[xd.size() - 1];
+  const int64_t k = od[od.size() - 2];
   const uint32_t* kw = keys.typed_data();
   const uint32_t* r0 = row0.typed_data();
   float* o = out->typed_data();

@@ -338,15 +338,17 @@ ffi::Error launch_sketch(cudaStream_t stream, const void* xv, const uint32_t* ke
 template <SketchKind K>
 ffi::Error SketchImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> keys,
                       ffi::Buffer<ffi::U32> row0, ffi::ResultBuffer<ffi::F32> out) {
-  int64_t groups = 1;
+  int64_t groups = 1, R = 0;
   if (auto e = check_sketch(x.dimensions(), keys.dimensions(), row0.dimensions(),
-                            out->dimensions(), &groups);
+                            out->dimensions(), &groups, &R);
       !e.success()) {
     return e;
   }
+  // Group g's rows are rows g * R .. of x, viewed as (groups * R, N).
   const auto xd = x.dimensions();
-  const int64_t R = xd[xd.size() - 2], N = xd[xd.size() - 1];
-  const int64_t k = out->dimensions()[xd.size() - 2];
+  const auto od = out->dimensions();
+  const int64_t N = xd[xd.size() - 1];
+  const int64_t k = od[od.size() - 2];
   if ((N + kTN - 1) / kTN > int64_t(INT32_MAX)) {
     return ffi::Error::InvalidArgument("fewbit sketch: N is too large for the CUDA grid");
   }

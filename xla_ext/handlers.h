@@ -11,10 +11,14 @@
 //   fewbit_unpack_scale    planes u32 (..., bits, W), levels f32 (2**bits),
 //                          g (..., n) -> levels[code] * g in g's dtype;
 //                          attr bits (i32)
-//   fewbit_sketch_<kind>   x (G..., R, N), keys u32 (G..., 2), row0 u32 (G...)
-//                          -> f32 (G..., k, N): for each group g the sketch
-//                          S^T x[g] with S's rows numbered row0[g] + r;
-//                          kind is gaussian, rademacher or countsketch
+//   fewbit_sketch_<kind>   x (L..., B, N), keys u32 (L..., G, 2),
+//                          row0 u32 (L..., G) -> f32 (L..., G, k, N): the B
+//                          rows of x are G groups of R = B / G consecutive
+//                          rows, and out[..., g, :, :] is the sketch S^T of
+//                          group g with S's rows numbered row0[g] + r; kind
+//                          is gaussian, rademacher or countsketch. x has no
+//                          group axis so that XLA can hand the kernel the
+//                          very array a matmul reads (see fewbit_jax/ext.py).
 //
 // W = ceil(n / 32). All sizes and offsets are int64.
 #pragma once
@@ -92,32 +96,34 @@ inline ffi::Error check_table(int64_t size, int64_t want, const char* what) {
   return ffi::Error::Success();
 }
 
-// Checks the shapes of a sketch call and returns the group count in *groups.
+// Checks the shapes of a sketch call; returns the number of groups (over all
+// of L... and G) in *groups and the rows per group R in *rows.
 inline ffi::Error check_sketch(ffi::Span<const int64_t> x, ffi::Span<const int64_t> keys,
                                ffi::Span<const int64_t> row0,
-                               ffi::Span<const int64_t> out, int64_t* groups) {
-  if (x.size() < 2) {
-    return ffi::Error::InvalidArgument("fewbit sketch: x must be (..., R, N); got shape " +
-                                       dims_str(x));
-  }
-  const size_t lead = x.size() - 2;
-  bool ok = keys.size() == lead + 1 && keys[lead] == 2 && row0.size() == lead &&
-            out.size() == lead + 2 && out[lead + 1] == x[lead + 1] && out[lead] >= 1;
+                               ffi::Span<const int64_t> out, int64_t* groups, int64_t* rows) {
+  bool ok = row0.size() >= 1;
+  const size_t lead = ok ? row0.size() - 1 : 0;
+  ok = ok && x.size() == lead + 2 && keys.size() == lead + 2 && out.size() == lead + 3;
   int64_t g = 1;
   for (size_t i = 0; ok && i < lead; ++i) {
     ok = keys[i] == x[i] && row0[i] == x[i] && out[i] == x[i];
     g *= x[i];
   }
+  const int64_t G = ok ? row0[lead] : 0;
+  ok = ok && G >= 1 && x[lead] % G == 0 && keys[lead] == G && keys[lead + 1] == 2 &&
+       out[lead] == G && out[lead + 1] >= 1 && out[lead + 2] == x[lead + 1];
   if (!ok) {
     return ffi::Error::InvalidArgument(
-        "fewbit sketch: expected x (G..., R, N), keys (G..., 2), row0 (G...) and "
-        "result (G..., k, N) with k >= 1; got x " + dims_str(x) + ", keys " +
-        dims_str(keys) + ", row0 " + dims_str(row0) + ", result " + dims_str(out));
+        "fewbit sketch: expected x (L..., B, N), keys (L..., G, 2), row0 (L..., G) and "
+        "result (L..., G, k, N) with G >= 1 dividing B and k >= 1; got x " + dims_str(x) +
+        ", keys " + dims_str(keys) + ", row0 " + dims_str(row0) + ", result " +
+        dims_str(out));
   }
-  if (out[lead] > int64_t(UINT32_MAX)) {
+  if (out[lead + 1] > int64_t(UINT32_MAX)) {
     return ffi::Error::InvalidArgument("fewbit sketch: k must be below 2**32");
   }
-  *groups = g;
+  *groups = g * G;
+  *rows = x[lead] / G;
   return ffi::Error::Success();
 }
 
