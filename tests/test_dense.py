@@ -307,7 +307,18 @@ def test_remat_policy_keeps_only_the_sketch():
   np.testing.assert_allclose(g, jax.jit(jax.grad(block))(w, x), rtol=1e-5, atol=1e-5)
 
 
-def _two_layer_temp(kind, b=16384, n=768):
+# The memory tests run on both paths: pure JAX, and the FFI kernels where the
+# extension is built (mode 'auto'). The compiled program, not the code, decides
+# what is kept: XLA once computed the relu twice for the kernel's reshaped
+# operand and kept both copies.
+MODES = ["jax"] + (["auto"] if ext.available() else [])
+# B = 16384 positions either way: a (B, N) input, and (batch, sequence, N) as
+# in a transformer, where the layer reads x through a reshape.
+LEADS = [(16384,), (64, 256)]
+
+
+@functools.lru_cache(maxsize=None)
+def _two_layer_temp(kind, lead=(16384,), mode="jax", n=768):
   """Compiled temp bytes of the parameter gradient of x -> dense -> relu -> dense.
 
   Two layers, because one cannot show the saving: its input and its output
@@ -328,27 +339,38 @@ def _two_layer_temp(kind, b=16384, n=768):
     return jnp.sum(dense(jax.nn.relu(dense(x, w1, b1, 0)), w2, b2, 1) ** 2)
 
   p = jax.ShapeDtypeStruct((n, n), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32)
-  compiled = jax.jit(jax.grad(loss)).lower([p, p], jax.ShapeDtypeStruct((b, n), jnp.float32)).compile(
-      {"xla_backend_optimization_level": 0})  # LLVM's level changes no buffer; compiles faster
+  with ext.mode(mode):  # read at trace time
+    compiled = jax.jit(jax.grad(loss)).lower(
+        [p, p], jax.ShapeDtypeStruct((*lead, n), jnp.float32)).compile(
+            {"xla_backend_optimization_level": 0})  # LLVM's level changes no buffer; compiles faster
   return compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
 
 
-@pytest.fixture(scope="module")
-def vanilla_temp():
-  with ext.mode("jax"):
-    return _two_layer_temp(None)[0]
-
-
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_compiled_memory_below_vanilla(kind, vanilla_temp):
+def test_compiled_memory_below_vanilla(kind, mode, lead):
   # B = 16384 positions, width 768, ratio 0.2: a whole Gaussian S (16384 x 3277)
   # would be 205 MiB, over four times a layer input (48 MiB).
-  temp, hlo = _two_layer_temp(kind)
+  vanilla_temp = _two_layer_temp(None, lead)[0]
+  temp, hlo = _two_layer_temp(kind, lead, mode)
   mib = 2 ** 20
   # The relu output (48 MiB) is no longer kept; the two sketches (9.6 MiB each)
   # and a few blocks are: at least 15 MiB less.
   assert temp < vanilla_temp - 15 * mib, (temp / mib, vanilla_temp / mib)
   assert "16384,3277]" not in hlo and "3277,16384]" not in hlo  # S is never whole
+
+
+@pytest.mark.skipif(not ext.available(), reason="fewbit_jax._xla_ext not built")
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("kind", ext.SKETCH_KINDS)
+def test_kernels_keep_no_more_than_pure_jax(kind, lead):
+  # The kernel reads x where the matmul does and allocates nothing: its step
+  # can only hold less than the pure-JAX loop over blocks of rows.
+  auto, hlo = _two_layer_temp(kind, lead, "auto")
+  assert f"fewbit_sketch_{kind}" in hlo
+  pure = _two_layer_temp(kind, lead, "jax")[0]
+  assert auto <= pure, (auto / 2**20, pure / 2**20)
 
 
 # --- linen ---------------------------------------------------------------------------
