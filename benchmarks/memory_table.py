@@ -12,10 +12,16 @@ on CPU it is exact and deterministic. With ``--real`` each row also runs two
 steps in a fresh process and reports the device's ``peak_bytes_in_use``
 (a GPU or TPU; CPU devices keep no such statistic).
 
-Time is the median wall time of a step on a smaller configuration that runs
-on a laptop CPU (``--time-layers`` layers, ``--time-batch`` x ``--seq``),
-as a ratio to the vanilla step timed in the same process, the rows
-interleaved so that load from other processes hits all of them alike.
+The last memory column is what the backward pass keeps for one encoder
+layer according to JAX's jaxpr, before XLA (``benchmarks/residuals.py``
+lists the arrays): the same on every backend. XLA's CPU compiler computes
+much bfloat16 arithmetic in float32, so the compiled bf16 rows overstate
+what a GPU would allocate; that column does not.
+
+Time is the wall time of a step on a smaller configuration that runs on a
+laptop CPU (``--time-layers`` layers, ``--time-batch`` x ``--seq``), as the
+ratio of its median to that of vanilla steps alternated with it in the same
+process, so that load from other processes hits both alike.
 
 Usage (from the repository root):
   python -m benchmarks.memory_table            # the original's four rows
@@ -79,12 +85,10 @@ def randomized_dense(ratio: float = 0.2, sketch: str = "gaussian") -> Callable:
   return functools.partial(linen.RandomizedDense, proj_dim_ratio=ratio, sketch=sketch)
 
 
-def codes_and_dots_policy():
-  """Remat policy: keep matmul outputs and few-bit codes, recompute the rest."""
-  from fewbit_jax import activations
-  cp = jax.checkpoint_policies
-  return cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
-                                    cp.save_only_these_names(activations.CODES_NAME))
+def fewbit_policy(dots: bool = False):
+  """Remat policy keeping few-bit codes and sketches (and matmul outputs if `dots`)."""
+  from fewbit_jax import remat
+  return remat.checkpoint_policy(dots=dots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,20 +97,23 @@ class Row:
   name: str
   group: str
   model: Callable[[], dict]  # -> keyword arguments of RobertaClassifier
-  original: float | None = None  # the original library's saving, percent
+  original: tuple[float, float] | None = None  # the original's (GiB, saving %)
 
 
 def _both(bits=3, ratio=0.2, **extra):
   return lambda: dict(activation=fewbit_gelu(bits), dense=randomized_dense(ratio), **extra)
 
 
+# The original's vanilla peak (PyTorch, RoBERTa-base, MRPC, batch 128, GPU).
+ORIGINAL_VANILLA_GIB = 11.30
 SKETCHES = ("gaussian", "rademacher", "dct", "dft", "countsketch")
 
 ROWS: tuple[Row, ...] = (
     Row("vanilla", "main", lambda: {}),
-    Row("3-bit GELU", "main", lambda: dict(activation=fewbit_gelu(3)), 13.8),
-    Row("randomized dense 20%", "main", lambda: dict(dense=randomized_dense(0.2)), 18.6),
-    Row("3-bit GELU + randomized 20%", "main", _both(), 32.7),
+    Row("3-bit GELU", "main", lambda: dict(activation=fewbit_gelu(3)), (9.75, 13.8)),
+    Row("randomized dense 20%", "main", lambda: dict(dense=randomized_dense(0.2)),
+        (9.20, 18.6)),
+    Row("3-bit GELU + randomized 20%", "main", _both(), (7.60, 32.7)),
     # What a JAX user would try instead, and the two combined.
     Row("jax.checkpoint(gelu)", "remat", lambda: dict(remat=("activation",))),
     Row("jax.checkpoint(each layer)", "remat", lambda: dict(remat=("block",))),
@@ -115,7 +122,9 @@ ROWS: tuple[Row, ...] = (
                      remat_policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)),
     Row("3-bit GELU + checkpoint(each layer) keeping dots+codes", "remat",
         lambda: dict(activation=fewbit_gelu(3), remat=("block",),
-                     remat_policy=codes_and_dots_policy())),
+                     remat_policy=fewbit_policy(dots=True))),
+    Row("both + checkpoint(each layer) keeping codes+sketches", "remat",
+        lambda: dict(_both()(), remat=("block",), remat_policy=fewbit_policy())),
     # Closing the randomized-dense gap: flax's LayerNorm and the softmax keep
     # full-size arrays of their own (see benchmarks/residuals.py); remat of
     # just those keeps only their inputs. Each pair: without, then with.
@@ -182,42 +191,64 @@ def compiled_memory(row: Row, cfg: roberta.RobertaConfig, batch: int, seq: int) 
   return out
 
 
-def step_times(rows: list[Row], cfg: roberta.RobertaConfig, batch: int, seq: int,
-               repeats: int, steps_per_sample: int = 2, progress=None,
-               optimize: bool = True) -> dict[str, float]:
-  """Median seconds per training step of each row, interleaved round by round.
+def residuals_per_layer(row: Row, cfg: roberta.RobertaConfig, batch: int, seq: int) -> int:
+  """Bytes the backward keeps for one encoder layer, from JAX's jaxpr (no XLA).
 
-  `optimize=False` compiles without LLVM optimisation (quicker to build,
-  slower to run: for smoke tests only).
+  Platform-independent: what any backend must keep unless it recomputes.
+  Measured on the last layer of a two-layer copy of `cfg`.
   """
-  runners = {}
-  for row in rows:
-    model, tx = build(row, cfg)
-    params, opt_state = roberta.init_params(model, tx, jax.random.key(0))
-    data = roberta.make_batch(cfg, batch, seq)
-    key = jax.random.key(1)
-    step = roberta.make_train_step(model, tx).lower(params, opt_state, data, key).compile(
-        compiler_options(memory_only=not optimize))
-    state = [params, opt_state]
+  from benchmarks import residuals
+  two = dataclasses.replace(cfg, num_layers=2)
+  return residuals.totals(residuals.step_residuals(row, two, batch, seq)).get("layer_1", 0)
 
-    def run(n, step=step, state=state, data=data, key=key):
-      for _ in range(n):
-        state[0], state[1], loss = step(state[0], state[1], data, key)
-      jax.block_until_ready(loss)
 
-    run(2)  # compile and warm up
-    runners[row.name] = run
+def _runner(row: Row, cfg: roberta.RobertaConfig, batch: int, seq: int, optimize: bool):
+  """A function timing one training step of `row` (compiled and warmed up)."""
+  model, tx = build(row, cfg)
+  params, opt_state = roberta.init_params(model, tx, jax.random.key(0))
+  data = roberta.make_batch(cfg, batch, seq)
+  key = jax.random.key(1)
+  step = roberta.make_train_step(model, tx).lower(params, opt_state, data, key).compile(
+      compiler_options(memory_only=not optimize))
+  state = [params, opt_state]
+
+  def sample() -> float:
+    t0 = time.perf_counter()
+    state[0], state[1], loss = step(state[0], state[1], data, key)
+    jax.block_until_ready(loss)
+    return time.perf_counter() - t0
+
+  sample()  # warm up
+  return sample
+
+
+def step_times(rows: list[Row], cfg: roberta.RobertaConfig, batch: int, seq: int,
+               repeats: int, progress=None, optimize: bool = True) -> dict[str, dict]:
+  """Seconds per training step of each row, and the ratio to the first row's.
+
+  Rows are timed one after another; each of the `repeats` rounds times one
+  step of the first row (vanilla) and then one of the row, and the ratio is
+  that of the medians, so load from other processes hits both alike and only
+  two models are in memory at a time. `optimize=False` compiles without LLVM
+  optimisation (quicker to build, slower to run: for smoke tests only).
+
+  Returns:
+    ``{name: {"seconds": median seconds, "ratio": to the first row}}``.
+  """
+  base = _runner(rows[0], cfg, batch, seq, optimize)
+  out = {}
+  for i, row in enumerate(rows):
+    run = base if i == 0 else _runner(row, cfg, batch, seq, optimize)
+    b, s = [], []
+    for _ in range(repeats):
+      b.append(base())
+      s.append(run() if i else b[-1])
+    out[row.name] = dict(seconds=statistics.median(s),
+                         ratio=statistics.median(s) / statistics.median(b))
+    del run
     if progress:
-      progress(f"compiled {row.name} for timing")
-  samples = {name: [] for name in runners}
-  for r in range(repeats):
-    for name, run in runners.items():
-      t0 = time.perf_counter()
-      run(steps_per_sample)
-      samples[name].append((time.perf_counter() - t0) / steps_per_sample)
-    if progress:
-      progress(f"timing round {r + 1}/{repeats}")
-  return {name: statistics.median(s) for name, s in samples.items()}
+      progress(f"time {i + 1}/{len(rows)}: {row.name}: {out[row.name]['ratio']:.2f}x")
+  return out
 
 
 def real_peak(row: Row, cfg: roberta.RobertaConfig, batch: int, seq: int) -> int | None:
@@ -253,7 +284,11 @@ def format_table(results: list[dict], with_time: bool, with_real: bool) -> str:
   """A Markdown table of measured results (the first one is the baseline)."""
   base = results[0]
   unit, scale = ("GiB", GiB) if base["total"] >= GiB / 4 else ("MiB", 2.0 ** 20)
-  head = ["configuration", f"compiled {unit}", "saving", "original's saving"]
+  head = ["configuration", f"compiled {unit}", "saving", f"saved {unit}",
+          "original's saving"]
+  with_layer = all("layer" in r for r in results)
+  if with_layer:
+    head += ["kept / layer (jaxpr)"]
   if with_real:
     head += [f"peak {unit} (real)", "saving (real)"]
   if with_time:
@@ -262,7 +297,12 @@ def format_table(results: list[dict], with_time: bool, with_real: bool) -> str:
   for r in results:
     cells = [r["name"], f"{r['total'] / scale:.2f}",
              "-" if r is base else f"{100 * (1 - r['total'] / base['total']):.1f}%",
-             "-" if r["original"] is None else f"{r['original']:.1f}%"]
+             "-" if r is base else f"{(base['total'] - r['total']) / scale:.2f}",
+             "-" if r["original"] is None else
+             f"{r['original'][1]:.1f}% ({ORIGINAL_VANILLA_GIB - r['original'][0]:.2f} GiB)"]
+    if with_layer:
+      mib = r["layer"] / 2**20
+      cells += [f"{mib:.0f} MiB" if mib >= 10 else f"{mib:.2f} MiB"]
     if with_real:
       if r.get("peak") is None:
         cells += ["n/a", "n/a"]
@@ -270,7 +310,7 @@ def format_table(results: list[dict], with_time: bool, with_real: bool) -> str:
         cells += [f"{r['peak'] / scale:.2f}",
                   "-" if r is base else f"{100 * (1 - r['peak'] / base['peak']):.1f}%"]
     if with_time:
-      cells += [f"{r['time'] / base['time']:.2f}x"]
+      cells += [f"{r['time']['ratio']:.2f}x"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -287,7 +327,7 @@ def main(argv=None) -> None:
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--time-layers", type=int, default=2)
   p.add_argument("--time-batch", type=int, default=8)
-  p.add_argument("--repeats", type=int, default=5, help="timing rounds (0: no timing)")
+  p.add_argument("--repeats", type=int, default=7, help="timed steps per row (0: no timing)")
   p.add_argument("--tiny", action="store_true", help="a tiny model (smoke tests)")
   p.add_argument("--real", action="store_true",
                  help="also run each row on the device and report peak_bytes_in_use")
@@ -312,7 +352,8 @@ def main(argv=None) -> None:
   results = []
   for i, row in enumerate(rows):
     mem = compiled_memory(row, cfg, args.batch, args.seq)
-    res = dict(name=row.name, group=row.group, original=row.original, **mem)
+    res = dict(name=row.name, group=row.group, original=row.original, **mem,
+               layer=residuals_per_layer(row, cfg, args.batch, args.seq))
     if args.real:
       res["peak"] = real_peak_subprocess(row, args)
     results.append(res)
@@ -328,9 +369,9 @@ def main(argv=None) -> None:
   print()
   print(format_table(results, with_time=args.repeats > 0, with_real=args.real))
   if args.repeats > 0:
-    print(f"\ntime / step: median of {args.repeats} interleaved samples, ratio to vanilla, "
-          f"{args.time_layers} layers, batch {args.time_batch} x {args.seq}, "
-          f"{jax.devices()[0].platform} (vanilla {results[0]['time'] * 1e3:.0f} ms).")
+    print(f"\ntime / step: ratio of medians of {args.repeats} steps, each row's alternated "
+          f"with vanilla's, {args.time_layers} layers, batch {args.time_batch} x {args.seq}, "
+          f"{jax.devices()[0].platform} (vanilla {results[0]['time']['seconds'] * 1e3:.0f} ms).")
   if args.real and results[0].get("peak") is None:
     print("peak GiB (real): n/a, this device keeps no peak_bytes_in_use (run on a GPU).")
   if args.json:
