@@ -14,13 +14,22 @@ of the recomputation is lower than plain remat's.
 Use it wherever jax takes a policy: ``jax.checkpoint(f, policy=...)``,
 ``flax.linen.remat(Block, policy=...)``, ``flax.nnx.remat(f, policy=...)``.
 
-Measured on CPU (``python -m benchmarks.bench_convert --remat``): see that
-script's output and ``tests/test_remat.py``. On CPU, XLA's
-``cse_barrier_expander`` pass merges any recomputation back into the forward
-pass (undoing every remat, this policy's and plain ``jax.checkpoint``'s
-alike), so compare remat variants there with
-``XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander``; GPU and TPU
-pipelines keep the barriers.
+Measured by ``python -m benchmarks.bench_convert --remat`` (a 4-layer
+pre-LN transformer, d_model 256, MLP 1024, batch 8 x 128, f32, ``nn.remat``
+around each block; XLA's compiled temp bytes of the gradient step, CPU,
+jax 0.10.2): vanilla 120.1 MiB; few-bit alone (3-bit GELU + randomized
+dense at 20%) 71.9; plain ``jax.checkpoint`` 40.0; plain checkpoint of the
+few-bit model 33.6; few-bit with this policy 23.3 (-81% against vanilla,
+-42% against plain checkpoint). The price is the recomputation: on a 2-core
+CPU the policy's step took 1.25x few-bit alone's (0.94x plain checkpoint of
+the few-bit model, which also recomputes the MLP). ``tests/test_remat.py``
+checks the ordering.
+
+On CPU, XLA's ``cse_barrier_expander`` pass merges any recomputation back
+into the forward pass (undoing every remat, this policy's and plain
+``jax.checkpoint``'s alike), so compare remat variants there with
+``XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander`` set before JAX
+starts; GPU and TPU pipelines keep the barriers.
 
 Example:
   >>> import jax, jax.numpy as jnp
