@@ -12,9 +12,9 @@ print_saved_residuals`` prints), before XLA; the compiled step can keep a
 little more (copies for layouts) or less (fused broadcasts).
 
 Usage (from the repository root):
-  python -m benchmarks.residuals                          # vanilla, 1 layer
+  python -m benchmarks.residuals                          # vanilla
   python -m benchmarks.residuals "randomized dense 20%" --compare vanilla
-  python -m benchmarks.residuals "3-bit GELU" --layers 2 --min-mib 0
+  python -m benchmarks.residuals "3-bit GELU" --min-mib 0
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def _module_path(name_stack) -> str:
 
 
 def _nbytes(aval) -> int:
+  if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):  # typed keys: their key data
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(aval.shape, aval.dtype))
+    return int(np.prod(data.shape, dtype=np.int64)) * np.dtype(data.dtype).itemsize
   return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
 
 
@@ -186,7 +189,8 @@ def main(argv=None) -> None:
                               epilog=__doc__.split("Usage")[1])
   p.add_argument("row", nargs="?", default="vanilla", help="a memory_table row name")
   p.add_argument("--compare", help="another row to total against")
-  p.add_argument("--layers", type=int, default=1)
+  p.add_argument("--layers", type=int, default=2,
+                 help="encoder layers (>= 2: the first is reported, as a middle layer)")
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--min-mib", type=float, default=1.0, help="hide smaller arrays")
@@ -194,7 +198,7 @@ def main(argv=None) -> None:
   args = p.parse_args(argv)
   base = roberta.RobertaConfig.tiny() if args.tiny else roberta.RobertaConfig.base()
   cfg = dataclasses.replace(base, num_layers=args.layers)
-  layer = f"layer_{args.layers - 1}"
+  layer = "layer_0"  # its output feeds the next layer, as a middle layer's does
 
   names = [args.row] + ([args.compare] if args.compare else [])
   results = {n: step_residuals(_row(n), cfg, args.batch, args.seq) for n in names}

@@ -17,7 +17,7 @@ memory of its jitted training step, and writes the loss curves to
 ``examples/figures/char_gpt.png``.
 
 Usage (from the repository root):
-  python -m examples.char_gpt                         # ~10 min on 2 CPU cores
+  python -m examples.char_gpt                         # 4 x 500 steps, ~15 min on 2 cores
   python -m examples.char_gpt --steps 100 --layers 1  # a quick look
 """
 
@@ -147,7 +147,7 @@ def batches(data: np.ndarray, batch: int, context: int, rng: np.random.Generator
   return win[:, :-1], win[:, 1:]
 
 
-def train(variant: str, train_data, val_batches, vocab: int, *, steps: int = 600,
+def train(variant: str, train_data, val_batches, vocab: int, *, steps: int = 500,
           batch: int = 32, context: int = 128, dim: int = 128, heads: int = 4,
           layers: int = 2, lr: float = 3e-3, seed: int = 0, eval_every: int = 50,
           bar=None) -> dict:
@@ -178,7 +178,7 @@ def train(variant: str, train_data, val_batches, vocab: int, *, steps: int = 600
   return dict(losses=losses, val=val, val_at=val_at, final_val=val[-1], memory=memory)
 
 
-def run(variants=tuple(VARIANTS), *, steps: int = 600, batch: int = 32, context: int = 128,
+def run(variants=tuple(VARIANTS), *, steps: int = 500, batch: int = 32, context: int = 128,
         dim: int = 128, heads: int = 4, layers: int = 2, seed: int = 0, eval_batches: int = 8,
         eval_every: int = 50, text_chars: int | None = None, plot: str | None = None,
         progress: bool = True) -> dict:
@@ -227,7 +227,7 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__.split("Usage")[1])
-  p.add_argument("--steps", type=int, default=600)
+  p.add_argument("--steps", type=int, default=500)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--context", type=int, default=128)
   p.add_argument("--dim", type=int, default=128)

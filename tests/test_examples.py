@@ -101,6 +101,10 @@ def test_residual_report_names_who_keeps_what():
   assert t(rand)["layer_0"] < t(vanilla)["layer_0"]
   report = residuals.format_report(vanilla, 0.0, "layer_0")
   assert "activation" in report and "output_norm" in report
+  # Remat of each layer keeps its inputs, the dropout key among them.
+  remat = residuals.step_residuals(ROWS["jax.checkpoint(each layer)"], cfg, b, s)
+  assert t(remat).get("layer_0", 0) < t(vanilla)["layer_0"] / 4
+  assert any(r.dtype.startswith("key") and r.nbytes == 8 for r in remat)
 
 
 # --------------------------------------------------------------------------
