@@ -15,7 +15,8 @@ Example:
   (4, 8)
 """
 
-from fewbit_jax import codes, ext, rng, tables, sketch, dense, linen, nnx, memory
+from fewbit_jax import (codes, ext, rng, tables, sketch, dense, dense_general, linen, nnx,
+                        memory, patch, remat)
 from fewbit_jax.activations import (
     fewbit,
     # piecewise, exact 1-bit gradient
@@ -29,6 +30,9 @@ from fewbit_jax.activations import (
 )
 from fewbit_jax.tables import Table, optimal_table, table
 from fewbit_jax.dense import randomized_dense
+from fewbit_jax.dense_general import randomized_dot_general, randomized_einsum
 from fewbit_jax.linen import RandomizedDense
+from fewbit_jax.patch import patch_activations
+from fewbit_jax.remat import checkpoint_policy
 
 __version__ = "0.1.0"

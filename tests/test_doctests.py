@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["fewbit_jax", "fewbit_jax.codes", "fewbit_jax.rng", "fewbit_jax.tables",
-           "fewbit_jax.sketch", "fewbit_jax.dense", "fewbit_jax.memory",
+           "fewbit_jax.sketch", "fewbit_jax.dense", "fewbit_jax.dense_general",
+           "fewbit_jax.linen", "fewbit_jax.nnx", "fewbit_jax.patch", "fewbit_jax.remat",
            "fewbit_jax.activations", "fewbit_jax.ext"]
 
 
