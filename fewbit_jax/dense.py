@@ -223,8 +223,8 @@ def _num_blocks(x, sketch_blocks) -> tuple[int, bool]:
   return math.prod(sizes[a] for a in names), True
 
 
-def _block_layout(x, c: int, per_shard: bool):
-  """Checks that C blocks fit x; returns the explicit specs of x and of its (C, R, N) view."""
+def _block_layout(x, c: int, per_shard: bool, y_aval):
+  """Checks that C blocks fit x; returns the explicit specs of x, its (C, R, N) view and y."""
   b = math.prod(x.shape[:-1])
   if b % c or (per_shard and x.ndim > 1 and x.shape[0] % c):
     what = (f"x's first axis ({x.shape[0]})" if per_shard else f"the B={b} leading positions")
@@ -233,8 +233,9 @@ def _block_layout(x, c: int, per_shard: bool):
                      "pass sketch_blocks explicitly (an int dividing B, or 1).")
   spec = _sharded.explicit_spec(x)
   if spec is None:
-    return None, None
-  return spec, (spec[0] if x.ndim > 1 else None, None, spec[-1])
+    return None, None, None
+  y_spec = tuple(y_aval.sharding.spec) + (None,) * (len(y_aval.shape) - len(y_aval.sharding.spec))
+  return spec, (spec[0] if x.ndim > 1 else None, None, spec[-1]), y_spec
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
@@ -259,11 +260,17 @@ def _rdense_blocks_fwd(x, kernel, bias, keys, kb, kind, precision, pet, out_shar
 
 def _rdense_blocks_bwd(kb, kind, precision, pet, out_sharding, layout, res, g):
   sx, keys, kernel, bias = res
-  x_spec = layout[0]
+  x_spec, _, y_spec = layout
   n, _ = kernel.shape
   c = keys.shape[0]
-  g_spec = _sharded.explicit_spec(g)
-  g3 = _as_blocks(g, c, None if g_spec is None else (g_spec[0], None, g_spec[-1]))
+  g3_spec = None
+  if y_spec is not None:
+    # The cotangent has y's type, whatever sharding the type of the op that
+    # produced it claims (an FFI call typed as replicated, say): resharding
+    # from a replicated type to y's is a local slice.
+    g = jax.sharding.reshard(g, P(*y_spec))
+    g3_spec = (y_spec[0], None, y_spec[-1])
+  g3 = _as_blocks(g, c, g3_spec)
   sg = _sharded.project_blocks(kind, g3, keys, kb, precision=precision)
   kernel = _sharded.after(kernel, sg)
   # dx and db are the transposes of the forward's linear map, so they are
@@ -448,7 +455,10 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
     if c == 0:  # no mesh, no blocks asked for: one sketch of the (B, N) rows
       return _rdense(x, kernel, bias, jnp.stack([k0, k1]), k, kind, precision,
                      preferred_element_type, out_sharding)
-    layout = _block_layout(x, c, per_shard)
+    y_aval = jax.eval_shape(
+        lambda x, w, b: _forward(x, w, b, precision, preferred_element_type, out_sharding),
+        x, kernel, bias)
+    layout = _block_layout(x, c, per_shard, y_aval)
     keys = _sketch.block_keys(jnp.stack([k0, k1]), c)
     return _rdense_blocks(x, kernel, bias, keys, -(-k // c), kind, precision,
                           preferred_element_type, out_sharding, layout)
