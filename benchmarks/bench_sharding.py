@@ -1,0 +1,273 @@
+"""Per-device memory and collectives of a sharded transformer step, vanilla vs fewbit.
+
+A stack of pre-LayerNorm transformer blocks (causal attention, GELU MLP) is
+differentiated on 8 devices laid out as a ("data", "model") mesh, in four
+layouts:
+
+* ``single``: one device, for the reference saving;
+* ``dp``: data parallel, the batch sharded over 8 devices;
+* ``tp``: tensor parallel (Megatron): q/k/v and the first MLP layer sharded
+  on their output axis, the attention output and second MLP layer on their
+  input axis, over 8 devices;
+* ``dp+tp``: 4-way data parallel times 2-way tensor parallel;
+
+each under an ``AxisType.Auto`` mesh (the partitioner propagates shardings)
+and an ``AxisType.Explicit`` one (``jax.set_mesh``, shardings in the types).
+``vanilla`` uses ``x @ W + b`` and ``jax.nn.gelu``; ``fewbit`` uses
+``fewbit_jax.gelu`` (3 bits) and ``fewbit_jax.randomized_dense`` (20%
+sketch, one block per data shard) for every dense layer.
+
+For every program it prints XLA's compiled memory per device (temp bytes,
+the residuals' home, and argument + output + temp) and the collectives in
+the compiled HLO (count and bytes of all-reduce, all-gather, reduce-scatter,
+all-to-all and collective-permute), fewbit beside vanilla.
+
+Usage (from the repository root; it sets 8 CPU devices itself):
+  python -m benchmarks.bench_sharding
+  python -m benchmarks.bench_sharding --layers 2 --batch 32 --seq 64 --dim 128
+  python -m benchmarks.bench_sharding --path jax     # the pure-JAX path, not the kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+
+if __name__ == "__main__":  # before jax starts: the simulated devices
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import fewbit_jax as fb
+from fewbit_jax import ext
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+LAYOUTS = {"single": (1, 1), "dp": (8, 1), "tp": (1, 8), "dp+tp": (4, 2)}
+_DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "u32": 4, "s32": 4, "u8": 1, "s8": 1,
+                "pred": 1, "f64": 8, "u64": 8, "s64": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Sizes of the model and its batch."""
+  layers: int = 2
+  batch: int = 16
+  seq: int = 32
+  dim: int = 64
+  heads: int = 8
+  ratio: float = 0.2  # randomized dense: kept fraction of the rows
+  bits: int = 3  # few-bit GELU
+  # randomized dense's sketch_blocks; None: one block per data shard ('data'
+  # under Auto meshes, from the input's type under Explicit ones)
+  sketch_blocks: int | None = None
+
+
+# --- the model ---------------------------------------------------------------------
+
+def init(cfg: Config, key) -> list[dict]:
+  """Parameters of `cfg.layers` blocks (float32)."""
+  d = cfg.dim
+  params = []
+  for lk in jax.random.split(key, cfg.layers):
+    ks = jax.random.split(lk, 6)
+    w = lambda k, shape: jax.random.normal(k, shape) / math.sqrt(shape[0])
+    params.append(dict(
+        ln1=jnp.ones(d), ln2=jnp.ones(d),
+        wq=w(ks[0], (d, d)), wk=w(ks[1], (d, d)), wv=w(ks[2], (d, d)), wo=w(ks[3], (d, d)),
+        w1=w(ks[4], (d, 4 * d)), w2=w(ks[5], (4 * d, d)),
+        bq=jnp.zeros(d), bk=jnp.zeros(d), bv=jnp.zeros(d), bo=jnp.zeros(d),
+        b1=jnp.zeros(4 * d), b2=jnp.zeros(d)))
+  return params
+
+
+def param_specs(tp: bool) -> dict:
+  """PartitionSpecs of one block's parameters: Megatron tensor parallel over 'model'."""
+  m = "model" if tp else None
+  col, row = P(None, m), P(m, None)
+  return dict(ln1=P(), ln2=P(), wq=col, wk=col, wv=col, wo=row, w1=col, w2=row,
+              bq=P(m), bk=P(m), bv=P(m), bo=P(), b1=P(m), b2=P())
+
+
+def _layer_norm(x, scale):
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * lax.rsqrt(var + 1e-6) * scale
+
+
+def block(p: dict, x, key, cfg: Config, fewbit: bool, explicit: bool, dp: bool, tp: bool):
+  """One transformer block. Under Explicit meshes the shardings that the types
+  cannot infer (sums over a sharded axis, splits of a sharded axis) are given."""
+  b, t, d = x.shape
+  data, model = ("data" if dp else None), ("model" if tp else None)
+  keys = iter(jax.random.split(key, 6))
+
+  def dense(h, w, bias, reduce_out=False):
+    out = P(data, None, None) if (explicit and reduce_out) else None
+    if fewbit:
+      blocks = cfg.sketch_blocks
+      if blocks is None and dp and not explicit:
+        blocks = "data"
+      return fb.randomized_dense(h, w, bias, next(keys), proj_dim_ratio=cfg.ratio,
+                                 out_sharding=out, sketch_blocks=blocks)
+    return jnp.einsum("btn,nm->btm", h, w, out_sharding=out) + bias
+
+  def heads(a):
+    shape = (b, t, cfg.heads, d // cfg.heads)
+    if explicit:
+      return a.reshape(shape, out_sharding=P(data, None, model, None))
+    return a.reshape(shape)
+
+  h = _layer_norm(x, p["ln1"])
+  q, k, v = (heads(dense(h, p[w], p[bias])) for w, bias in (("wq", "bq"), ("wk", "bk"),
+                                                             ("wv", "bv")))
+  att = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  att = (att.reshape((b, t, d), out_sharding=P(data, None, model)) if explicit
+         else att.reshape(b, t, d))
+  x = x + dense(att, p["wo"], p["bo"], reduce_out=True)
+  act = fb.gelu(bits=cfg.bits) if fewbit else jax.nn.gelu
+  u = act(dense(_layer_norm(x, p["ln2"]), p["w1"], p["b1"]))
+  return x + dense(u, p["w2"], p["b2"], reduce_out=True)
+
+
+def loss_fn(params, x, key, cfg: Config, fewbit: bool, explicit: bool, dp: bool, tp: bool):
+  for i, p in enumerate(params):
+    x = block(p, x, jax.random.fold_in(key, i), cfg, fewbit, explicit, dp, tp)
+  return jnp.mean(jnp.square(x))
+
+
+# --- measuring -------------------------------------------------------------------------
+
+def collectives(hlo: str) -> dict:
+  """{op: [count, bytes]} of the collective ops in compiled HLO text (async pairs once)."""
+  out = {op: [0, 0] for op in COLLECTIVES}
+  for line in hlo.splitlines():
+    m = re.search(r"= (.*?) (%s)(-start)?\(" % "|".join(COLLECTIVES), line)
+    if not m:
+      continue
+    shapes = re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))
+    nbytes = sum(_DTYPE_BYTES.get(dt, 4) * math.prod(int(v) for v in dims.split(",") if v)
+                 for dt, dims in shapes)
+    if m.group(3):  # an async start returns (operand, result, ...): count the result once
+      nbytes //= 2
+    out[m.group(2)][0] += 1
+    out[m.group(2)][1] += nbytes
+  return out
+
+
+def mesh_for(layout: str, axis_type):
+  dp, tp = LAYOUTS[layout]
+  return jax.make_mesh((dp, tp), ("data", "model"), axis_types=(axis_type, axis_type),
+                       devices=jax.devices()[:dp * tp])
+
+
+def step_fn(cfg: Config, fewbit: bool, explicit: bool, dp: bool, tp: bool):
+  """The jitted gradient step of the stack."""
+  def step(params, x, key):
+    return jax.value_and_grad(loss_fn)(params, x, key, cfg, fewbit, explicit, dp, tp)
+  return jax.jit(step)
+
+
+def place(cfg: Config, layout: str, axis_type, params, x):
+  """`params` and `x` put on the mesh of `layout`."""
+  mesh = mesh_for(layout, axis_type)
+  dp, tp = (n > 1 for n in LAYOUTS[layout])
+  specs = param_specs(tp)
+  params = [{n: jax.device_put(v, NamedSharding(mesh, specs[n])) for n, v in p.items()}
+            for p in params]
+  x = jax.device_put(x, NamedSharding(mesh, P("data" if dp else None, None, None)))
+  return mesh, params, x
+
+
+def measure(cfg: Config, layout: str, axis_type=AxisType.Auto, fewbit: bool = True,
+            params=None, x=None, key=None, run: bool = False, compiler_options=None) -> dict:
+  """Compiles (and with `run`, runs) the step of one layout; memory, collectives, results.
+
+  `compiler_options` go to XLA, e.g. ``{"xla_backend_optimization_level": 0}``
+  compiles faster and assigns the same buffers (LLVM's level changes none).
+  """
+  params = init(cfg, jax.random.key(0)) if params is None else params
+  x = jax.random.normal(jax.random.key(1), (cfg.batch, cfg.seq, cfg.dim)) if x is None else x
+  key = jax.random.key(2) if key is None else key
+  explicit = axis_type == AxisType.Explicit
+  dp, tp = (n > 1 for n in LAYOUTS[layout])
+  mesh, params, x = place(cfg, layout, axis_type, params, x)
+  with jax.set_mesh(mesh):
+    step = step_fn(cfg, fewbit, explicit, dp, tp)
+    compiled = step.lower(params, x, key).compile(compiler_options)
+    result = compiled(params, x, key) if run else None
+  ma = compiled.memory_analysis()
+  return dict(
+      temp=ma.temp_size_in_bytes,
+      total=(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+             + ma.temp_size_in_bytes),
+      collectives=collectives(compiled.as_text()),
+      result=None if result is None else jax.device_get(result))
+
+
+def _fmt_coll(c: dict) -> str:
+  parts = [f"{op} {n} ({b / 1024:.0f} KiB)" for op, (n, b) in c.items() if n]
+  return ", ".join(parts) or "none"
+
+
+_FAST = {"xla_backend_optimization_level": 0}  # LLVM's level assigns the same buffers
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  for name, v in dataclasses.asdict(Config()).items():
+    if name != "sketch_blocks":
+      p.add_argument(f"--{name}", type=type(v), default=v)
+  p.add_argument("--path", choices=("auto", "ffi", "jax"), default="auto",
+                 help="fewbit_jax.ext mode: FFI kernels or pure JAX")
+  args = p.parse_args(argv)
+  cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                  if f.name != "sketch_blocks"})
+  if jax.device_count() < 8:
+    raise SystemExit("needs 8 devices: run as `python -m benchmarks.bench_sharding` (it sets "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax starts).")
+  params = init(cfg, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (cfg.batch, cfg.seq, cfg.dim))
+
+  def temps(c, layout, axis_type=AxisType.Auto, xs=x):
+    r = {f: measure(c, layout, axis_type, fewbit=f, params=params, x=xs, compiler_options=_FAST)
+         for f in (False, True)}
+    return r[False], r[True]
+
+  with ext.mode(args.path):
+    print(f"{cfg}\n{jax.device_count()} {jax.devices()[0].platform} devices, path "
+          f"{ext.active_path()}; memory per device: XLA's compiled temp bytes (the residuals' "
+          "home) and argument + output + temp\n")
+    print("| mesh | layout | temp vanilla | temp fewbit | saving | one device, one data shard: "
+          "saving | total vanilla | total fewbit | collectives vanilla | collectives fewbit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    shard_saving = {}
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+      for layout in LAYOUTS:
+        if layout == "single" and axis_type == AxisType.Explicit:
+          continue
+        dp = LAYOUTS[layout][0]
+        if dp not in shard_saving:  # the rows one device holds, on one device
+          shard = dataclasses.replace(cfg, batch=cfg.batch // dp, sketch_blocks=1)
+          sv, sf = temps(shard, "single", xs=x[:shard.batch])
+          shard_saving[dp] = 1 - sf["temp"] / sv["temp"]
+        v, f = temps(cfg, layout, axis_type)
+        print(f"| {axis_type.name} | {layout} | {v['temp'] / 2**20:.3f} MiB | "
+              f"{f['temp'] / 2**20:.3f} MiB | {1 - f['temp'] / v['temp']:.1%} | "
+              f"{shard_saving[dp]:.1%} | {v['total'] / 2**20:.3f} MiB | "
+              f"{f['total'] / 2**20:.3f} MiB | {_fmt_coll(v['collectives'])} | "
+              f"{_fmt_coll(f['collectives'])} |", flush=True)
+    print("\nsaving = 1 - fewbit / vanilla. 'One device, one data shard' compiles the "
+          "step for the batch / (data shards) rows one device holds, on one device.")
+
+
+if __name__ == "__main__":
+  main()
