@@ -240,17 +240,28 @@ def _zero_of(a):
   return jnp.minimum(lax.bitcast_convert_type(first, jnp.uint32), jnp.uint32(0))
 
 
+def _zero_of_whole(x2d):
+  """`_zero_of` for an array that a loop reads: computed by a matmul over all of it.
+
+  A sketch loop reads x2d as a whole (so does the layer's matmul), but any
+  other use of it outside the loop, even of one element, is a consumer into
+  which XLA fuses, and so duplicates, the code that produced x2d. When that
+  code is expensive (an exact GELU's erfc) XLA then keeps its intermediates
+  as whole arrays for both copies: three or four more arrays of x's size. A
+  matmul reads x2d as it is; this one, (1, B) ones times x2d, costs one more
+  pass over x2d.
+  """
+  ones = jnp.ones((1, x2d.shape[0]), x2d.dtype)
+  return _zero_of(lax.dot_general(ones, x2d, (((1,), (0,)), ((), ()))))
+
+
 def _row_contribution(kind, xb, rows, valid, k0, k1, k, precision):
   """S[rows]^T xb for one block; rows not `valid` contribute nothing."""
   if kind == "countsketch":
     bucket = rng.hash4(k0, k1, rows, _B_BUCKET) % jnp.uint32(k)
     sign = _sign(k0, k1, rows)
     upd = jnp.where(valid, sign, 0.0)[:, None] * xb
-    def add(acc):
-      if acc is None:  # zeros tied to x, see _zero_of
-        acc = jnp.zeros((k, xb.shape[1]), jnp.float32) + _zero_of(xb).astype(jnp.float32)
-      return acc.at[bucket.astype(jnp.int32)].add(upd)
-    return add
+    return lambda acc: acc.at[bucket.astype(jnp.int32)].add(upd)
   cols = jnp.arange(k, dtype=jnp.uint32)[None, :]
   if kind == "gaussian":
     s = rng.gaussian(k0, k1, rows[:, None], cols)
@@ -259,7 +270,7 @@ def _row_contribution(kind, xb, rows, valid, k0, k1, k, precision):
   s = jnp.where(valid[:, None], s * jnp.float32(1.0 / math.sqrt(k)), 0.0)
   part = lax.dot_general(s, xb, _DIMS_T, precision=precision,
                          preferred_element_type=jnp.float32)
-  return lambda acc: part if acc is None else acc + part
+  return lambda acc: acc + part
 
 
 def _project_rows(kind, x2d, k0, k1, k, bs, precision, row0):
@@ -276,12 +287,12 @@ def _project_rows(kind, x2d, k0, k1, k, bs, precision, row0):
     rows = rows.astype(jnp.uint32) + (row0 + _zero_of(xb))
     return _row_contribution(kind, xb, rows, valid, k0, k1, k, precision)(acc)
 
-  # The first block starts the sum: a zero-filled start would be one more
-  # (k, N) buffer, which XLA also copies once per loop when it shares the zeros.
-  acc = step(jnp.int32(0), None)
-  if nblocks == 1:
-    return acc
-  return lax.fori_loop(1, nblocks, step, acc)
+  # Every block is read inside the loop (see _zero_of_whole). The zeros the
+  # sum starts from are tied to x: shared zeros would be one more (k, N)
+  # buffer, copied once per loop, and zeros tied to the key alone are
+  # computed at the start of the program and kept until the loop runs.
+  acc = jnp.zeros((k, n), jnp.float32) + _zero_of_whole(x2d).astype(jnp.float32)
+  return lax.fori_loop(0, nblocks, step, acc)
 
 
 def _sign(k0, k1, rows):
@@ -326,7 +337,7 @@ def _trig_weights(kind, m, b, k):
 
 def _project_trig(kind, x2d, k0, k1, k, *, signs: bool = True, block_cols=None):
   b, n = x2d.shape
-  zero = _zero_of(x2d)
+  zero = _zero_of_whole(x2d)
   m = _chosen(k0, k1 + zero, b, k)
   binx, wr, wi = _trig_weights(kind, m, b, k)
   sign = _sign(k0, k1 + zero, jnp.arange(b, dtype=jnp.uint32)) if signs else None
@@ -347,7 +358,7 @@ def _project_trig(kind, x2d, k0, k1, k, *, signs: bool = True, block_cols=None):
 
   # Zeros tied to x: shared zeros would be copied once per loop and allocated
   # at the start of the program.
-  out = jnp.zeros((k, n), jnp.float32) + _zero_of(x2d).astype(jnp.float32)
+  out = jnp.zeros((k, n), jnp.float32) + zero.astype(jnp.float32)
   if nblocks == 1:
     return step(jnp.int32(0), out)
   return lax.fori_loop(0, nblocks, step, out)
