@@ -142,8 +142,11 @@ def worker(args) -> dict:
         x, y = global_batch(rng)
       state, opt_state, loss = step(state, opt_state, x, y)
       losses.append(float(loss))  # replicated: every process holds the value
+  param_bytes = sum(a.nbytes for a in jax.tree.leaves(nnx.state(nnx.merge(*nnx.split(
+      char_gpt.build("both", len(chars), seed=0, **sizes))), nnx.Param)))
   return dict(process=jax.process_index(), devices=jax.device_count(),
-              local_devices=jax.local_device_count(), losses=losses, collectives=counts)
+              local_devices=jax.local_device_count(), losses=losses, collectives=counts,
+              param_bytes=param_bytes)
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,339 @@
+"""Sharded and multi-process training with every fewbit feature on.
+
+The transformer stack of ``benchmarks/bench_sharding.py`` (few-bit GELU and
+randomized dense layers) is differentiated on 8 simulated CPU devices, data
+parallel, tensor parallel and both, under ``AxisType.Auto`` and
+``AxisType.Explicit`` meshes, on the FFI kernels (where built) and on the
+pure-JAX path. For each it checks that
+
+* the loss and the gradients equal those of one device running the same
+  block-diagonal sketch (up to float32 summation order), and the few-bit
+  activation's gradient is bitwise that of one device;
+* the compiled program holds no collective beyond the vanilla model's (count
+  and bytes of all-reduce, all-gather, reduce-scatter, all-to-all and
+  collective-permute);
+* the per-device compiled memory saves what one device running a data shard
+  saves.
+
+The device count is fixed when JAX starts, so those run in one subprocess.
+The last test trains the example GPT over two processes joined by
+``jax.distributed`` (examples/distributed_lm.py). The first tests check the
+block-diagonal sketch itself on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fewbit_jax import ext, rng, sharded, sketch
+from fewbit_jax.dense import randomized_dense, sketch_blocks_default
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HASH_KINDS = ("gaussian", "rademacher", "countsketch")
+
+
+@pytest.fixture(autouse=True)
+def pure_jax_unless_sharded(request):
+  if "sharded_results" in request.fixturenames:
+    yield
+    return
+  with ext.mode("jax"):
+    yield
+
+
+# --- the block-diagonal sketch, one device -----------------------------------------
+
+def test_one_block_is_the_plain_sketch():
+  key = jax.random.key(3)
+  words = jnp.stack(rng.key_words(key))
+  np.testing.assert_array_equal(sketch.block_keys(key, 1)[0], words)
+  x = jax.random.normal(jax.random.key(0), (24, 5))
+  for kind in ("gaussian", "dct"):
+    blocks = jax.jit(lambda x, kind=kind: sketch.project_blocks(
+        kind, x[None], sketch.block_keys(key, 1), 6)[0])
+    plain = jax.jit(lambda x, kind=kind: sketch.project(kind, x, key, 6))
+    np.testing.assert_array_equal(blocks(x), plain(x))
+
+
+@pytest.mark.parametrize("kind", sketch.KINDS)
+def test_project_blocks_is_the_block_diagonal_sketch(kind):
+  key, c, r, k = jax.random.key(1), 4, 8, 3
+  x = jax.random.normal(jax.random.key(0), (c * r, 5))
+  s = sketch.sketch_matrix(kind, key, c * r, k, blocks=c)
+  assert s.shape == (c * r, c * k)
+  blocks = np.asarray(s).reshape(c, r, c, k).transpose(0, 2, 1, 3)  # [row block, col block]
+  off_diagonal = blocks[~np.eye(c, dtype=bool)]
+  assert not np.any(off_diagonal)
+  sx = jax.jit(lambda x: sketch.project_blocks(kind, x, sketch.block_keys(key, c), k))(
+      x.reshape(c, r, 5))
+  np.testing.assert_allclose(sx.reshape(c * k, 5), s.T @ x, rtol=1e-5, atol=1e-5)
+  keys = sketch.block_keys(key, c)
+  assert len({tuple(map(int, w)) for w in keys}) == c  # every block its own sketch
+
+
+@pytest.mark.parametrize("kind", HASH_KINDS)
+def test_row_slices_add_up_to_the_sketch(kind):
+  x = jax.random.normal(jax.random.key(0), (32, 4))
+  key = jax.random.key(2)
+  whole = jax.jit(lambda x: sketch.project(kind, x, key, 5))(x)
+  part = jax.jit(lambda xs, i: sketch.project(kind, xs, key, 5, row0=i))
+  parts = sum(part(x[i:i + 8], i) for i in range(0, 32, 8))
+  np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="cannot be taken over a slice"):
+    sketch.project("dct", x, key, 5, row0=0)
+
+
+def test_blocked_weight_gradient_is_unbiased():
+  # The mean of the block-diagonal estimate over many keys approaches x^T g.
+  x = jax.random.normal(jax.random.key(0), (4, 8, 6)) + 0.5
+  w = jax.random.normal(jax.random.key(1), (6, 3)) / 3
+  c = jax.random.normal(jax.random.key(2), (4, 8, 3))
+  exact = jnp.einsum("btn,btm->nm", x, c)
+
+  def dw(key):
+    f = lambda w: jnp.sum(randomized_dense(x, w, None, key, proj_dim=8, sketch_blocks=4) * c)
+    return jax.grad(f)(w)
+
+  keys = jax.random.split(jax.random.key(5), 1000)
+  est = jax.jit(jax.vmap(dw))(keys)
+  mean, sem = est.mean(0), est.std(0) / math.sqrt(len(keys))
+  assert np.all(np.abs(mean - exact) < 5 * sem + 1e-4), (mean, exact, sem)
+  assert float(est.std(0).max()) > 0.1  # a real estimate, not the exact gradient
+
+
+def test_one_block_matches_the_plain_layer():
+  x = jax.random.normal(jax.random.key(0), (4, 8, 6))
+  w = jax.random.normal(jax.random.key(1), (6, 3))
+  b = jnp.zeros(3)
+  grads = [jax.grad(lambda w, s=s: jnp.sum(randomized_dense(
+      x, w, b, jax.random.key(3), proj_dim_ratio=0.25, sketch_blocks=s) ** 2))(w)
+           for s in (None, 1)]
+  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_sketch_blocks_options_and_errors():
+  x = jnp.ones((6, 4, 3))
+  w, key = jnp.ones((3, 2)), jax.random.key(0)
+  f = lambda s: jax.grad(lambda w: randomized_dense(x, w, None, key, proj_dim=6,
+                                                    sketch_blocks=s).sum())(w)
+  assert f(3).shape == (3, 2)
+  with pytest.raises(ValueError, match="do not divide"):
+    f(5)
+  with pytest.raises(ValueError, match="must be None"):
+    f(0)
+  with pytest.raises(ValueError, match="mesh axes"):
+    f("data")  # no mesh here
+  with pytest.raises(ValueError, match="must be None"):
+    with sketch_blocks_default(2.5):
+      pass
+  # The context sets the default, the argument overrides it: 2 blocks of 12
+  # rows at proj_dim=2 keep 1 row each, while 3 blocks keep 3 x 1 rows.
+  def kept(default, arg):
+    with sketch_blocks_default(default):
+      res = jax._src.ad_checkpoint.saved_residuals(
+          lambda w: randomized_dense(x, w, None, key, proj_dim=2, sketch_blocks=arg).sum(), w)
+    return [r[0].shape for r in res if len(r[0].shape) == 3]
+  assert kept(2, None) == [(2, 1, 3)]
+  assert kept(2, 3) == [(3, 1, 3)]
+
+
+def test_after_is_the_identity():
+  a = jnp.array([1.5, -0.0, jnp.inf])
+  out = sharded.after(a, jnp.full((2, 3), jnp.nan))
+  np.testing.assert_array_equal(out, a)
+  assert str(out[1]) == "-0.0"
+
+
+# --- 8 devices: data, tensor and both parallelisms ------------------------------------
+
+# The default path (the kernels where built) on every layout; the pure-JAX
+# path, where it is not the default, on the layout that has both parallelisms.
+PATHS = ["auto", "jax"] if ext.available() else ["jax"]
+MESHES = ["Auto", "Explicit"]
+LAYOUTS = ["dp", "tp", "dp+tp"]
+CASES = [f"{p}-{m}-{l}" for p in PATHS for m in MESHES
+         for l in (LAYOUTS if p == PATHS[0] else ["dp+tp"])]
+
+_SCRIPT = textwrap.dedent(r"""
+  import dataclasses, json, sys, traceback
+  import jax, jax.numpy as jnp, numpy as np
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  import fewbit_jax as fb
+  from fewbit_jax import ext
+  from benchmarks import bench_sharding as bs
+
+  assert jax.device_count() == 8, jax.devices()
+  cases = [c.split("-", 2) for c in json.loads(sys.argv[1])]
+  cfg = bs.Config(layers=2, batch=16, seq=32, dim=64, heads=8)
+  fast = {"xla_backend_optimization_level": 0}  # the same buffers, compiled faster
+  params = bs.init(cfg, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (cfg.batch, cfg.seq, cfg.dim))
+  key = jax.random.key(2)
+
+  def rel_err(a, b):
+    # Relative to the largest gradient: some (a key projection's bias) are 0
+    # up to rounding, where a per-array relative error means nothing.
+    err = max(float(jnp.abs(u - v).max()) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return err / max(float(jnp.abs(v).max()) for v in jax.tree.leaves(b))
+
+  def gelu_check(path, mesh_name, layout):
+    # The few-bit GELU's vjp on an activation sharded over both mesh axes
+    # (batch over 'data', hidden over 'model'): bitwise the one-device result.
+    dp, tp = bs.LAYOUTS[layout]
+    mesh = bs.mesh_for(layout, getattr(AxisType, mesh_name))
+    h = jax.random.normal(jax.random.key(4), (16, 32, 256))
+    ct = jax.random.normal(jax.random.key(5), h.shape)
+    spec = P("data" if dp > 1 else None, None, "model" if tp > 1 else None)
+    f = jax.jit(lambda h, ct: jax.vjp(fb.gelu, h)[1](ct)[0])
+    with jax.set_mesh(mesh):
+      hs, cs = (jax.device_put(a, NamedSharding(mesh, spec)) for a in (h, ct))
+      compiled = f.lower(hs, cs).compile(fast)
+      out = compiled(hs, cs)
+    return dict(exact=bool(jnp.all(out == f(h, ct))),
+                collectives=bs.collectives(compiled.as_text()))
+
+  def measure(cfg, layout, axis_type=AxisType.Auto, fewbit=True, x=x, run=False):
+    return bs.measure(cfg, layout, axis_type, fewbit=fewbit, params=params, x=x, key=key,
+                      run=run, compiler_options=fast)
+
+  results, refs, vanilla, shard_temp = {}, {}, {}, {}
+  first_path = cases[0][0]
+  for path, mesh_name, layout in cases:
+    dp, tp = bs.LAYOUTS[layout]
+    r = results[f"{path}-{mesh_name}-{layout}"] = {}
+    axis_type = getattr(AxisType, mesh_name)
+    with ext.mode(path):
+      try:
+        if (path, dp) not in refs:  # one device, the sharded run's blocks
+          refs[path, dp] = measure(dataclasses.replace(cfg, sketch_blocks=dp), "single", run=True)
+        if path == first_path and dp not in shard_temp:  # one device holding one data shard
+          shard = dataclasses.replace(cfg, batch=cfg.batch // dp, sketch_blocks=1)
+          xs = x[:shard.batch]
+          shard_temp[dp] = {
+              "vanilla": measure(shard, "single", fewbit=False, x=xs)["temp"],
+              "fewbit": (refs[path, 1] if dp == 1 else measure(shard, "single", x=xs))["temp"]}
+        r["gelu"] = gelu_check(path, mesh_name, layout)
+        if (mesh_name, layout) not in vanilla:  # the same program on either path
+          vanilla[mesh_name, layout] = measure(cfg, layout, axis_type, fewbit=False)
+        v = vanilla[mesh_name, layout]
+        f = measure(cfg, layout, axis_type, run=True)
+        r["collectives"] = {"vanilla": v["collectives"], "fewbit": f["collectives"]}
+        r["temp"] = {"vanilla": v["temp"], "fewbit": f["temp"]}
+        loss, grads = f["result"]
+        r["loss"] = [float(loss), float(refs[path, dp]["result"][0])]
+        r["grad_err"] = rel_err(grads, refs[path, dp]["result"][1])
+        if path == first_path:
+          r["shard_temp"] = shard_temp[dp]
+      except Exception as e:
+        r["error"] = f"{type(e).__name__}: {e}"[:2000]
+  print(json.dumps(results))
+""")
+
+# Cases that need a fix outside this change (see the reasons).
+_FFI_HIDDEN = ("the FFI code packing gathers an activation sharded on its last (hidden) axis: "
+               "ext.quantize_pack/pack/unpack_scale are batch-partitioned over the leading axes "
+               "only")
+_PURE_EXPLICIT = ("codes.compute_codes starts from jnp.zeros(x.shape), replicated under an "
+                  "Explicit mesh, so jnp.where gets mismatched shardings")
+
+
+def _expected_failure(case: str, check: str) -> str | None:
+  path, mesh, layout = case.split("-", 2)
+  if path == "jax" and mesh == "Explicit":
+    return _PURE_EXPLICIT
+  if path == "auto" and "tp" in layout and check in ("collectives", "gelu", "memory"):
+    return _FFI_HIDDEN
+  return None
+
+
+def _cases(check, cases=CASES):
+  out = []
+  for case in cases:
+    reason = _expected_failure(case, check)
+    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+    out.append(pytest.param(case, marks=marks, id=case))
+  return out
+
+
+@pytest.fixture(scope="module")
+def sharded_results():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)],
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _get(results, case, *fields):
+  r = results[case]
+  assert "error" not in r, r["error"]
+  for f in fields:
+    r = r[f]
+  return r
+
+
+@pytest.mark.parametrize("case", _cases("equal"))
+def test_loss_and_gradients_equal_one_device(sharded_results, case):
+  loss, ref = _get(sharded_results, case, "loss")
+  assert loss == pytest.approx(ref, rel=1e-5)
+  assert _get(sharded_results, case, "grad_err") < 1e-4
+
+
+@pytest.mark.parametrize("case", _cases("gelu"))
+def test_gelu_gradient_bitwise_with_no_collective(sharded_results, case):
+  r = _get(sharded_results, case, "gelu")
+  assert r["exact"]
+  assert all(n == 0 for n, _ in r["collectives"].values()), r["collectives"]
+
+
+@pytest.mark.parametrize("case", _cases("collectives"))
+def test_no_collective_beyond_vanilla(sharded_results, case):
+  c = _get(sharded_results, case, "collectives")
+  for op, (n, nbytes) in c["fewbit"].items():
+    vn, vbytes = c["vanilla"][op]
+    assert n <= vn and nbytes <= vbytes, (op, c)
+  assert c["vanilla"]["all-reduce"][0] > 0  # the gradient all-reduce is counted
+
+
+@pytest.mark.parametrize("case", _cases("memory", [c for c in CASES if c.startswith(PATHS[0])]))
+def test_per_device_saving_matches_one_device(sharded_results, case):
+  temp = _get(sharded_results, case, "temp")
+  shard = _get(sharded_results, case, "shard_temp")
+  saving = 1 - temp["fewbit"] / temp["vanilla"]
+  reference = 1 - shard["fewbit"] / shard["vanilla"]
+  assert reference > 0.1, shard
+  assert saving > reference - 0.05, (saving, reference, temp, shard)
+
+
+# --- two processes ------------------------------------------------------------------
+
+def test_two_processes_train_with_no_extra_collective():
+  from examples import distributed_lm
+  results = distributed_lm.launch(["--steps=3", "--layers=1", "--context=32"], timeout=300)
+  assert [r["process"] for r in results] == [0, 1]
+  for r in results:
+    assert r["devices"] == 8 and r["local_devices"] == 4
+    assert all(math.isfinite(l) for l in r["losses"])
+  assert results[0]["losses"] == results[1]["losses"]  # one program over both processes
+  losses = results[0]["losses"]
+  assert losses[-1] < losses[0]
+  # Data parallel, so all vanilla training communicates is the gradient (and
+  # the loss): one all-reduce of the parameters' size. (The example's
+  # --compare-vanilla compiles the vanilla step too and shows the same.)
+  c = results[0]["collectives"]["fewbit"]
+  assert all(n == 0 for op, (n, _) in c.items() if op != "all-reduce"), c
+  n, nbytes = c["all-reduce"]
+  assert n >= 1 and results[0]["param_bytes"] <= nbytes <= results[0]["param_bytes"] + 1024, c
