@@ -240,11 +240,12 @@ _SCRIPT = textwrap.dedent(r"""
 """)
 
 # Cases that need a fix outside this change (see the reasons).
-_FFI_HIDDEN = ("the FFI code packing gathers an activation sharded on its last (hidden) axis: "
-               "ext.quantize_pack/pack/unpack_scale are batch-partitioned over the leading axes "
-               "only")
-_PURE_EXPLICIT = ("codes.compute_codes starts from jnp.zeros(x.shape), replicated under an "
-                  "Explicit mesh, so jnp.where gets mismatched shardings")
+_FFI_HIDDEN = ("the FFI code packing gathers an activation sharded on its last (hidden) axis "
+               "(ext.quantize_pack/pack/unpack_scale partition over the leading axes only), and "
+               "under Explicit meshes their results are typed as replicated")
+_PURE_EXPLICIT = ("the pure-JAX code lookups (borders[cand - 1] in codes.compute_codes, "
+                  "levels[code] in ext.unpack_scale) are gathers with sharded indices, for which "
+                  "an Explicit mesh asks an out_sharding")
 
 
 def _expected_failure(case: str, check: str) -> str | None:
