@@ -264,11 +264,12 @@ def _rdense_blocks_bwd(kb, kind, precision, pet, out_sharding, layout, res, g):
   n, _ = kernel.shape
   c = keys.shape[0]
   g3_spec = None
+  mesh = _sharded.type_mesh(sx, kernel, g)
   if y_spec is not None:
     # The cotangent has y's type, whatever sharding the type of the op that
     # produced it claims (an FFI call typed as replicated, say): resharding
     # from a replicated type to y's is a local slice.
-    g = jax.sharding.reshard(g, P(*y_spec))
+    g = jax.sharding.reshard(g, NamedSharding(mesh, P(*y_spec)))
     g3_spec = (y_spec[0], None, y_spec[-1])
   g3 = _as_blocks(g, c, g3_spec)
   sg = _sharded.project_blocks(kind, g3, keys, kb, precision=precision)
@@ -277,7 +278,7 @@ def _rdense_blocks_bwd(kb, kind, precision, pet, out_sharding, layout, res, g):
   # exactly what autodiff of the plain dense layer gives.
   x_sharding = None
   if x_spec is not None:
-    x_sharding = NamedSharding(jax.sharding.get_abstract_mesh(), P(*x_spec))
+    x_sharding = NamedSharding(mesh, P(*x_spec))
   x_aval = jax.ShapeDtypeStruct(g.shape[:-1] + (n,), kernel.dtype, sharding=x_sharding)
   if bias is None:
     (dx,) = jax.linear_transpose(
@@ -294,7 +295,7 @@ def _rdense_blocks_bwd(kb, kind, precision, pet, out_sharding, layout, res, g):
   kw = {}
   k_spec = _sharded.explicit_spec(kernel)
   if k_spec is not None:
-    kw["out_sharding"] = P(*k_spec)
+    kw["out_sharding"] = NamedSharding(mesh, P(*k_spec))
   dw = lax.dot_general(sx.astype(jnp.float32), sg, (((0, 1), (0, 1)), ((), ())),
                        precision=precision, preferred_element_type=jnp.float32, **kw)
   return dx, dw.astype(kernel.dtype), db, None

@@ -53,7 +53,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from fewbit_jax import sketch as _sketch
 
-__all__ = ["project_blocks", "after", "explicit_spec", "reshape"]
+__all__ = ["project_blocks", "after", "explicit_spec", "type_mesh", "reshape"]
 
 _ROW_KINDS = ("gaussian", "rademacher", "countsketch")  # row slices of S add up
 
@@ -85,6 +85,18 @@ def explicit_spec(a) -> tuple | None:
   return tuple(_entry(tuple(n for n in _axes(e) if n in explicit)) for e in spec)
 
 
+def type_mesh(*arrays):
+  """The (abstract) mesh of the first of `arrays` whose type has Explicit axes, or None.
+
+  Shardings are built on it rather than on the context mesh, so that arrays
+  typed on an Explicit mesh work with or without ``jax.set_mesh``.
+  """
+  for a in arrays:
+    if a is not None and explicit_spec(a) is not None:
+      return jax.typeof(a).sharding.mesh
+  return None
+
+
 def reshape(a, shape, spec=None):
   """``a.reshape(shape)``; under an Explicit mesh with the result sharded as `spec`.
 
@@ -92,9 +104,10 @@ def reshape(a, shape, spec=None):
   sharded axis; `spec` gives it (entries for the new axes).
   """
   shape = tuple(int(d) for d in shape)
-  if spec is None or explicit_spec(a) is None:
+  mesh = type_mesh(a)
+  if spec is None or mesh is None:
     return a.reshape(shape)
-  return lax.reshape(a, shape, out_sharding=P(*spec))
+  return lax.reshape(a, shape, out_sharding=NamedSharding(mesh, P(*spec)))
 
 
 # --- per-device body ---------------------------------------------------------------
@@ -206,8 +219,8 @@ def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *,
     body = functools.partial(_local, kind=kind, k=k, precision=precision, row_axes=r_axes,
                              rows_local=rows_local)
     manual = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
-    x3d = jax.sharding.reshard(x3d, x_spec)
-    keys = jax.sharding.reshard(keys, k_spec)
+    x3d = jax.sharding.reshard(x3d, NamedSharding(mesh, x_spec))
+    keys = jax.sharding.reshard(keys, NamedSharding(mesh, k_spec))
     return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, k_spec), out_specs=out_spec,
                          axis_names=manual)(x3d, keys)
   mesh = _context_mesh()
@@ -278,7 +291,7 @@ def after(a: jax.Array, dep: jax.Array) -> jax.Array:
     return a
   a_spec, d_spec = explicit_spec(a), explicit_spec(dep)
   if a_spec is not None or d_spec is not None:
-    mesh = jax.sharding.get_abstract_mesh()
+    mesh = type_mesh(a, dep)
     manual = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
     a_spec = a_spec or (None,) * a.ndim
     d_spec = d_spec or (None,) * dep.ndim
