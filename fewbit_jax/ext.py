@@ -459,7 +459,13 @@ _def_impl(_sketch_p)
 def _sketch_batch(args, dims, *, kind, k):
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
   x, keys, row0 = (_to_front(a, d, size) for a, d in zip(args, dims))
-  return _sketch_p.bind(x, keys, row0, kind=kind, k=k), 0
+  # The mapped axis joins the groups: x (V, L..., B, N) holds its rows group
+  # after group, so the kernel reads it as one (V * ... * B, N) array. That is
+  # also how a layer's matmul reads an x whose rows a caller split into
+  # blocks and vmapped over: the same array, computed once (see _sketch_p).
+  out = _sketch_p.bind(x.reshape(-1, x.shape[-1]), keys.reshape(-1, 2), row0.reshape(-1),
+                       kind=kind, k=k)
+  return out.reshape(*row0.shape, k, x.shape[-1]), 0
 
 
 def _sketch_jvp(primals, tangents, *, kind, k):

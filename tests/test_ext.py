@@ -373,6 +373,38 @@ def test_matmul_and_sketch_share_one_copy_of_x(kind, groups, lead, monkeypatch):
   assert f"fewbit_sketch_{kind}" in compiled.as_text()
 
 
+@pytest.mark.parametrize("kind", ext.SKETCH_KINDS)
+def test_vmapped_blocks_and_matmul_share_one_copy_of_x(kind):
+  """Sketching blocks of x's rows under vmap keeps x whole for the kernel.
+
+  The mapped axis joins the kernel's row groups, so the kernel reads the
+  (B, N) array the matmul reads, not a (blocks, B / blocks, N) view of it.
+  """
+  n, blocks = 256, 4
+  keys = jnp.stack([jnp.stack(rng.key_words(kk))
+                    for kk in jax.random.split(jax.random.key(1), blocks)])
+
+  def f(x, w):
+    h = jnp.tanh(x) * x
+    y = jnp.einsum("...n,nm->...m", h, w)
+    sk = jax.vmap(lambda xb, kw: ext.sketch_kernel(kind)(xb, kw[0], kw[1], 16))
+    return y, sk(h.reshape(blocks, -1, n), keys)
+
+  with ext.mode("ffi"):
+    args = (jax.ShapeDtypeStruct((16, 256, n), jnp.float32),
+            jax.ShapeDtypeStruct((n, 64), jnp.float32))
+    compiled = jax.jit(f).lower(*args).compile()
+    x = jax.random.normal(jax.random.key(2), args[0].shape)
+    w = jax.random.normal(jax.random.key(3), args[1].shape)
+    _, got = jax.jit(f)(x, w)
+    h = (jnp.tanh(x) * x).reshape(blocks, -1, n)
+    for c in range(blocks):
+      want = ext.sketch_kernel(kind)(h[c], keys[c, 0], keys[c, 1], 16)
+      np.testing.assert_allclose(np.asarray(got[c]), np.asarray(want), rtol=1e-5, atol=1e-5)
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < 1.5 * 4096 * n * 4, temp / (4096 * n * 4)
+
+
 def test_sketch_vmap_over_inputs_and_keys():
   xs = jax.random.normal(jax.random.key(16), (3, 64, 10))
   keys = jax.random.split(jax.random.key(17), 3)
