@@ -174,7 +174,7 @@ _SCRIPT = textwrap.dedent(r"""
 
   assert jax.device_count() == 8, jax.devices()
   cases = [c.split("-", 2) for c in json.loads(sys.argv[1])]
-  cfg = bs.Config(layers=2, batch=16, seq=32, dim=64, heads=8)
+  cfg = bs.Config(layers=2, batch=32, seq=32, dim=64, heads=8)
   fast = {"xla_backend_optimization_level": 0}  # the same buffers, compiled faster
   params = bs.init(cfg, jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (cfg.batch, cfg.seq, cfg.dim))
