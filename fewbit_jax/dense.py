@@ -238,6 +238,33 @@ def _block_layout(x, c: int, per_shard: bool, y_aval):
   return spec, (spec[0] if x.ndim > 1 else None, None, spec[-1]), y_spec
 
 
+def _input_avals(g, n, kernel, bias, x_sharding=None):
+  """Types of x and bias for transposing the forward at cotangent g.
+
+  Built from g's type, so that inside ``jax.shard_map`` x's type varies over
+  the same manual axes as g's (a bare ShapeDtypeStruct would not, and
+  ``linear_transpose`` rejects the mismatch).
+  """
+  kw = {} if x_sharding is None else {"sharding": x_sharding}
+  x_aval = jax.typeof(g).update(shape=g.shape[:-1] + (n,), dtype=kernel.dtype, **kw)
+  b_aval = None if bias is None else jax.typeof(bias)
+  return x_aval, b_aval
+
+
+def _like_primal(ct, primal):
+  """`ct` summed over the manual axes it varies over and `primal` does not.
+
+  Inside ``jax.shard_map`` a weight the same on every device (invariant) has
+  per-device products with varying inputs; autodiff of the plain layer sums
+  their gradients over those axes (the transpose of the implicit ``pvary``),
+  and a custom_vjp must return a cotangent of the primal's type.
+  """
+  if primal is None:
+    return ct
+  extra = jax.typeof(ct).mat.varying - jax.typeof(primal).mat.varying
+  return lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
 def _rdense_blocks(x, kernel, bias, keys, kb, kind, precision, pet, out_sharding, layout):
   del keys, kb, kind, layout
@@ -273,21 +300,19 @@ def _rdense_blocks_bwd(kb, kind, precision, pet, out_sharding, layout, res, g):
     g3_spec = (y_spec[0], None, y_spec[-1])
   g3 = _as_blocks(g, c, g3_spec)
   sg = _sharded.project_blocks(kind, g3, keys, kb, precision=precision)
+  w_in = kernel
   kernel = _sharded.after(kernel, sg)
   # dx and db are the transposes of the forward's linear map, so they are
   # exactly what autodiff of the plain dense layer gives.
   x_sharding = None
   if x_spec is not None:
     x_sharding = NamedSharding(mesh, P(*x_spec))
-  x_aval = jax.ShapeDtypeStruct(g.shape[:-1] + (n,), kernel.dtype, sharding=x_sharding)
+  x_aval, b_aval = _input_avals(g, n, kernel, bias, x_sharding)
   if bias is None:
     (dx,) = jax.linear_transpose(
         lambda x: _forward(x, kernel, None, precision, pet, out_sharding), x_aval)(g)
     db = None
   else:
-    b_aval = jax.ShapeDtypeStruct(bias.shape, bias.dtype,
-                                  sharding=getattr(jax.typeof(bias), "sharding", None)
-                                  if x_spec is not None else None)
     dx, db = jax.linear_transpose(
         lambda x, b: _forward(x, kernel, b, precision, pet, out_sharding), x_aval, b_aval)(g)
   # dW = sum over blocks of (S_c^T x_c)^T (S_c^T g_c): a sum over the blocks,
@@ -298,7 +323,7 @@ def _rdense_blocks_bwd(kb, kind, precision, pet, out_sharding, layout, res, g):
     kw["out_sharding"] = NamedSharding(mesh, P(*k_spec))
   dw = lax.dot_general(sx.astype(jnp.float32), sg, (((0, 1), (0, 1)), ((), ())),
                        precision=precision, preferred_element_type=jnp.float32, **kw)
-  return dx, dw.astype(kernel.dtype), db, None
+  return dx, _like_primal(dw.astype(kernel.dtype), w_in), _like_primal(db, bias), None
 
 
 _rdense_blocks.defvjp(_rdense_blocks_fwd, _rdense_blocks_bwd)
@@ -323,8 +348,9 @@ def _rdense_bwd(k, kind, precision, pet, out_sharding, res, g):
   sx, kw, kernel, bias = res
   n, m = kernel.shape
   sg = _sketch.project(kind, g.reshape(math.prod(g.shape[:-1]), m), kw, k, precision=precision)
+  w_in = kernel
   kernel = _after(kernel, sg)
-  x_aval = jax.ShapeDtypeStruct(g.shape[:-1] + (n,), kernel.dtype)
+  x_aval, b_aval = _input_avals(g, n, kernel, bias)
   # dx and db are the transposes of the forward's linear map, so they are
   # exactly what autodiff of the plain dense layer gives.
   if bias is None:
@@ -332,12 +358,11 @@ def _rdense_bwd(k, kind, precision, pet, out_sharding, res, g):
         lambda x: _forward(x, kernel, None, precision, pet, out_sharding), x_aval)(g)
     db = None
   else:
-    b_aval = jax.ShapeDtypeStruct(bias.shape, bias.dtype)
     dx, db = jax.linear_transpose(
         lambda x, b: _forward(x, kernel, b, precision, pet, out_sharding), x_aval, b_aval)(g)
   dw = lax.dot_general(sx.astype(jnp.float32), sg, (((0,), (0,)), ((), ())),
                        precision=precision, preferred_element_type=jnp.float32)
-  return dx, dw.astype(kernel.dtype), db, None
+  return dx, _like_primal(dw.astype(kernel.dtype), w_in), _like_primal(db, bias), None
 
 
 _rdense.defvjp(_rdense_fwd, _rdense_bwd)
