@@ -305,7 +305,8 @@ def _cases(check, cases=CASES):
 @pytest.fixture(scope="module")
 def sharded_results():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  flags = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = flags.strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
   proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)],
