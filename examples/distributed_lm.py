@@ -57,9 +57,15 @@ def launch(argv: list[str], *, timeout: float = 600.0) -> list[dict]:
       f for f in env.get("XLA_FLAGS", "").split()
       if not f.startswith("--xla_force_host_platform_device_count"))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  # The workers import the fewbit_jax this process imported (an installed one
+  # with its kernels before the source tree); -P keeps the working directory
+  # out of their path.
+  import fewbit_jax
+  package_parent = os.path.dirname(os.path.dirname(os.path.abspath(fewbit_jax.__file__)))
+  path = [package_parent, root, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+  env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "examples.distributed_lm", *argv, "--process-id", str(i),
+      [sys.executable, "-P", "-m", "examples.distributed_lm", *argv, "--process-id", str(i),
        "--coordinator", coordinator], cwd=root, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for i in range(NUM_PROCESSES)]
   deadline = time.monotonic() + timeout

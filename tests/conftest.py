@@ -23,3 +23,26 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip)
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+  """The environment for a `python -P` child that imports what this process did.
+
+  The child imports the fewbit_jax this process imported (an installed one,
+  with its compiled kernels, ahead of the source tree), then finds
+  benchmarks/ and examples/ in the repository. `-P` keeps `-c`/`-m` from
+  putting the working directory (a source checkout without kernels) first.
+  """
+  import fewbit_jax
+  package_parent = os.path.dirname(os.path.dirname(os.path.abspath(fewbit_jax.__file__)))
+  env = dict(os.environ)
+  path = [package_parent, _ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+  env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+  env.update(extra)
+  return env
+
+
+@pytest.fixture(scope="session")
+def child_env():
+  """`child_env(**extra)`: the environment for a `python -P` test subprocess."""
+  return _child_env

@@ -103,13 +103,12 @@ print(json.dumps(out))
 """
 
 
-def test_policy_beats_plain_remat_and_fewbit_alone_in_compiled_temp():
+def test_policy_beats_plain_remat_and_fewbit_alone_in_compiled_temp(child_env):
   # A fresh process: XLA's CPU pipeline undoes remat unless the flag is set
   # before JAX starts (see fewbit_jax.remat).
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = child_env()
   env.pop("XLA_FLAGS", None)
-  res = subprocess.run([sys.executable, "-c", _COMPILED], cwd=root, env=env,
+  res = subprocess.run([sys.executable, "-P", "-c", _COMPILED], env=env,
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   temp = json.loads(res.stdout.strip().splitlines()[-1])

@@ -272,6 +272,7 @@ _SCRIPT = textwrap.dedent(r"""
           r["shard_temp"] = shard_temp[dp]
       except Exception as e:
         r["error"] = f"{type(e).__name__}: {e}"[:2000]
+  results["kernels"] = ext.available()
   print(json.dumps(results))
 """)
 
@@ -303,16 +304,16 @@ def _cases(check, cases=CASES):
 
 
 @pytest.fixture(scope="module")
-def sharded_results():
-  env = dict(os.environ)
-  flags = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env["XLA_FLAGS"] = flags.strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)],
+def sharded_results(child_env):
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-P", "-c", _SCRIPT, json.dumps(CASES)],
                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  # The cases (and their expected failures) follow this process's kernels.
+  assert results.pop("kernels") == ext.available(), "the child imported another fewbit_jax"
+  return results
 
 
 def _get(results, case, *fields):
