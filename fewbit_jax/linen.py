@@ -34,7 +34,7 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from fewbit_jax import patch as _patch
 from fewbit_jax import sketch as _sketch
-from fewbit_jax.dense import _forward, projection_dim, randomized_dense
+from fewbit_jax.dense import _check_blocks_arg, _forward, projection_dim, randomized_dense
 from fewbit_jax.dense_general import randomized_dot_general
 
 __all__ = ["RandomizedDense", "intercept", "Interception", "swap_activations"]
@@ -93,6 +93,14 @@ class RandomizedDense(nn.Module):
     proj_dim_min, proj_dim_max: bounds on the sketch size.
     sketch: ``gaussian`` (default), ``rademacher``, ``countsketch`` (fastest),
       ``dct`` or ``dft``; see `fewbit_jax.sketch`.
+    sketch_blocks: cut the B positions into this many contiguous blocks, each
+      with its own sketch of ``ceil(k / C)`` rows (an int C dividing B, mesh
+      axis names for one block per data shard, or None for
+      `fewbit_jax.dense.sketch_blocks_default`'s rule); see
+      `fewbit_jax.dense.randomized_dense`. A gaussian, rademacher, dct or dft
+      sketch costs ``k * B * in / C`` multiply-adds, so with many positions
+      (long sequences times a large batch) one block per sequence
+      (``sketch_blocks=batch_size``) keeps it well below the layer's matmul.
     rng_collection: the rng stream of the sketch keys (default ``'sketch'``).
     deterministic: if True, no sketch: the plain dense layer. The call
       argument of the same name takes precedence.
@@ -130,11 +138,13 @@ class RandomizedDense(nn.Module):
   sketch: str = "gaussian"
   rng_collection: str = "sketch"
   deterministic: bool | None = None
+  sketch_blocks: int | str | tuple[str, ...] | None = None
 
   def __post_init__(self):
     _check_options(type(self).__name__, self.sketch, self.proj_dim_ratio, self.proj_dim,
                    self.proj_dim_min, self.proj_dim_max,
                    self.dot_general if self.dot_general is not None else self.dot_general_cls)
+    _check_blocks_arg(self.sketch_blocks)
     super().__post_init__()
 
   @nn.compact
@@ -165,7 +175,8 @@ class RandomizedDense(nn.Module):
         inputs, kernel, bias, self.make_rng(self.rng_collection),
         proj_dim_ratio=None if self.proj_dim is not None else self.proj_dim_ratio,
         proj_dim=self.proj_dim, proj_dim_min=self.proj_dim_min,
-        proj_dim_max=self.proj_dim_max, sketch=self.sketch, precision=self.precision)
+        proj_dim_max=self.proj_dim_max, sketch=self.sketch, precision=self.precision,
+        sketch_blocks=self.sketch_blocks)
 
 
 # --------------------------------------------------------------------------

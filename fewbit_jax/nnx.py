@@ -39,7 +39,7 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 from jax import lax
 
 from fewbit_jax import patch as _patch
-from fewbit_jax.dense import _forward, randomized_dense
+from fewbit_jax.dense import _check_blocks_arg, _forward, randomized_dense
 from fewbit_jax.dense_general import randomized_dot_general, randomized_einsum
 from fewbit_jax.linen import _check_options, _missing_rng_message
 
@@ -80,6 +80,14 @@ class RandomizedLinear(nnx.Module):
     proj_dim_min, proj_dim_max: bounds on the sketch size.
     sketch: ``gaussian`` (default), ``rademacher``, ``countsketch`` (fastest),
       ``dct`` or ``dft``; see `fewbit_jax.sketch`.
+    sketch_blocks: cut the B positions into this many contiguous blocks, each
+      with its own sketch of ``ceil(k / C)`` rows (an int C dividing B, mesh
+      axis names for one block per data shard, or None for
+      `fewbit_jax.dense.sketch_blocks_default`'s rule); see
+      `fewbit_jax.dense.randomized_dense`. A gaussian, rademacher, dct or dft
+      sketch costs ``k * B * in / C`` multiply-adds, so with many positions
+      (long sequences times a large batch) one block per sequence
+      (``sketch_blocks=batch_size``) keeps it well below the layer's matmul.
     deterministic: if True, no sketch: the plain linear layer.
     rng_collection: the rng stream of the sketch keys (default ``'sketch'``).
     rngs: ``nnx.Rngs`` for the parameters and the sketch stream.
@@ -119,6 +127,7 @@ class RandomizedLinear(nnx.Module):
       proj_dim_min: int | None = None,
       proj_dim_max: int | None = None,
       sketch: str = "gaussian",
+      sketch_blocks: int | str | tuple[str, ...] | None = None,
       deterministic: bool = False,
       rng_collection: str = "sketch",
       rngs: rnglib.Rngs,
@@ -127,6 +136,7 @@ class RandomizedLinear(nnx.Module):
   ):
     _check_options(type(self).__name__, sketch, proj_dim_ratio, proj_dim, proj_dim_min,
                    proj_dim_max, None if dot_general is lax.dot_general else dot_general)
+    _check_blocks_arg(sketch_blocks)
     # The parameters exactly as nnx.Linear makes them (same rngs.params() draws).
     self.kernel = nnx.Param(
         kernel_init(rngs.params(), (in_features, out_features), param_dtype), **kernel_metadata)
@@ -150,6 +160,7 @@ class RandomizedLinear(nnx.Module):
     self.proj_dim_min = proj_dim_min
     self.proj_dim_max = proj_dim_max
     self.sketch = sketch
+    self.sketch_blocks = sketch_blocks
     self.deterministic = deterministic
     self.rng_collection = rng_collection
     try:  # after the parameters, so their draws are those of nnx.Linear
@@ -184,7 +195,8 @@ class RandomizedLinear(nnx.Module):
         proj_dim_ratio=None if self.proj_dim is not None else self.proj_dim_ratio,
         proj_dim=self.proj_dim, proj_dim_min=self.proj_dim_min, proj_dim_max=self.proj_dim_max,
         sketch=self.sketch, precision=self.precision,
-        preferred_element_type=self.preferred_element_type, out_sharding=out_sharding)
+        preferred_element_type=self.preferred_element_type, out_sharding=out_sharding,
+        sketch_blocks=self.sketch_blocks)
 
   def _key(self, rngs) -> jax.Array:
     rngs = rngs if rngs is not None else self.rngs
@@ -697,6 +709,13 @@ def convert_linear(module, ctor: tp.Callable[..., nnx.Module] | None = None, *,
 
 def _validate(ctor, kwargs) -> None:
   """Option errors at conversion, with the converter's name, not from inside eval_shape."""
+  if ctor in (RandomizedLinearGeneral, RandomizedEinsum) and "sketch_blocks" in kwargs:
+    raise ValueError(
+        f"sketch_blocks is an option of RandomizedLinear only; {ctor.__name__} takes one "
+        "sketch over all positions. Pass general=False to convert only the nnx.Linear layers, "
+        "or convert the others in a second map_module call without sketch_blocks.")
+  if ctor is RandomizedLinear:
+    _check_blocks_arg(kwargs.get("sketch_blocks"))
   if ctor in (RandomizedLinear, RandomizedLinearGeneral, RandomizedEinsum):
     _check_options(ctor.__name__, kwargs.get("sketch", "gaussian"),
                    kwargs.get("proj_dim_ratio", 0.2), kwargs.get("proj_dim"),

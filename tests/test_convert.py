@@ -450,6 +450,12 @@ def test_convert_linear_options_and_pass_through():
     fb.nnx.convert_linear(lin, proj_dim_ratio=2.0)
   with pytest.raises(ValueError, match="unknown sketch"):
     fb.nnx.convert_linear(lin, sketch="fft")
+  assert fb.nnx.convert_linear(lin, sketch_blocks=2).sketch_blocks == 2
+  with pytest.raises(ValueError, match="sketch_blocks=-1"):
+    fb.nnx.convert_linear(lin, sketch_blocks=-1)
+  general = nnx.LinearGeneral(3, (2, 2), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="RandomizedLinear only"):
+    fb.nnx.convert_linear(general, sketch_blocks=2)
 
   class MyLinear(nnx.Linear):  # a subclass may compute something else: left alone
     pass

@@ -434,6 +434,33 @@ def test_linen_bad_options():
     RandomizedDense(4, proj_dim_ratio=2.0)
   with pytest.raises(ValueError, match="custom dot_general"):
     RandomizedDense(4, dot_general=lax.dot_general)
+  with pytest.raises(ValueError, match="sketch_blocks=0"):
+    RandomizedDense(4, sketch_blocks=0)
+  with pytest.raises(ValueError, match="sketch_blocks=2.5"):
+    RandomizedLinear(3, 4, sketch_blocks=2.5, rngs=nnx.Rngs(0))
+
+
+def test_layers_take_sketch_blocks():
+  # RandomizedLinear gives randomized_dense's gradient for the same blocks and
+  # key; both layers keep one (ceil(k / C), N) sketch per block.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6, 3)), jnp.float32)
+  key = jax.random.key(7)
+  layer = RandomizedLinear(3, 5, proj_dim_ratio=0.5, sketch_blocks=4, rngs=nnx.Rngs(0))
+  w, b = layer.kernel[...], layer.bias[...]
+  loss = lambda w, blocks: jnp.sum(randomized_dense(
+      x, w, b, key, proj_dim_ratio=0.5, sketch_blocks=blocks) ** 2)
+  want = jax.grad(loss)(w, 4)
+  assert not np.allclose(want, jax.grad(loss)(w, 1))  # the blocks change the estimate
+  got = nnx.grad(lambda m: jnp.sum(m(x, rngs=key) ** 2))(layer)["kernel"][...]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  linen = RandomizedDense(5, proj_dim_ratio=0.5, sketch_blocks=4)
+  variables = linen.init(jax.random.key(1), x)
+  graphdef, state = nnx.split(layer)
+  kept = [saved_residuals(lambda v: linen.apply(v, x, rngs={"sketch": key}).sum(), variables),
+          saved_residuals(lambda s: nnx.merge(graphdef, s)(x, rngs=key).sum(), state)]
+  for residuals in kept:
+    shapes = [r[0].shape for r in residuals]
+    assert (4, 3, 3) in shapes and x.shape not in shapes, shapes  # 4 blocks of 3 rows
 
 
 # --- nnx -------------------------------------------------------------------------------
