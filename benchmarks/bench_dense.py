@@ -1,6 +1,6 @@
 """Randomized dense: what it keeps, what a training step holds, its time, its variance.
 
-Four tables, each against the plain dense layer (``nn.Dense``):
+Five tables, each against the plain dense layer (``nn.Dense``):
 
 1. Residual bytes of one layer: what the backward pass keeps besides the
    parameters (the input x for the plain layer; S^T x and the key here), for
@@ -17,6 +17,10 @@ Four tables, each against the plain dense layer (``nn.Dense``):
    ``fewbit_jax.sketch.estimate_variance``, on iid inputs and on inputs with a
    per-feature offset over positions (as activations have), including dct/dft
    without their random row signs.
+5. Step time with many positions per batch (sequences x tokens): a dense
+   sketch costs k * B * N for k = ratio * B, so one sketch over all B
+   positions, C blocks (``sketch_blocks``, one per sequence) and countsketch
+   against the plain step.
 
 Usage (from the repository root):
   python -m benchmarks.bench_dense                  # about 1-2 minutes on 2 CPU cores
@@ -104,15 +108,15 @@ class MLP(nn.Module):
     return x
 
 
-def _dense_class(kind, ratio):
+def _dense_class(kind, ratio, blocks=None):
   if kind is None:
     return nn.Dense
   return lambda features, name: RandomizedDense(features, proj_dim_ratio=ratio, sketch=kind,
-                                                name=name)
+                                                sketch_blocks=blocks, name=name)
 
 
-def make_step(kind, ratio, width, layers, activation):
-  model = MLP(width, layers, _dense_class(kind, ratio), activation)
+def make_step(kind, ratio, width, layers, activation, blocks=None):
+  model = MLP(width, layers, _dense_class(kind, ratio, blocks), activation)
   opt = optax.adam(1e-3)
 
   def step(params, opt_state, x, y, key):
@@ -153,32 +157,56 @@ def table_memory(args):
                                      for t, a in zip(row, acts)))
 
 
-def table_time(args):
-  b, n, layers = args.time_batch, args.time_width, args.layers
-  print(f"\n3. Step time, {layers}-layer MLP, {b} x {n} f32, ratio {args.ratio}, "
-        f"jax.nn.relu; median of {args.repeats} interleaved steps")
-  x = jax.random.normal(jax.random.key(1), (b, n))
-  y = jax.random.normal(jax.random.key(2), (b, n))
+def interleaved_times(configs, x, y, layers, repeats) -> dict:
+  """Median step time of each (kind, ratio, blocks) config, steps interleaved."""
   runs = {}
-  for kind in (None,) + KINDS:
-    step, init = make_step(kind, args.ratio, n, layers, jax.nn.relu)
+  for name, (kind, ratio, blocks) in configs.items():
+    step, init = make_step(kind, ratio, x.shape[-1], layers, jax.nn.relu, blocks)
     state = init(x)
     state = step(*state, x, y, jax.random.key(0))[:2]  # compile and warm up
     jax.block_until_ready(state)
-    runs[kind] = [step, state, []]
-  for r in range(args.repeats):
-    for kind, run in runs.items():
+    runs[name] = [step, state, []]
+  for r in range(repeats):
+    for run in runs.values():
       step, state, times = run
       t0 = time.perf_counter()
       out = step(*state, x, y, jax.random.key(r + 1))
       jax.block_until_ready(out)
       times.append(time.perf_counter() - t0)
       run[1] = out[:2]
-  base = statistics.median(runs[None][2])
+  return {name: statistics.median(run[2]) for name, run in runs.items()}
+
+
+def table_time(args):
+  b, n, layers = args.time_batch, args.time_width, args.layers
+  print(f"\n3. Step time, {layers}-layer MLP, {b} x {n} f32, ratio {args.ratio}, "
+        f"jax.nn.relu; median of {args.repeats} interleaved steps")
+  x = jax.random.normal(jax.random.key(1), (b, n))
+  y = jax.random.normal(jax.random.key(2), (b, n))
+  configs = {"plain": (None, None, None)}
+  configs.update({kind: (kind, args.ratio, None) for kind in KINDS})
+  times = interleaved_times(configs, x, y, layers, args.repeats)
+  base = times["plain"]
   print(f"   {'plain':12s} {base * 1e3:9.1f} ms")
   for kind in KINDS:
-    t = statistics.median(runs[kind][2])
-    print(f"   {kind:12s} {t * 1e3:9.1f} ms  {t / base:5.2f}x")
+    print(f"   {kind:12s} {times[kind] * 1e3:9.1f} ms  {times[kind] / base:5.2f}x")
+
+
+def table_blocks(args):
+  s, t, n, layers = args.sequences, args.seq_len, args.blocks_width, args.layers
+  print(f"\n5. Step time against sketch_blocks, {layers}-layer MLP on {s} sequences x {t} "
+        f"positions x {n} f32 (B = {s * t}), ratio {args.ratio}, jax.nn.relu; median of "
+        f"{args.repeats} interleaved steps")
+  x = jax.random.normal(jax.random.key(1), (s, t, n))
+  y = jax.random.normal(jax.random.key(2), (s, t, n))
+  configs = {"plain": (None, None, None),
+             "gaussian, one sketch": ("gaussian", args.ratio, None),
+             f"gaussian, {s} blocks": ("gaussian", args.ratio, s),
+             "countsketch, one sketch": ("countsketch", args.ratio, None)}
+  times = interleaved_times(configs, x, y, layers, args.repeats)
+  base = times["plain"]
+  for name, sec in times.items():
+    print(f"   {name:24s} {sec * 1e3:9.1f} ms  {sec / base:5.2f}x")
 
 
 # --- 4. variance ------------------------------------------------------------------
@@ -232,12 +260,16 @@ def main(argv=None):
   p.add_argument("--time-width", type=int, default=512)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--keys", type=int, default=2000, help="keys for the variance table")
-  p.add_argument("--tables", default="1,2,3,4", help="which tables, e.g. 1,4")
+  p.add_argument("--sequences", type=int, default=32, help="table 5")
+  p.add_argument("--seq-len", type=int, default=128, help="table 5")
+  p.add_argument("--blocks-width", type=int, default=128, help="table 5")
+  p.add_argument("--tables", default="1,2,3,4,5", help="which tables, e.g. 1,4")
   args = p.parse_args(argv)
   ext.set_mode(args.path)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; sketch path: "
         f"{ext.active_path()}")
-  tables = {"1": table_residuals, "2": table_memory, "3": table_time, "4": table_variance}
+  tables = {"1": table_residuals, "2": table_memory, "3": table_time, "4": table_variance,
+            "5": table_blocks}
   for t in args.tables.split(","):
     tables[t.strip()](args)
 
