@@ -8,8 +8,13 @@ batches four ways:
 
 * vanilla: ``nnx.Linear`` and ``jax.nn.gelu``;
 * 3-bit GELU: ``fewbit_jax.gelu(bits=3)`` in place of ``jax.nn.gelu``;
-* randomized 20%: every ``nnx.Linear`` a ``fewbit_jax.nnx.RandomizedLinear``
-  keeping a 20% sketch (same parameters, drawn from the same rngs);
+* randomized: every ``nnx.Linear`` a ``fewbit_jax.nnx.RandomizedLinear``
+  keeping a sketch of 20% of the rows (``--ratio``; same parameters, drawn
+  from the same rngs), one
+  sketch block per sequence (``sketch_blocks=batch``): a single Gaussian
+  sketch over all 4096 positions of a batch would cost more than the layers'
+  matmuls (k * B * N multiply-adds for k = 0.2 B), per-sequence blocks cost
+  a batch-size-th of that and keep the estimate unbiased;
 * both.
 
 It prints the final validation loss (nats per character) of each and the
@@ -17,7 +22,7 @@ memory of its jitted training step, and writes the loss curves to
 ``examples/figures/char_gpt.png``.
 
 Usage (from the repository root):
-  python -m examples.char_gpt                         # 4 x 500 steps, ~15 min on 2 cores
+  python -m examples.char_gpt                         # 4 x 500 steps
   python -m examples.char_gpt --steps 100 --layers 1  # a quick look
 """
 
@@ -44,17 +49,19 @@ def fewbit_gelu(bits: int = 3) -> Callable:
   return activations.gelu(bits=bits)
 
 
-def randomized(ratio: float = 0.2) -> Callable:
-  """RandomizedLinear keeping a `ratio` sketch, called like nnx.Linear."""
+def randomized(ratio: float = 0.2, blocks: int | None = None) -> Callable:
+  """RandomizedLinear keeping a `ratio` sketch in `blocks` blocks, called like nnx.Linear."""
   from fewbit_jax import nnx as fb_nnx
-  return functools.partial(fb_nnx.RandomizedLinear, proj_dim_ratio=ratio)
+  return functools.partial(fb_nnx.RandomizedLinear, proj_dim_ratio=ratio, sketch_blocks=blocks)
 
 
-VARIANTS: dict[str, Callable[[], dict]] = {
-    "vanilla": lambda: {},
-    "3-bit GELU": lambda: dict(activation=fewbit_gelu(3)),
-    "randomized 20%": lambda: dict(linear=randomized(0.2)),
-    "both": lambda: dict(activation=fewbit_gelu(3), linear=randomized(0.2)),
+# Each variant: (sequences per batch = sketch blocks, sketch ratio) -> keyword
+# arguments of CharGPT.
+VARIANTS: dict[str, Callable[[int | None, float], dict]] = {
+    "vanilla": lambda batch, ratio: {},
+    "3-bit GELU": lambda batch, ratio: dict(activation=fewbit_gelu(3)),
+    "randomized": lambda batch, ratio: dict(linear=randomized(ratio, batch)),
+    "both": lambda batch, ratio: dict(activation=fewbit_gelu(3), linear=randomized(ratio, batch)),
 }
 
 
@@ -110,13 +117,17 @@ class CharGPT(nnx.Module):
     return self.head(self.ln_f(x))
 
 
-def build(variant: str, vocab: int, seed: int = 0, **sizes) -> CharGPT:
-  """The model of a variant; every variant starts from the same parameters.
+def build(variant: str, vocab: int, seed: int = 0, batch: int | None = None,
+          ratio: float = 0.2, **sizes) -> CharGPT:
+  """The model of a variant for batches of `batch` sequences.
 
-  The parameters come from the ``params`` stream, the sketches of the
-  randomized layers from the separate ``sketch`` stream.
+  Every variant starts from the same parameters: they come from the
+  ``params`` stream, the sketches of the randomized layers from the separate
+  ``sketch`` stream. The randomized layers keep `ratio` of the rows, with
+  one sketch block per sequence, or with ``batch=None`` the rule of
+  ``fewbit_jax.dense.sketch_blocks_default`` (one sketch without a mesh).
   """
-  return CharGPT(vocab, rngs=nnx.Rngs(params=seed, sketch=seed + 1), **VARIANTS[variant](),
+  return CharGPT(vocab, rngs=nnx.Rngs(params=seed, sketch=seed + 1), **VARIANTS[variant](batch, ratio),
                  **sizes)
 
 
@@ -150,9 +161,10 @@ def batches(data: np.ndarray, batch: int, context: int, rng: np.random.Generator
 def train(variant: str, train_data, val_batches, vocab: int, *, steps: int = 500,
           batch: int = 32, context: int = 128, dim: int = 128, heads: int = 4,
           layers: int = 2, lr: float = 3e-3, seed: int = 0, eval_every: int = 50,
-          bar=None) -> dict:
+          ratio: float = 0.2, bar=None) -> dict:
   """Trains one variant; returns train losses, validation losses and memory."""
-  model = build(variant, vocab, seed, context=context, dim=dim, heads=heads, layers=layers)
+  model = build(variant, vocab, seed, batch, ratio, context=context, dim=dim, heads=heads,
+                layers=layers)
   graphdef, state = nnx.split(model)
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps),
                    weight_decay=0.01)
@@ -181,7 +193,7 @@ def train(variant: str, train_data, val_batches, vocab: int, *, steps: int = 500
 def run(variants=tuple(VARIANTS), *, steps: int = 500, batch: int = 32, context: int = 128,
         dim: int = 128, heads: int = 4, layers: int = 2, seed: int = 0, eval_batches: int = 8,
         eval_every: int = 50, text_chars: int | None = None, plot: str | None = None,
-        progress: bool = True) -> dict:
+        ratio: float = 0.2, progress: bool = True) -> dict:
   """Trains every variant; returns {variant: result}."""
   text = load_text()[:text_chars]
   chars = sorted(set(text))
@@ -197,7 +209,7 @@ def run(variants=tuple(VARIANTS), *, steps: int = 500, batch: int = 32, context:
     for v in variants:
       results[v] = train(v, train_data, val_batches, len(chars), steps=steps, batch=batch,
                          context=context, dim=dim, heads=heads, layers=layers, seed=seed,
-                         eval_every=eval_every, bar=bar)
+                         eval_every=eval_every, ratio=ratio, bar=bar)
   if plot:
     _common.plot_curves(
         {v: r["losses"] for v, r in results.items()}, plot,
@@ -234,6 +246,8 @@ def main(argv=None) -> None:
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--ratio", type=float, default=0.2,
+                 help="proj_dim_ratio of the randomized layers")
   p.add_argument("--variants", default=",".join(VARIANTS),
                  help=f"comma-separated, among {list(VARIANTS)}")
   p.add_argument("--plot", default=os.path.join(_common.FIGURES, "char_gpt.png"))
@@ -242,10 +256,12 @@ def main(argv=None) -> None:
   t0 = time.perf_counter()
   results = run([v.strip() for v in args.variants.split(",")], steps=args.steps,
                 batch=args.batch, context=args.context, dim=args.dim, heads=args.heads,
-                layers=args.layers, seed=args.seed, plot=None if args.no_plot else args.plot)
+                layers=args.layers, seed=args.seed, ratio=args.ratio,
+                plot=None if args.no_plot else args.plot)
   print(f"\nchar GPT ({args.layers} layers, dim {args.dim}, {args.heads} heads, context "
         f"{args.context}) on pydoc_data.topics, batch {args.batch}, {args.steps} steps "
-        f"({time.perf_counter() - t0:.0f}s)\n")
+        f"({time.perf_counter() - t0:.0f}s); randomized: every linear layer keeps "
+        f"{args.ratio:.0%} of the rows, one sketch block per sequence\n")
   print(format_results(results))
   if not args.no_plot:
     print(f"\nloss curves: {os.path.relpath(args.plot)}")

