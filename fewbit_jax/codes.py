@@ -24,12 +24,15 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 __all__ = ["WORD_BITS", "MAX_BITS", "packed_shape", "packed_nbytes", "compute_codes",
-           "pack", "unpack", "check_bits"]
+           "pack", "unpack", "check_bits", "lookup"]
 
 WORD_BITS = 32
 MAX_BITS = 8
@@ -57,6 +60,39 @@ def packed_nbytes(shape: tuple[int, ...], bits: int) -> int:
   return 4 * int(np.prod(packed_shape(shape, bits)))
 
 
+def _explicit_mesh(a):
+  """The mesh of a's type where it has ``AxisType.Explicit`` axes, else None."""
+  mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+  return mesh if AxisType.Explicit in getattr(mesh, "axis_types", ()) else None
+
+
+def _last_axis_shards(a) -> int:
+  """Into how many shards a's type cuts its last axis over Explicit mesh axes (1 if none)."""
+  mesh = _explicit_mesh(a)
+  if mesh is None or not a.ndim:
+    return 1
+  spec = tuple(jax.typeof(a).sharding.spec)
+  entry = spec[a.ndim - 1] if len(spec) >= a.ndim else None
+  names = () if entry is None or entry is P.UNCONSTRAINED else (
+      entry if isinstance(entry, tuple) else (entry,))
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  return math.prod(sizes[n] for n in names if types[n] == AxisType.Explicit)
+
+
+def lookup(table: jax.Array, index: jax.Array) -> jax.Array:
+  """``table[index]`` for a small table and an integer index array of any sharding.
+
+  A table lookup by an array of indices is a gather. Under a mesh with
+  ``AxisType.Explicit`` axes JAX asks for the sharding of a gather's result
+  when the indices are sharded: it is the index's (every element looks up
+  its own entry), given here. Elsewhere this is plain indexing.
+  """
+  if _explicit_mesh(index) is not None:
+    return table.at[index].get(out_sharding=jax.typeof(index).sharding)
+  return table[index]
+
+
 def compute_codes(x: jax.Array, borders: jax.Array, bits: int) -> jax.Array:
   """The code of each element: how many of the ascending borders are < x.
 
@@ -81,7 +117,7 @@ def compute_codes(x: jax.Array, borders: jax.Array, bits: int) -> jax.Array:
   pos = jnp.where(borders[top - 1] < xf, jnp.int32(top), jnp.int32(0))
   for s in range(bits - 2, -1, -1):
     cand = pos + (1 << s)
-    pos = jnp.where(borders[cand - 1] < xf, cand, pos)
+    pos = jnp.where(lookup(borders, cand - 1) < xf, cand, pos)
   return pos.astype(jnp.uint8)
 
 
@@ -93,6 +129,11 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
   *lead, n = codes.shape
   words = -(-n // WORD_BITS)
   c = codes.astype(jnp.uint32)
+  if words % _last_axis_shards(c):
+    # Shards of the last axis that cut words (an Explicit mesh's type says
+    # so): the words are packed from the whole axis.
+    spec = (*jax.typeof(c).sharding.spec[:-1], None)
+    c = jax.sharding.reshard(c, NamedSharding(_explicit_mesh(c), P(*spec)))
   pad = words * WORD_BITS - n
   if pad:
     c = jnp.pad(c, [(0, 0)] * len(lead) + [(0, pad)])
