@@ -24,8 +24,25 @@ primitives
 * partition under ``jax.jit`` with sharded inputs: the FFI calls are marked
   batch-partitionable over their leading axes (and carry a Shardy sharding
   rule), so XLA runs them shard by shard instead of gathering the
-  activations. The last axis of an activation is packed along, so a sharding
-  of that axis is undone (gathered) before the call;
+  activations. The code kernels pack along the last axis, 32 elements to a
+  word, and the words are independent: where its length n is a multiple of
+  32 (and above 32) and there is more than one device, they are called on
+  the activation viewed as ``(..., n / 32, 32)``, every axis but the last a
+  batch axis, and their ``(..., n / 32, bits, 1)`` result is transposed to
+  the canonical ``(..., bits, n / 32)`` (and the codes back for
+  `unpack_scale`; the codes are bits / 32 of the activation's elements). A
+  sharding of the last axis over d devices with n / d a multiple of 32 is
+  then a sharding of the word axis, kept with no collective. Where n / d is
+  not a multiple of 32 (in particular where n is not), the shards would cut
+  words, and XLA gathers the last axis before the call (the pure-JAX path
+  moves data between devices there too);
+* type their results under ``AxisType.Explicit`` meshes: codes take the
+  sharding of their input (that of the last axis on the word axis where the
+  shards hold whole words, the bits axis unsharded), `unpack_scale` that of
+  the cotangent, and a sketch that of x's leading axes, its groups (where
+  the shards of x's rows hold whole groups) and columns. Inside
+  ``jax.shard_map`` a result varies over the manual axes any operand varies
+  over, so the backward of an activation has its input's type there;
 * differentiate where it makes sense: codes have zero tangents, and
   ``unpack_scale`` is linear in the cotangent (so a gradient of a gradient
   works).
@@ -56,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as _jcore
 from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fewbit_jax import codes as _codes
 from fewbit_jax import rng as _rng
@@ -225,11 +243,22 @@ def _frontend_and_rule(ctx, num_batch_dims: int, in_specs, out_specs, **factor_s
   return attrs
 
 
+try:  # how JAX's own lowerings constrain a result to the sharding of its type
+  from jax._src.interpreters.mlir import lower_with_sharding_in_types as _lower_with_sharding_in_types  # pylint: disable=g-import-not-at-top
+except ImportError:  # pragma: no cover - a JAX that moved it
+  def _lower_with_sharding_in_types(ctx, op, aval):
+    """No constraint: the partitioner propagates the sharding rule's instead."""
+    del ctx, aval
+    return op
+
+
 def _register_lowerings(prim, target, pure_fn, ffi_attrs_fn, batch_fn):
   """FFI lowering on platforms with kernels, the pure-JAX code elsewhere.
 
   `target(params)` names the FFI target, `ffi_attrs_fn(params)` gives its
   attributes and `batch_fn(ctx, **params)` the partitioning attributes.
+  Under an Explicit mesh the result is constrained to the sharding of its
+  type, as JAX's own primitives are.
   """
   mlir.register_lowering(prim, mlir.lower_fun(pure_fn, multiple_results=False))
 
@@ -237,10 +266,61 @@ def _register_lowerings(prim, target, pure_fn, ffi_attrs_fn, batch_fn):
     extra = batch_fn(ctx, **params)
     kwargs = {"extra_attributes": extra} if extra else {}
     lowering = jax.ffi.ffi_lowering(target(params), **kwargs)
-    return lowering(ctx, *args, **ffi_attrs_fn(params))
+    outs = lowering(ctx, *args, **ffi_attrs_fn(params))
+    return [_lower_with_sharding_in_types(ctx, o, a) for o, a in zip(outs, ctx.avals_out)]
 
   for platform in _REGISTERED:
     mlir.register_lowering(prim, rule, platform=platform)
+
+
+def _spec(aval) -> tuple:
+  """The PartitionSpec entries of an aval's type, one per axis."""
+  spec = tuple(aval.sharding.spec)
+  return spec + (None,) * (aval.ndim - len(spec))
+
+
+def _shards(mesh, entry) -> int:
+  """How many shards a PartitionSpec entry cuts an axis into on `mesh`."""
+  if entry is None or entry is P.UNCONSTRAINED:
+    return 1
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  names = entry if isinstance(entry, tuple) else (entry,)
+  return math.prod(sizes[a] for a in names)
+
+
+def _if_divides(mesh, entry, size: int):
+  """`entry` where its shards divide an axis of `size`, else None (unsharded)."""
+  return entry if size % _shards(mesh, entry) == 0 else None
+
+
+def _result_aval(shape, dtype, spec, *operands):
+  """The type of a primitive's result: `shape` and `dtype`, sharded as `spec`.
+
+  `spec` is taken on the operands' mesh (JAX keeps only its Explicit axes in
+  the type); inside ``jax.shard_map`` the result varies over every manual
+  axis any operand varies over, as JAX's own primitives' results do.
+  """
+  mesh = next((a.sharding.mesh for a in operands if not a.sharding.mesh.empty), None)
+  if mesh is None:
+    return jax.core.ShapedArray(shape, dtype)
+  varying = frozenset().union(*(a.mat.varying for a in operands))
+  mat = operands[0].mat.update(varying=varying, unreduced=frozenset(), reduced=frozenset())
+  return jax.core.ShapedArray(shape, dtype, sharding=NamedSharding(mesh, P(*spec)),
+                              manual_axis_type=mat)
+
+
+def _codes_aval(x, bits, *others):
+  """Packed codes (..., bits, W) of x (..., n), sharded like x.
+
+  W keeps the sharding of x's last axis where the shards hold whole 32-element
+  words; the bits axis is unsharded. `others` are the other operands.
+  """
+  shape = _codes.packed_shape(x.shape, bits)
+  spec, mesh = _spec(x), x.sharding.mesh
+  last = None
+  if x.shape[-1] % _codes.WORD_BITS == 0 and not mesh.empty:
+    last = _if_divides(mesh, spec[-1], shape[-1])
+  return _result_aval(shape, jnp.uint32, (*spec[:-1], None, last), x, *others)
 
 
 def _sequential(prim, args, dims, params):
@@ -272,7 +352,7 @@ _pack_p = _jcore.Primitive("fewbit_pack")
 
 
 def _pack_abstract(codes, *, bits):
-  return jax.core.ShapedArray(_codes.packed_shape(codes.shape, bits), jnp.uint32)
+  return _codes_aval(codes, bits)
 
 
 _pack_p.def_abstract_eval(_pack_abstract)
@@ -300,8 +380,7 @@ _quantize_pack_p = _jcore.Primitive("fewbit_quantize_pack")
 
 
 def _quantize_pack_abstract(x, borders, *, bits):
-  del borders
-  return jax.core.ShapedArray(_codes.packed_shape(x.shape, bits), jnp.uint32)
+  return _codes_aval(x, bits, borders)
 
 
 _quantize_pack_p.def_abstract_eval(_quantize_pack_abstract)
@@ -331,13 +410,13 @@ _unpack_scale_p = _jcore.Primitive("fewbit_unpack_scale")
 
 
 def _unpack_scale_abstract(packed, levels, g, *, bits):
-  del packed, levels, bits
-  return jax.core.ShapedArray(g.shape, g.dtype)
+  del bits
+  return _result_aval(g.shape, g.dtype, _spec(g), g, packed, levels)
 
 
 def _unpack_scale_pure(packed, levels, g, *, bits):
   code = _codes.unpack(packed, bits, g.shape[-1]).reshape(g.shape)
-  return levels.astype(g.dtype)[code] * g
+  return _codes.lookup(levels.astype(g.dtype), code) * g
 
 
 _unpack_scale_p.def_abstract_eval(_unpack_scale_abstract)
@@ -407,7 +486,11 @@ def _sketch_abstract(x, keys, row0, *, kind, k):
       or keys.shape != (*lead, groups, 2) or x.shape[-2] % groups):
     raise ValueError(f"fewbit_sketch: x (L..., B, N), keys (L..., G, 2) and row0 (L..., G) "
                      f"with G dividing B; got x {x.shape}, keys {keys.shape}, row0 {row0.shape}")
-  return jax.core.ShapedArray((*lead, groups, k, x.shape[-1]), jnp.float32)
+  # Shards of B that hold whole groups are shards of G.
+  spec = _spec(x)
+  g_spec = None if x.sharding.mesh.empty else _if_divides(x.sharding.mesh, spec[-2], groups)
+  return _result_aval((*lead, groups, k, x.shape[-1]), jnp.float32,
+                      (*spec[:-2], g_spec, None, spec[-1]), x, keys, row0)
 
 
 def _dense_sketch_matrix(kind, k0, k1, rows, k):
@@ -521,6 +604,44 @@ def _check_borders(borders, bits: int) -> jax.Array:
   return borders
 
 
+def _multi_device() -> bool:
+  """Whether arrays may be sharded: more than one device."""
+  return jax.device_count() > 1
+
+
+def _words(a) -> int | None:
+  """The number W of 32-element words to call a code kernel on, or None.
+
+  An array (..., n) with n a multiple of 32 is handed to the kernels as
+  (..., W, 32), so that its words are batch rows: a sharding of the last axis
+  becomes one of the word axis, which XLA partitions (see the module
+  docstring). None where n is not a multiple of 32, where W = 1 (the plain
+  call is the same), where a type sharded over Explicit mesh axes would cut
+  words (the shards of n are not multiples of 32), and on one device, where
+  nothing is sharded and the plain call saves the transposes.
+  """
+  n = a.shape[-1] if a.ndim else 1
+  if n % _codes.WORD_BITS or n <= _codes.WORD_BITS or not _multi_device():
+    return None
+  words = n // _codes.WORD_BITS
+  return None if words % _codes._last_axis_shards(a) else words  # pylint: disable=protected-access
+
+
+def _bind_codes(prim, a, *operands, bits):
+  """The packed codes (..., bits, W) of a (..., n) from a code kernel.
+
+  Through the word view of `_words` where it applies: the kernel's
+  (..., W, bits, 1) result is transposed to the canonical layout. The codes
+  are bits / 32 of a's elements, so the transpose is a small copy.
+  """
+  words = _words(a)
+  if words is None:
+    return prim.bind(a, *operands, bits=bits)
+  lead = a.shape[:-1]
+  out = prim.bind(a.reshape(*lead, words, _codes.WORD_BITS), *operands, bits=bits)
+  return jnp.swapaxes(out.reshape(*lead, words, bits), -1, -2)
+
+
 def pack(codes: jax.Array, bits: int) -> jax.Array:
   """Packs integer codes (..., n) into bit planes (..., bits, ceil(n/32))."""
   bits = _codes.check_bits(bits)
@@ -528,7 +649,7 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
   if not _use_primitives() or codes.size == 0:
     return _codes.pack(codes, bits)
   c = codes.reshape(1) if codes.ndim == 0 else codes
-  return _pack_p.bind(c.astype(jnp.uint8), bits=bits)
+  return _bind_codes(_pack_p, c.astype(jnp.uint8), bits=bits)
 
 
 def quantize_pack(x: jax.Array, borders: jax.Array, bits: int) -> jax.Array:
@@ -551,8 +672,8 @@ def quantize_pack(x: jax.Array, borders: jax.Array, bits: int) -> jax.Array:
   if x.dtype not in (*_KERNEL_DTYPES, jnp.float64):
     x = x.astype(jnp.float32)  # what compute_codes does
   x = x.reshape(1) if x.ndim == 0 else x
-  return _quantize_pack_p.bind(jax.lax.stop_gradient(x), jax.lax.stop_gradient(borders),
-                               bits=bits)
+  return _bind_codes(_quantize_pack_p, jax.lax.stop_gradient(x), jax.lax.stop_gradient(borders),
+                     bits=bits)
 
 
 def unpack_scale(packed: jax.Array, levels: jax.Array, g: jax.Array, bits: int) -> jax.Array:
@@ -580,12 +701,19 @@ def unpack_scale(packed: jax.Array, levels: jax.Array, g: jax.Array, bits: int) 
   if not _use_primitives() or g.size == 0 or g.dtype not in _KERNEL_DTYPES:
     n = g.shape[-1] if g.ndim else 1
     code = _codes.unpack(packed, bits, n).reshape(g.shape)
-    return levels.astype(g.dtype)[code] * g
+    return _codes.lookup(levels.astype(g.dtype), code) * g
   # Rounding to g's dtype first makes the float32 table hold exactly the
   # values the pure path multiplies by.
   lv = levels.astype(g.dtype).astype(jnp.float32)
   g1 = g.reshape(1) if g.ndim == 0 else g
-  return _unpack_scale_p.bind(packed, lv, g1, bits=bits).reshape(g.shape)
+  words = _words(g1)
+  if words is None:
+    return _unpack_scale_p.bind(packed, lv, g1, bits=bits).reshape(g.shape)
+  # The word view of `_bind_codes`: codes (..., W, bits, 1), g (..., W, 32).
+  lead = g.shape[:-1]
+  pw = jnp.swapaxes(packed, -1, -2).reshape(*lead, words, bits, 1)
+  gw = g.reshape(*lead, words, _codes.WORD_BITS)
+  return _unpack_scale_p.bind(pw, lv, gw, bits=bits).reshape(g.shape)
 
 
 def _sketch_groups(rows: int) -> int:

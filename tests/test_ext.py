@@ -120,6 +120,62 @@ def test_float64_input_quantizes_like_float32():
     _assert_same(a, b)
 
 
+# Last axes of whole words, one word, and not whole words.
+WORD_SHAPES = [(64,), (3, 96), (2, 3, 256), (4, 32), (7, 100), (33,), (2, 1, 65)]
+
+
+def _kernel_results(fn, *args):
+  """Shapes of the results of the fewbit primitives that fn binds in mode 'ffi'."""
+  with ext.mode("ffi"):
+    jaxpr = jax.make_jaxpr(fn)(*args)
+  return [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name.startswith("fewbit_")]
+
+
+@pytest.mark.parametrize("multi_device", [True, False])
+@pytest.mark.parametrize("bits", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_word_view_gives_the_same_codes(multi_device, bits, dtype, monkeypatch):
+  """With several devices, n = 32 W (W > 1) goes to the kernels as (..., W, 32).
+
+  That view makes the words batch rows, so that a sharding of the last axis
+  is kept (tests/test_ext_sharding.py); its codes, transposed to the
+  canonical layout, and its products are bitwise the pure path's. Other
+  shapes, and every shape on one device, go whole.
+  """
+  monkeypatch.setattr(ext, "_multi_device", lambda: multi_device)
+  borders = _borders(bits, seed=bits)
+  levels = jnp.asarray(np.random.default_rng(bits).normal(size=2**bits).astype(np.float32))
+  r = np.random.default_rng(bits)
+  for shape in WORD_SHAPES:
+    *lead, n = shape
+    words = -(-n // 32)
+    split = multi_device and n % 32 == 0 and words > 1
+    x = _inputs(shape, dtype, borders, seed=len(shape))
+    g = _inputs(shape, dtype, borders, seed=7 + len(shape))
+    c = jnp.asarray(r.integers(0, 2**bits, size=shape).astype(np.uint8))
+    codes_shape = (*lead, words, bits, 1) if split else (*lead, bits, words)
+    assert _kernel_results(lambda x: ext.quantize_pack(x, borders, bits), x) == [codes_shape]
+    assert _kernel_results(lambda c: ext.pack(c, bits), c) == [codes_shape]
+    packed, pure = _both(ext.quantize_pack, x, borders, bits)
+    _assert_same(packed, pure)
+    _assert_same(*_both(ext.pack, c, bits))
+    scale = lambda p, g: ext.unpack_scale(p, levels, g, bits)
+    assert _kernel_results(scale, packed, g) == [(*lead, words, 32) if split else shape]
+    _assert_same(*_both(scale, packed, g))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_word_view_gradient_parity(dtype, monkeypatch):
+  monkeypatch.setattr(ext, "_multi_device", lambda: True)
+  f = _fewbit_relu_like(3)
+  x = jax.random.normal(jax.random.key(0), (3, 5, 128)).astype(dtype)
+  c = jax.random.normal(jax.random.key(1), x.shape).astype(dtype)
+  step = lambda x: jax.jit(jax.grad(lambda x: (f(x) * c).astype(jnp.float32).sum()))(x)
+  assert _kernel_results(jax.grad(lambda x: (f(x) * c).astype(jnp.float32).sum()), x) == [
+      (3, 5, 4, 3, 1), (3, 5, 4, 32)]
+  _assert_same(*_both(step, x))
+
+
 # --- transformations ---------------------------------------------------------
 
 def _fewbit_relu_like(bits):

@@ -110,11 +110,12 @@ def test_batch_sharded_step_does_not_gather_activations(tmp_path):
                         text=True, timeout=600, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
-  # Every kernel ran on per-device slices: x's shard is (64/8, 4, 96), its
-  # codes (8, 4, bits=3, 3 words); each device sketches its own 32 rows
-  # (one group of the 8) into a (1, 16, 96) partial.
+  # Every kernel ran on per-device slices: x's shard is (64/8, 4, 96), seen
+  # by the code kernels as 3 words of 32 (8, 4, 3, 32), its codes
+  # (8, 4, 3 words, bits=3, 1); each device sketches its own 32 rows (one
+  # group of the 8) into a (1, 16, 96) partial.
   res = out["results"]
-  assert res == {"fewbit_quantize_pack": "u32[8,4,3,3]", "fewbit_unpack_scale": "f32[8,4,96]",
+  assert res == {"fewbit_quantize_pack": "u32[8,4,3,3,1]", "fewbit_unpack_scale": "f32[8,4,3,32]",
                  "fewbit_sketch_gaussian": "f32[1,16,96]",
                  "fewbit_sketch_countsketch": "f32[1,16,96]"}, res
   assert out["n_calls"] == {"fewbit_quantize_pack": 2, "fewbit_unpack_scale": 2,
@@ -124,3 +125,99 @@ def test_batch_sharded_step_does_not_gather_activations(tmp_path):
   # Same results as the unsharded pure-JAX step.
   assert out["exact"] == [True, True], out
   assert max(out["max_err"]) < 1e-5, out
+
+
+_HIDDEN_SCRIPT = textwrap.dedent(r"""
+  import json, re
+  import jax, jax.numpy as jnp, numpy as np
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from fewbit_jax import ext
+
+  assert jax.device_count() == 8, jax.devices()
+  bits = 3
+  borders = jnp.sort(jax.random.normal(jax.random.key(0), (2**bits - 1,)))
+  levels = jnp.linspace(-0.5, 1.5, 2**bits)
+
+  def step(x, g):
+    packed = ext.quantize_pack(x, borders, bits)
+    return (packed, ext.unpack_scale(packed, levels, g, bits),
+            ext.pack((x > 0).astype(jnp.uint8), 1))
+
+  def spec_of(a):
+    s = jax.typeof(a).sharding.spec
+    return [list(e) if isinstance(e, tuple) else e for e in s]
+
+  out = {}
+  for axis_type in ("Auto", "Explicit"):
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(getattr(AxisType, axis_type),) * 2)
+    # Hidden sizes whose halves are whole words (128, 256), and not (96, 40).
+    for n in (128, 256, 96, 40):
+      x = jax.random.normal(jax.random.key(n), (8, 4, n))
+      g = jax.random.normal(jax.random.key(n + 1), x.shape)
+      with ext.mode("jax"):
+        ref = jax.jit(step)(x, g)
+      r = out[f"{axis_type}-{n}"] = {}
+      with jax.set_mesh(mesh), ext.mode("ffi"):
+        xs, gs = (jax.device_put(a, NamedSharding(mesh, P("data", None, "model"))) for a in (x, g))
+        compiled = jax.jit(step).lower(xs, gs).compile()
+        res = compiled(xs, gs)
+        if axis_type == "Explicit":
+          r["specs"] = [spec_of(a) for a in jax.jit(step)(xs, gs)]
+      hlo = compiled.as_text()
+      r["gathers"] = len(re.findall(r" all-gather(-start)?\(", hlo))
+      r["calls"] = sorted(set(re.findall(
+          r"= (\w+\[[\d,]*\])\{[^}]*\} custom-call\([^)]*\), custom_call_target=\"fewbit_(\w+)\"",
+          hlo)))
+      r["exact"] = [bool(jnp.all(a == b)) for a, b in zip(res, ref)]
+
+  # Inside a user's shard_map: results vary over the manual axes their
+  # operands vary over, on both paths.
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  x = jax.random.normal(jax.random.key(0), (16, 64))
+
+  def body(x):
+    packed = ext.quantize_pack(x, borders, bits)
+    res = [packed, ext.unpack_scale(packed, levels, x, bits), ext.pack((x > 0).astype(jnp.uint8), 1)]
+    f = ext.sketch_kernel("gaussian")
+    if f is not None:
+      res.append(f(x, jnp.uint32(1), jnp.uint32(2), 4))
+    out["vma-" + ext.get_mode()] = [sorted(jax.typeof(a).manual_axis_type.varying) for a in res]
+    return x
+
+  for m in ("ffi", "jax"):
+    with ext.mode(m):
+      jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=P("data")))(x)
+  print(json.dumps(out))
+""")
+
+
+def test_hidden_sharded_codes_stay_sharded(child_env):
+  # An activation sharded on its hidden axis: the code kernels run on each
+  # device's words where the shards hold whole words (no all-gather), gather
+  # where they cut words; the same codes either way, typed with the
+  # activation's sharding under Explicit meshes and with its manual axes
+  # inside shard_map.
+  env = child_env(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip(),
+                  JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-P", "-c", _HIDDEN_SCRIPT], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  for axis_type in ("Auto", "Explicit"):
+    for n in (128, 256, 96, 40):
+      r = out[f"{axis_type}-{n}"]
+      assert r["exact"] == [True, True, True], (axis_type, n, r)
+      if n in (128, 256):
+        w = n // 64  # each device's words
+        assert r["gathers"] == 0, (axis_type, n, r)
+        assert r["calls"] == [[f"f32[2,4,{w},32]", "unpack_scale"], [f"u32[2,4,{w},1,1]", "pack"],
+                              [f"u32[2,4,{w},3,1]", "quantize_pack"]], (axis_type, n, r)
+      else:
+        assert r["gathers"] > 0, (axis_type, n, r)  # documented: shards that cut words
+  for n, words in ((128, "model"), (256, "model"), (96, None), (40, None)):
+    codes_spec = ["data", None, None, words]
+    assert out[f"Explicit-{n}"]["specs"] == [codes_spec, ["data", None, "model"],
+                                             codes_spec], n
+  assert out["vma-ffi"] == [["data"]] * 4, out
+  assert out["vma-jax"] == [["data"]] * 3, out
