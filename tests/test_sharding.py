@@ -276,33 +276,6 @@ _SCRIPT = textwrap.dedent(r"""
   print(json.dumps(results))
 """)
 
-# Cases that need a fix outside this change (see the reasons).
-_FFI_HIDDEN = ("the FFI code packing gathers an activation sharded on its last (hidden) axis "
-               "(ext.quantize_pack/pack/unpack_scale partition over the leading axes only), and "
-               "under Explicit meshes their results are typed as replicated")
-_PURE_EXPLICIT = ("the pure-JAX code lookups (borders[cand - 1] in codes.compute_codes, "
-                  "levels[code] in ext.unpack_scale) are gathers with sharded indices, for which "
-                  "an Explicit mesh asks an out_sharding")
-
-
-def _expected_failure(case: str, check: str) -> str | None:
-  path, mesh, layout = case.split("-", 2)
-  if path == "jax" and mesh == "Explicit":
-    return _PURE_EXPLICIT
-  if path == "auto" and "tp" in layout and check in ("collectives", "gelu", "memory"):
-    return _FFI_HIDDEN
-  return None
-
-
-def _cases(check, cases=CASES):
-  out = []
-  for case in cases:
-    reason = _expected_failure(case, check)
-    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-    out.append(pytest.param(case, marks=marks, id=case))
-  return out
-
-
 @pytest.fixture(scope="module")
 def sharded_results(child_env):
   flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -324,21 +297,21 @@ def _get(results, case, *fields):
   return r
 
 
-@pytest.mark.parametrize("case", _cases("equal"))
+@pytest.mark.parametrize("case", CASES)
 def test_loss_and_gradients_equal_one_device(sharded_results, case):
   loss, ref = _get(sharded_results, case, "loss")
   assert loss == pytest.approx(ref, rel=1e-5)
   assert _get(sharded_results, case, "grad_err") < 1e-4
 
 
-@pytest.mark.parametrize("case", _cases("gelu"))
+@pytest.mark.parametrize("case", CASES)
 def test_gelu_gradient_bitwise_with_no_collective(sharded_results, case):
   r = _get(sharded_results, case, "gelu")
   assert r["exact"]
   assert all(n == 0 for n, _ in r["collectives"].values()), r["collectives"]
 
 
-@pytest.mark.parametrize("case", _cases("collectives"))
+@pytest.mark.parametrize("case", CASES)
 def test_no_collective_beyond_vanilla(sharded_results, case):
   c = _get(sharded_results, case, "collectives")
   for op, (n, nbytes) in c["fewbit"].items():
@@ -347,7 +320,7 @@ def test_no_collective_beyond_vanilla(sharded_results, case):
   assert c["vanilla"]["all-reduce"][0] > 0  # the gradient all-reduce is counted
 
 
-@pytest.mark.parametrize("case", _cases("memory", [c for c in CASES if c.startswith(PATHS[0])]))
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith(PATHS[0])])
 def test_per_device_saving_matches_one_device(sharded_results, case):
   temp = _get(sharded_results, case, "temp")
   shard = _get(sharded_results, case, "shard_temp")
@@ -357,15 +330,8 @@ def test_per_device_saving_matches_one_device(sharded_results, case):
   assert saving > reference - 0.06, (saving, reference, temp, shard)
 
 
-_GELU_IN_SHARD_MAP = ("ext's primitives type their results without the operand's manual axes "
-                      "(abstract evals build a fresh ShapedArray), so inside jax.shard_map the "
-                      "few-bit activation's backward is not of its input's type")
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(f"{p}-shard_map-{n}", id=f"{p}-{n}", marks=[pytest.mark.xfail(
-        strict=True, reason=_GELU_IN_SHARD_MAP)] if n == "gelu" and p == "auto" else [])
-    for p in PATHS for n in ("dense", "gelu")])
+@pytest.mark.parametrize("case", [pytest.param(f"{p}-shard_map-{n}", id=f"{p}-{n}")
+                                  for p in PATHS for n in ("dense", "gelu")])
 def test_inside_a_users_shard_map(sharded_results, case):
   # The plain layer's gradients: the randomized one sums its weight gradient
   # over the devices as autodiff does for an invariant weight.
