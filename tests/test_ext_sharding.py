@@ -6,7 +6,10 @@ fewbit primitives are batch-partitionable (see fewbit_jax.ext); this test
 compiles a forward/backward step on 8 CPU devices with the batch axis sharded
 and checks the compiled HLO: the kernels run on per-device slices, and no
 all-gather moves an array as large as a device's share of an activation.
-It runs in a subprocess because the device count is fixed at JAX start-up.
+A second test shards the hidden (last) axis as well: the code kernels run
+on each device's 32-element words where its shards hold whole words, and
+the results are typed with their operands' sharding and manual axes.
+They run in subprocesses because the device count is fixed at JAX start-up.
 """
 
 import json
