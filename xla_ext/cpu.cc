@@ -90,6 +90,20 @@ int64_t max_tasks(ffi::ThreadPool& pool) {
   return std::max<int64_t>(1, pool.num_threads()) * 4;
 }
 
+// Where the work of one sketch group runs: split over the pool, or on the
+// calling thread when the groups themselves are spread over the pool.
+struct Exec {
+  ffi::ThreadPool* pool;  // nullptr: serial
+  int64_t threads() const { return pool ? std::max<int64_t>(1, pool->num_threads()) : 1; }
+  void run(int64_t n_tasks, const std::function<void(int64_t)>& f) const {
+    if (pool != nullptr) {
+      parallel_for(*pool, n_tasks, f);
+    } else {
+      for (int64_t t = 0; t < n_tasks; ++t) f(t);
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------
 // Word kernels: 32 elements at a time, as loops of fixed length over the 32
 // lanes that the compiler vectorises. Each is built twice, for AVX2+FMA
@@ -381,7 +395,7 @@ void micro_tile(const float* st, int rows, int j, const float* xc, float* const*
 }
 
 template <Dtype D, SketchKind K>
-void dense_sketch_group(ffi::ThreadPool& pool, const typename Storage<D>::type* x,
+void dense_sketch_group(const Exec& ex, const typename Storage<D>::type* x,
                         uint32_t k0, uint32_t k1, uint32_t row0, int64_t R, int64_t N,
                         int64_t k, float* out) {
   std::fill(out, out + k * N, 0.0f);
@@ -391,10 +405,10 @@ void dense_sketch_group(ffi::ThreadPool& pool, const typename Storage<D>::type* 
   const int64_t nlanes = (N + kLanes - 1) / kLanes;
   // Split the columns of x too when there are fewer column blocks of S than
   // threads (each split regenerates its S tiles).
-  const int64_t want = std::max<int64_t>(1, pool.num_threads());
+  const int64_t want = ex.threads();
   const int64_t nsplit = std::max<int64_t>(1, std::min(nlanes, (want + jblocks - 1) / jblocks));
   const int64_t lanes_per = (nlanes + nsplit - 1) / nsplit;
-  parallel_for(pool, jblocks * nsplit, [&](int64_t task) {
+  ex.run(jblocks * nsplit, [&](int64_t task) {
     const int64_t jb = task / nsplit, ns = task % nsplit;
     const int64_t j0 = jb * kColBlock, jn = std::min<int64_t>(kColBlock, k - j0);
     const int64_t l0 = ns * lanes_per, l1 = std::min(nlanes, l0 + lanes_per);
@@ -432,14 +446,14 @@ void dense_sketch_group(ffi::ThreadPool& pool, const typename Storage<D>::type* 
 }
 
 template <Dtype D>
-void countsketch_group(ffi::ThreadPool& pool, const typename Storage<D>::type* x,
+void countsketch_group(const Exec& ex, const typename Storage<D>::type* x,
                        uint32_t k0, uint32_t k1, uint32_t row0, int64_t R, int64_t N,
                        int64_t k, float* out) {
   std::fill(out, out + k * N, 0.0f);
   // Tasks own disjoint column ranges, so every output element is summed in
   // row order by one thread.
-  const Chunks ch = chunks(N, 128, max_tasks(pool));
-  parallel_for(pool, ch.count, [&](int64_t t) {
+  const Chunks ch = chunks(N, 128, ex.threads() * 4);
+  ex.run(ch.count, [&](int64_t t) {
     const int64_t c0 = t * ch.size, c1 = std::min(N, c0 + ch.size);
     for (int64_t r = 0; r < R; ++r) {
       const uint32_t i = row0 + uint32_t(r);
@@ -469,16 +483,28 @@ ffi::Error SketchImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   const uint32_t* kw = keys.typed_data();
   const uint32_t* r0 = row0.typed_data();
   float* o = out->typed_data();
+  // With at least as many groups (sketch blocks, vmapped problems) as
+  // threads, each task takes whole groups: splitting one small group would
+  // regenerate its S tiles in every split and synchronise the pool once per
+  // group. Either way every output element is summed in the same row order
+  // by one thread, so the result does not depend on the split.
+  const bool by_group = groups > 1 && groups >= Exec{&pool}.threads();
+  const Exec inner{by_group ? nullptr : &pool};
   auto run = [&](auto dtype_tag, const auto* xs) {
     constexpr Dtype D = decltype(dtype_tag)::value;
-    for (int64_t g = 0; g < groups; ++g) {
+    auto one = [&](int64_t g) {
       const auto* xg = xs + g * R * N;
       float* og = o + g * k * N;
       if constexpr (K == SketchKind::kCountSketch) {
-        countsketch_group<D>(pool, xg, kw[2 * g], kw[2 * g + 1], r0[g], R, N, k, og);
+        countsketch_group<D>(inner, xg, kw[2 * g], kw[2 * g + 1], r0[g], R, N, k, og);
       } else {
-        dense_sketch_group<D, K>(pool, xg, kw[2 * g], kw[2 * g + 1], r0[g], R, N, k, og);
+        dense_sketch_group<D, K>(inner, xg, kw[2 * g], kw[2 * g + 1], r0[g], R, N, k, og);
       }
+    };
+    if (by_group) {
+      parallel_for(pool, groups, one);
+    } else {
+      for (int64_t g = 0; g < groups; ++g) one(g);
     }
   };
   using F32Tag = std::integral_constant<Dtype, Dtype::kF32>;
