@@ -156,13 +156,6 @@ def test_unused_patch_warns_and_can_be_silenced():
       jnp.sin(X)
 
 
-def test_patch_docstring_examples():
-  import doctest
-  from fewbit_jax import patch
-  res = doctest.testmod(patch, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-  assert res.attempted > 0 and res.failed == 0
-
-
 # --------------------------------------------------------------------------
 # Randomized dot_general / einsum (the core of the *General layers)
 
@@ -261,13 +254,6 @@ def test_general_bad_input(call, match):
     w = jnp.ones((2, 4, 5))
   with pytest.raises(ValueError, match=match):
     call(x, w)
-
-
-def test_general_docstring_examples():
-  import doctest
-  from fewbit_jax import dense_general
-  res = doctest.testmod(dense_general, optionflags=doctest.ELLIPSIS)
-  assert res.attempted > 0 and res.failed == 0
 
 
 # --------------------------------------------------------------------------
@@ -571,18 +557,3 @@ def test_linen_dense_general_and_swap_activations():
                                          for n in ("heads", "merge", "out")]
   for path, want in g0.items():
     np.testing.assert_allclose(g1[path], want, rtol=1e-4, atol=1e-5, err_msg=path)
-
-
-@pytest.mark.parametrize("obj", [
-    fb.nnx.map_module, fb.nnx.convert_linear, fb.nnx.convert_activations,
-    fb.nnx.RandomizedLinearGeneral, fb.nnx.RandomizedEinsum, fb.linen.intercept,
-    fb.linen.Interception, fb.linen.swap_activations], ids=lambda o: o.__name__)
-def test_conversion_docstring_examples(obj):
-  import doctest
-  finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(
-      optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-  tests = [t for t in finder.find(obj, obj.__name__, globs={}) if t.examples]
-  assert tests
-  for t in tests:
-    runner.run(t)
-  assert runner.failures == 0

@@ -116,10 +116,3 @@ def test_policy_beats_plain_remat_and_fewbit_alone_in_compiled_temp(child_env):
   assert ours < temp["few-bit (3-bit GELU + randomized 20%)"]
   assert ours < temp["jax.checkpoint each block (keep nothing)"]
   assert set(temp) == set(_ROWS)
-
-
-def test_remat_docstring_examples():
-  import doctest
-  from fewbit_jax import remat
-  res = doctest.testmod(remat, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-  assert res.attempted > 0 and res.failed == 0
