@@ -131,6 +131,19 @@ def _after(a, dep):
   return a * one
 
 
+def _after_smaller(a, b, dep, after=_after):
+  """(a, b) with the smaller of the two made to wait for `dep` by `after`.
+
+  The multiply by 1 of `after` writes a copy of its operand, alive until the
+  matmul that reads it: order through whichever matmul operand is smaller
+  (the kernel for the many positions of a training batch, the activation for
+  a small batch on a large layer).
+  """
+  if a.size < b.size:
+    return after(a, dep), b
+  return a, after(b, dep)
+
+
 # --- block-diagonal sketches -------------------------------------------------------
 
 _blocks_default = None  # set by sketch_blocks_default
@@ -280,7 +293,8 @@ def _rdense_blocks_fwd(x, kernel, bias, keys, kb, kind, precision, pet, out_shar
   c = keys.shape[0]
   x3 = _as_blocks(x, c, x3_spec)
   sx = _sharded.project_blocks(kind, x3, keys, kb, precision=precision).astype(x.dtype)
-  y = _forward(x, _sharded.after(kernel, sx), bias, precision, pet, out_sharding)
+  y = _forward(*_after_smaller(x, kernel, sx, _sharded.after), bias, precision, pet,
+               out_sharding)
   sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
   return y, (sx, keys, kernel, bias)
 
@@ -301,7 +315,7 @@ def _rdense_blocks_bwd(kb, kind, precision, pet, out_sharding, layout, res, g):
   g3 = _as_blocks(g, c, g3_spec)
   sg = _sharded.project_blocks(kind, g3, keys, kb, precision=precision)
   w_in = kernel
-  kernel = _sharded.after(kernel, sg)
+  g, kernel = _after_smaller(g, kernel, sg, _sharded.after)
   # dx and db are the transposes of the forward's linear map, so they are
   # exactly what autodiff of the plain dense layer gives.
   x_sharding = None
@@ -339,7 +353,7 @@ def _rdense_fwd(x, kernel, bias, kw, k, kind, precision, pet, out_sharding):
   sx = _sketch.project(kind, x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), kw, k,
                        precision=precision)
   sx = sx.astype(x.dtype)
-  y = _forward(x, _after(kernel, sx), bias, precision, pet, out_sharding)
+  y = _forward(*_after_smaller(x, kernel, sx), bias, precision, pet, out_sharding)
   sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
   return y, (sx, kw, kernel, bias)
 
@@ -349,7 +363,7 @@ def _rdense_bwd(k, kind, precision, pet, out_sharding, res, g):
   n, m = kernel.shape
   sg = _sketch.project(kind, g.reshape(math.prod(g.shape[:-1]), m), kw, k, precision=precision)
   w_in = kernel
-  kernel = _after(kernel, sg)
+  g, kernel = _after_smaller(g, kernel, sg)
   x_aval, b_aval = _input_avals(g, n, kernel, bias)
   # dx and db are the transposes of the forward's linear map, so they are
   # exactly what autodiff of the plain dense layer gives.

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fewbit_jax import rng, sketch as _sketch
-from fewbit_jax.dense import SKETCH_NAME, _after, _check_array, projection_dim
+from fewbit_jax.dense import SKETCH_NAME, _after_smaller, _check_array, projection_dim
 
 __all__ = ["randomized_dot_general", "randomized_einsum", "SKETCH_NAME"]
 
@@ -105,7 +105,7 @@ def _n_batch(spec) -> int:
 def _project_fwd(x, kernel, kw, spec):
   sx = _sketch.project(spec.kind, _flatten(x, spec.x_perm, _n_batch(spec)), kw, spec.k,
                        precision=spec.precision).astype(x.dtype)
-  y = spec.forward(x, _after(kernel, sx))
+  y = spec.forward(*_after_smaller(x, kernel, sx))
   sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
   return y, (sx, kw, kernel, jax.ShapeDtypeStruct(x.shape, x.dtype))
 
@@ -114,7 +114,7 @@ def _project_bwd(spec, res, g):
   sx, kw, kernel, x_aval = res
   sg = _sketch.project(spec.kind, _flatten(g, spec.g_perm, _n_batch(spec)), kw, spec.k,
                        precision=spec.precision)
-  kernel = _after(kernel, sg)
+  g, kernel = _after_smaller(g, kernel, sg)
   (dx,) = jax.linear_transpose(lambda x: spec.forward(x, kernel), x_aval)(g)
   dw = lax.dot_general(sx.astype(jnp.float32), sg, (((0,), (0,)), ((), ())),
                        precision=spec.precision, preferred_element_type=jnp.float32)
