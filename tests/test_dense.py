@@ -362,6 +362,22 @@ def test_compiled_memory_below_vanilla(kind, mode, lead):
   assert "16384,3277]" not in hlo and "3277,16384]" not in hlo  # S is never whole
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_small_batch_adds_no_kernel_copy(mode):
+  # 128 positions through a 256 x 256 layer: the activation and the cotangent
+  # are smaller than the kernel, so the sketch is ordered through them and no
+  # kernel-sized (256 KiB) copy is added to what the plain layer's step holds.
+  x, w, b = jnp.ones((128, 256)), jnp.ones((256, 256)), jnp.zeros(256)
+  key = jax.random.key(0)
+  plain = lambda w, b, x: jnp.sum(jnp.tanh(x @ w + b))
+  rand = lambda w, b, x: jnp.sum(jnp.tanh(randomized_dense(x, w, b, key, proj_dim_ratio=0.2)))
+  with ext.mode(mode):
+    temps = [jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(w, b, x).compile(
+        {"xla_backend_optimization_level": 0}).memory_analysis().temp_size_in_bytes
+             for f in (plain, rand)]
+  assert temps[1] - temps[0] < w.nbytes // 2, temps
+
+
 @pytest.mark.skipif(not ext.available(), reason="fewbit_jax._xla_ext not built")
 @pytest.mark.parametrize("lead", LEADS)
 @pytest.mark.parametrize("kind", ext.SKETCH_KINDS)
