@@ -24,6 +24,7 @@ memory of its jitted training step, and writes the loss curves to
 Usage (from the repository root):
   python -m examples.char_gpt                         # 4 x 500 steps
   python -m examples.char_gpt --steps 100 --layers 1  # a quick look
+  python -m examples.char_gpt --finetune-from 500 --steps 200  # fine-tuning
 """
 
 from __future__ import annotations
@@ -161,10 +162,18 @@ def batches(data: np.ndarray, batch: int, context: int, rng: np.random.Generator
 def train(variant: str, train_data, val_batches, vocab: int, *, steps: int = 500,
           batch: int = 32, context: int = 128, dim: int = 128, heads: int = 4,
           layers: int = 2, lr: float = 3e-3, seed: int = 0, eval_every: int = 50,
-          ratio: float = 0.2, bar=None) -> dict:
-  """Trains one variant; returns train losses, validation losses and memory."""
+          ratio: float = 0.2, params=None, data_seed: int | None = None,
+          bar=None) -> dict:
+  """Trains one variant; returns train and validation losses, memory and parameters.
+
+  `params` (an ``nnx.State`` of ``nnx.Param``, e.g. another run's ``params``)
+  replaces the initial parameters: fine-tuning. Batches come from
+  `data_seed` (default `seed`).
+  """
   model = build(variant, vocab, seed, batch, ratio, context=context, dim=dim, heads=heads,
                 layers=layers)
+  if params is not None:  # copies: the step donates its state
+    nnx.update(model, jax.tree.map(jnp.copy, params))
   graphdef, state = nnx.split(model)
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps),
                    weight_decay=0.01)
@@ -174,7 +183,7 @@ def train(variant: str, train_data, val_batches, vocab: int, *, steps: int = 500
   tokens = np.zeros((batch, context), np.int32)
   step, memory = _common.compile_with_memory(step, state, opt_state, tokens, tokens)
 
-  rng = np.random.default_rng(seed)  # the same batches for every variant
+  rng = np.random.default_rng(seed if data_seed is None else data_seed)  # same for all
   losses, val, val_at = [], [], []
   for i in range(steps):
     x, y = batches(train_data, batch, context, rng)
@@ -187,14 +196,21 @@ def train(variant: str, train_data, val_batches, vocab: int, *, steps: int = 500
       bar.update(1)
       if i % 10 == 0:
         bar.set_postfix_str(f"{variant}, loss {losses[-1]:.3f}", refresh=False)
-  return dict(losses=losses, val=val, val_at=val_at, final_val=val[-1], memory=memory)
+  return dict(losses=losses, val=val, val_at=val_at, final_val=val[-1], memory=memory,
+              params=nnx.state(nnx.merge(graphdef, state), nnx.Param))
 
 
 def run(variants=tuple(VARIANTS), *, steps: int = 500, batch: int = 32, context: int = 128,
         dim: int = 128, heads: int = 4, layers: int = 2, seed: int = 0, eval_batches: int = 8,
         eval_every: int = 50, text_chars: int | None = None, plot: str | None = None,
-        ratio: float = 0.2, progress: bool = True) -> dict:
-  """Trains every variant; returns {variant: result}."""
+        ratio: float = 0.2, finetune_from: int = 0, progress: bool = True) -> dict:
+  """Trains every variant; returns {variant: result}.
+
+  With ``finetune_from=N`` the variants do not start from scratch: a vanilla
+  model is trained for N steps first, and every variant continues from its
+  parameters for `steps` steps (a fresh optimizer, later batches), as when
+  fine-tuning a pre-trained model.
+  """
   text = load_text()[:text_chars]
   chars = sorted(set(text))
   lookup = {c: i for i, c in enumerate(chars)}
@@ -203,17 +219,24 @@ def run(variants=tuple(VARIANTS), *, steps: int = 500, batch: int = 32, context:
   train_data, val_data = data[:split], data[split:]
   vrng = np.random.default_rng(1234)
   val_batches = [batches(val_data, batch, context, vrng) for _ in range(eval_batches)]
-  results = {}
-  with tqdm(total=steps * len(variants), disable=not progress, unit="step", desc="char GPT",
-            mininterval=0.5) as bar:
+  results, start = {}, None
+  common = dict(batch=batch, context=context, dim=dim, heads=heads, layers=layers, seed=seed,
+                eval_every=eval_every, ratio=ratio)
+  with tqdm(total=steps * len(variants) + finetune_from, disable=not progress, unit="step",
+            desc="char GPT", mininterval=0.5) as bar:
+    if finetune_from:
+      start = train("vanilla", train_data, val_batches, len(chars), steps=finetune_from,
+                    bar=bar, **common)["params"]
     for v in variants:
-      results[v] = train(v, train_data, val_batches, len(chars), steps=steps, batch=batch,
-                         context=context, dim=dim, heads=heads, layers=layers, seed=seed,
-                         eval_every=eval_every, ratio=ratio, bar=bar)
+      results[v] = train(v, train_data, val_batches, len(chars), steps=steps, params=start,
+                         data_seed=None if start is None else seed + 1, bar=bar, **common)
   if plot:
+    title = "char GPT on pydoc_data.topics, train loss"
+    if finetune_from:
+      title = f"char GPT, after {finetune_from} vanilla steps, train loss"
     _common.plot_curves(
         {v: r["losses"] for v, r in results.items()}, plot,
-        title="char GPT on pydoc_data.topics, train loss", ylabel="nats / char",
+        title=title, ylabel="nats / char",
         window=max(1, steps // 30),
         second={v: r["val"] for v, r in results.items()}, second_label="validation loss",
         second_x={v: r["val_at"] for v, r in results.items()})
@@ -248,6 +271,8 @@ def main(argv=None) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--ratio", type=float, default=0.2,
                  help="proj_dim_ratio of the randomized layers")
+  p.add_argument("--finetune-from", type=int, default=0, metavar="N",
+                 help="train vanilla for N steps, then every variant from there")
   p.add_argument("--variants", default=",".join(VARIANTS),
                  help=f"comma-separated, among {list(VARIANTS)}")
   p.add_argument("--plot", default=os.path.join(_common.FIGURES, "char_gpt.png"))
@@ -257,11 +282,13 @@ def main(argv=None) -> None:
   results = run([v.strip() for v in args.variants.split(",")], steps=args.steps,
                 batch=args.batch, context=args.context, dim=args.dim, heads=args.heads,
                 layers=args.layers, seed=args.seed, ratio=args.ratio,
-                plot=None if args.no_plot else args.plot)
+                finetune_from=args.finetune_from, plot=None if args.no_plot else args.plot)
   print(f"\nchar GPT ({args.layers} layers, dim {args.dim}, {args.heads} heads, context "
         f"{args.context}) on pydoc_data.topics, batch {args.batch}, {args.steps} steps "
         f"({time.perf_counter() - t0:.0f}s); randomized: every linear layer keeps "
-        f"{args.ratio:.0%} of the rows, one sketch block per sequence\n")
+        f"{args.ratio:.0%} of the rows, one sketch block per sequence"
+        + (f"; every variant fine-tunes the model of {args.finetune_from} vanilla steps"
+           if args.finetune_from else "") + "\n")
   print(format_results(results))
   if not args.no_plot:
     print(f"\nloss curves: {os.path.relpath(args.plot)}")

@@ -135,6 +135,17 @@ def test_char_gpt_smoke(tmp_path):
   assert "validation loss" in char_gpt.format_results(res)
 
 
+def test_char_gpt_finetunes_from_vanilla():
+  # Every variant starts from the parameters of the vanilla pre-training run.
+  kw = dict(batch=4, context=32, dim=32, heads=2, layers=1, eval_batches=1, eval_every=3,
+            text_chars=30000, progress=False)
+  pre = char_gpt.run(["vanilla"], steps=6, **kw)["vanilla"]
+  res = char_gpt.run(["vanilla", "both"], steps=3, finetune_from=6, **kw)
+  assert res["vanilla"]["losses"][0] < pre["losses"][0] - 0.5  # not from scratch
+  assert abs(res["both"]["losses"][0] - res["vanilla"]["losses"][0]) < 1e-3  # same start
+  assert res["both"]["val"][-1] < pre["val"][0]
+
+
 def test_plot_activations(tmp_path):
   x = np.linspace(-4, 4, 801)
   c = plot_activations.curves("gelu", [1, 2, 3, 4], x)
