@@ -98,3 +98,17 @@ def test_pack_under_jit_and_vmap():
   p1 = jax.jit(lambda c: codes.pack(c, 3))(c)
   p2 = jax.vmap(lambda c: codes.pack(c, 3))(c)
   np.testing.assert_array_equal(p1, p2)
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_pure_path_keeps_only_the_codes(bits):
+  # jit(grad) of a few-bit activation between elementwise ops: on the pure
+  # path the step's temp is the packed codes and nothing activation-sized
+  # beside them (a binary search by table lookups held 25 MiB at 8 bits here).
+  import fewbit_jax as fb
+  from fewbit_jax import ext
+  x = jnp.ones((512, 2048))
+  f = lambda x: jnp.sum(jnp.sin(fb.gelu(jnp.cos(x), bits=bits)))
+  with ext.mode("jax"):
+    temp = jax.jit(jax.grad(f)).lower(x).compile().memory_analysis().temp_size_in_bytes
+  assert temp <= codes.packed_nbytes(x.shape, bits) + 64 * 1024, temp
