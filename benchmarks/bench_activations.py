@@ -100,7 +100,8 @@ def main():
 
   cases = {"vanilla": functools.partial(jax.nn.gelu, approximate=False),
            "fb.gelu 3 bit": fb.gelu(approximate=False, bits=3),
-           "fb.gelu 1 bit": fb.gelu(approximate=False, bits=1)}
+           "fb.gelu 1 bit": fb.gelu(approximate=False, bits=1),
+           "fb.gelu 8 bit": fb.gelu(approximate=False, bits=8)}
   steps = {k: make_step(a) for k, a in cases.items()}
   state = tx.init(params)
   for s in steps.values():
