@@ -24,7 +24,7 @@ memory of its jitted training step, and writes the loss curves to
 Usage (from the repository root):
   python -m examples.char_gpt                         # 4 x 500 steps
   python -m examples.char_gpt --steps 100 --layers 1  # a quick look
-  python -m examples.char_gpt --finetune-from 500 --steps 200  # fine-tuning
+  python -m examples.char_gpt --finetune-from 500 --steps 200 --lr 5e-4  # fine-tuning
 """
 
 from __future__ import annotations
@@ -203,13 +203,15 @@ def train(variant: str, train_data, val_batches, vocab: int, *, steps: int = 500
 def run(variants=tuple(VARIANTS), *, steps: int = 500, batch: int = 32, context: int = 128,
         dim: int = 128, heads: int = 4, layers: int = 2, seed: int = 0, eval_batches: int = 8,
         eval_every: int = 50, text_chars: int | None = None, plot: str | None = None,
-        ratio: float = 0.2, finetune_from: int = 0, progress: bool = True) -> dict:
+        ratio: float = 0.2, finetune_from: int = 0, lr: float = 3e-3,
+        progress: bool = True) -> dict:
   """Trains every variant; returns {variant: result}.
 
   With ``finetune_from=N`` the variants do not start from scratch: a vanilla
   model is trained for N steps first, and every variant continues from its
   parameters for `steps` steps (a fresh optimizer, later batches), as when
-  fine-tuning a pre-trained model.
+  fine-tuning a pre-trained model. `lr` is the variants' peak learning rate
+  (the vanilla pre-training keeps 3e-3).
   """
   text = load_text()[:text_chars]
   chars = sorted(set(text))
@@ -229,7 +231,8 @@ def run(variants=tuple(VARIANTS), *, steps: int = 500, batch: int = 32, context:
                     bar=bar, **common)["params"]
     for v in variants:
       results[v] = train(v, train_data, val_batches, len(chars), steps=steps, params=start,
-                         data_seed=None if start is None else seed + 1, bar=bar, **common)
+                         data_seed=None if start is None else seed + 1, lr=lr, bar=bar,
+                         **common)
   if plot:
     title = "char GPT on pydoc_data.topics, train loss"
     if finetune_from:
@@ -273,6 +276,7 @@ def main(argv=None) -> None:
                  help="proj_dim_ratio of the randomized layers")
   p.add_argument("--finetune-from", type=int, default=0, metavar="N",
                  help="train vanilla for N steps, then every variant from there")
+  p.add_argument("--lr", type=float, default=3e-3, help="the variants' peak learning rate")
   p.add_argument("--variants", default=",".join(VARIANTS),
                  help=f"comma-separated, among {list(VARIANTS)}")
   p.add_argument("--plot", default=os.path.join(_common.FIGURES, "char_gpt.png"))
@@ -282,9 +286,11 @@ def main(argv=None) -> None:
   results = run([v.strip() for v in args.variants.split(",")], steps=args.steps,
                 batch=args.batch, context=args.context, dim=args.dim, heads=args.heads,
                 layers=args.layers, seed=args.seed, ratio=args.ratio,
-                finetune_from=args.finetune_from, plot=None if args.no_plot else args.plot)
+                finetune_from=args.finetune_from, lr=args.lr,
+                plot=None if args.no_plot else args.plot)
   print(f"\nchar GPT ({args.layers} layers, dim {args.dim}, {args.heads} heads, context "
-        f"{args.context}) on pydoc_data.topics, batch {args.batch}, {args.steps} steps "
+        f"{args.context}) on pydoc_data.topics, batch {args.batch}, {args.steps} steps at "
+        f"peak learning rate {args.lr:g} "
         f"({time.perf_counter() - t0:.0f}s); randomized: every linear layer keeps "
         f"{args.ratio:.0%} of the rows, one sketch block per sequence"
         + (f"; every variant fine-tunes the model of {args.finetune_from} vanilla steps"
