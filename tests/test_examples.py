@@ -188,3 +188,12 @@ def test_char_gpt_validation_loss():
   assert res["both"]["final_val"] <= 1.25 * base
   assert res["3-bit GELU"]["memory"] < res["vanilla"]["memory"]
   assert res["both"]["memory"] < res["vanilla"]["memory"]
+
+
+@pytest.mark.slow
+def test_char_gpt_finetuned_randomized_within_a_few_percent():
+  res = char_gpt.run(steps=200, finetune_from=500, lr=5e-4, progress=False)
+  base = res["vanilla"]["final_val"]
+  assert res["3-bit GELU"]["final_val"] <= 1.01 * base
+  assert res["randomized"]["final_val"] <= 1.05 * base
+  assert res["both"]["final_val"] <= 1.05 * base
