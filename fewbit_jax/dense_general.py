@@ -54,7 +54,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fewbit_jax import rng, sketch as _sketch
+from fewbit_jax import dense as _dense
+from fewbit_jax import rng, sharded as _sharded, sketch as _sketch
 from fewbit_jax.dense import SKETCH_NAME, _after_smaller, _check_array, projection_dim
 
 __all__ = ["randomized_dot_general", "randomized_einsum", "SKETCH_NAME"]
@@ -73,6 +74,7 @@ class _Spec:
   k_perm: tuple[int, ...]  # the kernel's contracted axes (same order), then feature axes
   k: int
   kind: str
+  blocks: int = 0  # 0: one sketch of all B rows; C: C blocks, each its own sketch
 
   def forward(self, x, kernel):
     kwargs = {}
@@ -102,21 +104,35 @@ def _n_batch(spec) -> int:
   return len(spec.x_perm) - (len(spec.x_perm) + len(spec.k_perm) - len(spec.g_perm)) // 2
 
 
+def _sketch_of(spec, a2d, kw):
+  """S^T a2d: (k, N), or (C, ceil(k / C), N) for C blocks of rows."""
+  if not spec.blocks:
+    return _sketch.project(spec.kind, a2d, kw, spec.k, precision=spec.precision)
+  c = spec.blocks
+  a3 = a2d.reshape(c, a2d.shape[0] // c, a2d.shape[1])
+  return _sharded.project_blocks(spec.kind, a3, _sketch.block_keys(kw, c), -(-spec.k // c),
+                                 precision=spec.precision)
+
+
+def _after_fn(spec):
+  # Blocks may lie on different devices: each reads its own shard's 1.
+  return _sharded.after if spec.blocks else _dense._after  # pylint: disable=protected-access
+
+
 def _project_fwd(x, kernel, kw, spec):
-  sx = _sketch.project(spec.kind, _flatten(x, spec.x_perm, _n_batch(spec)), kw, spec.k,
-                       precision=spec.precision).astype(x.dtype)
-  y = spec.forward(*_after_smaller(x, kernel, sx))
+  sx = _sketch_of(spec, _flatten(x, spec.x_perm, _n_batch(spec)), kw).astype(x.dtype)
+  y = spec.forward(*_after_smaller(x, kernel, sx, _after_fn(spec)))
   sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
   return y, (sx, kw, kernel, jax.ShapeDtypeStruct(x.shape, x.dtype))
 
 
 def _project_bwd(spec, res, g):
   sx, kw, kernel, x_aval = res
-  sg = _sketch.project(spec.kind, _flatten(g, spec.g_perm, _n_batch(spec)), kw, spec.k,
-                       precision=spec.precision)
-  g, kernel = _after_smaller(g, kernel, sg)
+  sg = _sketch_of(spec, _flatten(g, spec.g_perm, _n_batch(spec)), kw)
+  g, kernel = _after_smaller(g, kernel, sg, _after_fn(spec))
   (dx,) = jax.linear_transpose(lambda x: spec.forward(x, kernel), x_aval)(g)
-  dw = lax.dot_general(sx.astype(jnp.float32), sg, (((0,), (0,)), ((), ())),
+  rows = tuple(range(sx.ndim - 1))  # the sketch rows, and the blocks if any
+  dw = lax.dot_general(sx.astype(jnp.float32), sg, ((rows, rows), ((), ())),
                        precision=spec.precision, preferred_element_type=jnp.float32)
   dw = dw.reshape(tuple(kernel.shape[a] for a in spec.k_perm))
   inverse = tuple(sorted(range(kernel.ndim), key=lambda i: spec.k_perm[i]))
@@ -127,16 +143,60 @@ def _project_bwd(spec, res, g):
 _project.defvjp(_project_fwd, _project_bwd)
 
 
+def _blocks(x, spec, b: int, sketch_blocks) -> int:
+  """The number of sketch blocks C (0: one sketch over all B positions).
+
+  As in `fewbit_jax.dense.randomized_dense`, except that None without a
+  `sketch_blocks_default` means one sketch even for a sharded x: blocks
+  follow x's leading batch axes, which only a plain (Auto or no mesh) type
+  lets this layer reshape freely.
+  """
+  v = _dense._blocks_default if sketch_blocks is None else sketch_blocks  # pylint: disable=protected-access
+  _dense._check_blocks_arg(v)  # pylint: disable=protected-access
+  if v is None:
+    return 0
+  per_shard = not _dense._is_int(v)  # pylint: disable=protected-access
+  if per_shard:
+    names = (v,) if isinstance(v, str) else v
+    sizes = _dense._mesh_axis_sizes(x)  # pylint: disable=protected-access
+    missing = [a for a in names if a not in sizes]
+    if missing:
+      raise ValueError(f"sketch_blocks={v!r} names mesh axes {missing} that the current mesh "
+                       f"({sizes or 'none'}) lacks. Call under jax.set_mesh(mesh), or pass "
+                       "the number of blocks as an int.")
+    c = math.prod(sizes[a] for a in names)
+  else:
+    c = int(v)
+  if c == 1:
+    return 1
+  n_batch = _n_batch(spec)
+  if spec.x_perm[:n_batch] != tuple(range(n_batch)):
+    raise ValueError(f"sketch_blocks={v!r}: the blocks cut the positions along x's leading "
+                     f"axes, but this projection's batch axes are x's axes "
+                     f"{spec.x_perm[:n_batch]} of {x.shape}. Use sketch_blocks=1 (one "
+                     "sketch) for it.")
+  if any(e is not None for e in (_sharded.explicit_spec(x) or ())):
+    raise ValueError(f"sketch_blocks={v!r} with x typed on an Explicit mesh "
+                     f"({jax.typeof(x)}): the General and Einsum projections take blocks "
+                     "only for x without Explicit axes. Use RandomizedLinear / "
+                     "randomized_dense, which follows the shards, or sketch_blocks=1.")
+  if b % c or (per_shard and x.shape[0] % c):
+    what = f"x's first axis ({x.shape[0]})" if per_shard else f"the B={b} positions"
+    raise ValueError(f"sketch_blocks gives {c} blocks, which do not divide {what} of x "
+                     f"{x.shape}. Pass an int dividing B, or 1.")
+  return c
+
+
 def _apply(op, arg, x, kernel, key, x_perm, g_perm, k_perm, *, proj_dim_ratio, proj_dim,
            proj_dim_min, proj_dim_max, sketch, precision, preferred_element_type,
-           out_sharding):
+           out_sharding, sketch_blocks=None):
   kind = _sketch.check_kind(sketch)
   spec = _Spec(op, arg, precision, preferred_element_type, out_sharding, tuple(x_perm),
                tuple(g_perm), tuple(k_perm), 0, kind)
   b = math.prod(x.shape[a] for a in x_perm[:_n_batch(spec)])
   k = projection_dim(b, proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim,
                      proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max)
-  spec = dataclasses.replace(spec, k=k)
+  spec = dataclasses.replace(spec, k=k, blocks=_blocks(x, spec, b, sketch_blocks) if b else 0)
   dtype = jnp.result_type(x, kernel)
   x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
   if b == 0:
@@ -159,7 +219,8 @@ def _canon_axes(axes: Sequence[int], ndim: int, what: str) -> tuple[int, ...]:
 def randomized_dot_general(x, kernel, key, dimension_numbers, *, proj_dim_ratio=None,
                            proj_dim=None, proj_dim_min=None, proj_dim_max=None,
                            sketch: str = "gaussian", precision=None,
-                           preferred_element_type=None, out_sharding=None):
+                           preferred_element_type=None, out_sharding=None,
+                           sketch_blocks=None):
   """``lax.dot_general(x, kernel, dimension_numbers)`` with a sketched weight gradient.
 
   The forward output is exactly that ``lax.dot_general`` (the computation of
@@ -180,6 +241,12 @@ def randomized_dot_general(x, kernel, key, dimension_numbers, *, proj_dim_ratio=
       of x's free axes).
     precision, preferred_element_type, out_sharding: passed to
       ``lax.dot_general``.
+    sketch_blocks: C contiguous blocks of the B positions, each with its own
+      sketch, as in `fewbit_jax.dense.randomized_dense` (an int dividing B,
+      or mesh axis names for one block per data shard of x's first axis);
+      x's free axes must lead. None: the `sketch_blocks_default` if set, else
+      one sketch (also for a sharded x; x with Explicit mesh axes takes no
+      blocks here).
 
   Returns:
     Shape ``x_free + kernel_free``, as ``lax.dot_general``.
@@ -223,7 +290,8 @@ def randomized_dot_general(x, kernel, key, dimension_numbers, *, proj_dim_ratio=
                 tuple(range(len(x_free) + len(k_free))), kc + k_free,
                 proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim, proj_dim_min=proj_dim_min,
                 proj_dim_max=proj_dim_max, sketch=sketch, precision=precision,
-                preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+                preferred_element_type=preferred_element_type, out_sharding=out_sharding,
+                sketch_blocks=sketch_blocks)
 
 
 def _parse_einsum(subscripts: str, x_ndim: int, k_ndim: int) -> tuple[str, str, str]:
@@ -256,7 +324,8 @@ def _parse_einsum(subscripts: str, x_ndim: int, k_ndim: int) -> tuple[str, str, 
 
 def randomized_einsum(subscripts: str, x, kernel, key, *, proj_dim_ratio=None, proj_dim=None,
                       proj_dim_min=None, proj_dim_max=None, sketch: str = "gaussian",
-                      precision=None, preferred_element_type=None, out_sharding=None):
+                      precision=None, preferred_element_type=None, out_sharding=None,
+                      sketch_blocks=None):
   """``jnp.einsum(subscripts, x, kernel)`` with a sketched weight gradient.
 
   The forward output is exactly that ``jnp.einsum`` (the computation of
@@ -277,6 +346,8 @@ def randomized_einsum(subscripts: str, x, kernel, key, *, proj_dim_ratio=None, p
     proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch: as in
       `fewbit_jax.dense.randomized_dense`.
     precision, preferred_element_type, out_sharding: passed to ``jnp.einsum``.
+    sketch_blocks: as in `randomized_dot_general`; x's batch indices must be
+      its leading axes.
 
   Returns:
     ``jnp.einsum(subscripts, x, kernel)``.
@@ -324,4 +395,5 @@ def randomized_einsum(subscripts: str, x, kernel, key, *, proj_dim_ratio=None, p
   return _apply("einsum", subscripts, x, kernel, key, x_perm, g_perm, k_perm,
                 proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim, proj_dim_min=proj_dim_min,
                 proj_dim_max=proj_dim_max, sketch=sketch, precision=precision,
-                preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+                preferred_element_type=preferred_element_type, out_sharding=out_sharding,
+                sketch_blocks=sketch_blocks)

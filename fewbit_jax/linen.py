@@ -267,7 +267,7 @@ def intercept(pattern: str | None = None, *, proj_dim_ratio: float | None = 0.2,
               proj_dim: int | None = None, proj_dim_min: int | None = None,
               proj_dim_max: int | None = None, sketch: str = "gaussian",
               rng_collection: str = "sketch", general: bool = True,
-              warn_unused: bool = True):
+              warn_unused: bool = True, sketch_blocks=None):
   """Runs the model's ``nn.Dense`` layers as randomized dense layers while inside.
 
   Linen modules are immutable and usually build their layers inside a
@@ -300,8 +300,8 @@ def intercept(pattern: str | None = None, *, proj_dim_ratio: float | None = 0.2,
       path, ``'/Block_0/Dense_1'`` style (the names linen gives, or yours).
       None: every layer. A pattern that matches no called layer is only
       known at the end: a warning then says so, with the paths seen.
-    proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch: the
-      sketch, as for `RandomizedDense`.
+    proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
+      sketch_blocks: the sketch, as for `RandomizedDense`.
     rng_collection: the rng stream of the sketch keys.
     general: also convert ``nn.DenseGeneral``.
     warn_unused: warn on exit when no layer was converted (no matching
@@ -333,9 +333,10 @@ def intercept(pattern: str | None = None, *, proj_dim_ratio: float | None = 0.2,
   regex = re.compile(pattern) if pattern is not None else None
   _check_options("fewbit_jax.linen.intercept", sketch, proj_dim_ratio, proj_dim, proj_dim_min,
                  proj_dim_max, None)
+  _check_blocks_arg(sketch_blocks)
   options = dict(proj_dim_ratio=None if proj_dim is not None else proj_dim_ratio,
                  proj_dim=proj_dim, proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max,
-                 sketch=sketch)
+                 sketch=sketch, sketch_blocks=sketch_blocks)
   record = Interception()
   seen: list[str] = []
   kinds = {nn.Dense: _dense_call}

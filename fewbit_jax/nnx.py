@@ -255,6 +255,8 @@ class RandomizedLinearGeneral(nnx.LinearGeneral):
       own matmuls).
     proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
     deterministic, rng_collection, rngs: as in `RandomizedLinear`.
+    sketch_blocks: as in `RandomizedLinear`, for the input's leading batch
+      axes (see `fewbit_jax.dense_general.randomized_dot_general`).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -278,8 +280,10 @@ class RandomizedLinearGeneral(nnx.LinearGeneral):
                dot_general_cls: tp.Any = None, preferred_element_type: Dtype | None = None,
                proj_dim_ratio: float | None = 0.2, proj_dim: int | None = None,
                proj_dim_min: int | None = None, proj_dim_max: int | None = None,
-               sketch: str = "gaussian", deterministic: bool = False,
-               rng_collection: str = "sketch", rngs: rnglib.Rngs,
+               sketch: str = "gaussian",
+               sketch_blocks: int | str | tuple[str, ...] | None = None,
+               deterministic: bool = False, rng_collection: str = "sketch",
+               rngs: rnglib.Rngs,
                kernel_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
                bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({})):
     _check_options(type(self).__name__, sketch, proj_dim_ratio, proj_dim, proj_dim_min,
@@ -297,7 +301,8 @@ class RandomizedLinearGeneral(nnx.LinearGeneral):
                      kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
     _init_sketch(self, rngs, proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim,
                  proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max, sketch=sketch,
-                 deterministic=deterministic, rng_collection=rng_collection)
+                 sketch_blocks=sketch_blocks, deterministic=deterministic,
+                 rng_collection=rng_collection)
 
   _key = RandomizedLinear._key
   set_view = RandomizedLinear.set_view
@@ -349,6 +354,8 @@ class RandomizedEinsum(nnx.Einsum):
     einsum_op: must be ``jnp.einsum`` (the backward pass uses its own).
     proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
     deterministic, rng_collection, rngs: as in `RandomizedLinear`.
+    sketch_blocks: as in `RandomizedLinear`, for the input's leading batch
+      axes (see `fewbit_jax.dense_general.randomized_dot_general`).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -370,8 +377,10 @@ class RandomizedEinsum(nnx.Einsum):
                preferred_element_type: Dtype | None = None,
                proj_dim_ratio: float | None = 0.2, proj_dim: int | None = None,
                proj_dim_min: int | None = None, proj_dim_max: int | None = None,
-               sketch: str = "gaussian", deterministic: bool = False,
-               rng_collection: str = "sketch", rngs: rnglib.Rngs,
+               sketch: str = "gaussian",
+               sketch_blocks: int | str | tuple[str, ...] | None = None,
+               deterministic: bool = False, rng_collection: str = "sketch",
+               rngs: rnglib.Rngs,
                kernel_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
                bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({})):
     _check_options(type(self).__name__, sketch, proj_dim_ratio, proj_dim, proj_dim_min,
@@ -387,7 +396,8 @@ class RandomizedEinsum(nnx.Einsum):
                      kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
     _init_sketch(self, rngs, proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim,
                  proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max, sketch=sketch,
-                 deterministic=deterministic, rng_collection=rng_collection)
+                 sketch_blocks=sketch_blocks, deterministic=deterministic,
+                 rng_collection=rng_collection)
 
   _key = RandomizedLinear._key
   set_view = RandomizedLinear.set_view
@@ -423,8 +433,10 @@ class RandomizedEinsum(nnx.Einsum):
 
 
 def _init_sketch(self, rngs, *, proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
-                 deterministic, rng_collection) -> None:
+                 sketch_blocks, deterministic, rng_collection) -> None:
   """The sketch attributes and rng stream, as `RandomizedLinear` sets them."""
+  _check_blocks_arg(sketch_blocks)
+  self.sketch_blocks = sketch_blocks
   self.proj_dim_ratio = proj_dim_ratio
   self.proj_dim = proj_dim
   self.proj_dim_min = proj_dim_min
@@ -442,7 +454,8 @@ def _init_sketch(self, rngs, *, proj_dim_ratio, proj_dim, proj_dim_min, proj_dim
 def _sketch_options(self) -> dict:
   return dict(proj_dim_ratio=None if self.proj_dim is not None else self.proj_dim_ratio,
               proj_dim=self.proj_dim, proj_dim_min=self.proj_dim_min,
-              proj_dim_max=self.proj_dim_max, sketch=self.sketch)
+              proj_dim_max=self.proj_dim_max, sketch=self.sketch,
+              sketch_blocks=self.sketch_blocks)
 
 
 # --------------------------------------------------------------------------
@@ -709,12 +722,7 @@ def convert_linear(module, ctor: tp.Callable[..., nnx.Module] | None = None, *,
 
 def _validate(ctor, kwargs) -> None:
   """Option errors at conversion, with the converter's name, not from inside eval_shape."""
-  if ctor in (RandomizedLinearGeneral, RandomizedEinsum) and "sketch_blocks" in kwargs:
-    raise ValueError(
-        f"sketch_blocks is an option of RandomizedLinear only; {ctor.__name__} takes one "
-        "sketch over all positions. Pass general=False to convert only the nnx.Linear layers, "
-        "or convert the others in a second map_module call without sketch_blocks.")
-  if ctor is RandomizedLinear:
+  if ctor in (RandomizedLinear, RandomizedLinearGeneral, RandomizedEinsum):
     _check_blocks_arg(kwargs.get("sketch_blocks"))
   if ctor in (RandomizedLinear, RandomizedLinearGeneral, RandomizedEinsum):
     _check_options(ctor.__name__, kwargs.get("sketch", "gaussian"),

@@ -233,6 +233,41 @@ def test_general_keeps_the_sketch_not_the_input():
   assert rep.saved_bytes == rep.named_bytes(SKETCH_NAME) + 8  # and the key words
 
 
+def test_general_sketch_blocks_match_randomized_dense():
+  # An einsum over (batch, seq, embed) -> (batch, seq, heads, dim) is a dense
+  # layer on the flattened positions: with the same key and blocks, its
+  # weight gradient is randomized_dense's, and it keeps one sketch per block.
+  x = jax.random.normal(jax.random.key(0), (4, 6, 8))
+  w = jax.random.normal(jax.random.key(1), (8, 2, 3))
+  key = jax.random.key(2)
+  ct = jax.random.normal(jax.random.key(3), (4, 6, 2, 3))
+  for blocks in (None, 1, 4):
+    got = jax.grad(lambda w: jnp.sum(randomized_einsum(
+        "btd,dnh->btnh", x, w, key, proj_dim_ratio=0.5, sketch_blocks=blocks) * ct))(w)
+    want = jax.grad(lambda w2: jnp.sum(fb.randomized_dense(
+        x, w2, None, key, proj_dim_ratio=0.5, sketch_blocks=blocks) * ct.reshape(4, 6, 6)))(
+            w.reshape(8, 6))
+    np.testing.assert_allclose(got.reshape(8, 6), want, rtol=1e-5, atol=1e-5)
+  rep = memory.saved_residuals(lambda w: randomized_dot_general(
+      x, w, key, (((2,), (0,)), ((), ())), proj_dim_ratio=0.5, sketch_blocks=4).sum(), w)
+  assert rep.named_bytes(SKETCH_NAME) == 4 * 3 * 8 * 4  # 4 blocks of ceil(12 / 4) rows
+  with fb.dense.sketch_blocks_default(4):  # the context reaches the General layers
+    rep = memory.saved_residuals(lambda w: randomized_dot_general(
+        x, w, key, (((2,), (0,)), ((), ())), proj_dim_ratio=0.5).sum(), w)
+  assert rep.named_bytes(SKETCH_NAME) == 4 * 3 * 8 * 4
+  with pytest.raises(ValueError, match="do not divide"):
+    randomized_einsum("btd,dnh->btnh", x, w, key, proj_dim=4, sketch_blocks=5)
+  with pytest.raises(ValueError, match="leading axes"):  # batch axes (0, 2) of x (4, 8, 6)
+    randomized_dot_general(x.transpose(0, 2, 1), w, key, (((1,), (0,)), ((), ())),
+                           proj_dim=4, sketch_blocks=2)
+  layer = fb.nnx.RandomizedEinsum("btd,dnh->btnh", (8, 2, 3), proj_dim_ratio=0.5,
+                                  sketch_blocks=4, rngs=nnx.Rngs(0))
+  assert layer.sketch_blocks == 4
+  general = fb.nnx.convert_linear(nnx.LinearGeneral(8, (2, 3), rngs=nnx.Rngs(0)),
+                                  sketch_blocks=2)
+  assert general.sketch_blocks == 2
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda x, w: randomized_dot_general(x, w, jax.random.key(0), (((2,), (0,)), ((0,), (1,))),
                                          proj_dim=2), "batch dimensions"),
@@ -439,9 +474,6 @@ def test_convert_linear_options_and_pass_through():
   assert fb.nnx.convert_linear(lin, sketch_blocks=2).sketch_blocks == 2
   with pytest.raises(ValueError, match="sketch_blocks=-1"):
     fb.nnx.convert_linear(lin, sketch_blocks=-1)
-  general = nnx.LinearGeneral(3, (2, 2), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="RandomizedLinear only"):
-    fb.nnx.convert_linear(general, sketch_blocks=2)
 
   class MyLinear(nnx.Linear):  # a subclass may compute something else: left alone
     pass

@@ -338,6 +338,53 @@ def test_inside_a_users_shard_map(sharded_results, case):
   assert _get(sharded_results, case, "grad_err") < 1e-5
 
 
+_GENERAL_SCRIPT = textwrap.dedent(r"""
+  import json
+  import jax, jax.numpy as jnp
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from benchmarks.bench_sharding import collectives
+  from fewbit_jax.dense_general import randomized_einsum
+
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  x = jax.random.normal(jax.random.key(0), (32, 16, 64))
+  w = jax.random.normal(jax.random.key(1), (64, 4, 8))
+  key = jax.random.key(2)
+
+  def loss(w, x, blocks, fewbit=True):
+    y = (randomized_einsum("btd,dnh->btnh", x, w, key, proj_dim_ratio=0.2, sketch_blocks=blocks)
+         if fewbit else jnp.einsum("btd,dnh->btnh", x, w))
+    return jnp.sum(jnp.tanh(y))
+
+  out = {}
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    ws = jax.device_put(w, NamedSharding(mesh, P()))
+    for name, blocks, fewbit in (("vanilla", None, False), ("blocks", "data", True)):
+      f = jax.jit(jax.grad(lambda w, x: loss(w, x, blocks, fewbit)))
+      out[name] = collectives(f.lower(ws, xs).compile().as_text())
+    sharded = jax.jit(jax.grad(lambda w, x: loss(w, x, "data")))(ws, xs)
+  one = jax.jit(jax.grad(lambda w, x: loss(w, x, 8)))(w, x)
+  out["rel_err"] = float(jnp.abs(sharded - one).max() / jnp.abs(one).max())
+  print(json.dumps(out))
+""")
+
+
+def test_general_layers_sketch_per_data_shard(child_env):
+  # randomized_einsum (the core of RandomizedEinsum / RandomizedLinearGeneral
+  # and of converted DenseGeneral layers) with sketch_blocks="data" on an
+  # Auto mesh: the data-parallel gradient's all-reduce is the only collective,
+  # and the gradient is one device's with 8 blocks.
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-P", "-c", _GENERAL_SCRIPT], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["blocks"] == out["vanilla"], out
+  assert out["vanilla"]["all-reduce"][0] == 1
+  assert out["rel_err"] < 1e-5, out
+
+
 # --- two processes ------------------------------------------------------------------
 
 def test_two_processes_train_with_no_extra_collective():
