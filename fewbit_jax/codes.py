@@ -39,7 +39,17 @@ MAX_BITS = 8
 
 
 def check_bits(bits, *, low: int = 1, high: int = MAX_BITS) -> int:
-  """Validates a bit width and returns it as an int."""
+  """Validates a bit width and returns it as an int.
+
+  Example:
+    >>> from fewbit_jax import codes
+    >>> codes.check_bits(3)
+    3
+    >>> codes.check_bits(9)
+    Traceback (most recent call last):
+    ...
+    ValueError: bits must be in 1..8; got 9. ...
+  """
   if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
     raise TypeError(f"bits must be an int in {low}..{high}; got {bits!r} of type {type(bits).__name__}")
   if not low <= int(bits) <= high:
@@ -49,14 +59,26 @@ def check_bits(bits, *, low: int = 1, high: int = MAX_BITS) -> int:
 
 
 def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
-  """Shape of the packed codes of an array of `shape`."""
+  """Shape of the packed codes of an array of `shape`: (..., bits, ceil(n / 32)).
+
+  Example:
+    >>> from fewbit_jax import codes
+    >>> codes.packed_shape((8, 100), 3)
+    (8, 3, 4)
+  """
   shape = tuple(shape) or (1,)
   n = shape[-1]
   return (*shape[:-1], bits, -(-n // WORD_BITS))
 
 
 def packed_nbytes(shape: tuple[int, ...], bits: int) -> int:
-  """Bytes of the packed codes of an array of `shape` (4 per word)."""
+  """Bytes of the packed codes of an array of `shape` (4 per word).
+
+  Example:
+    >>> from fewbit_jax import codes
+    >>> codes.packed_nbytes((8, 100), 3)     # 3 bits x 128 padded elements x 8 rows / 8
+    384
+  """
   return 4 * int(np.prod(packed_shape(shape, bits)))
 
 
@@ -87,6 +109,12 @@ def lookup(table: jax.Array, index: jax.Array) -> jax.Array:
   ``AxisType.Explicit`` axes JAX asks for the sharding of a gather's result
   when the indices are sharded: it is the index's (every element looks up
   its own entry), given here. Elsewhere this is plain indexing.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import codes
+    >>> codes.lookup(jnp.array([10.0, 20.0, 30.0]), jnp.array([2, 0])).tolist()
+    [30.0, 10.0]
   """
   if _explicit_mesh(index) is not None:
     return table.at[index].get(out_sharding=jax.typeof(index).sharding)
@@ -113,6 +141,13 @@ def compute_codes(x: jax.Array, borders: jax.Array, bits: int) -> jax.Array:
 
   Returns:
     uint8 array of x's shape with values in ``0 .. 2**bits - 1``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import codes
+    >>> x = jnp.array([-1.0, 0.0, 0.5, 2.0])
+    >>> codes.compute_codes(x, jnp.array([-0.5, 0.25, 1.0]), 2).tolist()
+    [0, 1, 2, 3]
   """
   borders = jnp.asarray(borders, jnp.float32)
   xf = jnp.asarray(x).astype(jnp.float32)
@@ -123,7 +158,16 @@ def compute_codes(x: jax.Array, borders: jax.Array, bits: int) -> jax.Array:
 
 
 def pack(codes: jax.Array, bits: int) -> jax.Array:
-  """Packs integer codes of shape (..., n) into uint32 planes (..., bits, ceil(n/32))."""
+  """Packs integer codes of shape (..., n) into uint32 planes (..., bits, ceil(n/32)).
+
+  Bit i of element j of a row is bit j % 32 of word j // 32 of plane i.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import codes
+    >>> codes.pack(jnp.array([0, 1, 2, 3], jnp.uint8), 2).tolist()   # planes 0b1010, 0b1100
+    [[10], [12]]
+  """
   codes = jnp.asarray(codes)
   if codes.ndim == 0:
     codes = codes.reshape(1)
@@ -147,7 +191,14 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
 
 
 def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
-  """Inverse of `pack`: uint32 planes (..., bits, W) -> uint8 codes (..., n)."""
+  """Inverse of `pack`: uint32 planes (..., bits, W) -> uint8 codes (..., n).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import codes
+    >>> codes.unpack(jnp.array([[10], [12]], jnp.uint32), 2, 4).tolist()
+    [0, 1, 2, 3]
+  """
   *lead, b, words = packed.shape
   if b != bits:
     raise ValueError(f"packed codes have {b} planes, expected bits={bits}")

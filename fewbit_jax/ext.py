@@ -124,17 +124,39 @@ _mode = _mode_from_env()
 
 
 def available() -> bool:
-  """Whether the compiled extension was imported and registered."""
+  """Whether the compiled extension was imported and registered.
+
+  Example:
+    >>> from fewbit_jax import ext
+    >>> ext.available() in (True, False)
+    True
+  """
   return _xla_ext is not None
 
 
 def platforms() -> tuple[str, ...]:
-  """Platforms ('cpu', 'cuda') the extension registered FFI targets for."""
+  """Platforms ('cpu', 'cuda') the extension registered FFI targets for.
+
+  Example:
+    >>> from fewbit_jax import ext
+    >>> set(ext.platforms()) <= {"cpu", "cuda"}
+    True
+  """
   return tuple(sorted(_REGISTERED))
 
 
 def set_mode(new_mode: str) -> None:
-  """Sets the path: 'auto' (kernels where registered), 'ffi' (require them) or 'jax'."""
+  """Sets the path: 'auto' (kernels where registered), 'ffi' (require them) or 'jax'.
+
+  Read when a function is traced: set it before ``jax.jit`` traces.
+
+  Example:
+    >>> from fewbit_jax import ext
+    >>> old = ext.get_mode()
+    >>> ext.set_mode("jax"); ext.active_path("cpu")
+    'jax'
+    >>> ext.set_mode(old)
+  """
   global _mode
   if new_mode not in _MODES:
     raise ValueError(f"mode must be one of {_MODES}; got {new_mode!r}")
@@ -142,13 +164,26 @@ def set_mode(new_mode: str) -> None:
 
 
 def get_mode() -> str:
-  """The current path setting ('auto', 'ffi' or 'jax')."""
+  """The current path setting ('auto', 'ffi' or 'jax').
+
+  Example:
+    >>> from fewbit_jax import ext
+    >>> ext.get_mode() in ("auto", "ffi", "jax")
+    True
+  """
   return _mode
 
 
 @contextlib.contextmanager
 def mode(new_mode: str):
-  """Context manager form of `set_mode`; restores the previous mode on exit."""
+  """Context manager form of `set_mode`; restores the previous mode on exit.
+
+  Example:
+    >>> from fewbit_jax import ext
+    >>> with ext.mode("jax"):
+    ...   ext.get_mode()
+    'jax'
+  """
   old = _mode
   set_mode(new_mode)
   try:
@@ -174,6 +209,12 @@ def active_path(platform: str | None = None) -> str:
 
   Raises:
     RuntimeError: in mode 'ffi' when there are no kernels for the platform.
+
+  Example:
+    >>> from fewbit_jax import ext
+    >>> ext.active_path("cpu") == ("ffi" if "cpu" in ext.platforms()
+    ...                            and ext.get_mode() != "jax" else "jax")
+    True
   """
   platform = _canonical(platform or jax.default_backend())
   has = platform in _REGISTERED
@@ -643,7 +684,16 @@ def _bind_codes(prim, a, *operands, bits):
 
 
 def pack(codes: jax.Array, bits: int) -> jax.Array:
-  """Packs integer codes (..., n) into bit planes (..., bits, ceil(n/32))."""
+  """Packs integer codes (..., n) into bit planes (..., bits, ceil(n/32)).
+
+  The kernel where active, else `fewbit_jax.codes.pack`; the same words.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import ext
+    >>> ext.pack(jnp.array([0, 1, 2, 3], jnp.uint8), 2).tolist()
+    [[10], [12]]
+  """
   bits = _codes.check_bits(bits)
   codes = jnp.asarray(codes)
   if not _use_primitives() or codes.size == 0:
@@ -663,6 +713,13 @@ def quantize_pack(x: jax.Array, borders: jax.Array, bits: int) -> jax.Array:
   Returns:
     uint32 array of shape ``(..., bits, ceil(n / 32))`` (a scalar counts as
     shape ``(1,)``). It carries no gradient.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import ext
+    >>> x = jnp.array([-1.0, 0.0, 0.5, 2.0])
+    >>> ext.quantize_pack(x, jnp.array([-0.5, 0.25, 1.0]), 2).tolist()   # codes 0, 1, 2, 3
+    [[10], [12]]
   """
   bits = _codes.check_bits(bits)
   borders = _check_borders(borders, bits)
@@ -688,6 +745,13 @@ def unpack_scale(packed: jax.Array, levels: jax.Array, g: jax.Array, bits: int) 
 
   Returns:
     An array of g's shape and dtype. Linear in g (differentiable again).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import ext
+    >>> packed = jnp.array([[10], [12]], jnp.uint32)          # codes 0, 1, 2, 3
+    >>> ext.unpack_scale(packed, jnp.array([0.0, 0.25, 0.5, 1.0]), jnp.full(4, 2.0), 2).tolist()
+    [0.0, 0.5, 1.0, 2.0]
   """
   bits = _codes.check_bits(bits)
   g = jnp.asarray(g)
@@ -768,6 +832,14 @@ def sketch_kernel(kind: str):
   type, whatever x2d's dtype: `fewbit_jax.sketch.project` returns float32, and
   a bfloat16 result would round the sketch to 8 bits on the way. None for
   kinds without a kernel (dct, dft), in mode 'jax', or without the extension.
+
+  Example:
+    >>> from fewbit_jax import ext
+    >>> ext.sketch_kernel("dct") is None          # no kernel for the FFT sketches
+    True
+    >>> with ext.mode("jax"):
+    ...   ext.sketch_kernel("gaussian") is None
+    True
   """
   if kind not in _SKETCHES or not _use_primitives():
     return None

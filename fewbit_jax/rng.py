@@ -26,7 +26,14 @@ def _u32(x):
 
 
 def mix32(x: jax.Array) -> jax.Array:
-  """lowbias32 integer finaliser (a bijection of uint32)."""
+  """lowbias32 integer finaliser (a bijection of uint32).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import rng
+    >>> int(rng.mix32(jnp.uint32(1)))
+    1753845952
+  """
   x = _u32(x)
   x = x ^ (x >> 16)
   x = x * jnp.uint32(0x7FEB352D)
@@ -37,7 +44,13 @@ def mix32(x: jax.Array) -> jax.Array:
 
 
 def hash4(k0, k1, a, b) -> jax.Array:
-  """Hash of a key (k0, k1) and counters (a, b) to uniform uint32 bits."""
+  """Hash of a key (k0, k1) and counters (a, b) to uniform uint32 bits.
+
+  Example:
+    >>> from fewbit_jax import rng
+    >>> int(rng.hash4(1, 2, 3, 4))
+    2545114071
+  """
   h = mix32(_u32(a) ^ _u32(k0) ^ jnp.uint32(0x9E3779B9))
   h = mix32(h ^ _u32(b) ^ jnp.uint32(0x85EBCA6B))
   return mix32(h ^ _u32(k1) ^ jnp.uint32(0xC2B2AE35))
@@ -48,6 +61,12 @@ def key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   Raises:
     TypeError: for anything that is not a single 2-word key.
+
+  Example:
+    >>> import jax
+    >>> from fewbit_jax import rng
+    >>> [int(w) for w in rng.key_words(jax.random.key(0))]
+    [0, 0]
   """
   if jnp.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
     data = jax.random.key_data(key)
@@ -62,7 +81,14 @@ def key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def uniform01(bits: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """Map uint32 bits to a float in (0, 1]: ((bits >> 8) + 1) * 2**-24."""
+  """Map uint32 bits to a float in (0, 1]: ((bits >> 8) + 1) * 2**-24.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import rng
+    >>> rng.uniform01(jnp.array([0, 0xFFFFFFFF], jnp.uint32)).tolist()
+    [5.960464477539063e-08, 1.0]
+  """
   return (((_u32(bits) >> 8) + 1).astype(jnp.float32) * (1.0 / 16777216.0)).astype(dtype)
 
 
@@ -70,6 +96,13 @@ def gaussian(k0, k1, a, b) -> jax.Array:
   """Standard normal draw at counters (a, b) by Box-Muller (float32).
 
   Uses hash4 at columns 2b and 2b + 1: z = sqrt(-2 log u1) cos(2 pi u2).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import rng
+    >>> rows, cols = jnp.arange(3, dtype=jnp.uint32)[:, None], jnp.arange(4, dtype=jnp.uint32)
+    >>> rng.gaussian(1, 2, rows, cols).shape      # S[i, j] for a key (1, 2)
+    (3, 4)
   """
   b = _u32(b)
   u1 = uniform01(hash4(k0, k1, a, b * 2))

@@ -73,6 +73,12 @@ def explicit_spec(a) -> tuple | None:
   """The PartitionSpec entries of `a`'s type over its Explicit mesh axes, or None.
 
   None when `a`'s type carries no Explicit axis (no mesh, or an Auto one).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import sharded
+    >>> sharded.explicit_spec(jnp.ones((4, 3))) is None      # not on a mesh
+    True
   """
   sharding = getattr(jax.typeof(a), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
@@ -90,6 +96,12 @@ def type_mesh(*arrays):
 
   Shardings are built on it rather than on the context mesh, so that arrays
   typed on an Explicit mesh work with or without ``jax.set_mesh``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import sharded
+    >>> sharded.type_mesh(jnp.ones(3), None) is None
+    True
   """
   for a in arrays:
     if a is not None and explicit_spec(a) is not None:
@@ -102,6 +114,12 @@ def reshape(a, shape, spec=None):
 
   Explicit meshes ask for the sharding of a reshape that merges or splits a
   sharded axis; `spec` gives it (entries for the new axes).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import sharded
+    >>> sharded.reshape(jnp.ones((8, 3)), (2, 4, 3), ("data", None, None)).shape
+    (2, 4, 3)
   """
   shape = tuple(int(d) for d in shape)
   mesh = type_mesh(a)
@@ -205,6 +223,13 @@ def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *,
 
   Raises:
     ValueError: as `fewbit_jax.sketch.project_blocks`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import sharded, sketch
+    >>> keys = sketch.block_keys(jax.random.key(0), 2)
+    >>> sharded.project_blocks("gaussian", jnp.ones((2, 4, 3)), keys, 2).shape
+    (2, 2, 3)
   """
   _sketch.check_kind(kind)
   if x3d.ndim != 3:

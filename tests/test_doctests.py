@@ -19,3 +19,18 @@ def test_docstring_examples(name):
                            verbose=False)
   assert result.attempted > 0, f"{name} has no examples"
   assert result.failed == 0
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_public_name_has_an_example(name):
+  import inspect
+  mod = importlib.import_module(name)
+  public = getattr(mod, "__all__", [n for n in dir(mod) if not n.startswith("_")])
+  missing = []
+  for n in public:
+    obj = getattr(mod, n)
+    if inspect.ismodule(obj) or isinstance(obj, (str, int, float, tuple, dict, frozenset)):
+      continue  # constants are documented in their module's docstring
+    if ">>>" not in (inspect.getdoc(obj) or ""):
+      missing.append(n)
+  assert not missing, f"{name}: no docstring example for {missing}"
