@@ -264,6 +264,20 @@ def _input_avals(g, n, kernel, bias, x_sharding=None):
   return x_aval, b_aval
 
 
+def _dx_db(g, n, kernel, bias, precision, pet, out_sharding, x_sharding=None):
+  """(dx, db) at cotangent g: the transpose of the forward's linear map in x and bias.
+
+  Exactly what autodiff of the plain dense layer gives; db is None without a bias.
+  """
+  x_aval, b_aval = _input_avals(g, n, kernel, bias, x_sharding)
+  if bias is None:
+    (dx,) = jax.linear_transpose(
+        lambda x: _forward(x, kernel, None, precision, pet, out_sharding), x_aval)(g)
+    return dx, None
+  return jax.linear_transpose(
+      lambda x, b: _forward(x, kernel, b, precision, pet, out_sharding), x_aval, b_aval)(g)
+
+
 def _like_primal(ct, primal):
   """`ct` summed over the manual axes it varies over and `primal` does not.
 
@@ -321,14 +335,7 @@ def _rdense_blocks_bwd(kb, kind, precision, pet, out_sharding, layout, res, g):
   x_sharding = None
   if x_spec is not None:
     x_sharding = NamedSharding(mesh, P(*x_spec))
-  x_aval, b_aval = _input_avals(g, n, kernel, bias, x_sharding)
-  if bias is None:
-    (dx,) = jax.linear_transpose(
-        lambda x: _forward(x, kernel, None, precision, pet, out_sharding), x_aval)(g)
-    db = None
-  else:
-    dx, db = jax.linear_transpose(
-        lambda x, b: _forward(x, kernel, b, precision, pet, out_sharding), x_aval, b_aval)(g)
+  dx, db = _dx_db(g, n, kernel, bias, precision, pet, out_sharding, x_sharding)
   # dW = sum over blocks of (S_c^T x_c)^T (S_c^T g_c): a sum over the blocks,
   # so over the data shards: the all-reduce any data-parallel weight gradient has.
   kw = {}
@@ -364,16 +371,9 @@ def _rdense_bwd(k, kind, precision, pet, out_sharding, res, g):
   sg = _sketch.project(kind, g.reshape(math.prod(g.shape[:-1]), m), kw, k, precision=precision)
   w_in = kernel
   g, kernel = _after_smaller(g, kernel, sg)
-  x_aval, b_aval = _input_avals(g, n, kernel, bias)
   # dx and db are the transposes of the forward's linear map, so they are
   # exactly what autodiff of the plain dense layer gives.
-  if bias is None:
-    (dx,) = jax.linear_transpose(
-        lambda x: _forward(x, kernel, None, precision, pet, out_sharding), x_aval)(g)
-    db = None
-  else:
-    dx, db = jax.linear_transpose(
-        lambda x, b: _forward(x, kernel, b, precision, pet, out_sharding), x_aval, b_aval)(g)
+  dx, db = _dx_db(g, n, kernel, bias, precision, pet, out_sharding)
   dw = lax.dot_general(sx.astype(jnp.float32), sg, (((0,), (0,)), ((), ())),
                        precision=precision, preferred_element_type=jnp.float32)
   return dx, _like_primal(dw.astype(kernel.dtype), w_in), _like_primal(db, bias), None

@@ -136,7 +136,6 @@ class RandomizedLinear(nnx.Module):
   ):
     _check_options(type(self).__name__, sketch, proj_dim_ratio, proj_dim, proj_dim_min,
                    proj_dim_max, None if dot_general is lax.dot_general else dot_general)
-    _check_blocks_arg(sketch_blocks)
     # The parameters exactly as nnx.Linear makes them (same rngs.params() draws).
     self.kernel = nnx.Param(
         kernel_init(rngs.params(), (in_features, out_features), param_dtype), **kernel_metadata)
@@ -155,19 +154,11 @@ class RandomizedLinear(nnx.Module):
     self.dot_general = dot_general
     self.promote_dtype = promote_dtype
     self.preferred_element_type = preferred_element_type
-    self.proj_dim_ratio = proj_dim_ratio
-    self.proj_dim = proj_dim
-    self.proj_dim_min = proj_dim_min
-    self.proj_dim_max = proj_dim_max
-    self.sketch = sketch
-    self.sketch_blocks = sketch_blocks
-    self.deterministic = deterministic
-    self.rng_collection = rng_collection
-    try:  # after the parameters, so their draws are those of nnx.Linear
-      stream = rngs[rng_collection]
-    except KeyError:  # no such stream and no default: only calls with rngs= can sketch
-      stream = None
-    self.rngs = stream.fork() if stream is not None else nnx.data(None)
+    # After the parameters, so that their draws are those of nnx.Linear.
+    _init_sketch(self, rngs, proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim,
+                 proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max, sketch=sketch,
+                 sketch_blocks=sketch_blocks, deterministic=deterministic,
+                 rng_collection=rng_collection)
 
   def __call__(self, inputs: jax.Array, out_sharding=None, *, deterministic: bool | None = None,
                rngs: rnglib.Rngs | rnglib.RngStream | jax.Array | None = None) -> jax.Array:
@@ -191,12 +182,9 @@ class RandomizedLinear(nnx.Module):
       return _forward(inputs, kernel, bias, self.precision, self.preferred_element_type,
                       out_sharding)
     return randomized_dense(
-        inputs, kernel, bias, self._key(rngs),
-        proj_dim_ratio=None if self.proj_dim is not None else self.proj_dim_ratio,
-        proj_dim=self.proj_dim, proj_dim_min=self.proj_dim_min, proj_dim_max=self.proj_dim_max,
-        sketch=self.sketch, precision=self.precision,
+        inputs, kernel, bias, self._key(rngs), precision=self.precision,
         preferred_element_type=self.preferred_element_type, out_sharding=out_sharding,
-        sketch_blocks=self.sketch_blocks)
+        **_sketch_options(self))
 
   def _key(self, rngs) -> jax.Array:
     rngs = rngs if rngs is not None else self.rngs
@@ -434,7 +422,7 @@ class RandomizedEinsum(nnx.Einsum):
 
 def _init_sketch(self, rngs, *, proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
                  sketch_blocks, deterministic, rng_collection) -> None:
-  """The sketch attributes and rng stream, as `RandomizedLinear` sets them."""
+  """The sketch attributes and the layer's own rng stream, forked from `rngs`."""
   _check_blocks_arg(sketch_blocks)
   self.sketch_blocks = sketch_blocks
   self.proj_dim_ratio = proj_dim_ratio
@@ -446,7 +434,7 @@ def _init_sketch(self, rngs, *, proj_dim_ratio, proj_dim, proj_dim_min, proj_dim
   self.rng_collection = rng_collection
   try:
     stream = rngs[rng_collection]
-  except KeyError:
+  except KeyError:  # no such stream and no default: only calls with rngs= can sketch
     stream = None
   self.rngs = stream.fork() if stream is not None else nnx.data(None)
 
