@@ -10,6 +10,20 @@ import numpy as np
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 
 
+def child_pythonpath(root: str) -> str:
+  """PYTHONPATH for a ``python -P`` child process that imports what this one does.
+
+  The fewbit_jax this process imported (an installed one, with its compiled
+  kernels) comes first, then `root` (for ``benchmarks`` and ``examples``),
+  then the inherited PYTHONPATH. ``-P`` keeps ``-c`` / ``-m`` from putting
+  the working directory, a source checkout without kernels, in front.
+  """
+  import fewbit_jax
+  package_parent = os.path.dirname(os.path.dirname(os.path.abspath(fewbit_jax.__file__)))
+  inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+  return os.pathsep.join(dict.fromkeys([package_parent, root, *inherited]))
+
+
 def compile_with_memory(jitted, *args):
   """Compiles `jitted` for `args`; returns (executable, bytes of memory).
 

@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from examples import _common
+
 LOCAL_DEVICES = 4
 NUM_PROCESSES = 2
 _WORKER_FLAGS = ("steps", "batch", "context", "dim", "heads", "layers", "lr", "text_chars")
@@ -57,13 +59,7 @@ def launch(argv: list[str], *, timeout: float = 600.0) -> list[dict]:
       f for f in env.get("XLA_FLAGS", "").split()
       if not f.startswith("--xla_force_host_platform_device_count"))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  # The workers import the fewbit_jax this process imported (an installed one
-  # with its kernels before the source tree); -P keeps the working directory
-  # out of their path.
-  import fewbit_jax
-  package_parent = os.path.dirname(os.path.dirname(os.path.abspath(fewbit_jax.__file__)))
-  path = [package_parent, root, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-  env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+  env["PYTHONPATH"] = _common.child_pythonpath(root)  # the workers run with -P
   procs = [subprocess.Popen(
       [sys.executable, "-P", "-m", "examples.distributed_lm", *argv, "--process-id", str(i),
        "--coordinator", coordinator], cwd=root, env=env, stdout=subprocess.PIPE,

@@ -33,11 +33,8 @@ def _child_env(**extra: str) -> dict[str, str]:
   benchmarks/ and examples/ in the repository. `-P` keeps `-c`/`-m` from
   putting the working directory (a source checkout without kernels) first.
   """
-  import fewbit_jax
-  package_parent = os.path.dirname(os.path.dirname(os.path.abspath(fewbit_jax.__file__)))
-  env = dict(os.environ)
-  path = [package_parent, _ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-  env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+  from examples import _common
+  env = dict(os.environ, PYTHONPATH=_common.child_pythonpath(_ROOT))
   env.update(extra)
   return env
 

@@ -20,7 +20,6 @@ import textwrap
 
 import pytest
 
-import fewbit_jax
 from fewbit_jax import ext
 
 pytestmark = pytest.mark.skipif(not ext.available(), reason="fewbit_jax._xla_ext not built")
@@ -101,15 +100,10 @@ _SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def test_batch_sharded_step_does_not_gather_activations(tmp_path):
-  env = dict(os.environ)
-  # The child must import the fewbit_jax this process imported (the installed
-  # one with its extension, not a source checkout that `-c` would put first).
-  here = os.path.dirname(os.path.dirname(os.path.abspath(fewbit_jax.__file__)))
-  env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
+def test_batch_sharded_step_does_not_gather_activations(tmp_path, child_env):
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-P", "-c", _SCRIPT], env=env, capture_output=True,
                         text=True, timeout=600, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
