@@ -224,6 +224,11 @@ def _num_blocks(x, sketch_blocks) -> tuple[int, bool]:
     names = _sharded._axes(lead[0]) if lead else ()
     sizes = _mesh_axis_sizes(x)
     return math.prod(sizes[a] for a in names), bool(names)
+  return _blocks_of(x, v)
+
+
+def _blocks_of(x, v) -> tuple[int, bool]:
+  """(C, per_shard) for a given sketch_blocks `v`: an int, or mesh axis names."""
   if _is_int(v):
     return int(v), False
   names = (v,) if isinstance(v, str) else v

@@ -155,18 +155,7 @@ def _blocks(x, spec, b: int, sketch_blocks) -> int:
   _dense._check_blocks_arg(v)  # pylint: disable=protected-access
   if v is None:
     return 0
-  per_shard = not _dense._is_int(v)  # pylint: disable=protected-access
-  if per_shard:
-    names = (v,) if isinstance(v, str) else v
-    sizes = _dense._mesh_axis_sizes(x)  # pylint: disable=protected-access
-    missing = [a for a in names if a not in sizes]
-    if missing:
-      raise ValueError(f"sketch_blocks={v!r} names mesh axes {missing} that the current mesh "
-                       f"({sizes or 'none'}) lacks. Call under jax.set_mesh(mesh), or pass "
-                       "the number of blocks as an int.")
-    c = math.prod(sizes[a] for a in names)
-  else:
-    c = int(v)
+  c, per_shard = _dense._blocks_of(x, v)  # pylint: disable=protected-access
   if c == 1:
     return 1
   n_batch = _n_batch(spec)
