@@ -456,7 +456,8 @@ def _unpack_scale_abstract(packed, levels, g, *, bits):
 
 
 def _unpack_scale_pure(packed, levels, g, *, bits):
-  code = _codes.unpack(packed, bits, g.shape[-1]).reshape(g.shape)
+  n = g.shape[-1] if g.ndim else 1  # a scalar's codes are those of shape (1,)
+  code = _codes.unpack(packed, bits, n).reshape(g.shape)
   return _codes.lookup(levels.astype(g.dtype), code) * g
 
 
@@ -763,9 +764,7 @@ def unpack_scale(packed: jax.Array, levels: jax.Array, g: jax.Array, bits: int) 
   if levels.shape != (2**bits,):
     raise ValueError(f"levels must have shape ({2**bits},) for bits={bits}; got {levels.shape}")
   if not _use_primitives() or g.size == 0 or g.dtype not in _KERNEL_DTYPES:
-    n = g.shape[-1] if g.ndim else 1
-    code = _codes.unpack(packed, bits, n).reshape(g.shape)
-    return _codes.lookup(levels.astype(g.dtype), code) * g
+    return _unpack_scale_pure(packed, levels, g, bits=bits)
   # Rounding to g's dtype first makes the float32 table hold exactly the
   # values the pure path multiplies by.
   lv = levels.astype(g.dtype).astype(jnp.float32)
