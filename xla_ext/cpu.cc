@@ -104,6 +104,25 @@ struct Exec {
   }
 };
 
+// The CPU kernels behind the handlers of handlers.h, on checked operands.
+struct Cpu {
+  using Ctx = ffi::ThreadPool;
+  static ffi::Error pack(ffi::ThreadPool& pool, const uint8_t* cd, uint32_t* out, RowsCols rc,
+                         int32_t bits);
+  template <Dtype D>
+  static ffi::Error quantize_pack(ffi::ThreadPool& pool, const typename Storage<D>::type* x,
+                                  const float* borders, uint32_t* out, RowsCols rc,
+                                  int32_t bits);
+  template <Dtype D>
+  static ffi::Error unpack_scale(ffi::ThreadPool& pool, const uint32_t* planes,
+                                 const float* levels, const typename Storage<D>::type* g,
+                                 typename Storage<D>::type* out, RowsCols rc, int32_t bits);
+  template <Dtype D, SketchKind K>
+  static ffi::Error sketch(ffi::ThreadPool& pool, const typename Storage<D>::type* x,
+                           const uint32_t* kw, const uint32_t* r0, float* o, int64_t groups,
+                           int64_t R, int64_t N, int64_t k);
+};
+
 // ---------------------------------------------------------------------------
 // Word kernels: 32 elements at a time, as loops of fixed length over the 32
 // lanes that the compiler vectorises. Each is built twice, for AVX2+FMA
@@ -206,16 +225,8 @@ Chunks row_chunks(ffi::ThreadPool& pool, int64_t rows, int64_t n) {
   return chunks(rows, min_rows, max_tasks(pool));
 }
 
-ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> codes,
-                    ffi::ResultBuffer<ffi::U32> planes, int32_t bits) {
-  if (auto e = check_bits(bits); !e.success()) return e;
-  if (auto e = check_planes(codes.dimensions(), planes->dimensions(), bits, "packed result");
-      !e.success()) {
-    return e;
-  }
-  const RowsCols rc = rows_cols(codes.dimensions());
-  const uint8_t* cd = codes.typed_data();
-  uint32_t* out = planes->typed_data();
+ffi::Error Cpu::pack(ffi::ThreadPool& pool, const uint8_t* cd, uint32_t* out, RowsCols rc,
+                     int32_t bits) {
   const int64_t n = rc.cols, words = words_for(n);
   const Chunks ch = row_chunks(pool, rc.rows, n);
   parallel_for(pool, ch.count, [&](int64_t task) {
@@ -235,10 +246,8 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> codes,
 }
 
 template <Dtype D>
-void quantize_pack_typed(ffi::ThreadPool& pool, const void* data, const float* borders,
-                         uint32_t* out, RowsCols rc, int32_t bits) {
-  using T = typename Storage<D>::type;
-  const T* x = static_cast<const T*>(data);
+ffi::Error Cpu::quantize_pack(ffi::ThreadPool& pool, const typename Storage<D>::type* x,
+                              const float* borders, uint32_t* out, RowsCols rc, int32_t bits) {
   const int64_t n = rc.cols, words = words_for(n);
   const int n_borders = (1 << bits) - 1;
   const Chunks ch = row_chunks(pool, rc.rows, n);
@@ -258,33 +267,6 @@ void quantize_pack_typed(ffi::ThreadPool& pool, const void* data, const float* b
       }
     }
   });
-}
-
-ffi::Error QuantizePackImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
-                            ffi::Buffer<ffi::F32> borders,
-                            ffi::ResultBuffer<ffi::U32> planes, int32_t bits) {
-  if (auto e = check_bits(bits); !e.success()) return e;
-  if (auto e = check_table(int64_t(borders.element_count()), (int64_t(1) << bits) - 1,
-                           "borders");
-      !e.success()) {
-    return e;
-  }
-  if (auto e = check_planes(x.dimensions(), planes->dimensions(), bits, "packed result");
-      !e.success()) {
-    return e;
-  }
-  const RowsCols rc = rows_cols(x.dimensions());
-  const float* bd = borders.typed_data();
-  uint32_t* out = planes->typed_data();
-  switch (x.element_type()) {
-    case ffi::F32: quantize_pack_typed<Dtype::kF32>(pool, x.untyped_data(), bd, out, rc, bits); break;
-    case ffi::BF16: quantize_pack_typed<Dtype::kBF16>(pool, x.untyped_data(), bd, out, rc, bits); break;
-    case ffi::F16: quantize_pack_typed<Dtype::kF16>(pool, x.untyped_data(), bd, out, rc, bits); break;
-    case ffi::F64: quantize_pack_typed<Dtype::kF64>(pool, x.untyped_data(), bd, out, rc, bits); break;
-    default:
-      return ffi::Error::InvalidArgument(
-          "fewbit quantize_pack: x must be float32, bfloat16, float16 or float64");
-  }
   return ffi::Error::Success();
 }
 
@@ -293,11 +275,9 @@ ffi::Error QuantizePackImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
 // and rounded once to g's dtype.
 
 template <Dtype D>
-void unpack_scale_typed(ffi::ThreadPool& pool, const uint32_t* planes, const float* levels,
-                        const void* gv, void* outv, RowsCols rc, int32_t bits) {
-  using T = typename Storage<D>::type;
-  const T* g = static_cast<const T*>(gv);
-  T* out = static_cast<T*>(outv);
+ffi::Error Cpu::unpack_scale(ffi::ThreadPool& pool, const uint32_t* planes, const float* levels,
+                             const typename Storage<D>::type* g, typename Storage<D>::type* out,
+                             RowsCols rc, int32_t bits) {
   const int64_t n = rc.cols, words = words_for(n);
   const Chunks ch = row_chunks(pool, rc.rows, n);
   parallel_for(pool, ch.count, [&](int64_t task) {
@@ -324,36 +304,6 @@ void unpack_scale_typed(ffi::ThreadPool& pool, const uint32_t* planes, const flo
       }
     }
   });
-}
-
-ffi::Error UnpackScaleImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> planes,
-                           ffi::Buffer<ffi::F32> levels, ffi::AnyBuffer g,
-                           ffi::Result<ffi::AnyBuffer> out, int32_t bits) {
-  if (auto e = check_bits(bits); !e.success()) return e;
-  if (auto e = check_table(int64_t(levels.element_count()), int64_t(1) << bits, "levels");
-      !e.success()) {
-    return e;
-  }
-  if (auto e = check_planes(g.dimensions(), planes.dimensions(), bits, "packed codes");
-      !e.success()) {
-    return e;
-  }
-  if (out->element_type() != g.element_type() ||
-      out->element_count() != g.element_count()) {
-    return ffi::Error::InvalidArgument(
-        "fewbit unpack_scale: the result must have the dtype and shape of g");
-  }
-  const RowsCols rc = rows_cols(g.dimensions());
-  const uint32_t* pl = planes.typed_data();
-  const float* lv = levels.typed_data();
-  switch (g.element_type()) {
-    case ffi::F32: unpack_scale_typed<Dtype::kF32>(pool, pl, lv, g.untyped_data(), out->untyped_data(), rc, bits); break;
-    case ffi::BF16: unpack_scale_typed<Dtype::kBF16>(pool, pl, lv, g.untyped_data(), out->untyped_data(), rc, bits); break;
-    case ffi::F16: unpack_scale_typed<Dtype::kF16>(pool, pl, lv, g.untyped_data(), out->untyped_data(), rc, bits); break;
-    default:
-      return ffi::Error::InvalidArgument(
-          "fewbit unpack_scale: g must be float32, bfloat16 or float16");
-  }
   return ffi::Error::Success();
 }
 
@@ -466,23 +416,10 @@ void countsketch_group(const Exec& ex, const typename Storage<D>::type* x,
   });
 }
 
-template <SketchKind K>
-ffi::Error SketchImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> keys,
-                      ffi::Buffer<ffi::U32> row0, ffi::ResultBuffer<ffi::F32> out) {
-  int64_t groups = 1, R = 0;
-  if (auto e = check_sketch(x.dimensions(), keys.dimensions(), row0.dimensions(),
-                            out->dimensions(), &groups, &R);
-      !e.success()) {
-    return e;
-  }
-  // Group g's rows are rows g * R .. of x, viewed as (groups * R, N).
-  const auto xd = x.dimensions();
-  const auto od = out->dimensions();
-  const int64_t N = xd[xd.size() - 1];
-  const int64_t k = od[od.size() - 2];
-  const uint32_t* kw = keys.typed_data();
-  const uint32_t* r0 = row0.typed_data();
-  float* o = out->typed_data();
+template <Dtype D, SketchKind K>
+ffi::Error Cpu::sketch(ffi::ThreadPool& pool, const typename Storage<D>::type* x,
+                       const uint32_t* kw, const uint32_t* r0, float* o, int64_t groups,
+                       int64_t R, int64_t N, int64_t k) {
   // With at least as many groups (sketch blocks, vmapped problems) as
   // threads, each task takes whole groups: splitting one small group would
   // regenerate its S tiles in every split and synchronise the pool once per
@@ -490,35 +427,19 @@ ffi::Error SketchImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   // by one thread, so the result does not depend on the split.
   const bool by_group = groups > 1 && groups >= Exec{&pool}.threads();
   const Exec inner{by_group ? nullptr : &pool};
-  auto run = [&](auto dtype_tag, const auto* xs) {
-    constexpr Dtype D = decltype(dtype_tag)::value;
-    auto one = [&](int64_t g) {
-      const auto* xg = xs + g * R * N;
-      float* og = o + g * k * N;
-      if constexpr (K == SketchKind::kCountSketch) {
-        countsketch_group<D>(inner, xg, kw[2 * g], kw[2 * g + 1], r0[g], R, N, k, og);
-      } else {
-        dense_sketch_group<D, K>(inner, xg, kw[2 * g], kw[2 * g + 1], r0[g], R, N, k, og);
-      }
-    };
-    if (by_group) {
-      parallel_for(pool, groups, one);
+  auto one = [&](int64_t g) {
+    const auto* xg = x + g * R * N;
+    float* og = o + g * k * N;
+    if constexpr (K == SketchKind::kCountSketch) {
+      countsketch_group<D>(inner, xg, kw[2 * g], kw[2 * g + 1], r0[g], R, N, k, og);
     } else {
-      for (int64_t g = 0; g < groups; ++g) one(g);
+      dense_sketch_group<D, K>(inner, xg, kw[2 * g], kw[2 * g + 1], r0[g], R, N, k, og);
     }
   };
-  using F32Tag = std::integral_constant<Dtype, Dtype::kF32>;
-  using BF16Tag = std::integral_constant<Dtype, Dtype::kBF16>;
-  using F16Tag = std::integral_constant<Dtype, Dtype::kF16>;
-  using F64Tag = std::integral_constant<Dtype, Dtype::kF64>;
-  switch (x.element_type()) {
-    case ffi::F32: run(F32Tag{}, static_cast<const float*>(x.untyped_data())); break;
-    case ffi::BF16: run(BF16Tag{}, static_cast<const uint16_t*>(x.untyped_data())); break;
-    case ffi::F16: run(F16Tag{}, static_cast<const uint16_t*>(x.untyped_data())); break;
-    case ffi::F64: run(F64Tag{}, static_cast<const double*>(x.untyped_data())); break;
-    default:
-      return ffi::Error::InvalidArgument(
-          "fewbit sketch: x must be float32, bfloat16, float16 or float64");
+  if (by_group) {
+    parallel_for(pool, groups, one);
+  } else {
+    for (int64_t g = 0; g < groups; ++g) one(g);
   }
   return ffi::Error::Success();
 }
@@ -526,39 +447,4 @@ ffi::Error SketchImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U
 }  // namespace
 }  // namespace fewbit
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FewbitPackCpu, fewbit::PackImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::U32>>()
-                                  .Attr<int32_t>("bits"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FewbitQuantizePackCpu, fewbit::QuantizePackImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U32>>()
-                                  .Attr<int32_t>("bits"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FewbitUnpackScaleCpu, fewbit::UnpackScaleImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("bits"));
-
-#define FEWBIT_SKETCH_CPU(NAME, KIND)                                          \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, fewbit::SketchImpl<KIND>,                \
-                                ffi::Ffi::Bind()                               \
-                                    .Ctx<ffi::ThreadPool>()                    \
-                                    .Arg<ffi::AnyBuffer>()                     \
-                                    .Arg<ffi::Buffer<ffi::U32>>()              \
-                                    .Arg<ffi::Buffer<ffi::U32>>()              \
-                                    .Ret<ffi::Buffer<ffi::F32>>());
-
-FEWBIT_SKETCH_CPU(FewbitSketchGaussianCpu, fewbit::SketchKind::kGaussian)
-FEWBIT_SKETCH_CPU(FewbitSketchRademacherCpu, fewbit::SketchKind::kRademacher)
-FEWBIT_SKETCH_CPU(FewbitSketchCountsketchCpu, fewbit::SketchKind::kCountSketch)
+FEWBIT_DEFINE_HANDLERS(Cpu, fewbit::Cpu, ffi::ThreadPool)

@@ -55,6 +55,32 @@ ffi::Error with_bits(int32_t bits, F&& f) {
   return ffi::Error::Success();
 }
 
+// Blocks of kWarpsPerBlock warps for one warp per word of rc's packed planes.
+int word_blocks(RowsCols rc) { return blocks_for(rc.rows * words_for(rc.cols), kWarpsPerBlock); }
+
+// Copies the first `count` floats of src into the block's shared `dst`.
+__device__ __forceinline__ void stage(float* dst, const float* src, int count) {
+  for (int i = threadIdx.x; i < count; i += blockDim.x) dst[i] = src[i];
+  __syncthreads();
+}
+
+// Calls body(r, w, words, lane, i) for every word (r, w) of the rows x
+// words_for(n) words of a plane, one warp per word in a grid-stride loop:
+// `lane` is the thread's lane and i = w * 32 + lane its element of row r
+// (i >= n in the padding of the last word).
+template <class Body>
+__device__ __forceinline__ void for_each_word(int64_t rows, int64_t n, const Body& body) {
+  const int lane = threadIdx.x % kWordBits;
+  const int64_t words = words_for(n);
+  const int64_t total = rows * words;
+  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock;
+  for (int64_t wid = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWordBits;
+       wid < total; wid += stride) {
+    const int64_t r = wid / words, w = wid % words;
+    body(r, w, words, lane, w * kWordBits + lane);
+  }
+}
+
 // Writes the BITS plane words of the warp's word (r, w) from each lane's
 // code; lane p stores plane p.
 template <int BITS>
@@ -71,36 +97,21 @@ __device__ __forceinline__ void ballot_store(uint32_t code, int lane, uint32_t* 
 
 template <int BITS>
 __global__ void pack_kernel(const uint8_t* codes, uint32_t* planes, int64_t rows, int64_t n) {
-  const int lane = threadIdx.x % kWordBits;
-  const int64_t words = words_for(n);
-  const int64_t total = rows * words;
-  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock;
-  for (int64_t wid = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWordBits;
-       wid < total; wid += stride) {
-    const int64_t r = wid / words, w = wid % words;
-    const int64_t i = w * kWordBits + lane;
+  for_each_word(rows, n, [&](int64_t r, int64_t w, int64_t words, int lane, int64_t i) {
     const uint32_t c = i < n ? uint32_t(codes[r * n + i]) : 0u;
     ballot_store<BITS>(c, lane, planes + r * BITS * words, words, w);
-  }
+  });
 }
 
 template <Dtype D, int BITS>
 __global__ void quantize_pack_kernel(const typename Storage<D>::type* x, const float* borders,
                                      uint32_t* planes, int64_t rows, int64_t n) {
   __shared__ float sb[(1 << BITS) - 1];
-  for (int i = threadIdx.x; i < (1 << BITS) - 1; i += blockDim.x) sb[i] = borders[i];
-  __syncthreads();
-  const int lane = threadIdx.x % kWordBits;
-  const int64_t words = words_for(n);
-  const int64_t total = rows * words;
-  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock;
-  for (int64_t wid = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWordBits;
-       wid < total; wid += stride) {
-    const int64_t r = wid / words, w = wid % words;
-    const int64_t i = w * kWordBits + lane;
+  stage(sb, borders, (1 << BITS) - 1);
+  for_each_word(rows, n, [&](int64_t r, int64_t w, int64_t words, int lane, int64_t i) {
     const uint32_t c = i < n ? code_of(load_f32<D>(x, r * n + i), sb, BITS) : 0u;
     ballot_store<BITS>(c, lane, planes + r * BITS * words, words, w);
-  }
+  });
 }
 
 template <Dtype D, int BITS>
@@ -108,24 +119,16 @@ __global__ void unpack_scale_kernel(const uint32_t* planes, const float* levels,
                                     const typename Storage<D>::type* g,
                                     typename Storage<D>::type* out, int64_t rows, int64_t n) {
   __shared__ float sl[1 << BITS];
-  for (int i = threadIdx.x; i < (1 << BITS); i += blockDim.x) sl[i] = levels[i];
-  __syncthreads();
-  const int lane = threadIdx.x % kWordBits;
-  const int64_t words = words_for(n);
-  const int64_t total = rows * words;
-  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock;
-  for (int64_t wid = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWordBits;
-       wid < total; wid += stride) {
-    const int64_t r = wid / words, w = wid % words;
-    const int64_t i = w * kWordBits + lane;
-    if (i >= n) continue;
+  stage(sl, levels, 1 << BITS);
+  for_each_word(rows, n, [&](int64_t r, int64_t w, int64_t words, int lane, int64_t i) {
+    if (i >= n) return;
     const uint32_t* row = planes + r * BITS * words;
     uint32_t c = 0;
 #pragma unroll
     for (int p = 0; p < BITS; ++p) c |= ((row[int64_t(p) * words + w] >> lane) & 1u) << p;
     const int64_t idx = r * n + i;
     out[idx] = from_f32<D>(sl[c] * load_f32<D>(g, idx));
-  }
+  });
 }
 
 // Count sketch: out[bucket(i), c] += sign(i) * x[r, c] by float atomics
@@ -209,199 +212,75 @@ __global__ void dense_sketch_kernel(const typename Storage<D>::type* x, const ui
   }
 }
 
-ffi::Error PackImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> codes,
-                    ffi::ResultBuffer<ffi::U32> planes, int32_t bits) {
-  if (auto e = check_bits(bits); !e.success()) return e;
-  if (auto e = check_planes(codes.dimensions(), planes->dimensions(), bits, "packed result");
-      !e.success()) {
-    return e;
-  }
-  const RowsCols rc = rows_cols(codes.dimensions());
-  const int blocks = blocks_for(rc.rows * words_for(rc.cols), kWarpsPerBlock);
-  with_bits(bits, [&](auto b) {
-    constexpr int B = decltype(b)::value;
-    pack_kernel<B><<<blocks, kThreads, 0, stream>>>(codes.typed_data(), planes->typed_data(),
-                                                   rc.rows, rc.cols);
-  });
-  return launch_status("pack");
-}
+// The CUDA kernel launches behind the handlers of handlers.h, on checked
+// operands, all on the call's stream.
+struct Cuda {
+  using Ctx = cudaStream_t;
 
-template <Dtype D>
-void launch_quantize_pack(cudaStream_t stream, const void* x, const float* borders,
-                          uint32_t* out, RowsCols rc, int32_t bits) {
-  using T = typename Storage<D>::type;
-  const int blocks = blocks_for(rc.rows * words_for(rc.cols), kWarpsPerBlock);
-  with_bits(bits, [&](auto b) {
-    constexpr int B = decltype(b)::value;
-    quantize_pack_kernel<D, B><<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(x),
-                                                                borders, out, rc.rows, rc.cols);
-  });
-}
+  static ffi::Error pack(cudaStream_t stream, const uint8_t* codes, uint32_t* planes,
+                         RowsCols rc, int32_t bits) {
+    with_bits(bits, [&](auto b) {
+      constexpr int B = decltype(b)::value;
+      pack_kernel<B><<<word_blocks(rc), kThreads, 0, stream>>>(codes, planes, rc.rows, rc.cols);
+    });
+    return launch_status("pack");
+  }
 
-ffi::Error QuantizePackImpl(cudaStream_t stream, ffi::AnyBuffer x,
-                            ffi::Buffer<ffi::F32> borders,
-                            ffi::ResultBuffer<ffi::U32> planes, int32_t bits) {
-  if (auto e = check_bits(bits); !e.success()) return e;
-  if (auto e = check_table(int64_t(borders.element_count()), (int64_t(1) << bits) - 1,
-                           "borders");
-      !e.success()) {
-    return e;
+  template <Dtype D>
+  static ffi::Error quantize_pack(cudaStream_t stream, const typename Storage<D>::type* x,
+                                  const float* borders, uint32_t* planes, RowsCols rc,
+                                  int32_t bits) {
+    with_bits(bits, [&](auto b) {
+      constexpr int B = decltype(b)::value;
+      quantize_pack_kernel<D, B><<<word_blocks(rc), kThreads, 0, stream>>>(
+          x, borders, planes, rc.rows, rc.cols);
+    });
+    return launch_status("quantize_pack");
   }
-  if (auto e = check_planes(x.dimensions(), planes->dimensions(), bits, "packed result");
-      !e.success()) {
-    return e;
-  }
-  const RowsCols rc = rows_cols(x.dimensions());
-  const float* bd = borders.typed_data();
-  uint32_t* out = planes->typed_data();
-  switch (x.element_type()) {
-    case ffi::F32: launch_quantize_pack<Dtype::kF32>(stream, x.untyped_data(), bd, out, rc, bits); break;
-    case ffi::BF16: launch_quantize_pack<Dtype::kBF16>(stream, x.untyped_data(), bd, out, rc, bits); break;
-    case ffi::F16: launch_quantize_pack<Dtype::kF16>(stream, x.untyped_data(), bd, out, rc, bits); break;
-    case ffi::F64: launch_quantize_pack<Dtype::kF64>(stream, x.untyped_data(), bd, out, rc, bits); break;
-    default:
-      return ffi::Error::InvalidArgument(
-          "fewbit quantize_pack: x must be float32, bfloat16, float16 or float64");
-  }
-  return launch_status("quantize_pack");
-}
 
-template <Dtype D>
-void launch_unpack_scale(cudaStream_t stream, const uint32_t* planes, const float* levels,
-                         const void* g, void* out, RowsCols rc, int32_t bits) {
-  using T = typename Storage<D>::type;
-  const int blocks = blocks_for(rc.rows * words_for(rc.cols), kWarpsPerBlock);
-  with_bits(bits, [&](auto b) {
-    constexpr int B = decltype(b)::value;
-    unpack_scale_kernel<D, B><<<blocks, kThreads, 0, stream>>>(
-        planes, levels, static_cast<const T*>(g), static_cast<T*>(out), rc.rows, rc.cols);
-  });
-}
+  template <Dtype D>
+  static ffi::Error unpack_scale(cudaStream_t stream, const uint32_t* planes,
+                                 const float* levels, const typename Storage<D>::type* g,
+                                 typename Storage<D>::type* out, RowsCols rc, int32_t bits) {
+    with_bits(bits, [&](auto b) {
+      constexpr int B = decltype(b)::value;
+      unpack_scale_kernel<D, B><<<word_blocks(rc), kThreads, 0, stream>>>(
+          planes, levels, g, out, rc.rows, rc.cols);
+    });
+    return launch_status("unpack_scale");
+  }
 
-ffi::Error UnpackScaleImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> planes,
-                           ffi::Buffer<ffi::F32> levels, ffi::AnyBuffer g,
-                           ffi::Result<ffi::AnyBuffer> out, int32_t bits) {
-  if (auto e = check_bits(bits); !e.success()) return e;
-  if (auto e = check_table(int64_t(levels.element_count()), int64_t(1) << bits, "levels");
-      !e.success()) {
-    return e;
-  }
-  if (auto e = check_planes(g.dimensions(), planes.dimensions(), bits, "packed codes");
-      !e.success()) {
-    return e;
-  }
-  if (out->element_type() != g.element_type() ||
-      out->element_count() != g.element_count()) {
-    return ffi::Error::InvalidArgument(
-        "fewbit unpack_scale: the result must have the dtype and shape of g");
-  }
-  const RowsCols rc = rows_cols(g.dimensions());
-  const uint32_t* pl = planes.typed_data();
-  const float* lv = levels.typed_data();
-  switch (g.element_type()) {
-    case ffi::F32: launch_unpack_scale<Dtype::kF32>(stream, pl, lv, g.untyped_data(), out->untyped_data(), rc, bits); break;
-    case ffi::BF16: launch_unpack_scale<Dtype::kBF16>(stream, pl, lv, g.untyped_data(), out->untyped_data(), rc, bits); break;
-    case ffi::F16: launch_unpack_scale<Dtype::kF16>(stream, pl, lv, g.untyped_data(), out->untyped_data(), rc, bits); break;
-    default:
-      return ffi::Error::InvalidArgument(
-          "fewbit unpack_scale: g must be float32, bfloat16 or float16");
-  }
-  return launch_status("unpack_scale");
-}
-
-template <Dtype D, SketchKind K>
-ffi::Error launch_sketch(cudaStream_t stream, const void* xv, const uint32_t* keys,
-                         const uint32_t* row0, float* out, int64_t groups, int64_t R,
-                         int64_t N, int64_t k) {
-  using T = typename Storage<D>::type;
-  const T* x = static_cast<const T*>(xv);
-  if constexpr (K == SketchKind::kCountSketch) {
-    if (cudaMemsetAsync(out, 0, sizeof(float) * size_t(groups * k * N), stream) != cudaSuccess) {
-      return launch_status("sketch (clear)");
+  template <Dtype D, SketchKind K>
+  static ffi::Error sketch(cudaStream_t stream, const typename Storage<D>::type* x,
+                           const uint32_t* keys, const uint32_t* row0, float* out,
+                           int64_t groups, int64_t R, int64_t N, int64_t k) {
+    if ((N + kTN - 1) / kTN > int64_t(INT32_MAX)) {
+      return ffi::Error::InvalidArgument("fewbit sketch: N is too large for the CUDA grid");
     }
-    const dim3 grid(unsigned(std::min<int64_t>((N + kThreads - 1) / kThreads, kMaxBlocks)),
-                    unsigned(std::min<int64_t>(groups * R, 65535)));
-    countsketch_kernel<D><<<grid, kThreads, 0, stream>>>(x, keys, row0, out, groups, R, N, k);
-  } else {
-    const int64_t tiles_j = (k + kTJ - 1) / kTJ;
-    if (tiles_j > 65535) {
-      return ffi::Error::InvalidArgument("fewbit sketch: k above 65535 * 64 is not supported on CUDA");
+    if constexpr (K == SketchKind::kCountSketch) {
+      if (cudaMemsetAsync(out, 0, sizeof(float) * size_t(groups * k * N), stream) !=
+          cudaSuccess) {
+        return launch_status("sketch (clear)");
+      }
+      const dim3 grid(unsigned(std::min<int64_t>((N + kThreads - 1) / kThreads, kMaxBlocks)),
+                      unsigned(std::min<int64_t>(groups * R, 65535)));
+      countsketch_kernel<D><<<grid, kThreads, 0, stream>>>(x, keys, row0, out, groups, R, N, k);
+    } else {
+      const int64_t tiles_j = (k + kTJ - 1) / kTJ;
+      if (tiles_j > 65535) {
+        return ffi::Error::InvalidArgument(
+            "fewbit sketch: k above 65535 * 64 is not supported on CUDA");
+      }
+      const dim3 grid(unsigned((N + kTN - 1) / kTN), unsigned(tiles_j));
+      for (int64_t g = 0; g < groups; ++g) {
+        dense_sketch_kernel<D, K><<<grid, kThreads, 0, stream>>>(x, keys, row0, out, R, N, k, g);
+      }
     }
-    const dim3 grid(unsigned((N + kTN - 1) / kTN), unsigned(tiles_j));
-    for (int64_t g = 0; g < groups; ++g) {
-      dense_sketch_kernel<D, K><<<grid, kThreads, 0, stream>>>(x, keys, row0, out, R, N, k, g);
-    }
+    return launch_status("sketch");
   }
-  return launch_status("sketch");
-}
-
-template <SketchKind K>
-ffi::Error SketchImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> keys,
-                      ffi::Buffer<ffi::U32> row0, ffi::ResultBuffer<ffi::F32> out) {
-  int64_t groups = 1, R = 0;
-  if (auto e = check_sketch(x.dimensions(), keys.dimensions(), row0.dimensions(),
-                            out->dimensions(), &groups, &R);
-      !e.success()) {
-    return e;
-  }
-  // Group g's rows are rows g * R .. of x, viewed as (groups * R, N).
-  const auto xd = x.dimensions();
-  const auto od = out->dimensions();
-  const int64_t N = xd[xd.size() - 1];
-  const int64_t k = od[od.size() - 2];
-  if ((N + kTN - 1) / kTN > int64_t(INT32_MAX)) {
-    return ffi::Error::InvalidArgument("fewbit sketch: N is too large for the CUDA grid");
-  }
-  const uint32_t* kw = keys.typed_data();
-  const uint32_t* r0 = row0.typed_data();
-  float* o = out->typed_data();
-  switch (x.element_type()) {
-    case ffi::F32: return launch_sketch<Dtype::kF32, K>(stream, x.untyped_data(), kw, r0, o, groups, R, N, k);
-    case ffi::BF16: return launch_sketch<Dtype::kBF16, K>(stream, x.untyped_data(), kw, r0, o, groups, R, N, k);
-    case ffi::F16: return launch_sketch<Dtype::kF16, K>(stream, x.untyped_data(), kw, r0, o, groups, R, N, k);
-    case ffi::F64: return launch_sketch<Dtype::kF64, K>(stream, x.untyped_data(), kw, r0, o, groups, R, N, k);
-    default:
-      return ffi::Error::InvalidArgument(
-          "fewbit sketch: x must be float32, bfloat16, float16 or float64");
-  }
-}
+};
 
 }  // namespace
 }  // namespace fewbit
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FewbitPackCuda, fewbit::PackImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::U32>>()
-                                  .Attr<int32_t>("bits"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FewbitQuantizePackCuda, fewbit::QuantizePackImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U32>>()
-                                  .Attr<int32_t>("bits"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FewbitUnpackScaleCuda, fewbit::UnpackScaleImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("bits"));
-
-#define FEWBIT_SKETCH_CUDA(NAME, KIND)                                         \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, fewbit::SketchImpl<KIND>,                \
-                                ffi::Ffi::Bind()                               \
-                                    .Ctx<ffi::PlatformStream<cudaStream_t>>()  \
-                                    .Arg<ffi::AnyBuffer>()                     \
-                                    .Arg<ffi::Buffer<ffi::U32>>()              \
-                                    .Arg<ffi::Buffer<ffi::U32>>()              \
-                                    .Ret<ffi::Buffer<ffi::F32>>());
-
-FEWBIT_SKETCH_CUDA(FewbitSketchGaussianCuda, fewbit::SketchKind::kGaussian)
-FEWBIT_SKETCH_CUDA(FewbitSketchRademacherCuda, fewbit::SketchKind::kRademacher)
-FEWBIT_SKETCH_CUDA(FewbitSketchCountsketchCuda, fewbit::SketchKind::kCountSketch)
+FEWBIT_DEFINE_HANDLERS(Cuda, fewbit::Cuda, ffi::PlatformStream<cudaStream_t>)

@@ -1,6 +1,7 @@
-// The XLA FFI handler symbols of fewbit-jax and the checks shared by the CPU
-// and CUDA handlers. module.cc hands the symbols to Python; ext.py registers
-// them under the target names below.
+// The XLA FFI handlers of fewbit-jax, written once for every platform: each
+// handler checks its operands, picks the kernel for their dtype and calls the
+// platform's launch of it (cpu.cc, cuda.cu). module.cc hands the symbols to
+// Python; ext.py registers them under the target names below.
 //
 // Targets (the same operands, attributes and results on every platform):
 //
@@ -25,6 +26,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "codes.h"
 #include "xla/ffi/api/ffi.h"
@@ -127,7 +129,169 @@ inline ffi::Error check_sketch(ffi::Span<const int64_t> x, ffi::Span<const int64
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// Dtype dispatch.
+
+template <Dtype D>
+using DtypeTag = std::integral_constant<Dtype, D>;
+
+// Returns f(DtypeTag<D>{}) for the Dtype D of `type`: float32, bfloat16,
+// float16, and float64 where kWithF64; any other type is the InvalidArgument
+// error `what`.
+template <bool kWithF64, class F>
+ffi::Error with_dtype(ffi::DataType type, const char* what, F&& f) {
+  switch (type) {
+    case ffi::F32: return f(DtypeTag<Dtype::kF32>{});
+    case ffi::BF16: return f(DtypeTag<Dtype::kBF16>{});
+    case ffi::F16: return f(DtypeTag<Dtype::kF16>{});
+    case ffi::F64:
+      if constexpr (kWithF64) return f(DtypeTag<Dtype::kF64>{});
+      break;
+    default: break;
+  }
+  return ffi::Error::InvalidArgument(what);
+}
+
+// The data of `buffer` as elements of dtype D.
+template <Dtype D, class B>
+typename Storage<D>::type* data_as(const B& buffer) {
+  return static_cast<typename Storage<D>::type*>(buffer.untyped_data());
+}
+
+// ---------------------------------------------------------------------------
+// The handlers. P is a platform: a type with the context its kernels run in,
+// P::Ctx, and their launches on checked operands (arrays viewed as rows of
+// the last axis, see RowsCols), each returning the launch's error:
+//
+//   P::pack(ctx, codes, planes, rc, bits)
+//   P::quantize_pack<D>(ctx, x, borders, planes, rc, bits)
+//   P::unpack_scale<D>(ctx, planes, levels, g, out, rc, bits)
+//   P::sketch<D, K>(ctx, x, keys, row0, out, groups, R, N, k)
+
+template <class P>
+ffi::Error Pack(typename P::Ctx ctx, ffi::Buffer<ffi::U8> codes,
+                ffi::ResultBuffer<ffi::U32> planes, int32_t bits) {
+  if (auto e = check_bits(bits); !e.success()) return e;
+  if (auto e = check_planes(codes.dimensions(), planes->dimensions(), bits, "packed result");
+      !e.success()) {
+    return e;
+  }
+  return P::pack(ctx, codes.typed_data(), planes->typed_data(), rows_cols(codes.dimensions()),
+                 bits);
+}
+
+template <class P>
+ffi::Error QuantizePack(typename P::Ctx ctx, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> borders,
+                        ffi::ResultBuffer<ffi::U32> planes, int32_t bits) {
+  if (auto e = check_bits(bits); !e.success()) return e;
+  if (auto e = check_table(int64_t(borders.element_count()), (int64_t(1) << bits) - 1,
+                           "borders");
+      !e.success()) {
+    return e;
+  }
+  if (auto e = check_planes(x.dimensions(), planes->dimensions(), bits, "packed result");
+      !e.success()) {
+    return e;
+  }
+  const RowsCols rc = rows_cols(x.dimensions());
+  return with_dtype<true>(
+      x.element_type(), "fewbit quantize_pack: x must be float32, bfloat16, float16 or float64",
+      [&](auto dtype) {
+        constexpr Dtype D = decltype(dtype)::value;
+        return P::template quantize_pack<D>(ctx, data_as<D>(x), borders.typed_data(),
+                                            planes->typed_data(), rc, bits);
+      });
+}
+
+template <class P>
+ffi::Error UnpackScale(typename P::Ctx ctx, ffi::Buffer<ffi::U32> planes,
+                       ffi::Buffer<ffi::F32> levels, ffi::AnyBuffer g,
+                       ffi::Result<ffi::AnyBuffer> out, int32_t bits) {
+  if (auto e = check_bits(bits); !e.success()) return e;
+  if (auto e = check_table(int64_t(levels.element_count()), int64_t(1) << bits, "levels");
+      !e.success()) {
+    return e;
+  }
+  if (auto e = check_planes(g.dimensions(), planes.dimensions(), bits, "packed codes");
+      !e.success()) {
+    return e;
+  }
+  if (out->element_type() != g.element_type() ||
+      out->element_count() != g.element_count()) {
+    return ffi::Error::InvalidArgument(
+        "fewbit unpack_scale: the result must have the dtype and shape of g");
+  }
+  const RowsCols rc = rows_cols(g.dimensions());
+  return with_dtype<false>(
+      g.element_type(), "fewbit unpack_scale: g must be float32, bfloat16 or float16",
+      [&](auto dtype) {
+        constexpr Dtype D = decltype(dtype)::value;
+        return P::template unpack_scale<D>(ctx, planes.typed_data(), levels.typed_data(),
+                                           data_as<D>(g), data_as<D>(*out), rc, bits);
+      });
+}
+
+// Group g's rows are rows g * R .. of x, viewed as (groups * R, N).
+template <class P, SketchKind K>
+ffi::Error Sketch(typename P::Ctx ctx, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> keys,
+                  ffi::Buffer<ffi::U32> row0, ffi::ResultBuffer<ffi::F32> out) {
+  int64_t groups = 1, R = 0;
+  if (auto e = check_sketch(x.dimensions(), keys.dimensions(), row0.dimensions(),
+                            out->dimensions(), &groups, &R);
+      !e.success()) {
+    return e;
+  }
+  const auto xd = x.dimensions();
+  const auto od = out->dimensions();
+  const int64_t N = xd[xd.size() - 1];
+  const int64_t k = od[od.size() - 2];
+  return with_dtype<true>(
+      x.element_type(), "fewbit sketch: x must be float32, bfloat16, float16 or float64",
+      [&](auto dtype) {
+        constexpr Dtype D = decltype(dtype)::value;
+        return P::template sketch<D, K>(ctx, data_as<D>(x), keys.typed_data(),
+                                        row0.typed_data(), out->typed_data(), groups, R, N, k);
+      });
+}
+
 }  // namespace fewbit
+
+// Defines the handler symbols Fewbit<target>SUFFIX (declared below) of the
+// platform P, whose kernels take the FFI context CTX (decoded as P::Ctx).
+#define FEWBIT_DEFINE_HANDLERS(SUFFIX, P, CTX)                                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(FewbitPack##SUFFIX, ::fewbit::Pack<P>,                 \
+                                ::xla::ffi::Ffi::Bind()                                \
+                                    .Ctx<CTX>()                                        \
+                                    .Arg<::xla::ffi::Buffer<::xla::ffi::U8>>()         \
+                                    .Ret<::xla::ffi::Buffer<::xla::ffi::U32>>()        \
+                                    .Attr<int32_t>("bits"));                           \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(FewbitQuantizePack##SUFFIX, ::fewbit::QuantizePack<P>, \
+                                ::xla::ffi::Ffi::Bind()                                \
+                                    .Ctx<CTX>()                                        \
+                                    .Arg<::xla::ffi::AnyBuffer>()                      \
+                                    .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()        \
+                                    .Ret<::xla::ffi::Buffer<::xla::ffi::U32>>()        \
+                                    .Attr<int32_t>("bits"));                           \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(FewbitUnpackScale##SUFFIX, ::fewbit::UnpackScale<P>,   \
+                                ::xla::ffi::Ffi::Bind()                                \
+                                    .Ctx<CTX>()                                        \
+                                    .Arg<::xla::ffi::Buffer<::xla::ffi::U32>>()        \
+                                    .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()        \
+                                    .Arg<::xla::ffi::AnyBuffer>()                      \
+                                    .Ret<::xla::ffi::AnyBuffer>()                      \
+                                    .Attr<int32_t>("bits"));                           \
+  FEWBIT_DEFINE_SKETCH(FewbitSketchGaussian##SUFFIX, P, CTX, kGaussian)                \
+  FEWBIT_DEFINE_SKETCH(FewbitSketchRademacher##SUFFIX, P, CTX, kRademacher)            \
+  FEWBIT_DEFINE_SKETCH(FewbitSketchCountsketch##SUFFIX, P, CTX, kCountSketch)
+
+#define FEWBIT_DEFINE_SKETCH(NAME, P, CTX, KIND)                                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, (::fewbit::Sketch<P, ::fewbit::SketchKind::KIND>), \
+                                ::xla::ffi::Ffi::Bind()                           \
+                                    .Ctx<CTX>()                                   \
+                                    .Arg<::xla::ffi::AnyBuffer>()                 \
+                                    .Arg<::xla::ffi::Buffer<::xla::ffi::U32>>()   \
+                                    .Arg<::xla::ffi::Buffer<::xla::ffi::U32>>()   \
+                                    .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>());
 
 // CPU handlers (cpu.cc).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FewbitPackCpu);
