@@ -2,7 +2,8 @@
 //
 // registrations() returns {platform: {target name: capsule}}; ext.py passes
 // each capsule to jax.ffi.register_ffi_target for its platform.
-#include <type_traits>
+#include <array>
+#include <iterator>
 
 #include "handlers.h"
 #include "nanobind/nanobind.h"
@@ -12,32 +13,31 @@ namespace nb = nanobind;
 
 namespace {
 
-template <typename T>
-nb::capsule encapsulate(T* fn) {
-  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
-                "an XLA FFI handler must have the signature XLA_FFI_Error*(XLA_FFI_CallFrame*)");
-  return nb::capsule(reinterpret_cast<void*>(fn));
+using Handler = XLA_FFI_Error*(XLA_FFI_CallFrame*);
+
+// The target names, in the order in which targets() takes a platform's handlers.
+constexpr const char* kTargets[] = {
+    "fewbit_pack",           "fewbit_quantize_pack",     "fewbit_unpack_scale",
+    "fewbit_sketch_gaussian", "fewbit_sketch_rademacher", "fewbit_sketch_countsketch"};
+
+// {target name: capsule} for one platform's handlers.
+nb::dict targets(const std::array<Handler*, std::size(kTargets)>& handlers) {
+  nb::dict d;
+  for (size_t i = 0; i < handlers.size(); ++i) {
+    d[kTargets[i]] = nb::capsule(reinterpret_cast<void*>(handlers[i]));
+  }
+  return d;
 }
 
 nb::dict registrations() {
-  nb::dict cpu;
-  cpu["fewbit_pack"] = encapsulate(FewbitPackCpu);
-  cpu["fewbit_quantize_pack"] = encapsulate(FewbitQuantizePackCpu);
-  cpu["fewbit_unpack_scale"] = encapsulate(FewbitUnpackScaleCpu);
-  cpu["fewbit_sketch_gaussian"] = encapsulate(FewbitSketchGaussianCpu);
-  cpu["fewbit_sketch_rademacher"] = encapsulate(FewbitSketchRademacherCpu);
-  cpu["fewbit_sketch_countsketch"] = encapsulate(FewbitSketchCountsketchCpu);
   nb::dict out;
-  out["cpu"] = cpu;
+  out["cpu"] = targets({FewbitPackCpu, FewbitQuantizePackCpu, FewbitUnpackScaleCpu,
+                        FewbitSketchGaussianCpu, FewbitSketchRademacherCpu,
+                        FewbitSketchCountsketchCpu});
 #ifdef FEWBIT_WITH_CUDA
-  nb::dict cuda;
-  cuda["fewbit_pack"] = encapsulate(FewbitPackCuda);
-  cuda["fewbit_quantize_pack"] = encapsulate(FewbitQuantizePackCuda);
-  cuda["fewbit_unpack_scale"] = encapsulate(FewbitUnpackScaleCuda);
-  cuda["fewbit_sketch_gaussian"] = encapsulate(FewbitSketchGaussianCuda);
-  cuda["fewbit_sketch_rademacher"] = encapsulate(FewbitSketchRademacherCuda);
-  cuda["fewbit_sketch_countsketch"] = encapsulate(FewbitSketchCountsketchCuda);
-  out["CUDA"] = cuda;
+  out["CUDA"] = targets({FewbitPackCuda, FewbitQuantizePackCuda, FewbitUnpackScaleCuda,
+                         FewbitSketchGaussianCuda, FewbitSketchRademacherCuda,
+                         FewbitSketchCountsketchCuda});
 #endif
   return out;
 }
