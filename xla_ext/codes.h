@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FEWBIT_HD __host__ __device__ __forceinline__
@@ -73,25 +74,22 @@ FEWBIT_HD uint32_t hash4(uint32_t k0, uint32_t k1, uint32_t a, uint32_t b) {
 // rounded product in the narrow type (the float32 product of two bf16 or two
 // f16 numbers is exact).
 
-FEWBIT_HD float as_float(uint32_t u) {
+// The bits of a uint32 as a float32 (To = float) or back (To = uint32_t).
+template <class To, class From>
+FEWBIT_HD To bit_cast(From from) {
+  static_assert(sizeof(To) == 4 && sizeof(From) == 4, "bit_cast is for float32 and uint32");
 #if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
+  if constexpr (std::is_same_v<To, float>) return __uint_as_float(from);
+  else return __float_as_uint(from);
 #else
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
 #endif
 }
 
-FEWBIT_HD uint32_t as_uint(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
+FEWBIT_HD float as_float(uint32_t u) { return bit_cast<float>(u); }
+FEWBIT_HD uint32_t as_uint(float f) { return bit_cast<uint32_t>(f); }
 
 FEWBIT_HD float bf16_to_float(uint16_t h) { return as_float(uint32_t(h) << 16); }
 
