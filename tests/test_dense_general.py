@@ -114,7 +114,7 @@ def test_sketch_blocks():
   with pytest.raises(ValueError, match="do not divide"):
     f(5)(w)
   with pytest.raises(ValueError, match="leading axes"):
-    randomized_einsum("tbd,df->btf", x, w, key, proj_dim=8, sketch_blocks=2)
+    randomized_einsum("bdt,df->btf", x, jnp.ones((8, 3)), key, proj_dim=8, sketch_blocks=2)
   # No positions: the plain einsum, whatever the blocks.
   empty = randomized_einsum("btd,df->btf", x[:0], w, key, proj_dim=1, sketch_blocks=3)
   assert empty.shape == (0, 8, 3)
