@@ -24,12 +24,13 @@ Example:
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fewbit_jax import _mesh
 
 __all__ = ["WORD_BITS", "MAX_BITS", "packed_shape", "packed_nbytes", "compute_codes",
            "pack", "unpack", "check_bits", "lookup"]
@@ -82,24 +83,9 @@ def packed_nbytes(shape: tuple[int, ...], bits: int) -> int:
   return 4 * int(np.prod(packed_shape(shape, bits)))
 
 
-def _explicit_mesh(a):
-  """The mesh of a's type where it has ``AxisType.Explicit`` axes, else None."""
-  mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
-  return mesh if AxisType.Explicit in getattr(mesh, "axis_types", ()) else None
-
-
-def _last_axis_shards(a) -> int:
-  """Into how many shards a's type cuts its last axis over Explicit mesh axes (1 if none)."""
-  mesh = _explicit_mesh(a)
-  if mesh is None or not a.ndim:
-    return 1
-  spec = tuple(jax.typeof(a).sharding.spec)
-  entry = spec[a.ndim - 1] if len(spec) >= a.ndim else None
-  names = () if entry is None or entry is P.UNCONSTRAINED else (
-      entry if isinstance(entry, tuple) else (entry,))
-  types = dict(zip(mesh.axis_names, mesh.axis_types))
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  return math.prod(sizes[n] for n in names if types[n] == AxisType.Explicit)
+# Read by fewbit_jax.ext too.
+_explicit_mesh = _mesh.explicit_mesh
+_last_axis_shards = _mesh.last_axis_shards
 
 
 def lookup(table: jax.Array, index: jax.Array) -> jax.Array:

@@ -30,27 +30,21 @@ Linear Layers", arXiv 2201.13195.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fewbit_jax import rng, sharded as _sharded, sketch as _sketch
+from fewbit_jax import _projection, rng, sketch as _sketch
+from fewbit_jax._projection import SKETCH_NAME
 
 __all__ = ["randomized_dense", "projection_dim", "sketch_blocks_default", "SKETCH_NAME"]
 
-# checkpoint_name of the kept sketch S^T x, for jax.checkpoint policies such
-# as jax.checkpoint_policies.save_only_these_names(SKETCH_NAME).
-SKETCH_NAME = "randomized_dense_sketch"
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, bool)
+# Kept under their old names for the flax layers.
+_check_blocks_arg = _projection.check_blocks_arg
+_forward = _projection.dense_forward
 
 
 def projection_dim(b: int, *, proj_dim_ratio=None, proj_dim=None, proj_dim_min=None,
@@ -84,7 +78,7 @@ def projection_dim(b: int, *, proj_dim_ratio=None, proj_dim=None, proj_dim_min=N
                        "a fixed size use proj_dim instead.")
   for name, v in (("proj_dim", proj_dim), ("proj_dim_min", proj_dim_min),
                   ("proj_dim_max", proj_dim_max)):
-    if v is not None and (not _is_int(v) or v < 1):
+    if v is not None and (not _projection.is_int(v) or v < 1):
       raise ValueError(f"{name}={v!r} must be an int >= 1 (a number of sketch rows), or None.")
   if proj_dim_min is not None and proj_dim_max is not None and proj_dim_min > proj_dim_max:
     raise ValueError(f"proj_dim_min={proj_dim_min} is larger than proj_dim_max="
@@ -100,54 +94,7 @@ def projection_dim(b: int, *, proj_dim_ratio=None, proj_dim=None, proj_dim_min=N
   return max(1, min(k, b))
 
 
-def _forward(x, kernel, bias, precision, preferred_element_type, out_sharding):
-  # The computation of flax.linen.Dense / flax.nnx.Linear, op for op.
-  kwargs = {}
-  if preferred_element_type is not None:
-    kwargs["preferred_element_type"] = preferred_element_type
-  if out_sharding is not None:
-    kwargs["out_sharding"] = out_sharding
-  y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
-                      **kwargs)
-  if bias is not None:
-    y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-  return y
-
-
-def _after(a, dep):
-  """`a` unchanged (bitwise), but computed only once `dep` is.
-
-  XLA schedules for memory without knowing that the sketch lets x die: left
-  alone it may run the projection late (keeping x alive into the backward
-  pass) or beside the matmul (adding its temporaries to the peak). Making the
-  small kernel operand of the matmul depend on the sketch orders the projection
-  first. ``optimization_barrier`` does not survive the CPU pipeline; this
-  multiply by an exact 1 that XLA cannot fold does.
-  """
-  if dep.size == 0:
-    return a
-  bits = lax.bitcast_convert_type(dep[(0,) * dep.ndim].astype(jnp.float32), jnp.uint32)
-  one = (jnp.minimum(bits, jnp.uint32(0)) + 1).astype(a.dtype)
-  return a * one
-
-
-def _after_smaller(a, b, dep, after=_after):
-  """(a, b) with the smaller of the two made to wait for `dep` by `after`.
-
-  The multiply by 1 of `after` writes a copy of its operand, alive until the
-  matmul that reads it: order through whichever matmul operand is smaller
-  (the kernel for the many positions of a training batch, the activation for
-  a small batch on a large layer).
-  """
-  if a.size < b.size:
-    return after(a, dep), b
-  return a, after(b, dep)
-
-
 # --- block-diagonal sketches -------------------------------------------------------
-
-_blocks_default = None  # set by sketch_blocks_default
-
 
 @contextlib.contextmanager
 def sketch_blocks_default(sketch_blocks):
@@ -174,226 +121,8 @@ def sketch_blocks_default(sketch_blocks):
     >>> dw.shape
     (4, 2)
   """
-  global _blocks_default
-  _check_blocks_arg(sketch_blocks)
-  old = _blocks_default
-  _blocks_default = sketch_blocks
-  try:
+  with _projection.blocks_default(sketch_blocks):
     yield
-  finally:
-    _blocks_default = old
-
-
-def _check_blocks_arg(v) -> None:
-  ok = (v is None or (_is_int(v) and v >= 1) or isinstance(v, str)
-        or (isinstance(v, tuple) and v and all(isinstance(a, str) for a in v)))
-  if not ok:
-    raise ValueError(f"sketch_blocks={v!r} must be None (the default rule), an int >= 1 (the "
-                     "number of row blocks) or mesh axis name(s) such as 'data' or "
-                     "('replica', 'data') (one block per shard of those axes).")
-
-
-def _mesh_axis_sizes(x) -> dict:
-  mesh = jax.sharding.get_abstract_mesh()
-  if not getattr(mesh, "axis_names", ()):
-    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-  if mesh is None or not getattr(mesh, "axis_names", ()):
-    return {}
-  return dict(zip(mesh.axis_names, mesh.axis_sizes))
-
-
-def _num_blocks(x, sketch_blocks) -> tuple[int, bool]:
-  """(C, per_shard) for the leading positions of x; C == 0 means the plain path.
-
-  per_shard: C was derived from a sharding, so the blocks must line up with
-  the shards of x's first axis.
-  """
-  v = _blocks_default if sketch_blocks is None else sketch_blocks
-  _check_blocks_arg(v)
-  spec = _sharded.explicit_spec(x)
-  if v is None:
-    if spec is None:
-      return (1 if _sharded._context_mesh() is not None else 0), False
-    lead = spec[:-1]
-    if any(e is not None for e in lead[1:]):
-      raise ValueError(
-          f"x is sharded on leading axes beyond the first ({jax.typeof(x)}): randomized_dense "
-          "takes one sketch per shard of the first axis (the batch) only. Reshard x so that "
-          "only its first and last axes are sharded, or pass sketch_blocks=1 for one sketch "
-          "over all positions.")
-    names = _sharded._axes(lead[0]) if lead else ()
-    sizes = _mesh_axis_sizes(x)
-    return math.prod(sizes[a] for a in names), bool(names)
-  return _blocks_of(x, v)
-
-
-def _blocks_of(x, v) -> tuple[int, bool]:
-  """(C, per_shard) for a given sketch_blocks `v`: an int, or mesh axis names."""
-  if _is_int(v):
-    return int(v), False
-  names = (v,) if isinstance(v, str) else v
-  sizes = _mesh_axis_sizes(x)
-  missing = [a for a in names if a not in sizes]
-  if missing:
-    raise ValueError(f"sketch_blocks={v!r} names mesh axes {missing} that the current mesh "
-                     f"({sizes or 'none'}) lacks. Call under jax.set_mesh(mesh), or pass the "
-                     "number of blocks as an int.")
-  return math.prod(sizes[a] for a in names), True
-
-
-def _block_layout(x, c: int, per_shard: bool, y_aval):
-  """Checks that C blocks fit x; returns the explicit specs of x, its (C, R, N) view and y."""
-  b = math.prod(x.shape[:-1])
-  if b % c or (per_shard and x.ndim > 1 and x.shape[0] % c):
-    what = (f"x's first axis ({x.shape[0]})" if per_shard else f"the B={b} leading positions")
-    raise ValueError(f"sketch_blocks gives {c} blocks, which do not divide {what} of x "
-                     f"{x.shape}. Use a batch size divisible by the number of data shards, or "
-                     "pass sketch_blocks explicitly (an int dividing B, or 1).")
-  spec = _sharded.explicit_spec(x)
-  if spec is None:
-    return None, None, None
-  y_spec = tuple(y_aval.sharding.spec) + (None,) * (len(y_aval.shape) - len(y_aval.sharding.spec))
-  return spec, (spec[0] if x.ndim > 1 else None, None, spec[-1]), y_spec
-
-
-def _input_avals(g, n, kernel, bias, x_sharding=None):
-  """Types of x and bias for transposing the forward at cotangent g.
-
-  Built from g's type, so that inside ``jax.shard_map`` x's type varies over
-  the same manual axes as g's (a bare ShapeDtypeStruct would not, and
-  ``linear_transpose`` rejects the mismatch).
-  """
-  kw = {} if x_sharding is None else {"sharding": x_sharding}
-  x_aval = jax.typeof(g).update(shape=g.shape[:-1] + (n,), dtype=kernel.dtype, **kw)
-  b_aval = None if bias is None else jax.typeof(bias)
-  return x_aval, b_aval
-
-
-def _dx_db(g, n, kernel, bias, precision, pet, out_sharding, x_sharding=None):
-  """(dx, db) at cotangent g: the transpose of the forward's linear map in x and bias.
-
-  Exactly what autodiff of the plain dense layer gives; db is None without a bias.
-  """
-  x_aval, b_aval = _input_avals(g, n, kernel, bias, x_sharding)
-  if bias is None:
-    (dx,) = jax.linear_transpose(
-        lambda x: _forward(x, kernel, None, precision, pet, out_sharding), x_aval)(g)
-    return dx, None
-  return jax.linear_transpose(
-      lambda x, b: _forward(x, kernel, b, precision, pet, out_sharding), x_aval, b_aval)(g)
-
-
-def _like_primal(ct, primal):
-  """`ct` summed over the manual axes it varies over and `primal` does not.
-
-  Inside ``jax.shard_map`` a weight the same on every device (invariant) has
-  per-device products with varying inputs; autodiff of the plain layer sums
-  their gradients over those axes (the transpose of the implicit ``pvary``),
-  and a custom_vjp must return a cotangent of the primal's type.
-  """
-  if primal is None:
-    return ct
-  extra = jax.typeof(ct).mat.varying - jax.typeof(primal).mat.varying
-  return lax.psum(ct, tuple(sorted(extra))) if extra else ct
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _rdense_blocks(x, kernel, bias, keys, kb, kind, precision, pet, out_sharding, layout):
-  del keys, kb, kind, layout
-  return _forward(x, kernel, bias, precision, pet, out_sharding)
-
-
-def _as_blocks(a, c, spec3):
-  return _sharded.reshape(a, (c, math.prod(a.shape[:-1]) // c, a.shape[-1]), spec3)
-
-
-def _rdense_blocks_fwd(x, kernel, bias, keys, kb, kind, precision, pet, out_sharding, layout):
-  x3_spec = layout[1]
-  c = keys.shape[0]
-  x3 = _as_blocks(x, c, x3_spec)
-  sx = _sharded.project_blocks(kind, x3, keys, kb, precision=precision).astype(x.dtype)
-  y = _forward(*_after_smaller(x, kernel, sx, _sharded.after), bias, precision, pet,
-               out_sharding)
-  sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
-  return y, (sx, keys, kernel, bias)
-
-
-def _rdense_blocks_bwd(kb, kind, precision, pet, out_sharding, layout, res, g):
-  sx, keys, kernel, bias = res
-  x_spec, _, y_spec = layout
-  n, _ = kernel.shape
-  c = keys.shape[0]
-  g3_spec = None
-  mesh = _sharded.type_mesh(sx, kernel, g)
-  if y_spec is not None:
-    # The cotangent has y's type, whatever sharding the type of the op that
-    # produced it claims (an FFI call typed as replicated, say): resharding
-    # from a replicated type to y's is a local slice.
-    g = jax.sharding.reshard(g, NamedSharding(mesh, P(*y_spec)))
-    g3_spec = (y_spec[0], None, y_spec[-1])
-  g3 = _as_blocks(g, c, g3_spec)
-  sg = _sharded.project_blocks(kind, g3, keys, kb, precision=precision)
-  w_in = kernel
-  g, kernel = _after_smaller(g, kernel, sg, _sharded.after)
-  # dx and db are the transposes of the forward's linear map, so they are
-  # exactly what autodiff of the plain dense layer gives.
-  x_sharding = None
-  if x_spec is not None:
-    x_sharding = NamedSharding(mesh, P(*x_spec))
-  dx, db = _dx_db(g, n, kernel, bias, precision, pet, out_sharding, x_sharding)
-  # dW = sum over blocks of (S_c^T x_c)^T (S_c^T g_c): a sum over the blocks,
-  # so over the data shards: the all-reduce any data-parallel weight gradient has.
-  kw = {}
-  k_spec = _sharded.explicit_spec(kernel)
-  if k_spec is not None:
-    kw["out_sharding"] = NamedSharding(mesh, P(*k_spec))
-  dw = lax.dot_general(sx.astype(jnp.float32), sg, (((0, 1), (0, 1)), ((), ())),
-                       precision=precision, preferred_element_type=jnp.float32, **kw)
-  return dx, _like_primal(dw.astype(kernel.dtype), w_in), _like_primal(db, bias), None
-
-
-_rdense_blocks.defvjp(_rdense_blocks_fwd, _rdense_blocks_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _rdense(x, kernel, bias, kw, k, kind, precision, pet, out_sharding):
-  del kw, k, kind
-  return _forward(x, kernel, bias, precision, pet, out_sharding)
-
-
-def _rdense_fwd(x, kernel, bias, kw, k, kind, precision, pet, out_sharding):
-  sx = _sketch.project(kind, x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), kw, k,
-                       precision=precision)
-  sx = sx.astype(x.dtype)
-  y = _forward(*_after_smaller(x, kernel, sx), bias, precision, pet, out_sharding)
-  sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
-  return y, (sx, kw, kernel, bias)
-
-
-def _rdense_bwd(k, kind, precision, pet, out_sharding, res, g):
-  sx, kw, kernel, bias = res
-  n, m = kernel.shape
-  sg = _sketch.project(kind, g.reshape(math.prod(g.shape[:-1]), m), kw, k, precision=precision)
-  w_in = kernel
-  g, kernel = _after_smaller(g, kernel, sg)
-  # dx and db are the transposes of the forward's linear map, so they are
-  # exactly what autodiff of the plain dense layer gives.
-  dx, db = _dx_db(g, n, kernel, bias, precision, pet, out_sharding)
-  dw = lax.dot_general(sx.astype(jnp.float32), sg, (((0,), (0,)), ((), ())),
-                       precision=precision, preferred_element_type=jnp.float32)
-  return dx, _like_primal(dw.astype(kernel.dtype), w_in), _like_primal(db, bias), None
-
-
-_rdense.defvjp(_rdense_fwd, _rdense_bwd)
-
-
-def _check_array(name, a):
-  if not hasattr(a, "dtype") or not hasattr(a, "shape"):
-    raise TypeError(f"{name} must be an array; got {type(a).__name__}.")
-  if not jnp.issubdtype(a.dtype, jnp.floating):
-    raise TypeError(f"{name} has dtype {a.dtype}; randomized_dense needs a real floating "
-                    f"dtype (float32, bfloat16, float16, float64). Cast it first, e.g. "
-                    f"{name}.astype(jnp.float32).")
 
 
 def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None,
@@ -474,10 +203,10 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
     (32, 4)
   """
   kind = _sketch.check_kind(sketch)
-  _check_array("x", x)
-  _check_array("kernel", kernel)
+  _projection.check_array("x", x)
+  _projection.check_array("kernel", kernel)
   if bias is not None:
-    _check_array("bias", bias)
+    _projection.check_array("bias", bias)
   if kernel.ndim != 2:
     raise ValueError(f"kernel must be 2-D (in_features, out_features); got shape {kernel.shape}.")
   if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
@@ -493,17 +222,15 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
   dtype = jnp.result_type(*(a for a in (x, kernel, bias) if a is not None))
   x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
   bias = None if bias is None else jnp.asarray(bias, dtype)
-  c, per_shard = _num_blocks(x, sketch_blocks)
+  c, per_shard = _projection.resolve_blocks(x, sketch_blocks, follow_shards=True)
+  lead = tuple(range(x.ndim))
+  spec = _projection.Spec("dot_general", _projection.dense_dims(x.ndim), precision,
+                          preferred_element_type, out_sharding, lead, lead, (0, 1), k, kind)
   with jax.named_scope("randomized_dense"):
     if b == 0 or kernel.size == 0:  # nothing to sketch; dW is empty or zero
-      return _forward(x, kernel, bias, precision, preferred_element_type, out_sharding)
-    if c == 0:  # no mesh, no blocks asked for: one sketch of the (B, N) rows
-      return _rdense(x, kernel, bias, jnp.stack([k0, k1]), k, kind, precision,
-                     preferred_element_type, out_sharding)
-    y_aval = jax.eval_shape(
-        lambda x, w, b: _forward(x, w, b, precision, preferred_element_type, out_sharding),
-        x, kernel, bias)
-    layout = _block_layout(x, c, per_shard, y_aval)
-    keys = _sketch.block_keys(jnp.stack([k0, k1]), c)
-    return _rdense_blocks(x, kernel, bias, keys, -(-k // c), kind, precision,
-                          preferred_element_type, out_sharding, layout)
+      return spec.forward(x, kernel, bias)
+    layout = None
+    if c:  # c == 0: no mesh, no blocks asked for: one sketch of the (B, N) rows
+      _projection.check_blocks_fit(x, c, per_shard, spec, follow_shards=True)
+      layout = _projection.block_layout(x, kernel, bias, spec)
+    return _projection.project(x, kernel, bias, jnp.stack([k0, k1]), spec, c, layout)

@@ -45,153 +45,42 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import string
-from typing import Any, Sequence
+from typing import Sequence
 
-import jax
 import jax.numpy as jnp
-from jax import lax
 
-from fewbit_jax import dense as _dense
-from fewbit_jax import rng, sharded as _sharded, sketch as _sketch
-from fewbit_jax.dense import SKETCH_NAME, _after_smaller, _check_array, projection_dim
+from fewbit_jax import _projection, rng, sketch as _sketch
+from fewbit_jax._projection import SKETCH_NAME, check_array as _check_array
+from fewbit_jax.dense import projection_dim
 
 __all__ = ["randomized_dot_general", "randomized_einsum", "SKETCH_NAME"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-  """Everything static about one projection: the op and how to flatten it."""
-  op: str  # 'dot_general' or 'einsum'
-  arg: Any  # dimension numbers, or the einsum subscripts
-  precision: Any
-  preferred_element_type: Any
-  out_sharding: Any
-  x_perm: tuple[int, ...]  # x's batch axes, then its contracted axes
-  g_perm: tuple[int, ...]  # the output's batch axes (same order), then feature axes
-  k_perm: tuple[int, ...]  # the kernel's contracted axes (same order), then feature axes
-  k: int
-  kind: str
-  blocks: int = 0  # 0: one sketch of all B rows; C: C blocks, each its own sketch
-
-  def forward(self, x, kernel):
-    kwargs = {}
-    if self.preferred_element_type is not None:
-      kwargs["preferred_element_type"] = self.preferred_element_type
-    if self.out_sharding is not None:
-      kwargs["out_sharding"] = self.out_sharding
-    if self.op == "dot_general":
-      return lax.dot_general(x, kernel, self.arg, precision=self.precision, **kwargs)
-    return jnp.einsum(self.arg, x, kernel, precision=self.precision, **kwargs)
-
-
-def _flatten(a, perm, n_lead):
-  a = jnp.transpose(a, perm) if perm != tuple(range(a.ndim)) else a
-  return a.reshape(math.prod(a.shape[:n_lead]), -1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _project(x, kernel, kw, spec):
-  del kw
-  return spec.forward(x, kernel)
-
-
-def _n_batch(spec) -> int:
-  # x_perm = batch + contracted, k_perm = contracted + features and
-  # g_perm = batch + features, so len(x) + len(k) - len(g) = 2 * contracted.
-  return len(spec.x_perm) - (len(spec.x_perm) + len(spec.k_perm) - len(spec.g_perm)) // 2
-
-
-def _sketch_of(spec, a2d, kw):
-  """S^T a2d: (k, N), or (C, ceil(k / C), N) for C blocks of rows."""
-  if not spec.blocks:
-    return _sketch.project(spec.kind, a2d, kw, spec.k, precision=spec.precision)
-  c = spec.blocks
-  a3 = a2d.reshape(c, a2d.shape[0] // c, a2d.shape[1])
-  return _sharded.project_blocks(spec.kind, a3, _sketch.block_keys(kw, c), -(-spec.k // c),
-                                 precision=spec.precision)
-
-
-def _after_fn(spec):
-  # Blocks may lie on different devices: each reads its own shard's 1.
-  return _sharded.after if spec.blocks else _dense._after  # pylint: disable=protected-access
-
-
-def _project_fwd(x, kernel, kw, spec):
-  sx = _sketch_of(spec, _flatten(x, spec.x_perm, _n_batch(spec)), kw).astype(x.dtype)
-  y = spec.forward(*_after_smaller(x, kernel, sx, _after_fn(spec)))
-  sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
-  return y, (sx, kw, kernel, jax.ShapeDtypeStruct(x.shape, x.dtype))
-
-
-def _project_bwd(spec, res, g):
-  sx, kw, kernel, x_aval = res
-  sg = _sketch_of(spec, _flatten(g, spec.g_perm, _n_batch(spec)), kw)
-  g, kernel = _after_smaller(g, kernel, sg, _after_fn(spec))
-  (dx,) = jax.linear_transpose(lambda x: spec.forward(x, kernel), x_aval)(g)
-  rows = tuple(range(sx.ndim - 1))  # the sketch rows, and the blocks if any
-  dw = lax.dot_general(sx.astype(jnp.float32), sg, ((rows, rows), ((), ())),
-                       precision=spec.precision, preferred_element_type=jnp.float32)
-  dw = dw.reshape(tuple(kernel.shape[a] for a in spec.k_perm))
-  inverse = tuple(sorted(range(kernel.ndim), key=lambda i: spec.k_perm[i]))
-  dw = jnp.transpose(dw, inverse).astype(kernel.dtype)
-  return dx, dw, None
-
-
-_project.defvjp(_project_fwd, _project_bwd)
-
-
-def _blocks(x, spec, b: int, sketch_blocks) -> int:
-  """The number of sketch blocks C (0: one sketch over all B positions).
-
-  As in `fewbit_jax.dense.randomized_dense`, except that None without a
-  `sketch_blocks_default` means one sketch even for a sharded x: blocks
-  follow x's leading batch axes, which only a plain (Auto or no mesh) type
-  lets this layer reshape freely.
-  """
-  v = _dense._blocks_default if sketch_blocks is None else sketch_blocks  # pylint: disable=protected-access
-  _dense._check_blocks_arg(v)  # pylint: disable=protected-access
-  if v is None:
-    return 0
-  c, per_shard = _dense._blocks_of(x, v)  # pylint: disable=protected-access
-  if c == 1:
-    return 1
-  n_batch = _n_batch(spec)
-  if spec.x_perm[:n_batch] != tuple(range(n_batch)):
-    raise ValueError(f"sketch_blocks={v!r}: the blocks cut the positions along x's leading "
-                     f"axes, but this projection's batch axes are x's axes "
-                     f"{spec.x_perm[:n_batch]} of {x.shape}. Use sketch_blocks=1 (one "
-                     "sketch) for it.")
-  if any(e is not None for e in (_sharded.explicit_spec(x) or ())):
-    raise ValueError(f"sketch_blocks={v!r} with x typed on an Explicit mesh "
-                     f"({jax.typeof(x)}): the General and Einsum projections take blocks "
-                     "only for x without Explicit axes. Use RandomizedLinear / "
-                     "randomized_dense, which follows the shards, or sketch_blocks=1.")
-  if b % c or (per_shard and x.shape[0] % c):
-    what = f"x's first axis ({x.shape[0]})" if per_shard else f"the B={b} positions"
-    raise ValueError(f"sketch_blocks gives {c} blocks, which do not divide {what} of x "
-                     f"{x.shape}. Pass an int dividing B, or 1.")
-  return c
 
 
 def _apply(op, arg, x, kernel, key, x_perm, g_perm, k_perm, *, proj_dim_ratio, proj_dim,
            proj_dim_min, proj_dim_max, sketch, precision, preferred_element_type,
            out_sharding, sketch_blocks=None):
   kind = _sketch.check_kind(sketch)
-  spec = _Spec(op, arg, precision, preferred_element_type, out_sharding, tuple(x_perm),
-               tuple(g_perm), tuple(k_perm), 0, kind)
-  b = math.prod(x.shape[a] for a in x_perm[:_n_batch(spec)])
+  spec = _projection.Spec(op, arg, precision, preferred_element_type, out_sharding,
+                          tuple(x_perm), tuple(g_perm), tuple(k_perm), 0, kind)
+  b = math.prod(x.shape[a] for a in x_perm[:spec.n_batch])
   k = projection_dim(b, proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim,
                      proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max)
-  spec = dataclasses.replace(spec, k=k, blocks=_blocks(x, spec, b, sketch_blocks) if b else 0)
+  spec = dataclasses.replace(spec, k=k)
+  c = 0
+  if b:
+    # Blocks follow x's leading batch axes, which only a plain (Auto or no
+    # mesh) type lets this layer reshape freely: None is one sketch here.
+    c, per_shard = _projection.resolve_blocks(x, sketch_blocks, follow_shards=False)
+    if c:
+      _projection.check_blocks_fit(x, c, per_shard, spec, follow_shards=False)
   dtype = jnp.result_type(x, kernel)
   x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
   if b == 0:
     return spec.forward(x, kernel)
   k0, k1 = rng.key_words(key)
-  return _project(x, kernel, jnp.stack([k0, k1]), spec)
+  return _projection.project(x, kernel, None, jnp.stack([k0, k1]), spec, c)
 
 
 def _canon_axes(axes: Sequence[int], ndim: int, what: str) -> tuple[int, ...]:

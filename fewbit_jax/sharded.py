@@ -51,22 +51,14 @@ from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from fewbit_jax import sketch as _sketch
+from fewbit_jax import _order, _mesh, sketch as _sketch
 
 __all__ = ["project_blocks", "after", "explicit_spec", "type_mesh", "reshape"]
 
 _ROW_KINDS = ("gaussian", "rademacher", "countsketch")  # row slices of S add up
 
 
-def _axes(entry) -> tuple[str, ...]:
-  """Mesh axis names of one PartitionSpec entry."""
-  if entry is None or entry is P.UNCONSTRAINED:
-    return ()
-  return tuple(entry) if isinstance(entry, tuple) else (entry,)
-
-
-def _entry(axes: tuple[str, ...]):
-  return None if not axes else axes[0] if len(axes) == 1 else axes
+_axes, _entry = _mesh.axes, _mesh.entry
 
 
 def explicit_spec(a) -> tuple | None:
@@ -80,15 +72,7 @@ def explicit_spec(a) -> tuple | None:
     >>> sharded.explicit_spec(jnp.ones((4, 3))) is None      # not on a mesh
     True
   """
-  sharding = getattr(jax.typeof(a), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not getattr(mesh, "axis_names", ()):
-    return None
-  explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
-  if not explicit:
-    return None
-  spec = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
-  return tuple(_entry(tuple(n for n in _axes(e) if n in explicit)) for e in spec)
+  return _mesh.explicit_spec(a)
 
 
 def type_mesh(*arrays):
@@ -103,10 +87,7 @@ def type_mesh(*arrays):
     >>> sharded.type_mesh(jnp.ones(3), None) is None
     True
   """
-  for a in arrays:
-    if a is not None and explicit_spec(a) is not None:
-      return jax.typeof(a).sharding.mesh
-  return None
+  return _mesh.type_mesh(*arrays)
 
 
 def reshape(a, shape, spec=None):
@@ -206,11 +187,6 @@ _cp_project.def_partition(
     need_replication_factors=("t", "q"))
 
 
-def _context_mesh():
-  mesh = jax.sharding.get_abstract_mesh()
-  return mesh if getattr(mesh, "axis_names", ()) else None
-
-
 # --- dispatch ----------------------------------------------------------------------
 
 def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *,
@@ -238,17 +214,17 @@ def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *,
   spec = explicit_spec(x3d)
   if spec is not None and any(e is not None for e in spec):
     mesh = jax.typeof(x3d).sharding.mesh
-    shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    shape = _mesh.sizes(mesh)
     x_spec, k_spec, out_spec, r_axes = _plan(kind, x3d.shape, spec, shape)
     rows_local = x3d.shape[1] // math.prod(shape[a] for a in r_axes)
     body = functools.partial(_local, kind=kind, k=k, precision=precision, row_axes=r_axes,
                              rows_local=rows_local)
-    manual = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
+    manual = _mesh.explicit_axes(mesh)
     x3d = jax.sharding.reshard(x3d, NamedSharding(mesh, x_spec))
     keys = jax.sharding.reshard(keys, NamedSharding(mesh, k_spec))
     return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, k_spec), out_specs=out_spec,
                          axis_names=manual)(x3d, keys)
-  mesh = _context_mesh()
+  mesh = _mesh.context_mesh()
   if mesh is not None and spec is None and all(t == AxisType.Auto for t in mesh.axis_types):
     try:
       return _cp_project(x3d, keys, kind, int(k), precision)
@@ -261,13 +237,7 @@ def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *,
 
 # --- ordering ------------------------------------------------------------------------
 
-def _after_body(a, dep):
-  """`a` times an exact 1 that XLA cannot fold, read from dep's first element."""
-  first = dep[(0,) * dep.ndim].astype(jnp.float32)
-  one = jnp.minimum(lax.bitcast_convert_type(first, jnp.uint32), jnp.uint32(0)) + 1
-  return a * one.astype(a.dtype)
-
-
+_after_body = _order.after_body
 _cp_after = custom_partitioning(_after_body)
 
 
@@ -317,12 +287,12 @@ def after(a: jax.Array, dep: jax.Array) -> jax.Array:
   a_spec, d_spec = explicit_spec(a), explicit_spec(dep)
   if a_spec is not None or d_spec is not None:
     mesh = type_mesh(a, dep)
-    manual = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
+    manual = _mesh.explicit_axes(mesh)
     a_spec = a_spec or (None,) * a.ndim
     d_spec = d_spec or (None,) * dep.ndim
     return jax.shard_map(_after_body, mesh=mesh, in_specs=(P(*a_spec), P(*d_spec)),
                          out_specs=P(*a_spec), axis_names=manual, check_vma=False)(a, dep)
-  mesh = _context_mesh()
+  mesh = _mesh.context_mesh()
   if mesh is not None and all(t == AxisType.Auto for t in mesh.axis_types) and a.ndim:
     try:
       return _cp_after(a, dep)

@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fewbit_jax import ext, rng
+from fewbit_jax import _hash, _order, ext, rng
 
 __all__ = ["KINDS", "check_kind", "project", "project_blocks", "block_keys", "sketch_matrix",
            "estimate_variance"]
@@ -77,10 +77,6 @@ KINDS = ("gaussian", "rademacher", "countsketch", "dct", "dft")
 # loop step: an S block for gaussian/rademacher, an x block for countsketch, a
 # column slab of the FFT for dct/dft. 2**20 elements = 4 MiB.
 _BLOCK_ELEMS = 1 << 20
-
-# Counter `b` of hash4 behind each use, part of the sketch definitions above.
-_B_BUCKET, _B_SIGN, _B_ORDER = 0, 1, 2
-_B_BLOCK_K0, _B_BLOCK_K1 = 3, 4  # the key words of block c of a block-diagonal sketch
 
 _DIMS_T = (((0,), (0,)), ((), ()))  # contract the row axes: A^T B
 
@@ -176,9 +172,7 @@ def block_keys(key: jax.Array, blocks: int) -> jax.Array:
   k0, k1 = rng.key_words(key)
   if int(blocks) == 1:
     return jnp.stack([k0, k1])[None]
-  c = jnp.arange(int(blocks), dtype=jnp.uint32)
-  return jnp.stack([rng.hash4(k0, k1, c, _B_BLOCK_K0), rng.hash4(k0, k1, c, _B_BLOCK_K1)],
-                   axis=-1)
+  return _hash.block_key_words(k0, k1, jnp.arange(int(blocks), dtype=jnp.uint32))
 
 
 def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *, precision=None,
@@ -227,17 +221,13 @@ def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *, precis
 
 # --- gaussian, rademacher, countsketch: loop over blocks of rows -------------
 
-def _zero_of(a):
-  """A uint32 0 that XLA cannot tell is constant: it depends on `a`'s data.
-
-  Adding it to the counters of a sketch ties the sketch to the array it is
-  applied to. Otherwise S depends on the key alone, and XLA hoists its blocks
-  out of the loop, computes them at the start of the program, or merges the
-  forward's and the backward's S (same key) into one buffer kept alive across
-  the whole model: the memory the sketch was meant to save.
-  """
-  first = a.reshape(-1)[0].astype(jnp.float32)
-  return jnp.minimum(lax.bitcast_convert_type(first, jnp.uint32), jnp.uint32(0))
+# Adding a 0 tied to the data (`_order.zero_of`) to the counters of a sketch
+# ties the sketch to the array it is applied to. Otherwise S depends on the
+# key alone, and XLA hoists its blocks out of the loop, computes them at the
+# start of the program, or merges the forward's and the backward's S (same
+# key) into one buffer kept alive across the whole model: the memory the
+# sketch was meant to save.
+_zero_of = _order.zero_of
 
 
 def _zero_of_whole(x2d):
@@ -258,16 +248,11 @@ def _zero_of_whole(x2d):
 def _row_contribution(kind, xb, rows, valid, k0, k1, k, precision):
   """S[rows]^T xb for one block; rows not `valid` contribute nothing."""
   if kind == "countsketch":
-    bucket = rng.hash4(k0, k1, rows, _B_BUCKET) % jnp.uint32(k)
-    sign = _sign(k0, k1, rows)
+    bucket = _hash.bucket(k0, k1, rows, k)
+    sign = _hash.sign(k0, k1, rows)
     upd = jnp.where(valid, sign, 0.0)[:, None] * xb
     return lambda acc: acc.at[bucket.astype(jnp.int32)].add(upd)
-  cols = jnp.arange(k, dtype=jnp.uint32)[None, :]
-  if kind == "gaussian":
-    s = rng.gaussian(k0, k1, rows[:, None], cols)
-  else:
-    s = 1.0 - 2.0 * (rng.hash4(k0, k1, rows[:, None], cols) >> 31).astype(jnp.float32)
-  s = jnp.where(valid[:, None], s * jnp.float32(1.0 / math.sqrt(k)), 0.0)
+  s = jnp.where(valid[:, None], _hash.rows_matrix(kind, k0, k1, rows, k), 0.0)
   part = lax.dot_general(s, xb, _DIMS_T, precision=precision,
                          preferred_element_type=jnp.float32)
   return lambda acc: acc + part
@@ -295,8 +280,7 @@ def _project_rows(kind, x2d, k0, k1, k, bs, precision, row0):
   return lax.fori_loop(0, nblocks, step, acc)
 
 
-def _sign(k0, k1, rows):
-  return 1.0 - 2.0 * (rng.hash4(k0, k1, rows, _B_SIGN) >> 31).astype(jnp.float32)
+_sign = _hash.sign
 
 
 # --- dct, dft: FFT over blocks of columns ------------------------------------
@@ -304,7 +288,7 @@ def _sign(k0, k1, rows):
 def _chosen(k0, k1, b, k):
   """The k basis indices of dct/dft, in order: smallest (hash, index) first."""
   idx = jnp.arange(b, dtype=jnp.uint32)
-  order = jnp.argsort(rng.hash4(k0, k1, idx, _B_ORDER), stable=True)
+  order = jnp.argsort(_hash.order_bits(k0, k1, idx), stable=True)
   return order[:k].astype(jnp.int32)
 
 
@@ -391,14 +375,11 @@ def sketch_matrix(kind: str, key: jax.Array, b: int, k: int, *, blocks: int = 1)
   k0, k1 = rng.key_words(key)
   i = jnp.arange(b, dtype=jnp.uint32)[:, None]
   j = jnp.arange(k, dtype=jnp.uint32)[None, :]
-  if kind == "gaussian":
-    return rng.gaussian(k0, k1, i, j) / np.float32(math.sqrt(k))
-  if kind == "rademacher":
-    return (1.0 - 2.0 * (rng.hash4(k0, k1, i, j) >> 31).astype(jnp.float32)) / np.float32(math.sqrt(k))
-  sign = _sign(k0, k1, i[:, 0])[:, None]
+  if kind in ("gaussian", "rademacher"):
+    return _hash.entry(kind, k0, k1, i, j) / np.float32(math.sqrt(k))
+  sign = _hash.sign(k0, k1, i[:, 0])[:, None]
   if kind == "countsketch":
-    bucket = (rng.hash4(k0, k1, i[:, 0], _B_BUCKET) % jnp.uint32(k))[:, None]
-    return jnp.where(bucket == j, sign, 0.0)
+    return jnp.where(_hash.bucket(k0, k1, i[:, 0], k)[:, None] == j, sign, 0.0)
   m = _chosen(k0, k1, b, k)[None, :].astype(jnp.float32)
   fi = i.astype(jnp.float32)
   if kind == "dct":

@@ -20,7 +20,9 @@ pure-JAX path. For each it checks that
 The device count is fixed when JAX starts, so those run in one subprocess.
 The last test trains the example GPT over two processes joined by
 ``jax.distributed`` (examples/distributed_lm.py). The first tests check the
-block-diagonal sketch itself on one device.
+blocked layer on one device; the block-diagonal sketch itself is tested in
+tests/test_sketch.py, `fewbit_jax.sharded` in tests/test_sharded.py and the
+General and Einsum layers on 8 devices in tests/test_dense_general.py.
 """
 
 from __future__ import annotations
@@ -37,11 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fewbit_jax import ext, rng, sharded, sketch
+from fewbit_jax import ext
 from fewbit_jax.dense import randomized_dense, sketch_blocks_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HASH_KINDS = ("gaussian", "rademacher", "countsketch")
 
 
 @pytest.fixture(autouse=True)
@@ -53,47 +54,7 @@ def pure_jax_unless_sharded(request):
     yield
 
 
-# --- the block-diagonal sketch, one device -----------------------------------------
-
-def test_one_block_is_the_plain_sketch():
-  key = jax.random.key(3)
-  words = jnp.stack(rng.key_words(key))
-  np.testing.assert_array_equal(sketch.block_keys(key, 1)[0], words)
-  x = jax.random.normal(jax.random.key(0), (24, 5))
-  for kind in ("gaussian", "dct"):
-    blocks = jax.jit(lambda x, kind=kind: sketch.project_blocks(
-        kind, x[None], sketch.block_keys(key, 1), 6)[0])
-    plain = jax.jit(lambda x, kind=kind: sketch.project(kind, x, key, 6))
-    np.testing.assert_array_equal(blocks(x), plain(x))
-
-
-@pytest.mark.parametrize("kind", sketch.KINDS)
-def test_project_blocks_is_the_block_diagonal_sketch(kind):
-  key, c, r, k = jax.random.key(1), 4, 8, 3
-  x = jax.random.normal(jax.random.key(0), (c * r, 5))
-  s = sketch.sketch_matrix(kind, key, c * r, k, blocks=c)
-  assert s.shape == (c * r, c * k)
-  blocks = np.asarray(s).reshape(c, r, c, k).transpose(0, 2, 1, 3)  # [row block, col block]
-  off_diagonal = blocks[~np.eye(c, dtype=bool)]
-  assert not np.any(off_diagonal)
-  sx = jax.jit(lambda x: sketch.project_blocks(kind, x, sketch.block_keys(key, c), k))(
-      x.reshape(c, r, 5))
-  np.testing.assert_allclose(sx.reshape(c * k, 5), s.T @ x, rtol=1e-5, atol=1e-5)
-  keys = sketch.block_keys(key, c)
-  assert len({tuple(map(int, w)) for w in keys}) == c  # every block its own sketch
-
-
-@pytest.mark.parametrize("kind", HASH_KINDS)
-def test_row_slices_add_up_to_the_sketch(kind):
-  x = jax.random.normal(jax.random.key(0), (32, 4))
-  key = jax.random.key(2)
-  whole = jax.jit(lambda x: sketch.project(kind, x, key, 5))(x)
-  part = jax.jit(lambda xs, i: sketch.project(kind, xs, key, 5, row0=i))
-  parts = sum(part(x[i:i + 8], i) for i in range(0, 32, 8))
-  np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="cannot be taken over a slice"):
-    sketch.project("dct", x, key, 5, row0=0)
-
+# --- the blocked layer, one device ---------------------------------------------------
 
 def test_blocked_weight_gradient_is_unbiased():
   # The mean of the block-diagonal estimate over many keys approaches x^T g.
@@ -147,13 +108,6 @@ def test_sketch_blocks_options_and_errors():
     return [r[0].shape for r in res if len(r[0].shape) == 3]
   assert kept(2, None) == [(2, 1, 3)]
   assert kept(2, 3) == [(3, 1, 3)]
-
-
-def test_after_is_the_identity():
-  a = jnp.array([1.5, -0.0, jnp.inf])
-  out = sharded.after(a, jnp.full((2, 3), jnp.nan))
-  np.testing.assert_array_equal(out, a)
-  assert str(out[1]) == "-0.0"
 
 
 # --- 8 devices: data, tensor and both parallelisms ------------------------------------
@@ -336,53 +290,6 @@ def test_inside_a_users_shard_map(sharded_results, case):
   # The plain layer's gradients: the randomized one sums its weight gradient
   # over the devices as autodiff does for an invariant weight.
   assert _get(sharded_results, case, "grad_err") < 1e-5
-
-
-_GENERAL_SCRIPT = textwrap.dedent(r"""
-  import json
-  import jax, jax.numpy as jnp
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-  from benchmarks.bench_sharding import collectives
-  from fewbit_jax.dense_general import randomized_einsum
-
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
-  x = jax.random.normal(jax.random.key(0), (32, 16, 64))
-  w = jax.random.normal(jax.random.key(1), (64, 4, 8))
-  key = jax.random.key(2)
-
-  def loss(w, x, blocks, fewbit=True):
-    y = (randomized_einsum("btd,dnh->btnh", x, w, key, proj_dim_ratio=0.2, sketch_blocks=blocks)
-         if fewbit else jnp.einsum("btd,dnh->btnh", x, w))
-    return jnp.sum(jnp.tanh(y))
-
-  out = {}
-  with jax.set_mesh(mesh):
-    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-    ws = jax.device_put(w, NamedSharding(mesh, P()))
-    for name, blocks, fewbit in (("vanilla", None, False), ("blocks", "data", True)):
-      f = jax.jit(jax.grad(lambda w, x: loss(w, x, blocks, fewbit)))
-      out[name] = collectives(f.lower(ws, xs).compile().as_text())
-    sharded = jax.jit(jax.grad(lambda w, x: loss(w, x, "data")))(ws, xs)
-  one = jax.jit(jax.grad(lambda w, x: loss(w, x, 8)))(w, x)
-  out["rel_err"] = float(jnp.abs(sharded - one).max() / jnp.abs(one).max())
-  print(json.dumps(out))
-""")
-
-
-def test_general_layers_sketch_per_data_shard(child_env):
-  # randomized_einsum (the core of RandomizedEinsum / RandomizedLinearGeneral
-  # and of converted DenseGeneral layers) with sketch_blocks="data" on an
-  # Auto mesh: the data-parallel gradient's all-reduce is the only collective,
-  # and the gradient is one device's with 8 blocks.
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-P", "-c", _GENERAL_SCRIPT], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert out["blocks"] == out["vanilla"], out
-  assert out["vanilla"]["all-reduce"][0] == 1
-  assert out["rel_err"] < 1e-5, out
 
 
 # --- two processes ------------------------------------------------------------------

@@ -261,3 +261,45 @@ def test_ffi_kernel_matches_pure_jax_where_present(kind):
     got = jax.jit(lambda x, key: sketch.project(kind, x, key, 40))(x, jax.random.key(4))
   want = jax.jit(lambda x, key: sketch.project(kind, x, key, 40))(x, jax.random.key(4))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# --- block-diagonal sketches --------------------------------------------------------
+
+def test_one_block_is_the_plain_sketch():
+  key = jax.random.key(3)
+  words = jnp.stack(rng.key_words(key))
+  np.testing.assert_array_equal(sketch.block_keys(key, 1)[0], words)
+  x = jax.random.normal(jax.random.key(0), (24, 5))
+  for kind in ("gaussian", "dct"):
+    blocks = jax.jit(lambda x, kind=kind: sketch.project_blocks(
+        kind, x[None], sketch.block_keys(key, 1), 6)[0])
+    plain = jax.jit(lambda x, kind=kind: sketch.project(kind, x, key, 6))
+    np.testing.assert_array_equal(blocks(x), plain(x))
+
+
+@pytest.mark.parametrize("kind", sketch.KINDS)
+def test_project_blocks_is_the_block_diagonal_sketch(kind):
+  key, c, r, k = jax.random.key(1), 4, 8, 3
+  x = jax.random.normal(jax.random.key(0), (c * r, 5))
+  s = sketch.sketch_matrix(kind, key, c * r, k, blocks=c)
+  assert s.shape == (c * r, c * k)
+  blocks = np.asarray(s).reshape(c, r, c, k).transpose(0, 2, 1, 3)  # [row block, col block]
+  off_diagonal = blocks[~np.eye(c, dtype=bool)]
+  assert not np.any(off_diagonal)
+  sx = jax.jit(lambda x: sketch.project_blocks(kind, x, sketch.block_keys(key, c), k))(
+      x.reshape(c, r, 5))
+  np.testing.assert_allclose(sx.reshape(c * k, 5), s.T @ x, rtol=1e-5, atol=1e-5)
+  keys = sketch.block_keys(key, c)
+  assert len({tuple(map(int, w)) for w in keys}) == c  # every block its own sketch
+
+
+@pytest.mark.parametrize("kind", ("gaussian", "rademacher", "countsketch"))
+def test_row_slices_add_up_to_the_sketch(kind):
+  x = jax.random.normal(jax.random.key(0), (32, 4))
+  key = jax.random.key(2)
+  whole = jax.jit(lambda x: sketch.project(kind, x, key, 5))(x)
+  part = jax.jit(lambda xs, i: sketch.project(kind, xs, key, 5, row0=i))
+  parts = sum(part(x[i:i + 8], i) for i in range(0, 32, 8))
+  np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="cannot be taken over a slice"):
+    sketch.project("dct", x, key, 5, row0=0)

@@ -8,7 +8,8 @@
 //   plane layout   fewbit_jax/codes.py:pack / unpack
 //   mix32, hash4   fewbit_jax/rng.py:mix32 / hash4
 //   uniform01, gaussian   fewbit_jax/rng.py:uniform01 / gaussian
-//   sketch entries        fewbit_jax/sketch.py (gaussian, rademacher, countsketch)
+//   sketch entries        fewbit_jax/_hash.py:entry / bucket / sign / rows_matrix
+//                         (gaussian, rademacher, countsketch; the hash counters too)
 //   dtype rounding        XLA's f32 -> bf16 / f16 conversion (round to nearest even)
 #pragma once
 

@@ -1,0 +1,331 @@
+"""The randomized projection: one custom_vjp behind every randomized layer.
+
+`fewbit_jax.dense.randomized_dense`, `fewbit_jax.dense_general.randomized_dot_general`
+and `randomized_einsum` are all ``y = x2d @ W2d (+ bias)`` once x's axes are
+grouped into B positions (its batch axes) and N features (its contracted
+axes) and the kernel's into N and M (its feature axes). `Spec` says, for one
+call, how: the op that computes y, the axes, the sketch and its blocks. The
+core keeps ``S^T x2d`` for the weight gradient ``(S^T x2d)^T (S^T g2d)``;
+``dx`` and ``db`` are the exact transposes of the forward.
+
+Blocks (`resolve_blocks`): C == 0 is one sketch of all B rows
+(`fewbit_jax.sketch.project`); C >= 1 cuts the rows into C blocks, each with
+its own sketch, computed shard by shard (`fewbit_jax.sharded.project_blocks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fewbit_jax import _order, _mesh, sharded as _sharded, sketch as _sketch
+
+# checkpoint_name of the kept sketch S^T x, for jax.checkpoint policies such
+# as jax.checkpoint_policies.save_only_these_names(SKETCH_NAME).
+SKETCH_NAME = "randomized_dense_sketch"
+
+
+def is_int(v) -> bool:
+  return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, bool)
+
+
+def check_array(name, a):
+  """TypeError unless `a` is an array of a real floating dtype."""
+  if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+    raise TypeError(f"{name} must be an array; got {type(a).__name__}.")
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    raise TypeError(f"{name} has dtype {a.dtype}; randomized_dense needs a real floating "
+                    f"dtype (float32, bfloat16, float16, float64). Cast it first, e.g. "
+                    f"{name}.astype(jnp.float32).")
+
+
+def dense_dims(ndim: int):
+  """dot_general dimension numbers of ``x @ kernel`` for an `ndim`-D x."""
+  return (((ndim - 1,), (0,)), ((), ()))
+
+
+def _forward(op, arg, x, kernel, bias, precision, pet, out_sharding):
+  kwargs = {}
+  if pet is not None:
+    kwargs["preferred_element_type"] = pet
+  if out_sharding is not None:
+    kwargs["out_sharding"] = out_sharding
+  if op == "einsum":
+    y = jnp.einsum(arg, x, kernel, precision=precision, **kwargs)
+  else:
+    y = lax.dot_general(x, kernel, arg, precision=precision, **kwargs)
+  if bias is not None:
+    y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+  return y
+
+
+def dense_forward(x, kernel, bias, precision, preferred_element_type, out_sharding):
+  """The computation of flax.linen.Dense / flax.nnx.Linear, op for op."""
+  return _forward("dot_general", dense_dims(x.ndim), x, kernel, bias, precision,
+                  preferred_element_type, out_sharding)
+
+
+# --- the sketch blocks ---------------------------------------------------------------
+
+_blocks_default = None  # set by blocks_default
+
+
+def check_blocks_arg(v) -> None:
+  """ValueError unless `v` is a valid ``sketch_blocks`` argument."""
+  ok = (v is None or (is_int(v) and v >= 1) or isinstance(v, str)
+        or (isinstance(v, tuple) and v and all(isinstance(a, str) for a in v)))
+  if not ok:
+    raise ValueError(f"sketch_blocks={v!r} must be None (the default rule), an int >= 1 (the "
+                     "number of row blocks) or mesh axis name(s) such as 'data' or "
+                     "('replica', 'data') (one block per shard of those axes).")
+
+
+@contextlib.contextmanager
+def blocks_default(sketch_blocks):
+  """The body of `fewbit_jax.dense.sketch_blocks_default`."""
+  global _blocks_default
+  check_blocks_arg(sketch_blocks)
+  old = _blocks_default
+  _blocks_default = sketch_blocks
+  try:
+    yield
+  finally:
+    _blocks_default = old
+
+
+def resolve_blocks(x, sketch_blocks, *, follow_shards: bool) -> tuple[int, bool]:
+  """(C, per_shard): the sketch blocks of x's leading positions; C == 0: one sketch.
+
+  per_shard: C was derived from a sharding, so the blocks must line up with
+  the shards of x's first axis. An explicit `sketch_blocks` (or the
+  `blocks_default`) is an int C or mesh axis names. None is one sketch unless
+  `follow_shards`: then, as `randomized_dense` does, one block per shard of
+  x's first axis on an Explicit mesh, one block under any other mesh.
+  """
+  v = _blocks_default if sketch_blocks is None else sketch_blocks
+  check_blocks_arg(v)
+  if v is None:
+    if not follow_shards:
+      return 0, False
+    spec = _mesh.explicit_spec(x)
+    if spec is None:
+      return (1 if _mesh.context_mesh() is not None else 0), False
+    lead = spec[:-1]
+    if any(e is not None for e in lead[1:]):
+      raise ValueError(
+          f"x is sharded on leading axes beyond the first ({jax.typeof(x)}): randomized_dense "
+          "takes one sketch per shard of the first axis (the batch) only. Reshard x so that "
+          "only its first and last axes are sharded, or pass sketch_blocks=1 for one sketch "
+          "over all positions.")
+    names = _mesh.axes(lead[0]) if lead else ()
+    return _mesh.shards(_mesh.mesh_axis_sizes(x), lead[0] if lead else None), bool(names)
+  if is_int(v):
+    return int(v), False
+  names = (v,) if isinstance(v, str) else v
+  sizes = _mesh.mesh_axis_sizes(x)
+  missing = [a for a in names if a not in sizes]
+  if missing:
+    raise ValueError(f"sketch_blocks={v!r} names mesh axes {missing} that the current mesh "
+                     f"({sizes or 'none'}) lacks. Call under jax.set_mesh(mesh), or pass the "
+                     "number of blocks as an int.")
+  return math.prod(sizes[a] for a in names), True
+
+
+def check_blocks_fit(x, c: int, per_shard: bool, spec: "Spec", *, follow_shards: bool) -> None:
+  """ValueError unless C blocks cut x's B positions (its leading axes) evenly."""
+  n = spec.n_batch
+  b = math.prod(x.shape[a] for a in spec.x_perm[:n])
+  if c > 1 and spec.x_perm[:n] != tuple(range(n)):
+    raise ValueError(f"sketch_blocks gives {c} blocks: the blocks cut the positions along x's "
+                     f"leading axes, but this projection's batch axes are x's axes "
+                     f"{spec.x_perm[:n]} of {x.shape}. Use sketch_blocks=1 (one sketch) for it.")
+  if (c > 1 and not follow_shards
+      and any(e is not None for e in (_mesh.explicit_spec(x) or ()))):
+    raise ValueError(f"sketch_blocks gives {c} blocks for x typed on an Explicit mesh "
+                     f"({jax.typeof(x)}): the General and Einsum projections take blocks "
+                     "only for x without Explicit axes. Use RandomizedLinear / "
+                     "randomized_dense, which follows the shards, or sketch_blocks=1.")
+  if b % c or (per_shard and x.ndim > 1 and x.shape[0] % c):
+    what = (f"x's first axis ({x.shape[0]})" if per_shard else f"the B={b} leading positions")
+    raise ValueError(f"sketch_blocks gives {c} blocks, which do not divide {what} of x "
+                     f"{x.shape}. Use a batch size divisible by the number of data shards, or "
+                     "pass sketch_blocks explicitly (an int dividing B, or 1).")
+
+
+# --- the core ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Everything static about one projection: the op and how to flatten it."""
+  op: str  # 'dot_general' or 'einsum'
+  arg: Any  # dimension numbers, or the einsum subscripts
+  precision: Any
+  preferred_element_type: Any
+  out_sharding: Any
+  x_perm: tuple[int, ...]  # x's batch axes, then its contracted axes
+  g_perm: tuple[int, ...]  # the output's batch axes (same order), then feature axes
+  k_perm: tuple[int, ...]  # the kernel's contracted axes (same order), then feature axes
+  k: int = 0  # sketch columns (per block with blocks)
+  kind: str = "gaussian"
+  blocks: int = 0  # 0: one sketch of all B rows; C: C blocks, each its own sketch
+  # With blocks, the Explicit specs of x, of its (C, R, N) view and of y
+  # (None each without an Explicit mesh), or None for a layout of no mesh.
+  layout: tuple | None = None
+
+  @property
+  def n_batch(self) -> int:
+    # x_perm = batch + contracted, k_perm = contracted + features and
+    # g_perm = batch + features, so len(x) + len(k) - len(g) = 2 * contracted.
+    return len(self.x_perm) - (len(self.x_perm) + len(self.k_perm) - len(self.g_perm)) // 2
+
+  def forward(self, x, kernel, bias=None):
+    return _forward(self.op, self.arg, x, kernel, bias, self.precision,
+                    self.preferred_element_type, self.out_sharding)
+
+  def x_shape(self, g_shape, k_shape) -> tuple[int, ...]:
+    """x's shape, from the output's (batch axes) and the kernel's (contracted axes)."""
+    n = self.n_batch
+    sizes = ([g_shape[a] for a in self.g_perm[:n]]
+             + [k_shape[a] for a in self.k_perm[:len(self.x_perm) - n]])
+    shape = [0] * len(self.x_perm)
+    for a, s in zip(self.x_perm, sizes):
+      shape[a] = s
+    return tuple(shape)
+
+
+def _flatten(spec, a, perm, spec3):
+  """(B, N) rows of `a` (axes `perm`, batch first); (C, B / C, N) with blocks."""
+  a = jnp.transpose(a, perm) if perm != tuple(range(a.ndim)) else a
+  b = math.prod(a.shape[:spec.n_batch])
+  if not spec.blocks:
+    return a.reshape(b, -1)
+  c = spec.blocks
+  return _sharded.reshape(a, (c, b // c, math.prod(a.shape[spec.n_batch:])), spec3)
+
+
+def _sketch_of(spec, a, keys):
+  """S^T a: (k, N), or (C, k, N) for C blocks of rows."""
+  if not spec.blocks:
+    return _sketch.project(spec.kind, a, keys, spec.k, precision=spec.precision)
+  return _sharded.project_blocks(spec.kind, a, keys, spec.k, precision=spec.precision)
+
+
+def _after_smaller(spec, a, b, dep):
+  """(a, b) with the smaller of the two made to wait for `dep`.
+
+  The multiply by 1 of `after` writes a copy of its operand, alive until the
+  matmul that reads it: order through whichever matmul operand is smaller
+  (the kernel for the many positions of a training batch, the activation for
+  a small batch on a large layer). Blocks may lie on different devices: each
+  reads its own shard's 1.
+  """
+  after = _sharded.after if spec.blocks else _order.after
+  if a.size < b.size:
+    return after(a, dep), b
+  return a, after(b, dep)
+
+
+def _like_primal(ct, primal):
+  """`ct` summed over the manual axes it varies over and `primal` does not.
+
+  Inside ``jax.shard_map`` a weight the same on every device (invariant) has
+  per-device products with varying inputs; autodiff of the plain layer sums
+  their gradients over those axes (the transpose of the implicit ``pvary``),
+  and a custom_vjp must return a cotangent of the primal's type.
+  """
+  if primal is None:
+    return ct
+  extra = jax.typeof(ct).mat.varying - jax.typeof(primal).mat.varying
+  return lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _project(x, kernel, bias, keys, spec):
+  del keys
+  return spec.forward(x, kernel, bias)
+
+
+def _project_fwd(x, kernel, bias, keys, spec):
+  x3_spec = None if spec.layout is None else spec.layout[1]
+  sx = _sketch_of(spec, _flatten(spec, x, spec.x_perm, x3_spec), keys).astype(x.dtype)
+  y = spec.forward(*_after_smaller(spec, x, kernel, sx), bias)
+  sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
+  return y, (sx, keys, kernel, bias)
+
+
+def _project_bwd(spec, res, g):
+  sx, keys, kernel, bias = res
+  x_spec, _, y_spec = spec.layout or (None, None, None)
+  mesh = _mesh.type_mesh(sx, kernel, g)
+  g3_spec = None
+  if y_spec is not None:
+    # The cotangent has y's type, whatever sharding the type of the op that
+    # produced it claims (an FFI call typed as replicated, say): resharding
+    # from a replicated type to y's is a local slice.
+    g = jax.sharding.reshard(g, NamedSharding(mesh, P(*y_spec)))
+    g3_spec = (y_spec[0], None, y_spec[-1])
+  sg = _sketch_of(spec, _flatten(spec, g, spec.g_perm, g3_spec), keys)
+  w_in = kernel
+  g, kernel = _after_smaller(spec, g, kernel, sg)
+  # dx and db are the transposes of the forward's linear map, so they are
+  # exactly what autodiff of the plain layer gives. x's type is built from
+  # g's, so that inside jax.shard_map it varies over the same manual axes.
+  kw = {} if x_spec is None else {"sharding": NamedSharding(mesh, P(*x_spec))}
+  x_aval = jax.typeof(g).update(shape=spec.x_shape(g.shape, kernel.shape), dtype=kernel.dtype,
+                                **kw)
+  if bias is None:
+    (dx,) = jax.linear_transpose(lambda x: spec.forward(x, kernel), x_aval)(g)
+    db = None
+  else:
+    dx, db = jax.linear_transpose(lambda x, b: spec.forward(x, kernel, b), x_aval,
+                                  jax.typeof(bias))(g)
+  # dW = sum over blocks of (S_c^T x_c)^T (S_c^T g_c): a sum over the blocks,
+  # so over the data shards: the all-reduce any data-parallel weight gradient has.
+  kw = {}
+  k_spec = _mesh.explicit_spec(kernel) if spec.blocks else None
+  if k_spec is not None and spec.k_perm == tuple(range(kernel.ndim)) == (0, 1):
+    kw["out_sharding"] = NamedSharding(mesh, P(*k_spec))
+  rows = tuple(range(sx.ndim - 1))  # the sketch rows, and the blocks if any
+  dw = lax.dot_general(sx.astype(jnp.float32), sg, ((rows, rows), ((), ())),
+                       precision=spec.precision, preferred_element_type=jnp.float32, **kw)
+  dw = dw.reshape(tuple(kernel.shape[a] for a in spec.k_perm))
+  inverse = tuple(sorted(range(kernel.ndim), key=lambda i: spec.k_perm[i]))
+  dw = jnp.transpose(dw, inverse).astype(kernel.dtype)
+  return dx, _like_primal(dw, w_in), _like_primal(db, bias), None
+
+
+_project.defvjp(_project_fwd, _project_bwd)
+
+
+def project(x, kernel, bias, key_words, spec: Spec, c: int, layout=None):
+  """`spec.forward(x, kernel, bias)` whose kernel gradient is sketched, with C blocks.
+
+  `spec.k` is the sketch size over all B positions; C == 0: one sketch;
+  `key_words` uint32 (2,); `layout` as `Spec.layout` (`block_layout`).
+  """
+  if c:
+    keys = _sketch.block_keys(key_words, c)
+    spec = dataclasses.replace(spec, k=-(-spec.k // c), blocks=c, layout=layout)
+  else:
+    keys = key_words
+  return _project(x, kernel, bias, keys, spec)
+
+
+def block_layout(x, kernel, bias, spec: Spec) -> tuple | None:
+  """`Spec.layout` for x typed on an Explicit mesh: the specs of x, its (C, R, N) view and y."""
+  x_spec = _mesh.explicit_spec(x)
+  if x_spec is None:
+    return None
+  y_aval = jax.eval_shape(lambda x, w, b: spec.forward(x, w, b), x, kernel, bias)
+  y_spec = _mesh.padded(y_aval.sharding.spec, len(y_aval.shape))
+  return x_spec, (x_spec[0] if x.ndim > 1 else None, None, x_spec[-1]), y_spec
