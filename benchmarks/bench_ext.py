@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from fewbit_jax import ext, rng
+from fewbit_jax._ffi import _sketch_op
 
 
-def _median_times(fns: dict, args, runs: int) -> dict:
+def median_times(fns: dict, args, runs: int) -> dict:
   """Median seconds per call of each jitted fn, runs interleaved.
 
   Alternating the paths call by call exposes both to the same background
@@ -45,7 +46,7 @@ def _median_times(fns: dict, args, runs: int) -> dict:
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _traced(make, m):
+def traced(make, m):
   """make() jitted and traced under ext.mode(m): the path is fixed at trace time."""
   fn = make()
 
@@ -86,8 +87,8 @@ def _project(kind):
     f = ext.sketch_kernel(kind)
     if f is not None:
       return f(x, k0, k1, k)
-    return ext._sketch_pure(x[None], jnp.stack([k0, k1])[None], jnp.zeros((1,), jnp.uint32),  # pylint: disable=protected-access
-                            kind=kind, k=k)[0]
+    return _sketch_op._sketch_pure(x[None], jnp.stack([k0, k1])[None],  # pylint: disable=protected-access
+                                   jnp.zeros((1,), jnp.uint32), kind=kind, k=k)[0]
   return pure
 
 
@@ -123,7 +124,7 @@ def main(argv=None):
 
   print(f"{'case':<40} {'ffi ms':>9} {'jax ms':>9} {'ratio':>7}")
   for name, (make, args) in cases.items():
-    t = _median_times({m: _traced(make, m) for m in ("ffi", "jax")}, args, a.runs)
+    t = median_times({m: traced(make, m) for m in ("ffi", "jax")}, args, a.runs)
     print(f"{name:<40} {1e3 * t['ffi']:9.2f} {1e3 * t['jax']:9.2f} {t['ffi'] / t['jax']:7.3f}")
 
 

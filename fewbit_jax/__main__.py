@@ -4,7 +4,8 @@
 - ``errors``: print the relative RMS gradient error of every continuous
   activation for bits 1..8 under x ~ N(0, 1) and N(0, 4).
 - ``bench``: the small default memory/time demonstration.
-- ``info``: versions, and whether the compiled kernels are active.
+- ``info``: versions, the compiled kernels, and the path (kernel or pure JAX)
+  each op takes.
 """
 
 from __future__ import annotations
@@ -59,15 +60,24 @@ def _cmd_errors(args) -> int:
   return 0
 
 
-def _cmd_info(args) -> int:
-  del args
+def info_lines() -> list[str]:
+  """What ``info`` prints: versions, the kernels, and the path of each op."""
   import jax
   import fewbit_jax as fb
   from fewbit_jax import ext
-  print(f"fewbit_jax {fb.__version__}, jax {jax.__version__}, backend {jax.default_backend()}")
-  print(f"compiled kernels: {'available' if ext.available() else 'not available'}; "
-        f"platforms {list(ext.platforms())}; active path on {jax.default_backend()}: "
-        f"{ext.active_path()}")
+  backend = jax.default_backend()
+  lines = [f"fewbit_jax {fb.__version__}, jax {jax.__version__}, backend {backend}",
+           f"compiled kernels: {'available' if ext.available() else 'not available'}; "
+           f"platforms {list(ext.platforms())}; mode {ext.get_mode()} (FEWBIT_JAX_FFI)",
+           f"path of each op on {backend} (the default is measured: "
+           "python -m benchmarks.bench_paths):"]
+  lines += [f"  {op:<20} {ext.active_path(op=op)}" for op in ext.OPS]
+  return lines
+
+
+def _cmd_info(args) -> int:
+  del args
+  print("\n".join(info_lines()))
   return 0
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from fewbit_jax import ext, rng
+from fewbit_jax._ffi import _sketch_op
 
 
 def _median(fn, *args, runs):
@@ -82,8 +83,8 @@ def main(argv=None):
         return kern(x, k0, k1, k)
       if sketch is not None:
         return sketch.project(kind, x, jax.random.wrap_key_data(jnp.stack([k0, k1])), k)
-      return ext._sketch_pure(x[None], jnp.stack([k0, k1])[None], jnp.zeros((1,), jnp.uint32),
-                              kind=kind, k=k)[0]
+      return _sketch_op._sketch_pure(x[None], jnp.stack([k0, k1])[None],
+                                     jnp.zeros((1,), jnp.uint32), kind=kind, k=k)[0]
     flops = 2.0 * b * k * n if kind != "countsketch" else 2.0 * b * n
     nbytes = b * n * 4 + k * n * 4
     for m in ("ffi", "jax"):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU and jax with CUDA (pip install "jax[cuda13]"
 # or "jax[cuda12]"): build the extension with its CUDA kernels, run the GPU
-# parity tests and the bandwidth benchmark of each kernel against the
-# pure-JAX path.
+# parity tests, the bandwidth benchmark of each kernel against the
+# pure-JAX path, and the measurement that picks each op's default path.
 #
 #   bash tests/gpu/run.sh            # build, test, benchmark
 #   FEWBIT_GPU_SKIP_BUILD=1 bash tests/gpu/run.sh   # reuse the installed build
@@ -26,5 +26,8 @@ if [[ -z "${FEWBIT_GPU_SKIP_BUILD:-}" ]]; then
 fi
 
 python -c "from fewbit_jax import ext; print('fewbit_jax.ext platforms:', ext.platforms()); assert 'cuda' in ext.platforms()"
-python -m pytest -q -p no:cacheprovider tests/gpu tests/test_ext.py tests/test_ext_sharding.py
+python -m pytest -q -p no:cacheprovider tests/gpu tests/test_ext.py tests/test_ffi_*.py
 python tests/gpu/bench_bandwidth.py "$@"
+# The path measurement on the GPU: with the tests above passed, its MEASURED
+# line can go into fewbit_jax/_ffi/_path.py (and its table into the README).
+python -m benchmarks.bench_paths

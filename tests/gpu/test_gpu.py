@@ -1,7 +1,7 @@
 """CUDA kernels: the same codes and products as the CPU kernels and pure JAX.
 
 Skipped unless jax runs on a GPU and the extension was built with CUDA
-(tests/gpu/run.sh does both). tests/test_ext.py also runs on the GPU then,
+(tests/gpu/run.sh does both). tests/test_ffi_*.py also run on the GPU then,
 comparing the CUDA kernels with the pure-JAX path; this file adds what needs
 two platforms or a large GPU.
 """

@@ -2,7 +2,7 @@
 
 XLA cannot see into a custom call, so without partitioning rules it would
 all-gather a sharded activation onto every device before the call. The
-fewbit primitives are batch-partitionable (see fewbit_jax.ext); this test
+fewbit primitives are batch-partitionable (see fewbit_jax._ffi._prim); this test
 compiles a forward/backward step on 8 CPU devices with the batch axis sharded
 and checks the compiled HLO: the kernels run on per-device slices, and no
 all-gather moves an array as large as a device's share of an activation.
@@ -29,6 +29,7 @@ _SCRIPT = textwrap.dedent(r"""
   import jax, jax.numpy as jnp, numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
   from fewbit_jax import ext, rng
+  from fewbit_jax._ffi import _sketch_op
 
   assert jax.device_count() == 8, jax.devices()
   mesh = jax.make_mesh((8,), ("data",))
@@ -64,8 +65,8 @@ _SCRIPT = textwrap.dedent(r"""
     if f is not None:
       return f(x2d, k0, k1, K)
     # Mode "jax": the definition, unsharded, as the reference.
-    return ext._sketch_pure(x2d[None], jnp.stack([k0, k1])[None], jnp.zeros((1,), jnp.uint32),
-                            kind=kind, k=K)[0]
+    return _sketch_op._sketch_pure(x2d[None], jnp.stack([k0, k1])[None],
+                                   jnp.zeros((1,), jnp.uint32), kind=kind, k=K)[0]
 
   x = jax.random.normal(jax.random.key(2), (B, S, N))
   w = jax.random.normal(jax.random.key(3), (N, N)) / 10
