@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import __future__
 import functools
+import linecache
 from typing import Any, Callable
 
 import jax
@@ -262,8 +263,10 @@ def _define(rec: _registry.Activation) -> Callable:
     extra = ", borders=None, levels=None"
   src = (f"def {rec.name}(x=_NO_X{params}, *, bits: int | None = None{extra}):\n"
          f"  return _call({rec.name!r}, x, dict({', '.join(f'{n}={n}' for n in names)}))\n")
-  code = compile(src, f"<fewbit_jax.activations.{rec.name}>", "exec",
-                 flags=__future__.annotations.compiler_flag, dont_inherit=True)
+  filename = f"<fewbit_jax.activations.{rec.name}>"
+  linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)  # getsource
+  code = compile(src, filename, "exec", flags=__future__.annotations.compiler_flag,
+                 dont_inherit=True)
   exec(code, globals())  # pylint: disable=exec-used
   fn = globals()[rec.name]
   fn.__doc__ = _doc(rec)

@@ -48,6 +48,7 @@ def test_public_function_is_generated_from_the_record(rec):
   assert sig.parameters["bits"].annotation == "int | None"
   assert f"``{rec.formula}``" in f.__doc__ and f"``{rec.reference}``" in f.__doc__
   assert ">>>" in f.__doc__
+  assert inspect.getsource(f).startswith(f"def {rec.name}(x=_NO_X")
   table = A.PIECEWISE if rec.kind == R.PIECEWISE else A.CONTINUOUS
   assert table[rec.name] is f
   for alias in rec.aliases:
