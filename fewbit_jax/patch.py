@@ -58,7 +58,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fewbit_jax import activations
+from fewbit_jax import _registry, activations
 
 __all__ = ["patch_activations", "PATCHABLE", "NAMESPACES", "original", "parse_bits",
            "swap_activation"]
@@ -67,15 +67,14 @@ __all__ = ["patch_activations", "PATCHABLE", "NAMESPACES", "original", "parse_bi
 NAMESPACES = ("jax.nn", "flax.linen", "flax.linen.activation", "flax.nnx",
               "flax.nnx.nn.activations")
 
-# Few-bit activations that have a jax.nn function of the same name, the only
-# ones an inline call can reach. (threshold, hard_shrink, soft_shrink and
-# tanhshrink are not in jax.nn or flax: call fb.<name> directly.)
-PATCHABLE = ("relu", "relu6", "leaky_relu", "hard_tanh", "hard_sigmoid", "celu", "elu", "gelu",
-             "hard_swish", "log_sigmoid", "mish", "selu", "sigmoid", "silu", "softplus",
-             "soft_sign", "tanh")
+# Few-bit activations that have a jax.nn function (the registry's jax_name),
+# the only ones an inline call can reach. (threshold, hard_shrink, soft_shrink
+# and tanhshrink are not in jax.nn or flax: call fb.<name> directly.)
+PATCHABLE = tuple(r.name for r in _registry.ACTIVATIONS.values() if r.jax_name)
 
 # The jax.nn functions as they were when fewbit_jax was imported.
-_ORIGINALS: dict[str, Callable] = {name: getattr(jax.nn, name) for name in PATCHABLE}
+_ORIGINALS: dict[str, Callable] = {
+    r.name: getattr(jax.nn, r.jax_name) for r in _registry.ACTIVATIONS.values() if r.jax_name}
 
 _local = threading.local()
 
@@ -95,25 +94,25 @@ def original(name: str) -> Callable:
 def _canonical(name: str) -> str:
   if not isinstance(name, str):
     raise TypeError(f"activation names are strings; got {name!r}")
-  canon = activations.ALIASES.get(name, name)
+  canon = _registry.ALIASES.get(name, name)
   if canon in PATCHABLE:
     return canon
-  if canon in activations.PIECEWISE or canon in activations.CONTINUOUS:
+  aliases = ", ".join(sorted(_registry.ALIASES))
+  if canon in _registry.ACTIVATIONS:
     raise ValueError(
         f"{name!r} is a few-bit activation but not a jax.nn or flax function, so no inline "
         f"call can reach it: call fb.{canon}(x) in the model instead. patch_activations "
-        f"takes {', '.join(PATCHABLE)} (or their aliases {', '.join(sorted(activations.ALIASES))}).")
+        f"takes {', '.join(PATCHABLE)} (or their aliases {aliases}).")
   raise ValueError(
       f"unknown activation {name!r}: patch_activations takes {', '.join(PATCHABLE)} (or the "
-      f"aliases {', '.join(sorted(activations.ALIASES))}), each with its bit width, e.g. "
-      f"patch_activations(gelu=3, relu=1).")
+      f"aliases {aliases}), each with its bit width, e.g. patch_activations(gelu=3, relu=1).")
 
 
 def _check_bits(name: str, bits: Any) -> int | None:
   """The bits to pass to fb.<name> (None: its default), or a clear error."""
   if bits is True:
     return None
-  if name in activations.PIECEWISE:
+  if _registry.ACTIVATIONS[name].kind == _registry.PIECEWISE:
     if bits != 1 or isinstance(bits, bool):
       raise ValueError(f"{name} is piecewise linear: its 1-bit gradient is exact, so pass "
                        f"{name}=1 (or {name}=True); got {name}={bits!r}")
@@ -147,9 +146,9 @@ def _wrapper(entry: _Entry) -> Callable:
 
   @functools.wraps(entry.fallback)
   def patched(x, *args, **kwargs):
-    # Depth > 0: called from inside a few-bit activation (its forward computes
-    # the jax.nn function by name), which must get the original. Inactive:
-    # the context has exited but someone kept a reference.
+    # Depth > 0: called from inside a patched call (the few-bit function
+    # runs with every patch bypassed), which must get the original.
+    # Inactive: the context has exited but someone kept a reference.
     if getattr(_local, "depth", 0) or not entry.active or not _is_float(x):
       return entry.fallback(x, *args, **kwargs)
     _local.depth = 1
@@ -287,15 +286,6 @@ class patch_activations(contextlib.ContextDecorator):
         namespaces.append(importlib.import_module(modname))
       except ImportError:  # flax is a dependency, but jax.nn alone still works
         pass
-    # Trace each few-bit function once with every patch bypassed, so the
-    # forward function it caches is jax's, not a patched one.
-    depth, _local.depth = getattr(_local, "depth", 0), 1
-    try:
-      for name, nb in self.bits.items():
-        jax.eval_shape(functools.partial(getattr(activations, name), bits=nb),
-                       jax.ShapeDtypeStruct((1,), jnp.float32))
-    finally:
-      _local.depth = depth
     saved: list[tuple[Any, str, Any]] = []
     entries: list[_Entry] = []
     try:

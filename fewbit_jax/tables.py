@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fewbit_jax import _registry
 from fewbit_jax.codes import MAX_BITS, check_bits
 
 __all__ = ["Table", "optimal_table", "table", "default_weight", "normal_weight",
@@ -58,28 +59,15 @@ __all__ = ["Table", "optimal_table", "table", "default_weight", "normal_weight",
 
 TABLES_PATH = os.path.join(os.path.dirname(__file__), "data", "tables.json")
 
-# Name -> (forward function of x and params, default params). The derivative
-# of the forward is what the tables approximate.
+# Name -> (forward function of x and params, default params), from the
+# activation registry. The derivative of the forward is what the tables
+# approximate.
 CONTINUOUS: dict[str, tuple[Callable, dict]] = {
-    "celu": (lambda x, alpha: jax.nn.celu(x, alpha), {"alpha": 1.0}),
-    "elu": (lambda x, alpha: jax.nn.elu(x, alpha), {"alpha": 1.0}),
-    "gelu": (lambda x, approximate: jax.nn.gelu(x, approximate), {"approximate": True}),
-    "hard_swish": (lambda x: jax.nn.hard_swish(x), {}),
-    "log_sigmoid": (lambda x: jax.nn.log_sigmoid(x), {}),
-    "mish": (lambda x: jax.nn.mish(x), {}),
-    "selu": (lambda x: jax.nn.selu(x), {}),
-    "sigmoid": (lambda x: jax.nn.sigmoid(x), {}),
-    "silu": (lambda x: jax.nn.silu(x), {}),
-    "softplus": (lambda x: jax.nn.softplus(x), {}),
-    "soft_sign": (lambda x: jax.nn.soft_sign(x), {}),
-    "tanh": (lambda x: jnp.tanh(x), {}),
-    "tanhshrink": (lambda x: x - jnp.tanh(x), {}),
-}
+    r.name: (r.forward, r.defaults) for r in _registry.of_kind(_registry.CONTINUOUS)}
 
 # Parameter sets shipped as built-in tables (others are computed on first use).
 BUILTIN_PARAMS: dict[str, list[dict]] = {
-    name: [dict(params)] for name, (_, params) in CONTINUOUS.items()}
-BUILTIN_PARAMS["gelu"] = [{"approximate": True}, {"approximate": False}]
+    r.name: r.shipped() for r in _registry.of_kind(_registry.CONTINUOUS)}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -369,8 +357,7 @@ def _cached_builtin(key, bits, borders, levels, error) -> Table:
                error=error)
 
 
-_ALIASES = {"swish": "silu", "logsigmoid": "log_sigmoid", "softsign": "soft_sign",
-            "hardswish": "hard_swish", "hard_silu": "hard_swish"}
+_ALIASES = _registry.aliases_of(_registry.CONTINUOUS)
 
 
 def build_builtin_tables(bits_list=range(1, MAX_BITS + 1), *, cells: int = 4096,
