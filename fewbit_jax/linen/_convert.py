@@ -1,19 +1,10 @@
-"""Flax linen layers of fewbit_jax, and converting existing linen models.
+"""Converting existing linen models: `intercept` their dense layers, `swap_activations`.
 
-`RandomizedDense` is a drop-in for ``flax.linen.Dense``: the same fields, the
-same parameter tree and the same forward output, but its weight gradient is
-estimated from a random sketch of the input (`fewbit_jax.dense`), so the
-backward pass keeps ``proj_dim_ratio`` of the input instead of all of it.
-
-Linen models are immutable and build their layers in ``@compact`` bodies,
-so existing ones are converted without editing them by interception:
-inside `intercept` their ``nn.Dense`` (and ``nn.DenseGeneral``) calls run
-randomized with the same parameters; `swap_activations` clones a model with
-its activation-valued fields few-bit; `fewbit_jax.patch_activations` covers
-activations called inline::
-
-  with fb.linen.intercept(proj_dim_ratio=0.2), fb.patch_activations(gelu=3):
-    grads = jax.grad(loss)(params, batch, key)   # loss applies with rngs={'sketch': key}
+Linen models are immutable and build their layers in ``@compact`` bodies, so
+they are converted without editing them: inside `intercept` their
+``nn.Dense`` (and ``nn.DenseGeneral``) calls run randomized with the same
+parameters, and `swap_activations` clones a model with its activation-valued
+fields few-bit.
 """
 
 from __future__ import annotations
@@ -22,165 +13,19 @@ import contextlib
 import dataclasses
 import re
 import warnings
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 from flax.core import meta
-from flax.linen import initializers
-from flax.linen.dtypes import promote_dtype
-from flax.linen.linear import default_kernel_init
-from flax.typing import Dtype, Initializer, PrecisionLike
 
+from fewbit_jax import _sketch_stream
 from fewbit_jax import patch as _patch
-from fewbit_jax import sketch as _sketch
-from fewbit_jax.dense import _check_blocks_arg, _forward, projection_dim, randomized_dense
+from fewbit_jax._options import SketchOptions
+from fewbit_jax.dense import randomized_dense
 from fewbit_jax.dense_general import randomized_dot_general
 
-__all__ = ["RandomizedDense", "intercept", "Interception", "swap_activations"]
-
-
-def _check_options(owner: str, sketch, proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max,
-                   dot_general) -> None:
-  """Eager checks of a randomized layer's options, so errors show at construction."""
-  _sketch.check_kind(sketch)
-  projection_dim(1, proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim,
-                 proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max)
-  if dot_general is not None:
-    raise ValueError(
-        f"{owner} does not take a custom dot_general: its backward pass computes the "
-        "gradients with its own matmuls, which would not match yours. Keep the plain "
-        "layer (nn.Dense / nnx.Linear) where you need a custom dot_general.")
-
-
-def _missing_rng_message(owner: str, collection: str, how: str) -> str:
-  return (f"{owner} draws a new random sketch on every call from the {collection!r} rng "
-          f"stream, and none was given. {how} For evaluation without gradients pass "
-          "deterministic=True instead: the layer is then exactly the plain dense layer "
-          "and needs no rng.")
-
-
-class RandomizedDense(nn.Module):
-  """``flax.linen.Dense`` whose backward pass keeps only a sketch of the input.
-
-  The forward output is bitwise that of ``nn.Dense`` with the same fields and
-  parameters (``{'kernel': (in, features), 'bias': (features,)}``). For the
-  weight gradient only ``S^T x`` (k x in, ``k = ceil(proj_dim_ratio * B)``,
-  B = all leading positions of the input) is kept and
-  ``dW ~= (S^T x)^T (S^T g)`` is used, an unbiased estimate; the gradients of
-  the input and the bias are exact. See `fewbit_jax.dense.randomized_dense`.
-
-  Randomness: each call draws a key with ``self.make_rng(rng_collection)``, so
-  pass a fresh one every step, ``model.apply(variables, x, rngs={'sketch':
-  key})`` (fold in the step number, as for dropout). No rng is needed
-
-  * under ``model.init`` (nothing is differentiated there; the output is the
-    plain dense output), or
-  * with ``deterministic=True`` (field or call argument): the layer is then
-    exactly ``nn.Dense``, exact gradients included. Use it for evaluation.
-
-  Otherwise a missing rng raises an error that says how to pass one. As with
-  ``make_rng``, a ``'params'`` rng is used when there is no
-  ``rng_collection`` one.
-
-  Attributes:
-    features, use_bias, dtype, param_dtype, precision, kernel_init, bias_init,
-    promote_dtype: as in ``flax.linen.Dense``.
-    dot_general, dot_general_cls: kept for field compatibility with
-      ``nn.Dense``; must be None (the backward pass uses its own matmuls).
-    proj_dim_ratio: sketch size as a fraction in (0, 1] of B (default 0.2).
-    proj_dim: sketch size in rows; takes precedence over `proj_dim_ratio`.
-    proj_dim_min, proj_dim_max: bounds on the sketch size.
-    sketch: ``gaussian`` (default), ``rademacher``, ``countsketch`` (fastest),
-      ``dct`` or ``dft``; see `fewbit_jax.sketch`.
-    sketch_blocks: cut the B positions into this many contiguous blocks, each
-      with its own sketch of ``ceil(k / C)`` rows (an int C dividing B, mesh
-      axis names for one block per data shard, or None for
-      `fewbit_jax.dense.sketch_blocks_default`'s rule); see
-      `fewbit_jax.dense.randomized_dense`. A gaussian, rademacher, dct or dft
-      sketch costs ``k * B * in / C`` multiply-adds, so with many positions
-      (long sequences times a large batch) one block per sequence
-      (``sketch_blocks=batch_size``) keeps it well below the layer's matmul.
-    rng_collection: the rng stream of the sketch keys (default ``'sketch'``).
-    deterministic: if True, no sketch: the plain dense layer. The call
-      argument of the same name takes precedence.
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> import flax.linen as nn
-    >>> from fewbit_jax.linen import RandomizedDense
-    >>> layer = RandomizedDense(features=4, proj_dim_ratio=0.25)
-    >>> x = jnp.ones((2, 8, 3))
-    >>> variables = layer.init(jax.random.key(0), x)
-    >>> jax.tree.map(jnp.shape, variables)
-    {'params': {'bias': (4,), 'kernel': (3, 4)}}
-    >>> y = layer.apply(variables, x, rngs={'sketch': jax.random.key(1)})
-    >>> bool(jnp.all(y == nn.Dense(4).apply(variables, x)))
-    True
-    >>> loss = lambda v, key: layer.apply(v, x, rngs={'sketch': key}).sum()
-    >>> grads = jax.grad(loss)(variables, jax.random.key(2))  # keeps 4 x 3, not 16 x 3
-  """
-
-  features: int
-  use_bias: bool = True
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  precision: PrecisionLike = None
-  kernel_init: Initializer = default_kernel_init
-  bias_init: Initializer = initializers.zeros_init()
-  promote_dtype: Any = promote_dtype
-  dot_general: Any = None
-  dot_general_cls: Any = None
-  proj_dim_ratio: float | None = 0.2
-  proj_dim: int | None = None
-  proj_dim_min: int | None = None
-  proj_dim_max: int | None = None
-  sketch: str = "gaussian"
-  rng_collection: str = "sketch"
-  deterministic: bool | None = None
-  sketch_blocks: int | str | tuple[str, ...] | None = None
-
-  def __post_init__(self):
-    _check_options(type(self).__name__, self.sketch, self.proj_dim_ratio, self.proj_dim,
-                   self.proj_dim_min, self.proj_dim_max,
-                   self.dot_general if self.dot_general is not None else self.dot_general_cls)
-    _check_blocks_arg(self.sketch_blocks)
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(self, inputs, deterministic: bool | None = None):
-    """Applies the layer to the last axis of `inputs`.
-
-    Args:
-      inputs: array (..., in_features).
-      deterministic: overrides the field: True for the plain dense layer.
-
-    Returns:
-      ``inputs @ kernel + bias``, as ``nn.Dense``.
-    """
-    kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    deterministic = bool(deterministic if deterministic is not None else self.deterministic)
-    if deterministic or self.is_initializing():
-      return _forward(inputs, kernel, bias, self.precision, None, None)
-    if not (self.has_rng(self.rng_collection) or self.has_rng("params")):
-      raise ValueError(_missing_rng_message(
-          type(self).__name__, self.rng_collection,
-          f"Pass a fresh key each step: model.apply(variables, x, "
-          f"rngs={{{self.rng_collection!r}: jax.random.fold_in(key, step)}})."))
-    return randomized_dense(
-        inputs, kernel, bias, self.make_rng(self.rng_collection),
-        proj_dim_ratio=None if self.proj_dim is not None else self.proj_dim_ratio,
-        proj_dim=self.proj_dim, proj_dim_min=self.proj_dim_min,
-        proj_dim_max=self.proj_dim_max, sketch=self.sketch, precision=self.precision,
-        sketch_blocks=self.sketch_blocks)
-
-
-# --------------------------------------------------------------------------
-# Converting existing models: interception and field swapping.
+__all__ = ["intercept", "Interception", "swap_activations"]
 
 
 @dataclasses.dataclass
@@ -218,20 +63,21 @@ def _unboxed(module: nn.Module, name: str):
   return meta.unbox(value) if value is not None else None
 
 
+def _promoted(module: nn.Module, inputs):
+  """`inputs` and the layer's own kernel and bias, promoted as the layer promotes them."""
+  kernel = _unboxed(module, "kernel")
+  bias = _unboxed(module, "bias") if module.use_bias else None
+  return module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+
+
 def _sketch_key(module: nn.Module, collection: str):
-  if not (module.has_rng(collection) or module.has_rng("params")):
-    raise ValueError(_missing_rng_message(
-        f"fewbit_jax.linen.intercept (at {_module_path(module)})", collection,
-        f"Pass a fresh key each step: model.apply(variables, x, "
-        f"rngs={{{collection!r}: jax.random.fold_in(key, step)}})."))
-  return module.make_rng(collection)
+  return _sketch_stream.linen_key(
+      module, collection, f"fewbit_jax.linen.intercept (at {_module_path(module)})")
 
 
 def _dense_call(module: nn.Dense, inputs, options: dict, collection: str):
   """nn.Dense's computation, with the weight gradient from a sketch."""
-  kernel = _unboxed(module, "kernel")
-  bias = _unboxed(module, "bias") if module.use_bias else None
-  inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+  inputs, kernel, bias = _promoted(module, inputs)
   return randomized_dense(inputs, kernel, bias, _sketch_key(module, collection),
                           precision=module.precision, **options)
 
@@ -242,9 +88,7 @@ def _dense_general_call(module: nn.DenseGeneral, inputs, options: dict, collecti
       else (module.features,)
   axis = tuple(module.axis) if isinstance(module.axis, Sequence) else (module.axis,)
   axis = tuple(a % inputs.ndim for a in axis)
-  kernel = _unboxed(module, "kernel")
-  bias = _unboxed(module, "bias") if module.use_bias else None
-  inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+  inputs, kernel, bias = _promoted(module, inputs)
   dims = ((axis, tuple(range(len(axis)))), ((), ()))
   out = randomized_dot_general(inputs, kernel, _sketch_key(module, collection), dims,
                                precision=module.precision, **options)
@@ -253,13 +97,31 @@ def _dense_general_call(module: nn.DenseGeneral, inputs, options: dict, collecti
   return out
 
 
-def _can_randomize(module: nn.Module) -> str | None:
-  """None if `module` (an exact nn.Dense / nn.DenseGeneral) can run randomized, else why not."""
+def _dense_refusal(module: nn.Dense) -> str | None:
   if module.dot_general is not None or module.dot_general_cls is not None:
     return "it has a custom dot_general"
-  if type(module) is nn.DenseGeneral and module.batch_dims:
-    return f"it has batch_dims {module.batch_dims}"
   return None
+
+
+def _dense_general_refusal(module: nn.DenseGeneral) -> str | None:
+  if module.batch_dims:
+    return f"it has batch_dims {module.batch_dims}"
+  return _dense_refusal(module)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  """How `intercept` runs one linen class randomized."""
+  call: Callable  # (module, inputs, options, collection) -> output
+  refusal: Callable[[nn.Module], str | None]  # why a layer must stay plain, or None
+  general: bool  # converted only with general=True
+
+
+# The exact classes converted (a subclass may compute something else).
+_RULES = {
+    nn.Dense: _Rule(_dense_call, _dense_refusal, general=False),
+    nn.DenseGeneral: _Rule(_dense_general_call, _dense_general_refusal, general=True),
+}
 
 
 @contextlib.contextmanager
@@ -331,22 +193,16 @@ def intercept(pattern: str | None = None, *, proj_dim_ratio: float | None = 0.2,
     True
   """
   regex = re.compile(pattern) if pattern is not None else None
-  _check_options("fewbit_jax.linen.intercept", sketch, proj_dim_ratio, proj_dim, proj_dim_min,
-                 proj_dim_max, None)
-  _check_blocks_arg(sketch_blocks)
-  options = dict(proj_dim_ratio=None if proj_dim is not None else proj_dim_ratio,
-                 proj_dim=proj_dim, proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max,
-                 sketch=sketch, sketch_blocks=sketch_blocks)
+  options = SketchOptions(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
+                          sketch_blocks).kwargs()
   record = Interception()
   seen: list[str] = []
-  kinds = {nn.Dense: _dense_call}
-  if general:
-    kinds[nn.DenseGeneral] = _dense_general_call
+  rules = {kind: rule for kind, rule in _RULES.items() if general or not rule.general}
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    call = kinds.get(type(module))
-    if call is None or context.method_name != "__call__":
+    rule = rules.get(type(module))
+    if rule is None or context.method_name != "__call__":
       return next_fun(*args, **kwargs)
     path = _module_path(module)
     seen.append(path)
@@ -354,15 +210,14 @@ def intercept(pattern: str | None = None, *, proj_dim_ratio: float | None = 0.2,
       return next_fun(*args, **kwargs)
     if module.is_initializing() or _unboxed(module, "kernel") is None:
       return next_fun(*args, **kwargs)
-    why = _can_randomize(module)
-    if why is not None:
+    if rule.refusal(module) is not None:
       record.skipped.append(path)
       return next_fun(*args, **kwargs)
     if len(args) != 1 or kwargs:
       raise TypeError(f"{type(module).__name__} at {path} was called with {len(args)} "
                       f"positional and {sorted(kwargs)} keyword arguments; it takes inputs only.")
     record.converted.append(path)
-    return call(module, args[0], options, rng_collection)
+    return rule.call(module, args[0], options, rng_collection)
 
   with nn.intercept_methods(interceptor):
     yield record

@@ -1,0 +1,40 @@
+"""Flax NNX layers of fewbit_jax, and converting existing NNX models.
+
+`RandomizedLinear` is a drop-in for ``flax.nnx.Linear``: the same arguments,
+the same ``Param``s and the same forward output, but its weight gradient is
+estimated from a random sketch of the input (`fewbit_jax.dense`), so the
+backward pass keeps ``proj_dim_ratio`` of the input instead of all of it.
+`RandomizedLinearGeneral` and `RandomizedEinsum` do the same for
+``nnx.LinearGeneral`` and ``nnx.Einsum`` (`fewbit_jax.dense_general`).
+
+A model someone else wrote is converted in place, keeping its ``Param``
+objects (so its optimizer state and checkpoints): `map_module` walks it,
+`convert_linear` swaps linear layers, `convert_activations` swaps
+activation-valued attributes, and `fewbit_jax.patch_activations` covers
+activations called inline::
+
+  rngs = nnx.Rngs(sketch=0)
+  fb.nnx.map_module(model, lambda m, path: fb.nnx.convert_linear(
+      m, fb.nnx.RandomizedLinear, proj_dim_ratio=0.2, rngs=rngs))
+  with fb.patch_activations(gelu=3):
+    grads = nnx.grad(loss)(model)
+
+The layers live in `fewbit_jax.nnx._layers`, the conversions in
+`fewbit_jax.nnx._convert`; import them from here.
+
+Example:
+  >>> from flax import nnx
+  >>> import fewbit_jax as fb
+  >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.gelu)
+  >>> rngs = nnx.Rngs(sketch=0)
+  >>> model = fb.nnx.map_module(model, lambda m, path: fb.nnx.convert_linear(
+  ...     m, fb.nnx.RandomizedLinear, proj_dim_ratio=0.2, rngs=rngs))
+  >>> type(model.layers[0]).__name__
+  'RandomizedLinear'
+"""
+
+from fewbit_jax.nnx._convert import convert_activations, convert_linear, map_module
+from fewbit_jax.nnx._layers import RandomizedEinsum, RandomizedLinear, RandomizedLinearGeneral
+
+__all__ = ["RandomizedLinear", "RandomizedLinearGeneral", "RandomizedEinsum", "map_module",
+           "convert_linear", "convert_activations"]

@@ -1,0 +1,113 @@
+"""Where the randomized flax layers get their sketch keys (fewbit_jax._sketch_stream)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import fewbit_jax as fb
+from fewbit_jax._sketch_stream import linen_key, nnx_fork, nnx_key, nnx_source
+
+X = jnp.ones((4, 6))
+
+
+def _data(key):
+  return jax.random.key_data(key).tolist()
+
+
+class _Draw(nn.Module):
+  collection: str = "sketch"
+
+  def __call__(self):
+    return linen_key(self, self.collection, "Draw")
+
+
+def test_linen_key_is_make_rng_and_falls_back_to_params():
+  class MakeRng(nn.Module):
+    def __call__(self):
+      return self.make_rng("sketch")
+  rngs = {"sketch": jax.random.key(3)}
+  assert _data(_Draw().apply({}, rngs=rngs)) == _data(MakeRng().apply({}, rngs=rngs))
+  assert _data(_Draw().apply({}, rngs={"params": jax.random.key(4)})) == _data(
+      MakeRng().apply({}, rngs={"params": jax.random.key(4)}))
+  with pytest.raises(ValueError) as e:
+    _Draw(collection="proj").apply({}, rngs={"sketch": jax.random.key(0)})
+  assert str(e.value) == (
+      "Draw draws a new random sketch on every call from the 'proj' rng stream, and none "
+      "was given. Pass a fresh key each step: model.apply(variables, x, "
+      "rngs={'proj': jax.random.fold_in(key, step)}). For evaluation without gradients pass "
+      "deterministic=True instead: the layer is then exactly the plain dense layer and needs "
+      "no rng.")
+
+
+def test_linen_layer_and_intercept_share_the_error():
+  layer = fb.RandomizedDense(3)
+  v = layer.init(jax.random.key(0), X)
+  with pytest.raises(ValueError) as layer_error:
+    layer.apply(v, X)
+  with pytest.raises(ValueError) as intercept_error:
+    with fb.linen.intercept(warn_unused=False):
+      nn.Dense(3).apply(v, X)
+  assert str(layer_error.value).startswith("RandomizedDense draws a new random sketch")
+  assert str(intercept_error.value) == str(layer_error.value).replace(
+      "RandomizedDense", "fewbit_jax.linen.intercept (at /)")
+
+
+def test_nnx_key_from_each_kind_of_rngs():
+  rngs = nnx.Rngs(sketch=5)
+  want = nnx.Rngs(sketch=5).sketch()
+  assert _data(nnx_key(rngs, "sketch", "L")) == _data(want)
+  stream = nnx.Rngs(sketch=5)["sketch"]
+  assert _data(nnx_key(stream, "sketch", "L")) == _data(want)
+  key = jax.random.key(1)
+  assert nnx_key(key, "sketch", "L") is key
+  with pytest.raises(ValueError, match=r"^L draws a new random sketch.*nnx.Rngs\(params=0, "
+                     r"proj=1\).*layer\(x, rngs=key\)"):
+    nnx_key(None, "proj", "L")
+  with pytest.raises(TypeError, match="got int"):
+    nnx_key(3, "sketch", "L")
+
+
+def test_nnx_fork_uses_the_default_stream_or_none():
+  class Layer(nnx.Module):
+    def __init__(self, rngs):
+      self.rngs = nnx_fork(rngs, "sketch")
+  assert isinstance(Layer(nnx.Rngs(sketch=0)).rngs, nnx.RngStream)
+  assert isinstance(Layer(nnx.Rngs(0)).rngs, nnx.RngStream)  # 'default' serves
+  assert Layer(nnx.Rngs(params=0)).rngs is None
+
+
+def test_nnx_source_for_converted_layers():
+  a, b = nnx_source(None, "sketch"), nnx_source(None, "sketch")
+  assert _data(a()) != _data(b())  # a process-wide counter: distinct streams
+  assert _data(nnx_source(7, "proj")()) == _data(nnx.Rngs(proj=7).proj())
+  rngs = nnx.Rngs(sketch=1)
+  assert nnx_source(rngs, "sketch") is rngs["sketch"]
+  assert nnx_source(rngs["sketch"], "other") is rngs["sketch"]
+  assert isinstance(nnx_source(jax.random.key(0), "sketch"), nnx.RngStream)
+  with pytest.raises(TypeError, match="a seed or a key; got str"):
+    nnx_source("seed", "sketch")
+
+
+@pytest.mark.parametrize("make", [
+    lambda rngs: fb.nnx.RandomizedLinear(6, 3, rngs=rngs),
+    lambda rngs: fb.nnx.RandomizedLinearGeneral(6, (3,), rngs=rngs),
+    lambda rngs: fb.nnx.RandomizedEinsum("bd,dh->bh", (6, 3), rngs=rngs),
+], ids=["Linear", "LinearGeneral", "Einsum"])
+def test_nnx_layers_share_one_stream_piece(make):
+  layer = make(nnx.Rngs(0, sketch=2))
+  assert isinstance(layer.rngs, nnx.RngStream)
+  first, second = layer._key(None), layer._key(None)  # the layer's own stream advances
+  assert _data(first) != _data(second)
+  key = jax.random.key(9)
+  assert layer._key(key) is key  # the call's rngs take precedence
+  name = type(layer).__name__
+  bare = make(nnx.Rngs(params=0))
+  with pytest.raises(ValueError, match=f"^{name} draws a new random sketch"):
+    bare(X)
+  y = bare(X, rngs=key)  # a key per call serves
+  assert bool(jnp.all(y == bare(X, deterministic=True)))
+  with pytest.raises(TypeError, match="nnx.RngStream or a key array; got str"):
+    bare(X, rngs="key")
+  assert nnx.view(layer, deterministic=True).deterministic
