@@ -83,11 +83,6 @@ def packed_nbytes(shape: tuple[int, ...], bits: int) -> int:
   return 4 * int(np.prod(packed_shape(shape, bits)))
 
 
-# Read by fewbit_jax.ext too.
-_explicit_mesh = _mesh.explicit_mesh
-_last_axis_shards = _mesh.last_axis_shards
-
-
 def lookup(table: jax.Array, index: jax.Array) -> jax.Array:
   """``table[index]`` for a small table and an integer index array of any sharding.
 
@@ -102,7 +97,7 @@ def lookup(table: jax.Array, index: jax.Array) -> jax.Array:
     >>> codes.lookup(jnp.array([10.0, 20.0, 30.0]), jnp.array([2, 0])).tolist()
     [30.0, 10.0]
   """
-  if _explicit_mesh(index) is not None:
+  if _mesh.explicit_mesh(index) is not None:
     return table.at[index].get(out_sharding=jax.typeof(index).sharding)
   return table[index]
 
@@ -160,11 +155,11 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
   *lead, n = codes.shape
   words = -(-n // WORD_BITS)
   c = codes.astype(jnp.uint32)
-  if words % _last_axis_shards(c):
+  if words % _mesh.last_axis_shards(c):
     # Shards of the last axis that cut words (an Explicit mesh's type says
     # so): the words are packed from the whole axis.
     spec = (*jax.typeof(c).sharding.spec[:-1], None)
-    c = jax.sharding.reshard(c, NamedSharding(_explicit_mesh(c), P(*spec)))
+    c = jax.sharding.reshard(c, NamedSharding(_mesh.explicit_mesh(c), P(*spec)))
   pad = words * WORD_BITS - n
   if pad:
     c = jnp.pad(c, [(0, 0)] * len(lead) + [(0, pad)])

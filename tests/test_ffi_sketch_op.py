@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fewbit_jax import ext, rng
+from fewbit_jax import _hash, ext, rng
 from fewbit_jax._ffi import _sketch_op
 
 pytestmark = pytest.mark.skipif(not ext.available(), reason="fewbit_jax._xla_ext not built")
@@ -25,10 +25,10 @@ def _both(fn, *args):
 
 
 def _sketch_reference(kind, x, k0, k1, k):
-  """S^T x in float64 with S from the definitions in fewbit_jax._ffi._sketch_op / sketch."""
+  """S^T x in float64 with S from the one definition in fewbit_jax._hash."""
   b = x.shape[0]
   rows = jnp.arange(b, dtype=jnp.uint32)
-  s = np.asarray(_sketch_op._dense_sketch_matrix(kind, k0, k1, rows, k), np.float64)
+  s = np.asarray(_hash.rows_matrix(kind, k0, k1, rows, k), np.float64)
   return s.T @ np.asarray(x.astype(jnp.float32), np.float64)
 
 
@@ -44,7 +44,7 @@ def test_sketch_matches_definition(kind, dtype, shape, k):
   ref = _sketch_reference(kind, x, k0, k1, k)
   # float32 sums of B terms in another order: a few ulps of the sum of |terms|.
   rows = jnp.arange(shape[0], dtype=jnp.uint32)
-  s = np.abs(np.asarray(_sketch_op._dense_sketch_matrix(kind, k0, k1, rows, k)))
+  s = np.abs(np.asarray(_hash.rows_matrix(kind, k0, k1, rows, k)))
   bound = 4 * np.finfo(np.float32).eps * (s.T @ np.abs(np.asarray(x.astype(jnp.float32)))) + 1e-30
   assert np.all(np.abs(np.asarray(out) - ref) <= bound)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fewbit_jax import _hash, ext, rng, sketch
+from fewbit_jax._ffi import _sketch_op
 
 KEY = (jnp.uint32(0x12345678), jnp.uint32(0x9ABCDEF0))
 
@@ -19,20 +20,29 @@ def test_counters_are_distinct():
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher", "countsketch"])
 @pytest.mark.parametrize("row0", [0, 1000])
-def test_rows_matrix_is_the_sketch_ops_pure_twin(kind, row0):
-  # The pure lowering of the FFI sketch op builds S from the same entries.
+def test_rows_matrix_is_the_kernels_twin(kind, row0):
+  # The C++ kernel's S^T x of the identity is S^T itself (one term per sum,
+  # so exact): its entries are those of _hash, bit for bit where no
+  # transcendental is involved (gaussian: log/cos of two libraries, a few ulps).
+  if not ext.available():
+    pytest.skip("compiled kernels not built")
   rows = jnp.uint32(row0) + jnp.arange(37, dtype=jnp.uint32)
   k0, k1 = KEY
   ours = jax.jit(_hash.rows_matrix, static_argnums=(0, 4))(kind, k0, k1, rows, 7)
-  twin = jax.jit(ext._dense_sketch_matrix, static_argnums=(0, 4))(kind, k0, k1, rows, 7)  # pylint: disable=protected-access
-  np.testing.assert_array_equal(np.asarray(ours).view(np.uint32), np.asarray(twin).view(np.uint32))
+  eye = jnp.zeros((row0 + 37, 37), jnp.float32).at[row0 + jnp.arange(37), jnp.arange(37)].set(1.0)
+  with ext.mode("ffi"):
+    st = ext.sketch_kernel(kind)(eye, k0, k1, 7)
+  if kind == "gaussian":
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(st.T), rtol=4e-6, atol=1e-7)
+  else:
+    np.testing.assert_array_equal(np.asarray(ours).view(np.uint32), np.asarray(st.T).view(np.uint32))
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher", "countsketch"])
 def test_sketch_of_rows_is_the_sketch_ops_pure_twin(kind):
   x = jax.random.normal(jax.random.key(0), (40, 6))
   keys, row0 = jnp.stack(KEY), jnp.uint32(8)
-  twin = jax.jit(lambda x: ext._sketch_pure_one(x, keys, row0, kind=kind, k=5))(x)  # pylint: disable=protected-access
+  twin = jax.jit(lambda x: _sketch_op._sketch_pure_one(x, keys, row0, kind=kind, k=5))(x)  # pylint: disable=protected-access
 
   def ours(x):
     rows = row0 + jnp.arange(x.shape[0], dtype=jnp.uint32)

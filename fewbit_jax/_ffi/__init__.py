@@ -4,9 +4,8 @@
 - `_path`: the mode (``FEWBIT_JAX_FFI``, `set_mode`) and the path rule per
   op and platform, with the measured defaults;
 - `_prim`: primitive plumbing (eager impl, lowerings, partitioning, types);
-- `_sharding`: mesh and PartitionSpec helpers of the result types;
 - `_codes_op`: `quantize_pack`, `pack`, `unpack_scale`;
-- `_sketch_op`: `sketch_kernel` and the sketch entries' pure-JAX twin.
+- `_sketch_op`: `sketch_kernel` (its pure lowering draws from `fewbit_jax._hash`).
 
 `fewbit_jax.ext` is the public face of this package.
 """

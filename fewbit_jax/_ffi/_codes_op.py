@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import ad
 
+from fewbit_jax import _mesh
 from fewbit_jax import codes as _codes
 from fewbit_jax._ffi import _path, _prim
-from fewbit_jax._ffi import _sharding as _shd
 
 
 def _codes_aval(x, bits, *others):
@@ -45,10 +45,10 @@ def _codes_aval(x, bits, *others):
   words; the bits axis is unsharded. `others` are the other operands.
   """
   shape = _codes.packed_shape(x.shape, bits)
-  spec, mesh = _shd.spec(x), x.sharding.mesh
+  spec, mesh = _mesh.padded(x.sharding.spec, x.ndim), x.sharding.mesh
   last = None
   if x.shape[-1] % _codes.WORD_BITS == 0 and not mesh.empty:
-    last = _shd.if_divides(mesh, spec[-1], shape[-1])
+    last = _mesh.if_divides(_mesh.sizes(mesh), spec[-1], shape[-1])
   return _prim.result_aval(shape, jnp.uint32, (*spec[:-1], None, last), x, *others)
 
 
@@ -110,7 +110,7 @@ _quantize_pack_p = _define(
 
 def _unpack_scale_abstract(packed, levels, g, *, bits):
   del bits
-  return _prim.result_aval(g.shape, g.dtype, _shd.spec(g), g, packed, levels)
+  return _prim.result_aval(g.shape, g.dtype, _mesh.padded(g.sharding.spec, g.ndim), g, packed, levels)
 
 
 def _unpack_scale_pure(packed, levels, g, *, bits):
@@ -187,7 +187,7 @@ def _words(a) -> int | None:
   if n % _codes.WORD_BITS or n <= _codes.WORD_BITS or not _multi_device():
     return None
   words = n // _codes.WORD_BITS
-  return None if words % _codes._last_axis_shards(a) else words  # pylint: disable=protected-access
+  return None if words % _mesh.last_axis_shards(a) else words
 
 
 def _bind_codes(prim, a, *operands, bits):

@@ -10,7 +10,7 @@ and column j < k:
   rademacher   (1 - 2 * (hash4(k0, k1, i, j) >> 31)) * float32(1 / sqrt(k))
   countsketch  S[i, hash4(k0, k1, i, 0) % k] = 1 - 2 * (hash4(k0, k1, i, 1) >> 31)
 
-`_sketch_entries` is their pure-JAX twin. The result of the primitive is
+`fewbit_jax._hash` is their one pure-JAX definition (the kernels' twin). The result of the primitive is
 typed with the sharding of x's leading axes, its groups (where the shards
 of x's rows hold whole groups) and columns; inside ``jax.shard_map`` it
 varies over the manual axes any operand varies over.
@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import ad
 
-from fewbit_jax import rng as _rng
+from fewbit_jax import _hash
 from fewbit_jax._ffi import _path, _prim
-from fewbit_jax._ffi import _sharding as _shd
+from fewbit_jax import _mesh
 
 SKETCH_KINDS = ("gaussian", "rademacher", "countsketch")
 
@@ -51,45 +51,19 @@ def _sketch_abstract(x, keys, row0, *, kind, k):
     raise ValueError(f"fewbit_sketch: x (L..., B, N), keys (L..., G, 2) and row0 (L..., G) "
                      f"with G dividing B; got x {x.shape}, keys {keys.shape}, row0 {row0.shape}")
   # Shards of B that hold whole groups are shards of G.
-  spec = _shd.spec(x)
-  g_spec = None if x.sharding.mesh.empty else _shd.if_divides(x.sharding.mesh, spec[-2], groups)
+  spec = _mesh.padded(x.sharding.spec, x.ndim)
+  g_spec = None if x.sharding.mesh.empty else _mesh.if_divides(_mesh.sizes(x.sharding.mesh), spec[-2], groups)
   return _prim.result_aval((*lead, groups, k, x.shape[-1]), jnp.float32,
                            (*spec[:-2], g_spec, None, spec[-1]), x, keys, row0)
-
-
-def _sketch_entries(kind, k0, k1, rows, k):
-  """The pure-JAX twin of the kernels' sketch entries, for uint32 row numbers `rows` (R,).
-
-  Returns S (R, k) in float32 for gaussian and rademacher, and for
-  countsketch the (bucket, sign) of each row: S[r, bucket[r]] = sign[r].
-  """
-  if kind == "countsketch":
-    bucket = _rng.hash4(k0, k1, rows, jnp.uint32(0)) % jnp.uint32(k)
-    sign = 1.0 - 2.0 * (_rng.hash4(k0, k1, rows, jnp.uint32(1)) >> 31).astype(jnp.float32)
-    return bucket, sign
-  i = rows[:, None]
-  j = jnp.arange(k, dtype=jnp.uint32)[None, :]
-  if kind == "gaussian":
-    return _rng.gaussian(k0, k1, i, j) * jnp.float32(1.0 / math.sqrt(k))
-  sign = 1.0 - 2.0 * (_rng.hash4(k0, k1, i, j) >> 31).astype(jnp.float32)
-  return sign * jnp.float32(1.0 / math.sqrt(k))
-
-
-def _dense_sketch_matrix(kind, k0, k1, rows, k):
-  """S (R, k) in float32 for uint32 row numbers `rows` (the pure-JAX twin)."""
-  if kind != "countsketch":
-    return _sketch_entries(kind, k0, k1, rows, k)
-  bucket, sign = _sketch_entries(kind, k0, k1, rows, k)
-  return jax.nn.one_hot(bucket, k, dtype=jnp.float32) * sign[:, None]
 
 
 def _sketch_pure_one(x, keys, row0, *, kind, k):
   rows = row0 + jnp.arange(x.shape[0], dtype=jnp.uint32)
   xf = x.astype(jnp.float32)
   if kind == "countsketch":
-    bucket, sign = _sketch_entries(kind, keys[0], keys[1], rows, k)
+    bucket, sign = _hash.bucket(keys[0], keys[1], rows, k), _hash.sign(keys[0], keys[1], rows)
     return jax.ops.segment_sum(xf * sign[:, None], bucket.astype(jnp.int32), num_segments=k)
-  s = _dense_sketch_matrix(kind, keys[0], keys[1], rows, k)
+  s = _hash.rows_matrix(kind, keys[0], keys[1], rows, k)
   return jnp.dot(s.T, xf, precision=jax.lax.Precision.HIGHEST)
 
 
