@@ -57,16 +57,18 @@ def test_linen_layer_and_intercept_share_the_error():
 def test_nnx_key_from_each_kind_of_rngs():
   rngs = nnx.Rngs(sketch=5)
   want = nnx.Rngs(sketch=5).sketch()
-  assert _data(nnx_key(rngs, "sketch", "L")) == _data(want)
+  assert _data(nnx_key(rngs, None, "sketch", "L")[0]) == _data(want)
   stream = nnx.Rngs(sketch=5)["sketch"]
-  assert _data(nnx_key(stream, "sketch", "L")) == _data(want)
+  assert _data(nnx_key(stream, None, "sketch", "L")[0]) == _data(want)
+  own = nnx.Rngs(sketch=5)["sketch"]
+  assert _data(nnx_key(None, own, "sketch", "L")[0]) == _data(want)  # the layer's own stream
   key = jax.random.key(1)
-  assert nnx_key(key, "sketch", "L") is key
+  assert nnx_key(key, own, "sketch", "L") == (key, None)  # the call's rngs come first
   with pytest.raises(ValueError, match=r"^L draws a new random sketch.*nnx.Rngs\(params=0, "
                      r"proj=1\).*layer\(x, rngs=key\)"):
-    nnx_key(None, "proj", "L")
+    nnx_key(None, None, "proj", "L")
   with pytest.raises(TypeError, match="got int"):
-    nnx_key(3, "sketch", "L")
+    nnx_key(3, None, "sketch", "L")
 
 
 def test_nnx_fork_uses_the_default_stream_or_none():
@@ -98,10 +100,12 @@ def test_nnx_source_for_converted_layers():
 def test_nnx_layers_share_one_stream_piece(make):
   layer = make(nnx.Rngs(0, sketch=2))
   assert isinstance(layer.rngs, nnx.RngStream)
-  first, second = layer._key(None), layer._key(None)  # the layer's own stream advances
-  assert _data(first) != _data(second)
+  kernel = layer.kernel[...]
+  (first, k1), (second, k2) = layer._key(None, kernel), layer._key(None, kernel)
+  assert _data(first) != _data(second)  # the layer's own stream advances
+  assert k1 is kernel and k2 is kernel  # eagerly nothing is guarded
   key = jax.random.key(9)
-  assert layer._key(key) is key  # the call's rngs take precedence
+  assert layer._key(key, kernel)[0] is key  # the call's rngs take precedence
   name = type(layer).__name__
   bare = make(nnx.Rngs(params=0))
   with pytest.raises(ValueError, match=f"^{name} draws a new random sketch"):

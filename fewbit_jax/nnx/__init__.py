@@ -33,8 +33,9 @@ Example:
   'RandomizedLinear'
 """
 
+from fewbit_jax._sketch_stream import step_keys
 from fewbit_jax.nnx._convert import convert_activations, convert_linear, map_module
 from fewbit_jax.nnx._layers import RandomizedEinsum, RandomizedLinear, RandomizedLinearGeneral
 
 __all__ = ["RandomizedLinear", "RandomizedLinearGeneral", "RandomizedEinsum", "map_module",
-           "convert_linear", "convert_activations"]
+           "convert_linear", "convert_activations", "step_keys"]

@@ -50,10 +50,19 @@ class _Randomized:
     self.rng_collection = rng_collection
     self.rngs = _sketch_stream.nnx_fork(rngs, rng_collection)
 
-  def _key(self, rngs) -> jax.Array:
-    """This call's sketch key: from `rngs` if given, else from the layer's own stream."""
-    return _sketch_stream.nnx_key(rngs if rngs is not None else self.rngs, self.rng_collection,
-                                  type(self).__name__)
+  def _key(self, rngs, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """This call's sketch key, and `kernel`, guarded where that key would repeat every step.
+
+    The key comes from `rngs` if given, else from the innermost
+    ``fb.nnx.step_keys`` scope salted with this layer's stream key, else from
+    the layer's own stream (`fewbit_jax._sketch_stream.nnx_key`). Where it
+    would be the same every step, a gradient through `kernel` raises.
+    """
+    key, frozen = _sketch_stream.nnx_key(rngs, self.rngs, self.rng_collection,
+                                         type(self).__name__)
+    if frozen is not None:
+      kernel = _sketch_stream.guard_gradient(kernel, frozen)
+    return key, kernel
 
   def _plain(self, deterministic: bool | None) -> bool:
     """Whether this call is the plain layer: the call's `deterministic`, else the attribute."""
@@ -208,7 +217,8 @@ class RandomizedLinear(_Randomized, nnx.Module):
     if self._plain(deterministic):
       return _forward(inputs, kernel, bias, self.precision, self.preferred_element_type,
                       out_sharding)
-    return self._randomized(randomized_dense, inputs, kernel, bias, self._key(rngs),
+    key, kernel = self._key(rngs, kernel)
+    return self._randomized(randomized_dense, inputs, kernel, bias, key,
                             out_sharding=out_sharding)
 
 
@@ -304,7 +314,8 @@ class RandomizedLinearGeneral(_Randomized, nnx.LinearGeneral):
     axis = tuple(a % inputs.ndim for a in self.axis)
     inputs, kernel, bias = self._promoted(inputs)
     dims = ((axis, tuple(range(len(axis)))), ((), ()))
-    out = self._randomized(randomized_dot_general, inputs, kernel, self._key(rngs), dims,
+    key, kernel = self._key(rngs, kernel)
+    out = self._randomized(randomized_dot_general, inputs, kernel, key, dims,
                            out_sharding=out_sharding)
     if bias is not None:
       out += jnp.reshape(bias, (1,) * (inputs.ndim - len(axis)) + tuple(self.out_features))
@@ -389,7 +400,8 @@ class RandomizedEinsum(_Randomized, nnx.Einsum):
     einsum_str = (einsum_str if einsum_str is not None else self.einsum_str).replace(" ", "")
     self._einsum_str_check(einsum_str)
     inputs, kernel, bias = self._promoted(inputs)
-    y = self._randomized(randomized_einsum, einsum_str, inputs, kernel, self._key(rngs),
+    key, kernel = self._key(rngs, kernel)
+    y = self._randomized(randomized_einsum, einsum_str, inputs, kernel, key,
                          out_sharding=out_sharding)
     if bias is not None:
       y += jnp.reshape(bias, self._infer_broadcasted_bias_shape(einsum_str, inputs, kernel))
