@@ -39,7 +39,8 @@ __all__ = ["missing_rng_error", "linen_key", "nnx_fork", "nnx_key", "nnx_source"
            "scoped_key", "guard_gradient"]
 
 
-def missing_rng_error(owner: str, collection: str, how: str) -> ValueError:
+def missing_rng_error(owner: str, collection: str, how: str,
+                      missing: str = "none was given") -> ValueError:
   """The error of a randomized layer called without an rng: what is missing and `how` to pass it.
 
   Example:
@@ -49,9 +50,25 @@ def missing_rng_error(owner: str, collection: str, how: str) -> ValueError:
   """
   return ValueError(
       f"{owner} draws a new random sketch on every call from the {collection!r} rng "
-      f"stream, and none was given. {how} For evaluation without gradients pass "
+      f"stream, and {missing}. {how} For evaluation without gradients pass "
       "deterministic=True instead: the layer is then exactly the plain dense layer "
       "and needs no rng.")
+
+
+def _given_but_not_lifted(module, collection: str) -> bool:
+  """Whether `collection` was given to ``apply`` but a lifted transform did not pass it in.
+
+  A lifted transform (``nn.scan``, ``nn.vmap``) starts a new scope holding
+  only the rngs of its ``split_rngs``; its scopes still count the draws of
+  the collections ``apply`` was given, which is how a dropped one shows.
+  """
+  scope = getattr(module, "scope", None)
+  while scope is not None:
+    counters = getattr(scope, "rng_counters", None) or {}
+    if collection in counters:
+      return True
+    scope = getattr(scope, "parent", None)
+  return False
 
 
 def linen_key(module, collection: str, owner: str) -> jax.Array:
@@ -78,6 +95,15 @@ def linen_key(module, collection: str, owner: str) -> jax.Array:
     ValueError: Draw draws a new random sketch on every call from the 'sketch' rng stream, ...
   """
   if not (module.has_rng(collection) or module.has_rng("params")):
+    if _given_but_not_lifted(module, collection):
+      raise missing_rng_error(
+          owner, collection,
+          f"Add it to the split_rngs of that transform, e.g. nn.scan(..., "
+          f"variable_axes={{'params': 0}}, split_rngs={{'params': True, {collection!r}: "
+          "True}), so that each layer or iteration draws a key of its own.",
+          missing=f"none reached it: model.apply was given a {collection!r} rng, but a lifted "
+          "transform between the apply and this layer (nn.scan, nn.vmap, ...) does not "
+          "pass it in: it is not in that transform's split_rngs")
     raise missing_rng_error(
         owner, collection,
         f"Pass a fresh key each step: model.apply(variables, x, "

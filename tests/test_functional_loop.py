@@ -266,6 +266,12 @@ def test_a_frozen_sketch_is_caught():
 # linen: parameters passed explicitly, the sketch rng passed to apply.
 
 
+class _LinenBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return fb.RandomizedDense(6, proj_dim_ratio=0.5)(x), None
+
+
 def test_linen_functional_loop_takes_a_key_per_step():
   model = fb.RandomizedDense(3, proj_dim_ratio=0.5)
   params = model.init(jax.random.key(0), X)["params"]
@@ -291,3 +297,26 @@ def test_linen_functional_loop_takes_a_key_per_step():
     params, opt_state, loss, _ = step(params, opt_state, jax.random.fold_in(jax.random.key(1), t))
     losses.append(float(loss))
   assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("lift", ["scan", "vmap"])
+def test_linen_lifted_transform_names_split_rngs(lift):
+  if lift == "scan":
+    make = lambda split: nn.scan(_LinenBlock, variable_axes={"params": 0}, split_rngs=split,
+                                 length=3)()
+    x = X
+  else:
+    make = lambda split: nn.vmap(_LinenBlock, variable_axes={"params": 0}, split_rngs=split,
+                                 in_axes=(0, None), axis_size=3)()
+    x = jnp.broadcast_to(X, (3, *X.shape))
+  model = make({"params": True})
+  variables = model.init(jax.random.key(0), x, None)
+  with pytest.raises(ValueError, match=r"model.apply was given a 'sketch' rng, but a lifted "
+                     r"transform .* split_rngs=\{'params': True, 'sketch': True\}"):
+    model.apply(variables, x, None, rngs={"sketch": jax.random.key(1)})
+  with pytest.raises(ValueError, match="and none was given. Pass a fresh key each step"):
+    model.apply(variables, x, None)
+  # Split as the error says, each layer draws its own key.
+  split = make({"params": True, "sketch": True})
+  out = split.apply(variables, x, None, rngs={"sketch": jax.random.key(1)})
+  assert out[0].shape == x.shape[:-1] + (6,)

@@ -115,3 +115,16 @@ def test_nnx_layers_share_one_stream_piece(make):
   with pytest.raises(TypeError, match="nnx.RngStream or a key array; got str"):
     bare(X, rngs="key")
   assert nnx.view(layer, deterministic=True).deterministic
+
+
+@pytest.mark.parametrize("make", [
+    lambda rngs: fb.nnx.RandomizedLinear(6, 3, rngs=rngs),
+    lambda rngs: fb.nnx.RandomizedLinearGeneral(6, (3,), rngs=rngs),
+    lambda rngs: fb.nnx.RandomizedEinsum("bd,dh->bh", (6, 3), rngs=rngs),
+], ids=["Linear", "LinearGeneral", "Einsum"])
+def test_nnx_layers_refuse_rngs_that_are_not_rngs(make):
+  for bad in (None, jax.random.key(0)):
+    with pytest.raises(TypeError, match=r"needs rngs=nnx.Rngs\(...\) to initialise its "
+                       rf"parameters .*; got {type(bad).__name__}\. Pass e.g. "
+                       r"rngs=nnx.Rngs\(0\)"):
+      make(bad)

@@ -37,6 +37,16 @@ class _Randomized:
   from the layer's own fork of its ``rngs`` stream (`fewbit_jax._sketch_stream`).
   """
 
+  def _check_rngs(self, rngs) -> None:
+    """Refuses `rngs` that are not an ``nnx.Rngs``, with what to pass instead."""
+    if not isinstance(rngs, rnglib.Rngs):
+      raise TypeError(
+          f"{type(self).__name__} needs rngs=nnx.Rngs(...) to initialise its parameters (as "
+          f"the nnx layer it replaces does) and to fork its sketch stream; got "
+          f"{type(rngs).__name__}. Pass e.g. rngs=nnx.Rngs(0), or rngs=nnx.Rngs(params=0, "
+          "sketch=1) to leave the parameter draws as the nnx layer's. To convert a layer "
+          "that already has parameters, use fb.nnx.convert_linear.")
+
   def _init_sketch(self, rngs: rnglib.Rngs, options: SketchOptions, deterministic: bool,
                    rng_collection: str) -> None:
     """The sketch attributes and the layer's own rng stream, forked from `rngs`."""
@@ -174,6 +184,7 @@ class RandomizedLinear(_Randomized, nnx.Module):
       kernel_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
       bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
   ):
+    self._check_rngs(rngs)
     options = SketchOptions(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
                             sketch_blocks)
     check_no_dot_general(type(self).__name__,
@@ -279,6 +290,7 @@ class RandomizedLinearGeneral(_Randomized, nnx.LinearGeneral):
                rngs: rnglib.Rngs,
                kernel_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
                bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({})):
+    self._check_rngs(rngs)
     options = SketchOptions(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
                             sketch_blocks)
     check_no_dot_general(type(self).__name__,
@@ -367,6 +379,7 @@ class RandomizedEinsum(_Randomized, nnx.Einsum):
                rngs: rnglib.Rngs,
                kernel_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
                bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({})):
+    self._check_rngs(rngs)
     options = SketchOptions(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
                             sketch_blocks)
     if einsum_op is not jnp.einsum:
