@@ -20,7 +20,7 @@ class _Draw(nn.Module):
   collection: str = "sketch"
 
   def __call__(self):
-    return linen_key(self, self.collection, "Draw")
+    return linen_key(self, self.collection, "Draw", X)[0]
 
 
 def test_linen_key_is_make_rng_and_falls_back_to_params():

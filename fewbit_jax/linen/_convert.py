@@ -70,16 +70,17 @@ def _promoted(module: nn.Module, inputs):
   return module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
 
 
-def _sketch_key(module: nn.Module, collection: str):
+def _sketch_key(module: nn.Module, collection: str, kernel):
+  """The call's sketch key, and `kernel` (guarded where that key repeats every step)."""
   return _sketch_stream.linen_key(
-      module, collection, f"fewbit_jax.linen.intercept (at {_module_path(module)})")
+      module, collection, f"fewbit_jax.linen.intercept (at {_module_path(module)})", kernel)
 
 
 def _dense_call(module: nn.Dense, inputs, options: dict, collection: str):
   """nn.Dense's computation, with the weight gradient from a sketch."""
   inputs, kernel, bias = _promoted(module, inputs)
-  return randomized_dense(inputs, kernel, bias, _sketch_key(module, collection),
-                          precision=module.precision, **options)
+  key, kernel = _sketch_key(module, collection, kernel)
+  return randomized_dense(inputs, kernel, bias, key, precision=module.precision, **options)
 
 
 def _dense_general_call(module: nn.DenseGeneral, inputs, options: dict, collection: str):
@@ -90,8 +91,8 @@ def _dense_general_call(module: nn.DenseGeneral, inputs, options: dict, collecti
   axis = tuple(a % inputs.ndim for a in axis)
   inputs, kernel, bias = _promoted(module, inputs)
   dims = ((axis, tuple(range(len(axis)))), ((), ()))
-  out = randomized_dot_general(inputs, kernel, _sketch_key(module, collection), dims,
-                               precision=module.precision, **options)
+  key, kernel = _sketch_key(module, collection, kernel)
+  out = randomized_dot_general(inputs, kernel, key, dims, precision=module.precision, **options)
   if bias is not None:
     out += jnp.reshape(bias, (1,) * (inputs.ndim - len(axis)) + features)
   return out
