@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -128,3 +129,40 @@ def test_nnx_layers_refuse_rngs_that_are_not_rngs(make):
                        rf"parameters .*; got {type(bad).__name__}\. Pass e.g. "
                        r"rngs=nnx.Rngs\(0\)"):
       make(bad)
+
+
+def test_scoped_keys_differ_per_salt_collection_and_call():
+  from fewbit_jax._sketch_stream import scoped_key, step_keys
+  a, b = jax.random.key(1), jax.random.key(2)
+  assert scoped_key(a, "h", "sketch", "L") is None  # outside any scope
+
+  def draws(key):
+    with step_keys(key):
+      return [_data(scoped_key(salt, holder, coll, "L")[0]) for salt, holder, coll in
+              [(a, "x", "sketch"), (b, "y", "sketch"), (a, "z", "dropout"), (a, "x", "sketch")]]
+  first = draws(jax.random.key(0))
+  assert len({tuple(d) for d in first}) == 4  # salts, collections and repeated calls differ
+  assert draws(jax.random.key(0)) == first  # a new scope with the same key: the same keys
+  assert draws(jax.random.key(1)) != first
+  with step_keys(jax.random.key(0)):
+    with step_keys(jax.random.key(1)):  # the innermost scope serves
+      inner = _data(scoped_key(a, "x", "sketch", "L")[0])
+    outer = _data(scoped_key(a, "x", "sketch", "L")[0])
+  assert inner == draws(jax.random.key(1))[0] and outer == first[0]
+  raw = jax.random.key_data(jax.random.key(0))  # a raw uint32[2] key serves too
+  with step_keys(raw):
+    assert _data(jax.random.wrap_key_data(scoped_key(a, "x", "sketch", "L")[0])) == first[0]
+  for bad in (0, jax.random.split(jax.random.key(0), 2), jnp.zeros(2)):
+    with pytest.raises(TypeError, match="step_keys needs one PRNG key"):
+      with step_keys(bad):
+        pass
+
+
+def test_guard_gradient_raises_only_when_differentiated():
+  from fewbit_jax._sketch_stream import guard_gradient
+  w = jnp.arange(3.0)
+  f = lambda w, x: jnp.sum(guard_gradient(w, "frozen") * x)
+  assert float(jax.jit(f)(w, w)) == 5.0
+  np.testing.assert_array_equal(jax.grad(f, argnums=1)(w, w), w)  # only x differentiated
+  with pytest.raises(ValueError, match="^frozen"):
+    jax.jit(jax.grad(f))(w, w)
