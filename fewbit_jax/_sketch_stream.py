@@ -208,7 +208,9 @@ def step_keys(key: jax.Array):
 
   Enter it inside the jitted step with a key that is an argument of the step
   and differs every step (``jax.random.fold_in(key, step)``): the sketch is
-  then new every step. A key fixed outside the jitted function would be
+  then new every step, and the same key every step would give the same
+  sketch every step (a biased weight update). A key fixed outside the
+  jitted function would be
   compiled into it as a constant and reused by every later call; a layer
   that sees one raises (where it is differentiated). Scopes nest; the
   innermost serves.

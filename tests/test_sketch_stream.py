@@ -93,11 +93,14 @@ def test_nnx_source_for_converted_layers():
     nnx_source("seed", "sketch")
 
 
-@pytest.mark.parametrize("make", [
+EACH_NNX_LAYER = pytest.mark.parametrize("make", [
     lambda rngs: fb.nnx.RandomizedLinear(6, 3, rngs=rngs),
     lambda rngs: fb.nnx.RandomizedLinearGeneral(6, (3,), rngs=rngs),
     lambda rngs: fb.nnx.RandomizedEinsum("bd,dh->bh", (6, 3), rngs=rngs),
 ], ids=["Linear", "LinearGeneral", "Einsum"])
+
+
+@EACH_NNX_LAYER
 def test_nnx_layers_share_one_stream_piece(make):
   layer = make(nnx.Rngs(0, sketch=2))
   assert isinstance(layer.rngs, nnx.RngStream)
@@ -118,11 +121,7 @@ def test_nnx_layers_share_one_stream_piece(make):
   assert nnx.view(layer, deterministic=True).deterministic
 
 
-@pytest.mark.parametrize("make", [
-    lambda rngs: fb.nnx.RandomizedLinear(6, 3, rngs=rngs),
-    lambda rngs: fb.nnx.RandomizedLinearGeneral(6, (3,), rngs=rngs),
-    lambda rngs: fb.nnx.RandomizedEinsum("bd,dh->bh", (6, 3), rngs=rngs),
-], ids=["Linear", "LinearGeneral", "Einsum"])
+@EACH_NNX_LAYER
 def test_nnx_layers_refuse_rngs_that_are_not_rngs(make):
   for bad in (None, jax.random.key(0)):
     with pytest.raises(TypeError, match=r"needs rngs=nnx.Rngs\(...\) to initialise its "
@@ -166,3 +165,23 @@ def test_guard_gradient_raises_only_when_differentiated():
   np.testing.assert_array_equal(jax.grad(f, argnums=1)(w, w), w)  # only x differentiated
   with pytest.raises(ValueError, match="^frozen"):
     jax.jit(jax.grad(f))(w, w)
+
+
+@EACH_NNX_LAYER
+def test_nnx_layers_in_the_functional_loop(make):
+  graphdef, params, rest = nnx.split(make(nnx.Rngs(0, sketch=2)), nnx.Param, ...)
+  xs = jnp.ones((16, 6))
+
+  def grads(params, rest, key=None, copy=False):
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest, copy=copy)(xs) ** 2)
+    if key is None:
+      return jax.grad(loss)(params)["kernel"][...]
+    with fb.nnx.step_keys(key):
+      return jax.grad(loss)(params)["kernel"][...]
+  step = jax.jit(grads)
+  assert not np.allclose(step(params, rest, jax.random.key(0)), step(params, rest,
+                                                                      jax.random.key(1)))
+  with pytest.raises(ValueError, match="cannot advance here"):
+    step(params, rest)
+  with pytest.raises(ValueError, match="same sketch"):
+    jax.jit(lambda p, r: grads(p, r, copy=True))(params, rest)
