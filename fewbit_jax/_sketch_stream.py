@@ -36,7 +36,7 @@ from flax import nnx
 from flax.nnx import graphlib, rnglib
 
 __all__ = ["missing_rng_error", "linen_key", "nnx_fork", "nnx_key", "nnx_source", "step_keys",
-           "scoped_key", "guard_gradient"]
+           "scoped_key", "stream_key", "guard_gradient"]
 
 
 def missing_rng_error(owner: str, collection: str, how: str,
@@ -273,7 +273,8 @@ def scoped_key(salt: jax.Array, holder, collection: str,
   `salt` and the number of keys `holder` drew from the scope before, so two
   holders with different salts, two collections, or two calls of one holder
   get different keys. For a layer built on this (a dropout, say): draw from
-  it first and fall back to the layer's own stream outside a scope.
+  it first and fall back to the layer's own stream outside a scope
+  (`stream_key`, which shows the pattern).
 
   Args:
     salt: a PRNG key of the holder's own (for an NNX layer: its stream's key,
@@ -386,25 +387,66 @@ def _scope_advice(collection: str) -> str:
           f"carry the layers' {collection!r} streams.")
 
 
-def _stream_key(stream: rnglib.RngStream, collection: str,
-                owner: str) -> tuple[jax.Array, str | None]:
-  """A key from the layer's own stream (advancing it), and whether that advance is lost."""
+def _harm(what: str) -> str:
+  return " (a biased weight update)" if what == "sketch" else ""
+
+
+def stream_key(stream: rnglib.RngStream, collection: str, owner: str,
+               what: str = "sketch") -> tuple[jax.Array, str | None]:
+  """A key from a layer's own stream (advancing it), and why it would repeat, if it would.
+
+  The stream-based draw of ``nnx.Dropout``, with its two failures in a
+  functional loop made plain: where the stream cannot advance (it was
+  merged outside the transform the call runs in) the error says to enter
+  `step_keys`; where it advances but the advance is lost (a model merged by
+  ``nnx.merge`` inside a plain JAX transform, so every step would start from
+  the same state), the second value says so. For a layer of your own (a
+  dropout, say), after `scoped_key`::
+
+    drawn = scoped_key(self.rngs.key[...], self.rngs, "dropout", "Dropout")
+    key, frozen = drawn or stream_key(self.rngs, "dropout", "Dropout", "dropout mask")
+    if frozen is not None:
+      raise ValueError(frozen)  # or guard_gradient(kernel, frozen) for a sketch
+
+  Args:
+    stream: the layer's ``RngStream``.
+    collection: its name, for the messages.
+    owner: the layer's class name, for the messages.
+    what: what the key draws (``'sketch'``, ``'dropout mask'``).
+
+  Returns:
+    ``(key, frozen)``: `frozen` is None where NNX carries the advance out
+    (no trace, ``nnx.jit``, ``nnx.value_and_grad``, ``nnx.scan``, ...), else
+    the message saying the key would repeat every step and what to do.
+
+  Raises:
+    ValueError: the stream cannot advance in this trace.
+
+  Example:
+    >>> from flax import nnx
+    >>> from fewbit_jax._sketch_stream import stream_key
+    >>> stream = nnx.Rngs(dropout=0)["dropout"]
+    >>> key, frozen = stream_key(stream, "dropout", "Dropout", "dropout mask")
+    >>> frozen is None, int(stream.count[...])
+    (True, 1)
+  """
   try:
     key = stream()
   except flax_errors.TraceContextError as e:
     raise ValueError(
-        f"{owner} draws its sketch key from its own {collection!r} rng stream, which "
+        f"{owner} draws its {what} key from its own {collection!r} rng stream, which "
         "cannot advance here: the stream's state was made outside the JAX transform this "
         "call runs in (as with nnx.merge inside jax.value_and_grad in a jax.jit step). "
         "nnx.merge(..., copy=True) does not help: the advance would be lost and the same "
-        "sketch drawn every step (a biased weight update). " + _scope_advice(collection)) from e
+        f"{what} drawn every step{_harm(what)}. "
+        + _scope_advice(collection)) from e
   if _carried(stream.count):
     return key, None
   return key, (
-      f"{owner} draws its sketch key from its own {collection!r} rng stream inside a JAX "
+      f"{owner} draws its {what} key from its own {collection!r} rng stream inside a JAX "
       "transform that does not carry the stream's state back out (a model merged with "
       "nnx.merge inside jax.jit or jax.value_and_grad): every step would start from the "
-      "same stream state and draw the same sketch, a biased weight update. "
+      f"same stream state and draw the same {what}{_harm(what)}. "
       + _scope_advice(collection))
 
 
@@ -464,7 +506,7 @@ def nnx_key(rngs, stream: rnglib.RngStream | None, collection: str,
         owner, collection,
         f"Construct it with a stream for it, e.g. rngs=nnx.Rngs(params=0, "
         f"{collection}=1) (or nnx.Rngs(0)), or pass one per call: layer(x, rngs=key).")
-  return _stream_key(stream, collection, owner)
+  return stream_key(stream, collection, owner)
 
 
 _default_seeds = itertools.count()

@@ -185,3 +185,31 @@ def test_nnx_layers_in_the_functional_loop(make):
     step(params, rest)
   with pytest.raises(ValueError, match="same sketch"):
     jax.jit(lambda p, r: grads(p, r, copy=True))(params, rest)
+
+
+def test_the_pieces_serve_a_dropout_in_the_functional_loop():
+  from fewbit_jax._sketch_stream import scoped_key, stream_key
+
+  class Drop(nnx.Module):  # the pattern stream_key's docstring shows
+    def __init__(self, rngs):
+      self.rngs = rngs["dropout"].fork()
+
+    def __call__(self, x):
+      drawn = scoped_key(self.rngs.key[...], self.rngs, "dropout", "Drop")
+      key, frozen = drawn or stream_key(self.rngs, "dropout", "Drop", "dropout mask")
+      if frozen is not None:
+        raise ValueError(frozen)
+      return jnp.where(jax.random.bernoulli(key, 0.5, x.shape), x * 2, 0)
+
+  graphdef, state = nnx.split(Drop(nnx.Rngs(dropout=0)))
+  xs = jnp.ones((64,))
+
+  @jax.jit
+  def mask(state, key):
+    with fb.nnx.step_keys(key):
+      return nnx.merge(graphdef, state)(xs)
+  assert not bool(jnp.all(mask(state, jax.random.key(0)) == mask(state, jax.random.key(1))))
+  with pytest.raises(ValueError, match="draw the same dropout mask. Give the step"):
+    jax.jit(lambda state: nnx.merge(graphdef, state)(xs))(state)
+  drop = Drop(nnx.Rngs(dropout=0))
+  assert not bool(jnp.all(nnx.jit(lambda m: m(xs))(drop) == nnx.jit(lambda m: m(xs))(drop)))

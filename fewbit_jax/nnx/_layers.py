@@ -120,7 +120,13 @@ class RandomizedLinear(_Randomized, nnx.Module):
   every step, inside ``nnx.jit`` too, gets a fresh sketch. Give `rngs` a
   separate stream, ``nnx.Rngs(0, sketch=1)``, to leave the parameter draws of
   the rest of a model exactly as with ``nnx.Linear``. A key, ``RngStream`` or
-  ``Rngs`` passed to the call takes precedence. ``model.eval()`` (or
+  ``Rngs`` passed to the call takes precedence. In a step that merges the
+  model inside plain ``jax.jit``/``jax.value_and_grad`` (flax's functional
+  loop), where the stream cannot advance, call it inside
+  ``fb.nnx.step_keys(key)`` with a new key every step: it then derives its
+  key from that one and its stream's key, and advances nothing; without the
+  scope it raises rather than draw the same sketch every step.
+  ``model.eval()`` (or
   ``deterministic=True``) makes the layer exactly ``nnx.Linear``, exact
   gradients included, and needs no rng; ``model.train()`` turns the sketch
   back on.
