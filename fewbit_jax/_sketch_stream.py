@@ -361,9 +361,12 @@ def _carried(variable: nnx.Variable) -> bool:
 
   True outside any trace, for a hijax/ref Variable (JAX carries it), and for
   a Variable an NNX transform merged inside itself (it writes it back);
-  False for one merged by ``nnx.merge`` inside a plain JAX transform.
+  False for one merged by ``nnx.merge`` inside a plain JAX transform. The
+  last case is read from NNX's own bookkeeping of its graph-mode transforms
+  (the update contexts of ``graphlib.GRAPH_CONTEXT``);
+  tests/test_functional_loop.py fails if a flax release moves it.
   """
-  raw = variable.get_raw_value()
+  raw = variable.get_raw_value() if hasattr(variable, "get_raw_value") else variable[...]
   if not isinstance(raw, jax.core.Tracer) or getattr(variable, "hijax", False) \
       or getattr(variable, "ref", False):
     return True
@@ -445,7 +448,8 @@ def stream_key(stream: rnglib.RngStream, collection: str, owner: str,
   return key, (
       f"{owner} draws its {what} key from its own {collection!r} rng stream inside a JAX "
       "transform that does not carry the stream's state back out (a model merged with "
-      "nnx.merge inside jax.jit or jax.value_and_grad): every step would start from the "
+      "nnx.merge inside jax.jit or jax.value_and_grad, or NNX transforms in tree mode, "
+      "graph=False): every step would start from the "
       f"same stream state and draw the same {what}{_harm(what)}. "
       + _scope_advice(collection))
 
