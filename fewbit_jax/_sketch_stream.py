@@ -210,10 +210,10 @@ def step_keys(key: jax.Array):
   and differs every step (``jax.random.fold_in(key, step)``): the sketch is
   then new every step, and the same key every step would give the same
   sketch every step (a biased weight update). A key fixed outside the
-  jitted function would be
-  compiled into it as a constant and reused by every later call; a layer
-  that sees one raises (where it is differentiated). Scopes nest; the
-  innermost serves.
+  jitted function would be compiled into it as a constant and reused by
+  every later call; a layer that sees a concrete scope key while it is
+  staged (jit, and also scan or remat) raises where it is differentiated.
+  Scopes nest; the innermost serves.
 
   Args:
     key: one PRNG key (``jax.random.key``, or a raw ``uint32[2]``).
