@@ -71,29 +71,16 @@ def _given_but_not_lifted(module, collection: str) -> bool:
   return False
 
 
-def linen_key(module, collection: str, owner: str,
-              kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+def linen_key(module, collection: str, owner: str) -> jax.Array:
   """``module.make_rng(collection)``, or the error that says how to pass that rng.
-
-  Where the rng given to ``apply`` is a concrete key while the call is
-  traced by ``jax.jit`` (a key closed over by the jitted step), every call
-  of the compiled step would reuse it: `kernel` comes back guarded, so a
-  weight gradient through it raises (`guard_gradient`) instead of training
-  with the same sketch every step.
 
   Args:
     module: the bound linen module drawing the key.
     collection: its rng stream, e.g. ``'sketch'``.
     owner: who draws, for the error (a class name or a converter and a path).
-    kernel: the layer's kernel, returned as it is or guarded.
-
-  Returns:
-    ``(key, kernel)``.
 
   Raises:
-    ValueError: `module` has neither a `collection` nor a ``'params'`` rng
-      (the error says how to pass one, or to add it to the ``split_rngs``
-      of an ``nn.scan``/``nn.vmap`` that dropped it).
+    ValueError: `module` has neither a `collection` nor a ``'params'`` rng.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -101,8 +88,8 @@ def linen_key(module, collection: str, owner: str,
     >>> from fewbit_jax._sketch_stream import linen_key
     >>> class Draw(nn.Module):
     ...   def __call__(self):
-    ...     return linen_key(self, "sketch", "Draw", jnp.ones(3))
-    >>> key, kernel = Draw().apply({}, rngs={"sketch": jax.random.key(0)})
+    ...     return linen_key(self, "sketch", "Draw")
+    >>> key = Draw().apply({}, rngs={"sketch": jax.random.key(0)})
     >>> Draw().apply({})
     Traceback (most recent call last):
     ValueError: Draw draws a new random sketch on every call from the 'sketch' rng stream, ...
@@ -121,13 +108,7 @@ def linen_key(module, collection: str, owner: str,
         owner, collection,
         f"Pass a fresh key each step: model.apply(variables, x, "
         f"rngs={{{collection!r}: jax.random.fold_in(key, step)}}).")
-  rngs = module.scope.rngs
-  given = rngs.get(collection, rngs.get("params"))
-  root = getattr(given, "rng", given)  # a LazyRng holds the key apply was given
-  if not isinstance(root, jax.core.Tracer) and _staged():
-    kernel = guard_gradient(kernel, _frozen_constant(
-        owner, f"the {collection!r} rng given to model.apply", "give it to model.apply"))
-  return module.make_rng(collection), kernel
+  return module.make_rng(collection)
 
 
 def nnx_fork(rngs: rnglib.Rngs, collection: str):
@@ -255,14 +236,13 @@ def _staged() -> bool:
   return isinstance(jax.lax.add(np.uint32(0), np.uint32(0)), jax.core.Tracer)
 
 
-def _frozen_constant(owner: str, source: str, use: str) -> str:
-  """Why a key from `source` repeats: it is a constant of a traced step; `use` it instead."""
-  return (f"{owner} takes its key from {source}, which is a concrete array while the call "
-          "is traced (by jax.jit or another transform that stages it): the key is compiled "
-          "into the traced function as a constant, so every later call of the compiled step "
-          "reuses it, the same random draw every step (for a sketch: a biased weight "
-          "update). Pass the key into the jitted step as an argument "
-          f"(jax.random.fold_in(key, step)) and {use} inside the step.")
+def _frozen_constant(owner: str) -> str:
+  return (f"{owner} takes its key from a fb.nnx.step_keys scope whose key is a concrete "
+          "array while the call is traced (by jax.jit or another transform that stages it): "
+          "the key is compiled into the traced function as a constant, so every later call "
+          "of the compiled step reuses it, the same random draw every step (for a sketch: a "
+          "biased weight update). Pass the key into the jitted step as an argument "
+          "(jax.random.fold_in(key, step)) and enter step_keys inside the step.")
 
 
 def scoped_key(salt: jax.Array, holder, collection: str,
@@ -312,7 +292,7 @@ def scoped_key(salt: jax.Array, holder, collection: str,
   key = jax.random.fold_in(key, scope.index(holder))
   frozen = None
   if not isinstance(scope.key, jax.core.Tracer) and _staged():
-    frozen = _frozen_constant(owner, "a fb.nnx.step_keys scope", "enter step_keys")
+    frozen = _frozen_constant(owner)
   return key, frozen
 
 

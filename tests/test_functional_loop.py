@@ -297,20 +297,6 @@ def test_linen_functional_loop_takes_a_key_per_step():
     params, opt_state, loss, _ = step(params, opt_state, jax.random.fold_in(jax.random.key(1), t))
     losses.append(float(loss))
   assert losses[-1] < losses[0]
-  # A key closed over by the jitted step is compiled in: the same sketch every step.
-  fixed = jax.random.key(3)
-  for run in (lambda p: model.apply({"params": p}, X, rngs={"sketch": fixed}),
-              lambda p: _intercepted(nn.Dense(3), p, fixed)):
-    loss = jax.jit(jax.grad(lambda p: jnp.mean((run(p) - Y) ** 2)))
-    with pytest.raises(ValueError, match=r"from the 'sketch' rng given to model.apply, which "
-                       r"is a concrete array while the call is traced.*as an argument"):
-      loss(params)
-    jax.jit(run)(params)  # forward passes need no fresh sketch
-
-
-def _intercepted(model, params, key):
-  with fb.linen.intercept(proj_dim_ratio=0.5):
-    return model.apply({"params": params}, X, rngs={"sketch": key})
 
 
 @pytest.mark.parametrize("lift", ["scan", "vmap"])

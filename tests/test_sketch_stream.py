@@ -21,7 +21,7 @@ class _Draw(nn.Module):
   collection: str = "sketch"
 
   def __call__(self):
-    return linen_key(self, self.collection, "Draw", X)[0]
+    return linen_key(self, self.collection, "Draw")
 
 
 def test_linen_key_is_make_rng_and_falls_back_to_params():

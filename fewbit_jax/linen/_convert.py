@@ -70,17 +70,16 @@ def _promoted(module: nn.Module, inputs):
   return module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
 
 
-def _sketch_key(module: nn.Module, collection: str, kernel):
-  """The call's sketch key, and `kernel` (guarded where that key repeats every step)."""
+def _sketch_key(module: nn.Module, collection: str):
   return _sketch_stream.linen_key(
-      module, collection, f"fewbit_jax.linen.intercept (at {_module_path(module)})", kernel)
+      module, collection, f"fewbit_jax.linen.intercept (at {_module_path(module)})")
 
 
 def _dense_call(module: nn.Dense, inputs, options: dict, collection: str):
   """nn.Dense's computation, with the weight gradient from a sketch."""
   inputs, kernel, bias = _promoted(module, inputs)
-  key, kernel = _sketch_key(module, collection, kernel)
-  return randomized_dense(inputs, kernel, bias, key, precision=module.precision, **options)
+  return randomized_dense(inputs, kernel, bias, _sketch_key(module, collection),
+                          precision=module.precision, **options)
 
 
 def _dense_general_call(module: nn.DenseGeneral, inputs, options: dict, collection: str):
@@ -91,8 +90,8 @@ def _dense_general_call(module: nn.DenseGeneral, inputs, options: dict, collecti
   axis = tuple(a % inputs.ndim for a in axis)
   inputs, kernel, bias = _promoted(module, inputs)
   dims = ((axis, tuple(range(len(axis)))), ((), ()))
-  key, kernel = _sketch_key(module, collection, kernel)
-  out = randomized_dot_general(inputs, kernel, key, dims, precision=module.precision, **options)
+  out = randomized_dot_general(inputs, kernel, _sketch_key(module, collection), dims,
+                               precision=module.precision, **options)
   if bias is not None:
     out += jnp.reshape(bias, (1,) * (inputs.ndim - len(axis)) + features)
   return out

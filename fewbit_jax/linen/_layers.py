@@ -30,12 +30,11 @@ class RandomizedDense(nn.Module):
 
   Randomness: each call draws a key with ``self.make_rng(rng_collection)``, so
   pass a fresh one every step, ``model.apply(variables, x, rngs={'sketch':
-  key})`` (fold in the step number, as for dropout). One key reused for every
-  step draws the same sketch every step, and the weight updates are then
-  biased (all confined to what that one sketch keeps): pass the key into the
-  jitted step as an argument. A key the jitted step closes over is such a
-  key (compiled in as a constant); the layer sees it, and a gradient through
-  it raises. No rng is needed
+  key})`` (fold in the step number, as for dropout), as an argument of the
+  jitted step. One key reused for every step (a key the jitted step closes
+  over is one: it is compiled in as a constant) draws the same sketch every
+  step, and the weight updates are then biased, all confined to what that
+  one sketch keeps. No rng is needed
 
   * under ``model.init`` (nothing is differentiated there; the output is the
     plain dense output), or
@@ -128,7 +127,6 @@ class RandomizedDense(nn.Module):
     deterministic = bool(deterministic if deterministic is not None else self.deterministic)
     if deterministic or self.is_initializing():
       return _forward(inputs, kernel, bias, self.precision, None, None)
-    key, kernel = _sketch_stream.linen_key(self, self.rng_collection, type(self).__name__,
-                                           kernel)
+    key = _sketch_stream.linen_key(self, self.rng_collection, type(self).__name__)
     return randomized_dense(inputs, kernel, bias, key, precision=self.precision,
                             **SketchOptions.of(self).kwargs())
