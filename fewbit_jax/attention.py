@@ -250,7 +250,9 @@ def _bwd_blocks(cfg, q, k, v, bias, mask, rng, stats, out, g):
   """The backward recomputing the scores `cfg.block` keys at a time."""
   x_max, total = stats
   length, size = k.shape[-3], cfg.block
-  sdtype = x_max.dtype
+  # The softmax backward runs in float32 (at least): delta is a difference.
+  sdtype = jnp.promote_types(x_max.dtype, jnp.float32)
+  x_max, total = x_max.astype(sdtype), total.astype(sdtype)
   # sum_k p * dp = g . out (per query and head), as in flash attention.
   delta = jnp.sum(g.astype(sdtype) * out.astype(sdtype), -1)        # [..., q, h]
   delta = jnp.swapaxes(delta, -1, -2)[..., None]                      # [..., h, q, 1]
@@ -265,14 +267,14 @@ def _bwd_blocks(cfg, q, k, v, bias, mask, rng, stats, out, g):
     mask_j = _key_slice(mask, start, size, length)
     w, logits_vjp = jax.vjp(lambda q, k, b: _logits(cfg, q, k, b, mask_j),
                             q, k_j, _key_slice(bias, start, size, length))
-    p = jnp.exp(_softmax_input(cfg, w) - x_max) / total
-    p = p if cfg.fp32 else p.astype(cfg.dtype)
+    p32 = jnp.exp(_softmax_input(cfg, w).astype(sdtype) - x_max) / total
+    p = p32.astype(jnp.float32 if cfg.fp32 else cfg.dtype)
     mult_j = _key_slice(mult, start, size, length)
     _, combine_vjp = jax.vjp(functools.partial(_combine, cfg),
                              p if mult_j is None else p * mult_j, v_j)
     dpd, dv_j = combine_vjp(g)
     dp = (dpd if mult_j is None else dpd * mult_j).astype(sdtype)
-    ds = (p.astype(sdtype) * (dp - delta)).astype(w.dtype)
+    ds = (p32 * (dp - delta)).astype(w.dtype)
     dq_j, dk_j, dbias_j = logits_vjp(ds)
     dk = lax.dynamic_update_slice_in_dim(dk, dk_j, start, axis=k.ndim - 3)
     dv = lax.dynamic_update_slice_in_dim(dv, dv_j, start, axis=v.ndim - 3)
