@@ -57,13 +57,16 @@ _SCRIPT = textwrap.dedent(r"""
   args = {"attention": (q, k, v, mask, ks[4]), "softmax": (scores, smask)}
   specs = {"attention": (qkv_spec,) * 3 + (mask_spec, P()), "softmax": (score_spec,) * 2}
 
-  out = {}
+  out, fns, one_device = {}, {}, {}
+  for name, make in cases.items():
+    kind = "softmax" if "softmax" in name else "attention"
+    fns[name] = make()
+    one_device[name] = fns[name](*args[kind])
   for mesh_name in ("Auto", "Explicit"):
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(getattr(AxisType, mesh_name),) * 2)
-    for name, make in cases.items():
+    for name, f in fns.items():
       kind = "softmax" if "softmax" in name else "attention"
-      f = make()
-      one_loss, one_grads = f(*args[kind])
+      one_loss, one_grads = one_device[name]
       with jax.set_mesh(mesh):
         sharded = [jax.device_put(a, NamedSharding(mesh, s))
                    for a, s in zip(args[kind], specs[kind])]
