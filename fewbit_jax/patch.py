@@ -232,7 +232,8 @@ def swap_activation(value: Any, chosen: dict[str, int | None]) -> Callable | Non
     return None
   for name, nb in chosen.items():
     if func is _ORIGINALS[name] and name in LEAN:
-      return functools.partial(getattr(attention, name), **keywords)
+      lean = getattr(attention, name)
+      return functools.partial(lean, **keywords) if keywords else lean
     if func is _ORIGINALS[name]:
       return getattr(activations, name)(bits=nb, **keywords)
   return None
