@@ -53,12 +53,13 @@ import jax
 
 from fewbit_jax.activations import CODES_NAME
 from fewbit_jax.dense import SKETCH_NAME
+from fewbit_jax.norms import NORM_INPUT_NAME, NORM_STATS_NAME
 
 __all__ = ["checkpoint_policy", "CODES_NAME", "SKETCH_NAME"]
 
 
 def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
-                      dots: bool = False) -> Callable[..., bool]:
+                      lean: bool = True, dots: bool = False) -> Callable[..., bool]:
   """A ``jax.checkpoint`` policy keeping few-bit codes, sketches and `names`.
 
   Everything else inside the checkpointed function is recomputed in the
@@ -70,6 +71,9 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
     codes: keep few-bit activation codes (``'fewbit_codes'``; default True).
     sketches: keep randomized dense sketches ``S^T x``
       (``'randomized_dense_sketch'``; default True).
+    lean: keep what the lean norms keep (``'lean_norm_input'``, their input,
+      and ``'lean_norm_stats'``, per-row mean and rstd; `fewbit_jax.norms`),
+      so a norm's backward recomputes nothing (default True).
     dots: also keep the outputs of matmuls without batch dimensions (jax's
       ``dots_with_no_batch_dims_saveable``): less recomputation, more memory.
 
@@ -105,13 +109,15 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
     keep.append(CODES_NAME)
   if sketches:
     keep.append(SKETCH_NAME)
+  if lean:
+    keep += [NORM_INPUT_NAME, NORM_STATS_NAME]
   cp = jax.checkpoint_policies
   if not keep:
     if dots:
       return cp.dots_with_no_batch_dims_saveable
-    raise ValueError("checkpoint_policy with codes=False, sketches=False and no names keeps "
-                     "nothing: that is jax.checkpoint's default policy, use it without a "
-                     "policy.")
+    raise ValueError("checkpoint_policy with codes=False, sketches=False, lean=False and no "
+                     "names keeps nothing: that is jax.checkpoint's default policy, use it "
+                     "without a policy.")
   policy = cp.save_only_these_names(*dict.fromkeys(keep))
   if dots:
     policy = cp.save_from_both_policies(policy, cp.dots_with_no_batch_dims_saveable)

@@ -19,7 +19,13 @@ activations called inline::
   with fb.patch_activations(gelu=3):
     grads = nnx.grad(loss)(model)
 
-The layers live in `fewbit_jax.nnx._layers`, the conversions in
+`LayerNorm`, `RMSNorm` and `Dropout` are drop-ins for flax's with exact
+gradients and a leaner backward (the norm keeps its input and per-row
+statistics, dropout no mask); `convert_lean` turns flax's into them for
+`map_module`, keeping the same Variables.
+
+The layers live in `fewbit_jax.nnx._layers`, the lean ones and
+`convert_lean` in `fewbit_jax.nnx._lean`, the conversions in
 `fewbit_jax.nnx._convert`; import them from here.
 
 Example:
@@ -35,6 +41,8 @@ Example:
 
 from fewbit_jax.nnx._convert import convert_activations, convert_linear, map_module
 from fewbit_jax.nnx._layers import RandomizedEinsum, RandomizedLinear, RandomizedLinearGeneral
+from fewbit_jax.nnx._lean import Dropout, LayerNorm, RMSNorm, convert_lean
 
 __all__ = ["RandomizedLinear", "RandomizedLinearGeneral", "RandomizedEinsum", "map_module",
-           "convert_linear", "convert_activations"]
+           "convert_linear", "convert_activations", "LayerNorm", "RMSNorm", "Dropout",
+           "convert_lean"]
