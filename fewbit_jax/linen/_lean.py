@@ -12,6 +12,7 @@ import contextlib
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from fewbit_jax import norms as _norms
@@ -51,7 +52,11 @@ def _dropout_call(module, inputs, deterministic: bool | None = None, rng=None):
     return jnp.zeros_like(inputs)
   if rng is None:
     rng = module.make_rng(module.rng_collection)
-  return _dropout(inputs, module.rate, rng, broadcast_dims=module.broadcast_dims)
+  # The mask takes the input's sharding, as nnx.Dropout's: the same bits, and
+  # under an Explicit mesh no select of a replicated mask with a sharded input
+  # (which flax's linen Dropout refuses).
+  return _dropout(inputs, module.rate, rng, broadcast_dims=module.broadcast_dims,
+                  out_sharding=jax.typeof(inputs).sharding)
 
 
 class LayerNorm(nn.LayerNorm):
