@@ -163,3 +163,32 @@ def test_nnx_convert_lean_composes_with_convert_linear():
   assert bool(jnp.all(y == y0))
   assert {"named 'lean_norm_input'", "named 'fewbit_codes'",
           "named 'randomized_dense_sketch'"} <= set(res)
+
+
+def test_attention_entries_use_fewbit_attention_where_present(monkeypatch):
+  # fewbit_jax.attention may be absent: a stand-in module records the calls.
+  import sys
+  import types
+  calls = []
+
+  def attention(*args, **kwargs):
+    calls.append(kwargs.get("deterministic"))
+    return nn.dot_product_attention(*args, **kwargs)
+
+  monkeypatch.setitem(sys.modules, "fewbit_jax.attention",
+                      types.SimpleNamespace(dot_product_attention=attention))
+  layer = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  v = layer.init(jax.random.key(1), x)
+  with fb.linen.lean() as seen:
+    y = layer.apply(v, x)
+  assert seen.converted == ["/"] and calls and layer.attention_fn is nn.dot_product_attention
+  assert bool(jnp.all(y == layer.apply(v, x)))
+  custom = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8,
+                                           attention_fn=lambda *a, **k: nn.dot_product_attention(
+                                               *a, **k))
+  with fb.linen.lean(warn_unused=False) as seen:
+    custom.apply(v, x)
+  assert seen.skipped == ["/"]
+  mha = nnx.MultiHeadAttention(2, 8, 8, decode=False, rngs=nnx.Rngs(0))
+  assert fb.nnx.convert_lean(mha) is mha and mha.attention_fn is attention

@@ -141,6 +141,25 @@ def _norm_refusal(module, args, kwargs) -> str | None:
   return None
 
 
+def _attention_rule(lean_fn):
+  """The rule running an attention layer's default ``attention_fn`` as `lean_fn`."""
+
+  def call(module, next_fun, args, kwargs):
+    # The field is read by the layer's own __call__: set it for this call only.
+    object.__setattr__(module, "attention_fn", lean_fn)
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      object.__setattr__(module, "attention_fn", nn.dot_product_attention)
+
+  def refusal(module, args, kwargs):
+    if module.attention_fn is not nn.dot_product_attention:
+      return "it has its own attention_fn"
+    return None
+
+  return _Rule(call, refusal)
+
+
 # flax class -> how `lean` runs it: the exact classes (a subclass may compute
 # something else).
 _RULES = {
@@ -148,6 +167,17 @@ _RULES = {
     nn.RMSNorm: _Rule(_calls(functools.partial(_norm_call, use_mean=False)), _norm_refusal),
     nn.Dropout: _Rule(_calls(_dropout_call), lambda m, a, k: None),
 }
+
+
+def _rules() -> dict:
+  """`_RULES`, and the attention layers where `fewbit_jax.attention` is present."""
+  try:
+    from fewbit_jax.attention import dot_product_attention
+  except ImportError:
+    return _RULES
+  rule = _attention_rule(dot_product_attention)
+  return {**_RULES, nn.MultiHeadDotProductAttention: rule, nn.MultiHeadAttention: rule,
+          nn.SelfAttention: rule}
 
 
 @contextlib.contextmanager
@@ -159,7 +189,10 @@ def lean(pattern: str | None = None, *, warn_unused: bool = True):
   `RMSNorm` or `Dropout` computes, with the layer's own fields, parameters
   and rngs: the same output (bitwise), the same gradients, but a backward
   that keeps the norm's input and per-row statistics only, and no dropout
-  mask. Initialisation inside or outside gives the same parameters.
+  mask. Initialisation inside or outside gives the same parameters. Where
+  ``fewbit_jax.attention`` is present, ``nn.MultiHeadDotProductAttention``
+  (and ``nn.MultiHeadAttention``, ``nn.SelfAttention``) with the default
+  ``attention_fn`` run ``fewbit_jax.attention.dot_product_attention``.
 
   The conversion happens while the model is traced (a ``jax.jit`` step
   traced outside the context stays plain); it composes with
@@ -193,6 +226,6 @@ def lean(pattern: str | None = None, *, warn_unused: bool = True):
     >>> bool(jnp.all(y == model.apply(v, x, rngs=rngs)))
     True
   """
-  with _intercepting(_RULES, pattern, warn_unused, "lean", "norm or dropout layers",
+  with _intercepting(_rules(), pattern, warn_unused, "lean", "norm or dropout layers",
                      "nn.LayerNorm, nn.RMSNorm or nn.Dropout") as record:
     yield record

@@ -9,6 +9,7 @@ same ``Param`` and rng stream objects.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing as tp
 
 import jax
@@ -157,6 +158,35 @@ _TWINS = {
 }
 
 
+def _attention_converter(lean_fn):
+  """Sets an attention layer's default ``attention_fn`` to `lean_fn`, in place."""
+  def convert(module):
+    if module.attention_fn is nnx.dot_product_attention:
+      module.attention_fn = lean_fn
+    return module
+  return convert
+
+
+def _converters() -> dict:
+  """flax class -> ``module -> lean module``: the twins, and attention where present."""
+  table = {cls: functools.partial(_to_twin, twin) for cls, twin in _TWINS.items()}
+  try:
+    from fewbit_jax.attention import dot_product_attention
+  except ImportError:
+    return table
+  table[nnx.MultiHeadAttention] = _attention_converter(dot_product_attention)
+  return table
+
+
+def _to_twin(twin: _Twin, module):
+  args, kwargs = twin.config(module)
+  if twin.params:
+    build = lambda: twin.lean(*args, **kwargs, rngs=nnx.Rngs(0))
+  else:
+    build = lambda: twin.lean(*args, **kwargs)
+  return _with_params(module, build, None, twin.state)
+
+
 def convert_lean(module):
   """Turns an ``nnx.LayerNorm``, ``nnx.RMSNorm`` or ``nnx.Dropout`` into its lean twin.
 
@@ -166,7 +196,10 @@ def convert_lean(module):
   sequence of dropout keys carry on as before; its output is bitwise the
   layer's and its gradients equal, with a backward that keeps less. Other
   modules (and subclasses of these, which may compute something else) come
-  back unchanged, so it can be given to `fewbit_jax.nnx.map_module`.
+  back unchanged, so it can be given to `fewbit_jax.nnx.map_module`. Where
+  ``fewbit_jax.attention`` is present, an ``nnx.MultiHeadAttention`` with
+  the default ``attention_fn`` gets ``fewbit_jax.attention.
+  dot_product_attention`` (in place: the same module comes back).
 
   Args:
     module: any module.
@@ -188,12 +221,5 @@ def convert_lean(module):
     >>> bool(jnp.all(model(x) == y))
     True
   """
-  twin = _TWINS.get(type(module))
-  if twin is None:
-    return module
-  args, kwargs = twin.config(module)
-  if twin.params:
-    build = lambda: twin.lean(*args, **kwargs, rngs=nnx.Rngs(0))
-  else:
-    build = lambda: twin.lean(*args, **kwargs)
-  return _with_params(module, build, None, twin.state)
+  convert = _converters().get(type(module))
+  return module if convert is None else convert(module)
