@@ -61,8 +61,14 @@ def _compare(theirs, ours, variables, x, dtype, mask=None):
     assert _rel(a, b) < TOL[dtype], _rel(a, b)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("kind,fields", CASES, ids=[f"{k}-{sorted(f)}" for k, f in CASES])
+# Every option in float32; the defaults and the dtype options in bf16 and f16.
+_HALF = [c for c in CASES if not c[1] or {"force_float32_reductions", "dtype"} & set(c[1])]
+LINEN_CASES = [(k, f, jnp.float32) for k, f in CASES] + [
+    (k, f, d) for d in (jnp.bfloat16, jnp.float16) for k, f in _HALF]
+
+
+@pytest.mark.parametrize("kind,fields,dtype", LINEN_CASES,
+                         ids=[f"{k}-{sorted(f)}-{jnp.dtype(d).name}" for k, f, d in LINEN_CASES])
 def test_linen_layers_are_flax_drop_ins(kind, fields, dtype):
   theirs, ours = (cls(**fields, scale_init=nn.initializers.normal(1.0)) for cls in LINEN[kind])
   x = (jax.random.normal(jax.random.key(0), (3, 5, 16)) * 2 + 0.5).astype(dtype)
@@ -194,9 +200,12 @@ def _vjp(f, x, ct):
   return y, vjp(ct)[0]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("rate,dims", [(0.1, ()), (0.5, (0,)), (0.3, (0, -1)), (0.0, ()),
-                                       (1.0, ())])
+DROPOUT_CASES = [(0.1, (), d) for d in DTYPES] + [
+    (r, dims, jnp.float32) for r, dims in ((0.5, (0,)), (0.3, (0, -1)), (0.0, ()), (1.0, ()))]
+
+
+@pytest.mark.parametrize("rate,dims,dtype", DROPOUT_CASES,
+                         ids=[f"{r}-{d}-{jnp.dtype(t).name}" for r, d, t in DROPOUT_CASES])
 def test_dropout_is_flax_bitwise(rate, dims, dtype):
   x = jax.random.normal(jax.random.key(0), (4, 6, 8)).astype(dtype)
   ct = jax.random.normal(jax.random.key(1), x.shape).astype(dtype)
