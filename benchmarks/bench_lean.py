@@ -1,8 +1,9 @@
 """What flax's LayerNorm and Dropout keep for the backward pass, and what the lean ones keep.
 
 A pre-LN MLP block as a flax user writes it (``nn.LayerNorm -> nn.Dense ->
-gelu -> nn.Dense -> nn.Dropout``, plus the residual), stacked `--layers`
-times, batch 32 x 128 x 256 (MLP 1024) by default, f32 (``--dtype``). The
+gelu -> nn.Dense -> nn.Dropout``, plus the residual; ``--post``: the
+post-LN block of BERT and RoBERTa, the norm after the residual add), stacked
+`--layers` times, batch 32 x 128 x 256 (MLP 1024) by default, f32 (``--dtype``). The
 same model is differentiated plain and inside ``fewbit_jax.linen.lean()``
 (the norms and dropout run lean, with the same parameters), alone and with
 ``fewbit_jax.linen.intercept`` and ``fewbit_jax.patch_activations(gelu=3)``
@@ -12,7 +13,8 @@ bytes of the gradient step (exact on CPU).
 
 Usage (from the repository root):
   python -m benchmarks.bench_lean
-  python -m benchmarks.bench_lean --dtype bfloat16 --layers 2
+  python -m benchmarks.bench_lean --post --layers 2
+  python -m benchmarks.bench_lean --dtype bfloat16 --layers 3
 """
 
 from __future__ import annotations
@@ -29,29 +31,33 @@ from fewbit_jax import memory
 
 
 class Block(nn.Module):
-  """x + Dropout(Dense(gelu(Dense(LayerNorm(x))))), written without fewbit in mind."""
+  """Pre-LN: x + Dropout(Dense(gelu(Dense(LayerNorm(x))))); post-LN (RoBERTa's):
+  LayerNorm(x + Dropout(Dense(gelu(Dense(x))))). Written without fewbit in mind."""
   hidden: int = 1024
+  post: bool = False
   rate: float = 0.1
   dtype: object = None
 
   @nn.compact
   def __call__(self, x):
-    h = nn.LayerNorm(dtype=self.dtype)(x)
+    h = x if self.post else nn.LayerNorm(dtype=self.dtype)(x)
     h = nn.Dense(self.hidden, dtype=self.dtype)(h)
     h = jax.nn.gelu(h)
     h = nn.Dense(x.shape[-1], dtype=self.dtype)(h)
-    return x + nn.Dropout(self.rate, deterministic=False)(h)
+    x = x + nn.Dropout(self.rate, deterministic=False)(h)
+    return nn.LayerNorm(dtype=self.dtype)(x) if self.post else x
 
 
 class Stack(nn.Module):
   layers: int = 1
   hidden: int = 1024
+  post: bool = False
   dtype: object = None
 
   @nn.compact
   def __call__(self, x):
     for _ in range(self.layers):
-      x = Block(self.hidden, dtype=self.dtype)(x)
+      x = Block(self.hidden, self.post, dtype=self.dtype)(x)
     return x
 
 
@@ -74,9 +80,9 @@ def _both(lean: bool):
 
 
 def measure(config: str, layers: int = 1, batch=(32, 128), dim: int = 256, hidden: int = 1024,
-            dtype=jnp.float32):
+            dtype=jnp.float32, post: bool = False):
   """(residual report, compiled temp bytes) of the gradient of one configuration."""
-  model = Stack(layers, hidden, dtype=dtype)
+  model = Stack(layers, hidden, post, dtype=dtype)
   x = jax.random.normal(jax.random.key(0), (*batch, dim), dtype)
   params = model.init(jax.random.key(1), x)
   rngs = {"dropout": jax.random.key(2), "sketch": jax.random.key(3)}
@@ -97,14 +103,18 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, nargs=2, default=(32, 128))
   parser.add_argument("--dim", type=int, default=256)
   parser.add_argument("--hidden", type=int, default=1024)
+  parser.add_argument("--post", action="store_true", help="post-LN blocks (RoBERTa's)")
   args = parser.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
-  print(f"{args.layers} x [LayerNorm -> Dense {args.hidden} -> gelu -> Dense -> Dropout 0.1, "
-        f"+ residual], x {tuple(args.batch) + (args.dim,)} {dtype}, jax {jax.__version__}, "
-        f"{jax.devices()[0].platform}")
+  block = (f"Dense {args.hidden} -> gelu -> Dense -> Dropout 0.1, + residual -> LayerNorm"
+           if args.post else
+           f"LayerNorm -> Dense {args.hidden} -> gelu -> Dense -> Dropout 0.1, + residual")
+  print(f"{args.layers} x [{block}], x {tuple(args.batch) + (args.dim,)} {dtype}, "
+        f"jax {jax.__version__}, {jax.devices()[0].platform}")
   base = None
   for config in CONFIGS:
-    report, temp = measure(config, args.layers, tuple(args.batch), args.dim, args.hidden, dtype)
+    report, temp = measure(config, args.layers, tuple(args.batch), args.dim, args.hidden, dtype,
+                           args.post)
     base = base or temp
     print(f"\n== {config}: compiled temp {memory.format_bytes(temp)} "
           f"({100 * (1 - temp / base):+.1f}% saved vs flax), residuals "
