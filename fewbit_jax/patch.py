@@ -108,10 +108,19 @@ def _canonical(name: str) -> str:
       f"aliases {aliases}), each with its bit width, e.g. patch_activations(gelu=3, relu=1).")
 
 
-def _check_bits(name: str, bits: Any) -> int | None:
-  """The bits to pass to fb.<name> (None: its default), or a clear error."""
+# The choice that runs an activation in exact mode (fb.<name>(x, exact=True)).
+EXACT = "exact"
+
+
+def _check_bits(name: str, bits: Any) -> int | str | None:
+  """The bits to pass to fb.<name> (None: its default; `EXACT`), or a clear error."""
   if bits is True:
     return None
+  if isinstance(bits, str):
+    if bits != EXACT:
+      raise ValueError(f"{name}={bits!r}: the only string choice is {EXACT!r} (keep x, exact "
+                       f"gradient); otherwise pass the bit width, e.g. {name}=3")
+    return EXACT
   if _registry.ACTIVATIONS[name].kind == _registry.PIECEWISE:
     if bits != 1 or isinstance(bits, bool):
       raise ValueError(f"{name} is piecewise linear: its 1-bit gradient is exact, so pass "
@@ -141,6 +150,11 @@ class _Entry:
   calls: int = 0
 
 
+def _kwargs(bits: int | str | None) -> dict[str, Any]:
+  """fb.<name>'s keyword for a `parse_bits` choice: ``bits=`` or ``exact=True``."""
+  return {"exact": True} if bits == EXACT else {"bits": bits}
+
+
 def _wrapper(entry: _Entry) -> Callable:
   fb_fn = getattr(activations, entry.name)
 
@@ -154,7 +168,7 @@ def _wrapper(entry: _Entry) -> Callable:
     _local.depth = 1
     try:
       entry.calls += 1
-      return fb_fn(x, *args, bits=entry.bits, **kwargs)
+      return fb_fn(x, *args, **_kwargs(entry.bits), **kwargs)
     finally:
       _local.depth = 0
 
@@ -162,18 +176,18 @@ def _wrapper(entry: _Entry) -> Callable:
   return patched
 
 
-def parse_bits(bits: dict[str, Any]) -> dict[str, int | None]:
+def parse_bits(bits: dict[str, Any]) -> dict[str, int | str | None]:
   """Validates ``{name: bits}`` into ``{canonical name: bits for fb.<name>}``.
 
-  ``True`` stands for the default bits (None). The same checks and errors as
-  `patch_activations`.
+  ``True`` stands for the default bits (None), ``"exact"`` for exact mode.
+  The same checks and errors as `patch_activations`.
 
   Example:
     >>> from fewbit_jax.patch import parse_bits
-    >>> parse_bits({"swish": 2, "relu": True})
-    {'silu': 2, 'relu': None}
+    >>> parse_bits({"swish": 2, "relu": True, "gelu": "exact"})
+    {'silu': 2, 'relu': None, 'gelu': 'exact'}
   """
-  chosen: dict[str, int | None] = {}
+  chosen: dict[str, int | str | None] = {}
   given: dict[str, str] = {}
   for name, b in bits.items():
     canon = _canonical(name)
@@ -186,7 +200,7 @@ def parse_bits(bits: dict[str, Any]) -> dict[str, int | None]:
   return chosen
 
 
-def swap_activation(value: Any, chosen: dict[str, int | None]) -> Callable | None:
+def swap_activation(value: Any, chosen: dict[str, int | str | None]) -> Callable | None:
   """The few-bit version of `value` if it is a chosen activation, else None.
 
   `value` may be the ``jax.nn`` function object (as ``flax.linen`` and
@@ -213,7 +227,7 @@ def swap_activation(value: Any, chosen: dict[str, int | None]) -> Callable | Non
     return None
   for name, nb in chosen.items():
     if func is _ORIGINALS[name]:
-      return getattr(activations, name)(bits=nb, **keywords)
+      return getattr(activations, name)(**_kwargs(nb), **keywords)
   return None
 
 
@@ -235,7 +249,8 @@ class patch_activations(contextlib.ContextDecorator):
   Args:
     **bits: activation name -> bit width: 1..8 for continuous activations
       (``True`` for the default, 3); 1 (or ``True``) for piecewise-linear
-      ones, whose 1-bit gradient is exact. Names are those of
+      ones, whose 1-bit gradient is exact; or ``"exact"`` for exact mode
+      (``gelu="exact"``: keep x, recompute the exact derivative). Names are those of
       `PATCHABLE` or their aliases (``swish``, ``hard_silu``, ...).
     warn_unused: warn on a normal exit if no patched function was called in
       the context (default True). That is almost always a function traced

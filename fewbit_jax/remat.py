@@ -51,10 +51,10 @@ from typing import Callable
 
 import jax
 
-from fewbit_jax.activations import CODES_NAME
+from fewbit_jax.activations import CODES_NAME, EXACT_NAME
 from fewbit_jax.dense import SKETCH_NAME
 
-__all__ = ["checkpoint_policy", "CODES_NAME", "SKETCH_NAME"]
+__all__ = ["checkpoint_policy", "CODES_NAME", "EXACT_NAME", "SKETCH_NAME"]
 
 
 def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
@@ -67,7 +67,9 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
   Args:
     *names: more ``jax.ad_checkpoint.checkpoint_name`` names to keep (e.g.
       the attention probabilities of your model, if you name them).
-    codes: keep few-bit activation codes (``'fewbit_codes'``; default True).
+    codes: keep what few-bit activations keep: their codes
+      (``'fewbit_codes'``) and exact mode's inputs (``'fewbit_exact_input'``);
+      default True.
     sketches: keep randomized dense sketches ``S^T x``
       (``'randomized_dense_sketch'``; default True).
     dots: also keep the outputs of matmuls without batch dimensions (jax's
@@ -102,7 +104,7 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
                       f"to jax.ad_checkpoint.checkpoint_name); got {n!r}")
   keep = list(names)
   if codes:
-    keep.append(CODES_NAME)
+    keep += [CODES_NAME, EXACT_NAME]
   if sketches:
     keep.append(SKETCH_NAME)
   cp = jax.checkpoint_policies

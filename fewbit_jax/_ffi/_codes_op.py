@@ -106,7 +106,8 @@ _quantize_pack_p = _define(
 
 
 # ---------------------------------------------------------------------------
-# fewbit_unpack_scale: planes, levels (f32, exact in g's dtype), g -> levels[code] * g.
+# fewbit_unpack_scale: planes, levels (f32, exact in g's dtype), g -> levels[code] * g
+# (0 where the level is 0, whatever g).
 
 def _unpack_scale_abstract(packed, levels, g, *, bits):
   del bits
@@ -116,7 +117,10 @@ def _unpack_scale_abstract(packed, levels, g, *, bits):
 def _unpack_scale_pure(packed, levels, g, *, bits):
   n = g.shape[-1] if g.ndim else 1  # a scalar's codes are those of shape (1,)
   code = _codes.unpack(packed, bits, n).reshape(g.shape)
-  return _codes.lookup(levels.astype(g.dtype), code) * g
+  level = _codes.lookup(levels.astype(g.dtype), code)
+  # A zero level gives 0 whatever g is (inf, NaN), as jax's select-based
+  # gradients (relu's) do; the kernels do the same.
+  return jnp.where(level == 0, jnp.zeros((), g.dtype), level * g)
 
 
 def _unpack_scale_batch(args, dims, *, bits):
@@ -291,7 +295,9 @@ def unpack_scale(packed: jax.Array, levels: jax.Array, g: jax.Array, bits: int) 
     bits: 1..8.
 
   Returns:
-    An array of g's shape and dtype. Linear in g (differentiable again).
+    An array of g's shape and dtype, exactly 0 where the level is 0 (even
+    for an inf or NaN g, as jax's select-based gradients give). Linear in g
+    (differentiable again).
 
   Example:
     >>> import jax.numpy as jnp
