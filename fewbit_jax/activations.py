@@ -1,12 +1,13 @@
 """Few-bit activations: drop-in replacements for ``jax.nn`` activations.
 
 Each activation computes exactly the output of the ``jax.nn`` function of the
-same name (bitwise: the same XLA operations), but its ``jax.custom_jvp`` keeps
+same name (bitwise: the same XLA operations), but its ``jax.custom_vjp`` keeps
 for the backward pass only a b-bit code per element, packed into bit planes
 (`fewbit_jax.codes`): the index of the interval of x in a piecewise-constant
 approximation of f' with ``2**bits`` levels. The backward is
-``grad_x = levels[code] * grad_y``, computed in the cotangent's dtype (and the
-jvp, ``levels[code] * t``: ``jax.jvp`` and ``jax.linearize`` work too).
+``grad_x = levels[code] * grad_y``, computed in the cotangent's dtype.
+Forward mode (``jax.jvp``, ``jax.linearize``) of a few-bit activation raises
+JAX's TypeError for a ``custom_vjp``; exact mode supports it.
 
 Piecewise-linear activations (relu, relu6, leaky_relu, hard_tanh,
 hard_sigmoid, threshold, hard_shrink, soft_shrink) have a two-valued
@@ -29,7 +30,7 @@ finite cotangents: ``levels[0] * g`` at NaN (``jax.grad`` gives NaN there).
 
 Each function is generated from its record in the activation registry
 (`fewbit_jax._registry`: forward, parameters, kind, predicate and levels or
-table, aliases), with one ``jax.custom_jvp`` core for all of them.
+table, aliases), with one ``jax.custom_vjp`` core for all of them.
 
 Second derivatives: the codes have no derivative in x, so a second
 derivative of a continuous few-bit activation (``jax.hessian``, a grad of a
@@ -146,17 +147,13 @@ def _codes_input_jvp(name, primals, tangents):
 
 
 # --------------------------------------------------------------------------
-# The custom_jvp core, cached per forward and code table.
+# The custom_vjp core, cached per forward and code table.
 
 
 @functools.lru_cache(maxsize=None)
 def _core(fn: Callable, bits: int, levels: tuple, borders: tuple | None = None,
           predicate: Callable | None = None, name: str = "activation") -> Callable:
-  """`fn` whose differentiation keeps b-bit codes: against `borders`, or `predicate`'s bit.
-
-  A ``custom_jvp`` with the tangent ``levels[code] * t``, rematerialised from
-  the packed codes: linearising it (``jax.grad``) keeps only the codes, and
-  the transpose is the same product with the cotangent.
+  """custom_vjp of `fn` keeping b-bit codes: against `borders`, or `predicate`'s bit.
 
   Codes against borders (continuous activations) refuse a second derivative
   (`_codes_input`). A predicate's bit (piecewise-linear ones) has a zero
@@ -167,22 +164,19 @@ def _core(fn: Callable, bits: int, levels: tuple, borders: tuple | None = None,
   b = None if borders is None else np.asarray(borders, np.float32)
   l = np.asarray(levels, np.float64)
 
-  # The tangent map t -> levels[code] * t from the packed codes, rematerialised
-  # so that linearising it keeps the packed codes (not the unpacked levels).
-  scale = jax.checkpoint(lambda packed, t: _apply_codes(packed, l, t, bits),
-                         policy=jax.checkpoint_policies.nothing_saveable)
-
-  @jax.custom_jvp
+  @jax.custom_vjp
   def f(x):
     return fn(x)
 
-  @f.defjvp
-  def f_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
+  def f_fwd(x):
     xc = x if predicate is not None else _codes_input(x, name)
     packed = checkpoint_name(_keep_codes(xc, bits, b, predicate), CODES_NAME)
-    return fn(x), scale(packed, t)
+    return fn(x), packed
 
+  def f_bwd(packed, g):
+    return (_apply_codes(packed, l, g, bits),)
+
+  f.defvjp(f_fwd, f_bwd)
   return f
 
 

@@ -16,7 +16,10 @@ is equal to its reference or raises a clear error:
   levels (piecewise); piecewise ones also equal ``jax.vjp`` of the reference
   to a rounding of the level;
 * exact mode: ``jax.vjp`` of the reference within float rounding;
-* sharded: bitwise the one-device result.
+* sharded: bitwise the one-device result (exact mode: within rounding, as
+  jax's own gradient of the reference once sharded);
+* forward mode (``jax.jvp``) of a few-bit activation: JAX's TypeError for a
+  ``custom_vjp`` (exact mode: ``jax.jvp`` of the reference).
 
 Cases are tallied; the tally is printed at the end of the module (with
 ``-rA`` or ``-s``). A larger sweep (more shapes and every activation on
@@ -322,7 +325,9 @@ def _transform_checks(k: Kind):
           jax.vjp(jax.checkpoint(k.fn, policy=policy), x)[1](g)[0], want, tol),
       "grad": lambda: _differ(jax.grad(lambda v: (k.fn(v) * g).sum())(x), want, tol),
       "second order": second_order,
-      "jvp": lambda: _differ(jax.jvp(k.fn, (x,), (t,))[1], k.grad_reference(x, t), tol),
+      "jvp": lambda: (_differ(jax.jvp(k.fn, (x,), (t,))[1], k.grad_reference(x, t), tol)
+                      if k.exact else _raises(lambda: jax.jvp(k.fn, (x,), (t,)), TypeError,
+                                              "forward-mode", "custom_vjp")()),
       "linear_transpose": lambda: _differ(
           jax.linear_transpose(lambda gg: vjp(x, gg), g)(t)[0], k.grad_reference(x, t), tol),
   }
