@@ -189,19 +189,24 @@ _HIDDEN_SCRIPT = textwrap.dedent(r"""
 """)
 
 
+def _on_8_devices(child_env, script: str) -> dict:
+  """The JSON that `script` prints last, run in a child with 8 CPU devices."""
+  env = child_env(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip(),
+                  JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-P", "-c", script], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_hidden_sharded_codes_stay_sharded(child_env):
   # An activation sharded on its hidden axis: the code kernels run on each
   # device's words where the shards hold whole words (no all-gather), gather
   # where they cut words; the same codes either way, typed with the
   # activation's sharding under Explicit meshes and with its manual axes
   # inside shard_map.
-  env = child_env(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip(),
-                  JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-P", "-c", _HIDDEN_SCRIPT], env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = _on_8_devices(child_env, _HIDDEN_SCRIPT)
   for axis_type in ("Auto", "Explicit"):
     for n in (128, 256, 96, 40):
       r = out[f"{axis_type}-{n}"]
@@ -266,13 +271,7 @@ def test_sharded_activation_every_last_axis(child_env):
   # the kernel saw a single batch axis: a last axis that is not a multiple of
   # 32, exactly 32, or a 1-D input. Every shape now runs shard by shard, with
   # the gradient of one device bit for bit.
-  env = child_env(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip(),
-                  JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-P", "-c", _SHAPES_SCRIPT], env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = _on_8_devices(child_env, _SHAPES_SCRIPT)
   assert len(out) == 2 * 7 * 3, out
   for key, r in out.items():
     assert isinstance(r, dict), (key, r)
