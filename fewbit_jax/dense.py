@@ -18,8 +18,9 @@ one per data shard, each with its own sketch of k / C columns
 (`fewbit_jax.sketch.project_blocks`): S is block-diagonal, still unbiased,
 and every sketch stays on its device, so the only collective left is the
 usual all-reduce of the weight gradient. Under an ``AxisType.Explicit`` mesh
-C is taken from x's type by default; under an ``AxisType.Auto`` mesh pass it
-(or set it for a whole model with `sketch_blocks_default`). Kernels sharded
+C is taken from x's type by default; under an ``AxisType.Auto`` mesh the
+default is one sketch (correct, with the all-reduces above): pass C (or set
+it for a whole model with `sketch_blocks_default`) to save them. Kernels sharded
 on either axis (tensor parallelism) need nothing: the sketches keep the
 sharding of x's and g's feature axis (`fewbit_jax.sharded`).
 
@@ -187,9 +188,11 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
 
       * None (default): the value set by `sketch_blocks_default` if any;
         else, when x's type is sharded over ``AxisType.Explicit`` mesh axes,
-        one block per shard of its first axis; else one sketch over all B
+        one block per device's shard of its leading axes (whichever are
+        sharded; `fewbit_jax.sharded.to_blocks`); else one sketch over all B
         positions (under an ``AxisType.Auto`` mesh each device then sketches
-        its rows and the partial sketches are all-reduced);
+        its rows and the partial sketches are all-reduced). Correct on any
+        mesh and sharding; the options below only make it cheaper;
       * an int C dividing B: C blocks;
       * mesh axis name(s), e.g. ``'data'``: one block per shard of those
         axes of the current mesh (``jax.set_mesh``); x's first axis must be

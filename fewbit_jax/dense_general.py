@@ -121,9 +121,9 @@ def randomized_dot_general(x, kernel, key, dimension_numbers, *, proj_dim_ratio=
     sketch_blocks: C contiguous blocks of the B positions, each with its own
       sketch, as in `fewbit_jax.dense.randomized_dense` (an int dividing B,
       or mesh axis names for one block per data shard of x's first axis);
-      x's free axes must lead. None: the `sketch_blocks_default` if set, else
-      one sketch (also for a sharded x; x with Explicit mesh axes takes no
-      blocks here).
+      x's free axes must lead. None: the `sketch_blocks_default` if set;
+      else for x typed on an Explicit mesh one block per device's shard of
+      its free axes, whichever are sharded; else one sketch.
 
   Returns:
     Shape ``x_free + kernel_free``, as ``lax.dot_general``.
