@@ -550,4 +550,5 @@ def test_sharded_full_sweep(child_env):
 
 def test_counts():
   # Runs last in this module: every case that ran here was fine.
+  print(COUNTS)
   assert COUNTS["run"] == COUNTS["fine"], COUNTS
