@@ -172,9 +172,9 @@ def format_table(cfg: Config, rows) -> str:
 def main(args=None) -> int:
   full = bool(getattr(args, "full", False))
   cfg = FULL if full else Config()
-  print(f"fewbit-jax demo on {jax.default_backend()} "
-        f"(kernels: {fb.ext.active_path()}); memory from XLA's compiled memory analysis",
-        flush=True)
+  paths = ", ".join(f"{op} {fb.ext.active_path(op=op)}" for op in fb.ext.OPS)
+  print(f"fewbit-jax demo on {jax.default_backend()} (path of each op: {paths}); "
+        "memory from XLA's compiled memory analysis", flush=True)
   rows = run(cfg, time_steps=0 if full else 5,
              log=lambda s: print(s, file=sys.stderr, flush=True))
   print(format_table(cfg, rows))

@@ -15,6 +15,10 @@ Real models call activations inline, ``x = nn.gelu(x)`` in a ``__call__``.
   >>> jax.nn.gelu is original("gelu")   # restored on exit
   True
 
+``softmax=True`` does the same for ``jax.nn.softmax`` (flax's attention
+weights call it): `fewbit_jax.softmax`, the same output with an exact
+backward keeping only the output.
+
 What it replaces: the attributes of ``jax.nn``, ``flax.linen``,
 ``flax.linen.activation``, ``flax.nnx`` and ``flax.nnx.nn.activations`` that
 are the very function object of the named activation (``jax.nn.silu`` and its
@@ -58,9 +62,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fewbit_jax import _registry, activations
+from fewbit_jax import _registry, activations, attention
 
-__all__ = ["patch_activations", "PATCHABLE", "NAMESPACES", "original", "parse_bits",
+__all__ = ["patch_activations", "PATCHABLE", "LEAN", "NAMESPACES", "original", "parse_bits",
            "swap_activation"]
 
 # Modules whose attributes are patched (those importable at patch time).
@@ -72,9 +76,14 @@ NAMESPACES = ("jax.nn", "flax.linen", "flax.linen.activation", "flax.nnx",
 # and tanhshrink are not in jax.nn or flax: call fb.<name> directly.)
 PATCHABLE = tuple(r.name for r in _registry.ACTIVATIONS.values() if r.jax_name)
 
+# Lean functions (exact gradient, smaller residuals, no bits) patched by
+# name=True: the fewbit_jax.attention function of the same name.
+LEAN = ("softmax",)
+
 # The jax.nn functions as they were when fewbit_jax was imported.
 _ORIGINALS: dict[str, Callable] = {
     r.name: getattr(jax.nn, r.jax_name) for r in _registry.ACTIVATIONS.values() if r.jax_name}
+_ORIGINALS.update({name: getattr(jax.nn, name) for name in LEAN})
 
 _local = threading.local()
 
@@ -95,7 +104,7 @@ def _canonical(name: str) -> str:
   if not isinstance(name, str):
     raise TypeError(f"activation names are strings; got {name!r}")
   canon = _registry.ALIASES.get(name, name)
-  if canon in PATCHABLE:
+  if canon in PATCHABLE or canon in LEAN:
     return canon
   aliases = ", ".join(sorted(_registry.ALIASES))
   if canon in _registry.ACTIVATIONS:
@@ -105,13 +114,17 @@ def _canonical(name: str) -> str:
         f"takes {', '.join(PATCHABLE)} (or their aliases {aliases}).")
   raise ValueError(
       f"unknown activation {name!r}: patch_activations takes {', '.join(PATCHABLE)} (or the "
-      f"aliases {aliases}), each with its bit width, e.g. patch_activations(gelu=3, relu=1).")
+      f"aliases {aliases}), each with its bit width, e.g. patch_activations(gelu=3, relu=1), "
+      f"and {', '.join(n + '=True' for n in LEAN)}.")
 
 
 def _check_bits(name: str, bits: Any) -> int | None:
   """The bits to pass to fb.<name> (None: its default), or a clear error."""
   if bits is True:
     return None
+  if name in LEAN:
+    raise ValueError(f"{name} has an exact lean backward and no bits: pass {name}=True; "
+                     f"got {name}={bits!r}")
   if _registry.ACTIVATIONS[name].kind == _registry.PIECEWISE:
     if bits != 1 or isinstance(bits, bool):
       raise ValueError(f"{name} is piecewise linear: its 1-bit gradient is exact, so pass "
@@ -141,8 +154,14 @@ class _Entry:
   calls: int = 0
 
 
+def _fewbit_function(name: str, bits: int | None) -> Callable:
+  if name in LEAN:
+    return getattr(attention, name)
+  return functools.partial(getattr(activations, name), bits=bits)
+
+
 def _wrapper(entry: _Entry) -> Callable:
-  fb_fn = getattr(activations, entry.name)
+  fb_fn = _fewbit_function(entry.name, entry.bits)
 
   @functools.wraps(entry.fallback)
   def patched(x, *args, **kwargs):
@@ -154,7 +173,7 @@ def _wrapper(entry: _Entry) -> Callable:
     _local.depth = 1
     try:
       entry.calls += 1
-      return fb_fn(x, *args, bits=entry.bits, **kwargs)
+      return fb_fn(x, *args, **kwargs)
     finally:
       _local.depth = 0
 
@@ -212,6 +231,9 @@ def swap_activation(value: Any, chosen: dict[str, int | None]) -> Callable | Non
   if not callable(func):
     return None
   for name, nb in chosen.items():
+    if func is _ORIGINALS[name] and name in LEAN:
+      lean = getattr(attention, name)
+      return functools.partial(lean, **keywords) if keywords else lean
     if func is _ORIGINALS[name]:
       return getattr(activations, name)(bits=nb, **keywords)
   return None
@@ -237,6 +259,9 @@ class patch_activations(contextlib.ContextDecorator):
       (``True`` for the default, 3); 1 (or ``True``) for piecewise-linear
       ones, whose 1-bit gradient is exact. Names are those of
       `PATCHABLE` or their aliases (``swish``, ``hard_silu``, ...).
+      ``softmax=True`` makes ``jax.nn.softmax`` (and flax's attention
+      weights, which call it) `fewbit_jax.softmax`: the same output, an
+      exact backward keeping only the output.
     warn_unused: warn on a normal exit if no patched function was called in
       the context (default True). That is almost always a function traced
       before the context and reused from ``jax.jit``'s cache, or an
@@ -276,7 +301,8 @@ class patch_activations(contextlib.ContextDecorator):
     self._stack: list[tuple[list[tuple[Any, str, Any]], list[_Entry]]] = []
 
   def __repr__(self) -> str:
-    args = ", ".join(f"{k}={'default' if v is None else v}" for k, v in self.bits.items())
+    args = ", ".join(f"{k}={True if k in LEAN else 'default' if v is None else v}"
+                     for k, v in self.bits.items())
     return f"patch_activations({args})"
 
   def __enter__(self) -> "patch_activations":

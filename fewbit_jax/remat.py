@@ -52,6 +52,7 @@ from typing import Callable
 import jax
 
 from fewbit_jax.activations import CODES_NAME
+from fewbit_jax.attention import NAMES as ATTENTION_NAMES
 from fewbit_jax.dense import SKETCH_NAME
 
 __all__ = ["checkpoint_policy", "CODES_NAME", "SKETCH_NAME"]
@@ -62,7 +63,9 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
   """A ``jax.checkpoint`` policy keeping few-bit codes, sketches and `names`.
 
   Everything else inside the checkpointed function is recomputed in the
-  backward pass from the function's inputs and the kept arrays.
+  backward pass from the function's inputs and the kept arrays. The
+  residuals of `fewbit_jax.softmax` and `fewbit_jax.dot_product_attention`
+  (``fewbit_jax.attention.NAMES``) are kept too.
 
   Args:
     *names: more ``jax.ad_checkpoint.checkpoint_name`` names to keep (e.g.
@@ -112,6 +115,7 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
     raise ValueError("checkpoint_policy with codes=False, sketches=False and no names keeps "
                      "nothing: that is jax.checkpoint's default policy, use it without a "
                      "policy.")
+  keep += ATTENTION_NAMES  # fb.softmax / fb.dot_product_attention residuals
   policy = cp.save_only_these_names(*dict.fromkeys(keep))
   if dots:
     policy = cp.save_from_both_policies(policy, cp.dots_with_no_batch_dims_saveable)

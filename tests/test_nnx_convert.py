@@ -156,7 +156,7 @@ def test_convert_linear_options_and_pass_through():
   # Layers converted from one Rngs get different sketch streams.
   r = nnx.Rngs(sketch=0)
   a, b = (fb.nnx.convert_linear(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), rngs=r) for _ in range(2))
-  assert not bool(jnp.all(jax.random.key_data(a._key(None)) == jax.random.key_data(b._key(None))))
+  assert not bool(jnp.all(jax.random.key_data(a.rngs()) == jax.random.key_data(b.rngs())))
 
 
 def test_convert_activations_attributes_and_sequential():

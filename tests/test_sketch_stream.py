@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -57,16 +58,18 @@ def test_linen_layer_and_intercept_share_the_error():
 def test_nnx_key_from_each_kind_of_rngs():
   rngs = nnx.Rngs(sketch=5)
   want = nnx.Rngs(sketch=5).sketch()
-  assert _data(nnx_key(rngs, "sketch", "L")) == _data(want)
+  assert _data(nnx_key(rngs, None, "sketch", "L")[0]) == _data(want)
   stream = nnx.Rngs(sketch=5)["sketch"]
-  assert _data(nnx_key(stream, "sketch", "L")) == _data(want)
+  assert _data(nnx_key(stream, None, "sketch", "L")[0]) == _data(want)
+  own = nnx.Rngs(sketch=5)["sketch"]
+  assert _data(nnx_key(None, own, "sketch", "L")[0]) == _data(want)  # the layer's own stream
   key = jax.random.key(1)
-  assert nnx_key(key, "sketch", "L") is key
+  assert nnx_key(key, own, "sketch", "L") == (key, None)  # the call's rngs come first
   with pytest.raises(ValueError, match=r"^L draws a new random sketch.*nnx.Rngs\(params=0, "
                      r"proj=1\).*layer\(x, rngs=key\)"):
-    nnx_key(None, "proj", "L")
+    nnx_key(None, None, "proj", "L")
   with pytest.raises(TypeError, match="got int"):
-    nnx_key(3, "sketch", "L")
+    nnx_key(3, None, "sketch", "L")
 
 
 def test_nnx_fork_uses_the_default_stream_or_none():
@@ -90,18 +93,23 @@ def test_nnx_source_for_converted_layers():
     nnx_source("seed", "sketch")
 
 
-@pytest.mark.parametrize("make", [
+EACH_NNX_LAYER = pytest.mark.parametrize("make", [
     lambda rngs: fb.nnx.RandomizedLinear(6, 3, rngs=rngs),
     lambda rngs: fb.nnx.RandomizedLinearGeneral(6, (3,), rngs=rngs),
     lambda rngs: fb.nnx.RandomizedEinsum("bd,dh->bh", (6, 3), rngs=rngs),
 ], ids=["Linear", "LinearGeneral", "Einsum"])
+
+
+@EACH_NNX_LAYER
 def test_nnx_layers_share_one_stream_piece(make):
   layer = make(nnx.Rngs(0, sketch=2))
   assert isinstance(layer.rngs, nnx.RngStream)
-  first, second = layer._key(None), layer._key(None)  # the layer's own stream advances
-  assert _data(first) != _data(second)
+  kernel = layer.kernel[...]
+  (first, k1), (second, k2) = layer._key(None, kernel), layer._key(None, kernel)
+  assert _data(first) != _data(second)  # the layer's own stream advances
+  assert k1 is kernel and k2 is kernel  # eagerly nothing is guarded
   key = jax.random.key(9)
-  assert layer._key(key) is key  # the call's rngs take precedence
+  assert layer._key(key, kernel)[0] is key  # the call's rngs take precedence
   name = type(layer).__name__
   bare = make(nnx.Rngs(params=0))
   with pytest.raises(ValueError, match=f"^{name} draws a new random sketch"):
@@ -111,3 +119,97 @@ def test_nnx_layers_share_one_stream_piece(make):
   with pytest.raises(TypeError, match="nnx.RngStream or a key array; got str"):
     bare(X, rngs="key")
   assert nnx.view(layer, deterministic=True).deterministic
+
+
+@EACH_NNX_LAYER
+def test_nnx_layers_refuse_rngs_that_are_not_rngs(make):
+  for bad in (None, jax.random.key(0)):
+    with pytest.raises(TypeError, match=r"needs rngs=nnx.Rngs\(...\) to initialise its "
+                       rf"parameters .*; got {type(bad).__name__}\. Pass e.g. "
+                       r"rngs=nnx.Rngs\(0\)"):
+      make(bad)
+
+
+def test_scoped_keys_differ_per_salt_collection_and_call():
+  from fewbit_jax._sketch_stream import scoped_key, step_keys
+  a, b = jax.random.key(1), jax.random.key(2)
+  assert scoped_key(a, "h", "sketch", "L") is None  # outside any scope
+
+  def draws(key):
+    with step_keys(key):
+      return [_data(scoped_key(salt, holder, coll, "L")[0]) for salt, holder, coll in
+              [(a, "x", "sketch"), (b, "y", "sketch"), (a, "z", "dropout"), (a, "x", "sketch")]]
+  first = draws(jax.random.key(0))
+  assert len({tuple(d) for d in first}) == 4  # salts, collections and repeated calls differ
+  assert draws(jax.random.key(0)) == first  # a new scope with the same key: the same keys
+  assert draws(jax.random.key(1)) != first
+  with step_keys(jax.random.key(0)):
+    with step_keys(jax.random.key(1)):  # the innermost scope serves
+      inner = _data(scoped_key(a, "x", "sketch", "L")[0])
+    outer = _data(scoped_key(a, "x", "sketch", "L")[0])
+  assert inner == draws(jax.random.key(1))[0] and outer == first[0]
+  raw = jax.random.key_data(jax.random.key(0))  # a raw uint32[2] key serves too
+  with step_keys(raw):
+    assert _data(jax.random.wrap_key_data(scoped_key(a, "x", "sketch", "L")[0])) == first[0]
+  for bad in (0, jax.random.split(jax.random.key(0), 2), jnp.zeros(2)):
+    with pytest.raises(TypeError, match="step_keys needs one PRNG key"):
+      with step_keys(bad):
+        pass
+
+
+def test_guard_gradient_raises_only_when_differentiated():
+  from fewbit_jax._sketch_stream import guard_gradient
+  w = jnp.arange(3.0)
+  f = lambda w, x: jnp.sum(guard_gradient(w, "frozen") * x)
+  assert float(jax.jit(f)(w, w)) == 5.0
+  np.testing.assert_array_equal(jax.grad(f, argnums=1)(w, w), w)  # only x differentiated
+  with pytest.raises(ValueError, match="^frozen"):
+    jax.jit(jax.grad(f))(w, w)
+
+
+@EACH_NNX_LAYER
+def test_nnx_layers_in_the_functional_loop(make):
+  graphdef, params, rest = nnx.split(make(nnx.Rngs(0, sketch=2)), nnx.Param, ...)
+  xs = jnp.ones((16, 6))
+
+  def grads(params, rest, key=None, copy=False):
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest, copy=copy)(xs) ** 2)
+    if key is None:
+      return jax.grad(loss)(params)["kernel"][...]
+    with fb.nnx.step_keys(key):
+      return jax.grad(loss)(params)["kernel"][...]
+  step = jax.jit(grads)
+  assert not np.allclose(step(params, rest, jax.random.key(0)), step(params, rest,
+                                                                      jax.random.key(1)))
+  with pytest.raises(ValueError, match="cannot advance here"):
+    step(params, rest)
+  with pytest.raises(ValueError, match="same sketch"):
+    jax.jit(lambda p, r: grads(p, r, copy=True))(params, rest)
+
+
+def test_the_pieces_serve_a_dropout_in_the_functional_loop():
+  from fewbit_jax._sketch_stream import scoped_key, stream_key
+
+  class Drop(nnx.Module):  # the pattern stream_key's docstring shows
+    def __init__(self, rngs):
+      self.rngs = rngs["dropout"].fork()
+
+    def __call__(self, x):
+      drawn = scoped_key(self.rngs.key[...], self.rngs, "dropout", "Drop")
+      key, frozen = drawn or stream_key(self.rngs, "dropout", "Drop", "dropout mask")
+      if frozen is not None:
+        raise ValueError(frozen)
+      return jnp.where(jax.random.bernoulli(key, 0.5, x.shape), x * 2, 0)
+
+  graphdef, state = nnx.split(Drop(nnx.Rngs(dropout=0)))
+  xs = jnp.ones((64,))
+
+  @jax.jit
+  def mask(state, key):
+    with fb.nnx.step_keys(key):
+      return nnx.merge(graphdef, state)(xs)
+  assert not bool(jnp.all(mask(state, jax.random.key(0)) == mask(state, jax.random.key(1))))
+  with pytest.raises(ValueError, match="draw the same dropout mask. Give the step"):
+    jax.jit(lambda state: nnx.merge(graphdef, state)(xs))(state)
+  drop = Drop(nnx.Rngs(dropout=0))
+  assert not bool(jnp.all(nnx.jit(lambda m: m(xs))(drop) == nnx.jit(lambda m: m(xs))(drop)))

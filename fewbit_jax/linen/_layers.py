@@ -30,7 +30,11 @@ class RandomizedDense(nn.Module):
 
   Randomness: each call draws a key with ``self.make_rng(rng_collection)``, so
   pass a fresh one every step, ``model.apply(variables, x, rngs={'sketch':
-  key})`` (fold in the step number, as for dropout). No rng is needed
+  key})`` (fold in the step number, as for dropout), as an argument of the
+  jitted step. One key reused for every step (a key the jitted step closes
+  over is one: it is compiled in as a constant) draws the same sketch every
+  step, and the weight updates are then biased, all confined to what that
+  one sketch keeps. No rng is needed
 
   * under ``model.init`` (nothing is differentiated there; the output is the
     plain dense output), or

@@ -19,8 +19,15 @@ activations called inline::
   with fb.patch_activations(gelu=3):
     grads = nnx.grad(loss)(model)
 
+Trained with ``nnx.jit`` and ``nnx.value_and_grad``, each layer draws its
+sketch keys from its own rng stream. In flax's functional loop (``nnx.split``
+inside ``jax.jit``, ``nnx.merge`` inside ``jax.value_and_grad``), where no
+stream may advance, the step enters `step_keys` with a fresh key and each
+layer derives its own key from it.
+
 The layers live in `fewbit_jax.nnx._layers`, the conversions in
-`fewbit_jax.nnx._convert`; import them from here.
+`fewbit_jax.nnx._convert`, `step_keys` in `fewbit_jax._sketch_stream`;
+import them from here.
 
 Example:
   >>> from flax import nnx
@@ -33,8 +40,9 @@ Example:
   'RandomizedLinear'
 """
 
+from fewbit_jax._sketch_stream import step_keys
 from fewbit_jax.nnx._convert import convert_activations, convert_linear, map_module
 from fewbit_jax.nnx._layers import RandomizedEinsum, RandomizedLinear, RandomizedLinearGeneral
 
 __all__ = ["RandomizedLinear", "RandomizedLinearGeneral", "RandomizedEinsum", "map_module",
-           "convert_linear", "convert_activations"]
+           "convert_linear", "convert_activations", "step_keys"]

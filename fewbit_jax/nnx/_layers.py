@@ -37,6 +37,16 @@ class _Randomized:
   from the layer's own fork of its ``rngs`` stream (`fewbit_jax._sketch_stream`).
   """
 
+  def _check_rngs(self, rngs) -> None:
+    """Refuses `rngs` that are not an ``nnx.Rngs``, with what to pass instead."""
+    if not isinstance(rngs, rnglib.Rngs):
+      raise TypeError(
+          f"{type(self).__name__} needs rngs=nnx.Rngs(...) to initialise its parameters (as "
+          f"the nnx layer it replaces does) and to fork its sketch stream; got "
+          f"{type(rngs).__name__}. Pass e.g. rngs=nnx.Rngs(0), or rngs=nnx.Rngs(params=0, "
+          "sketch=1) to leave the parameter draws as the nnx layer's. To convert a layer "
+          "that already has parameters, use fb.nnx.convert_linear.")
+
   def _init_sketch(self, rngs: rnglib.Rngs, options: SketchOptions, deterministic: bool,
                    rng_collection: str) -> None:
     """The sketch attributes and the layer's own rng stream, forked from `rngs`."""
@@ -50,10 +60,19 @@ class _Randomized:
     self.rng_collection = rng_collection
     self.rngs = _sketch_stream.nnx_fork(rngs, rng_collection)
 
-  def _key(self, rngs) -> jax.Array:
-    """This call's sketch key: from `rngs` if given, else from the layer's own stream."""
-    return _sketch_stream.nnx_key(rngs if rngs is not None else self.rngs, self.rng_collection,
-                                  type(self).__name__)
+  def _key(self, rngs, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """This call's sketch key, and `kernel`, guarded where that key would repeat every step.
+
+    The key comes from `rngs` if given, else from the innermost
+    ``fb.nnx.step_keys`` scope salted with this layer's stream key, else from
+    the layer's own stream (`fewbit_jax._sketch_stream.nnx_key`). Where it
+    would be the same every step, a gradient through `kernel` raises.
+    """
+    key, frozen = _sketch_stream.nnx_key(rngs, self.rngs, self.rng_collection,
+                                         type(self).__name__)
+    if frozen is not None:
+      kernel = _sketch_stream.guard_gradient(kernel, frozen)
+    return key, kernel
 
   def _plain(self, deterministic: bool | None) -> bool:
     """Whether this call is the plain layer: the call's `deterministic`, else the attribute."""
@@ -101,7 +120,13 @@ class RandomizedLinear(_Randomized, nnx.Module):
   every step, inside ``nnx.jit`` too, gets a fresh sketch. Give `rngs` a
   separate stream, ``nnx.Rngs(0, sketch=1)``, to leave the parameter draws of
   the rest of a model exactly as with ``nnx.Linear``. A key, ``RngStream`` or
-  ``Rngs`` passed to the call takes precedence. ``model.eval()`` (or
+  ``Rngs`` passed to the call takes precedence. In a step that merges the
+  model inside plain ``jax.jit``/``jax.value_and_grad`` (flax's functional
+  loop), where the stream cannot advance, call it inside
+  ``fb.nnx.step_keys(key)`` with a new key every step: it then derives its
+  key from that one and its stream's key, and advances nothing; without the
+  scope it raises rather than draw the same sketch every step.
+  ``model.eval()`` (or
   ``deterministic=True``) makes the layer exactly ``nnx.Linear``, exact
   gradients included, and needs no rng; ``model.train()`` turns the sketch
   back on.
@@ -165,6 +190,7 @@ class RandomizedLinear(_Randomized, nnx.Module):
       kernel_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
       bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
   ):
+    self._check_rngs(rngs)
     options = SketchOptions(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
                             sketch_blocks)
     check_no_dot_general(type(self).__name__,
@@ -208,7 +234,8 @@ class RandomizedLinear(_Randomized, nnx.Module):
     if self._plain(deterministic):
       return _forward(inputs, kernel, bias, self.precision, self.preferred_element_type,
                       out_sharding)
-    return self._randomized(randomized_dense, inputs, kernel, bias, self._key(rngs),
+    key, kernel = self._key(rngs, kernel)
+    return self._randomized(randomized_dense, inputs, kernel, bias, key,
                             out_sharding=out_sharding)
 
 
@@ -269,6 +296,7 @@ class RandomizedLinearGeneral(_Randomized, nnx.LinearGeneral):
                rngs: rnglib.Rngs,
                kernel_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
                bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({})):
+    self._check_rngs(rngs)
     options = SketchOptions(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
                             sketch_blocks)
     check_no_dot_general(type(self).__name__,
@@ -304,7 +332,8 @@ class RandomizedLinearGeneral(_Randomized, nnx.LinearGeneral):
     axis = tuple(a % inputs.ndim for a in self.axis)
     inputs, kernel, bias = self._promoted(inputs)
     dims = ((axis, tuple(range(len(axis)))), ((), ()))
-    out = self._randomized(randomized_dot_general, inputs, kernel, self._key(rngs), dims,
+    key, kernel = self._key(rngs, kernel)
+    out = self._randomized(randomized_dot_general, inputs, kernel, key, dims,
                            out_sharding=out_sharding)
     if bias is not None:
       out += jnp.reshape(bias, (1,) * (inputs.ndim - len(axis)) + tuple(self.out_features))
@@ -356,6 +385,7 @@ class RandomizedEinsum(_Randomized, nnx.Einsum):
                rngs: rnglib.Rngs,
                kernel_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
                bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({})):
+    self._check_rngs(rngs)
     options = SketchOptions(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
                             sketch_blocks)
     if einsum_op is not jnp.einsum:
@@ -389,7 +419,8 @@ class RandomizedEinsum(_Randomized, nnx.Einsum):
     einsum_str = (einsum_str if einsum_str is not None else self.einsum_str).replace(" ", "")
     self._einsum_str_check(einsum_str)
     inputs, kernel, bias = self._promoted(inputs)
-    y = self._randomized(randomized_einsum, einsum_str, inputs, kernel, self._key(rngs),
+    key, kernel = self._key(rngs, kernel)
+    y = self._randomized(randomized_einsum, einsum_str, inputs, kernel, key,
                          out_sharding=out_sharding)
     if bias is not None:
       y += jnp.reshape(bias, self._infer_broadcasted_bias_shape(einsum_str, inputs, kernel))

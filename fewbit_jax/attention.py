@@ -1,0 +1,443 @@
+"""Lean softmax and dot-product attention: exact gradients, fewer residuals.
+
+`softmax` is ``jax.nn.softmax`` (the same XLA operations, so the same output
+bitwise) whose backward keeps only its output ``y``: ``grad = y * (g -
+sum(g * y))``. The matmul that usually follows keeps ``y`` anyway, so an
+attention-like ``softmax(s, where=m) @ v`` keeps one score-sized array where
+``jax.nn.softmax(s, where=m) @ v`` keeps three (``exp``, two ``where``).
+
+`dot_product_attention` is a drop-in for ``flax.linen.dot_product_attention``
+and ``flax.nnx.dot_product_attention`` (the same arguments, the same forward
+operations) whose backward keeps at most one score-sized array, the attention
+probabilities, and no dropout mask: the mask is drawn again from
+``dropout_rng`` in the backward, with the same ``jax.random.bernoulli`` call.
+With ``recompute_block=B`` it keeps no score-sized array at all: the backward
+recomputes the scores ``B`` keys at a time from q, k and the per-row max and
+sum of the softmax (flash-attention style, in pure JAX), for long sequences.
+
+Kept arrays carry ``jax.ad_checkpoint.checkpoint_name`` names (`NAMES`) that
+`fewbit_jax.checkpoint_policy` keeps.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> import fewbit_jax as fb
+  >>> s = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
+  >>> bool(jnp.all(fb.softmax(s) == jax.nn.softmax(s)))
+  True
+  >>> q = k = v = jnp.ones((2, 5, 3, 4))       # [batch, length, heads, depth]
+  >>> jax.jit(fb.dot_product_attention)(q, k, v).shape
+  (2, 5, 3, 4)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+__all__ = ["softmax", "dot_product_attention", "SOFTMAX_NAME", "PROBS_NAME", "STATS_NAME",
+           "OUTPUT_NAME", "NAMES"]
+
+# checkpoint_name names of the kept arrays.
+SOFTMAX_NAME = "softmax_output"        # fb.softmax's output
+PROBS_NAME = "attention_probs"         # attention probabilities (before dropout)
+STATS_NAME = "attention_stats"         # per-row max and sum (recompute_block)
+OUTPUT_NAME = "attention_output"       # the attention output (recompute_block)
+NAMES = (SOFTMAX_NAME, PROBS_NAME, STATS_NAME, OUTPUT_NAME)
+
+# jax.nn.softmax as jax defines it (patch_activations(softmax=True) rebinds
+# the jax.nn attribute, and the lean softmax must still reach the original).
+_JAX_SOFTMAX = jax.nn.softmax
+
+
+# --------------------------------------------------------------------------
+# softmax
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _softmax(x, axis, where):
+  return _JAX_SOFTMAX(x, axis, where)
+
+
+def _softmax_fwd(x, axis, where):
+  y = checkpoint_name(_JAX_SOFTMAX(x, axis, where), SOFTMAX_NAME)
+  return y, y
+
+
+def _softmax_bwd(axis, y, g):
+  return y * (g - jnp.sum(g * y, axis, keepdims=True)), None
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def softmax(x, axis: int | tuple[int, ...] | None = -1, where=None):
+  """``jax.nn.softmax`` whose backward keeps only the output.
+
+  The forward is ``jax.nn.softmax``'s (bitwise, masked and fully masked rows
+  included: those are 0). The backward is ``y * (g - sum(g * y, axis))``,
+  equal to ``jax.grad`` of ``jax.nn.softmax`` up to float rounding; masked
+  entries (``y == 0``) get a zero gradient, as there. Non-float inputs go
+  to ``jax.nn.softmax``.
+
+  Args:
+    x: input array.
+    axis: the axis or axes to normalise over (``None``: all), as jax's.
+    where: optional boolean mask broadcastable to ``x``: elements to include;
+      the output is 0 elsewhere.
+
+  Returns:
+    ``jax.nn.softmax(x, axis, where)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import fewbit_jax as fb
+    >>> x = jnp.array([[1.0, 2.0, 3.0], [0.5, 0.5, 9.0]])
+    >>> m = jnp.array([True, True, False])
+    >>> bool(jnp.all(fb.softmax(x, where=m) == jax.nn.softmax(x, where=m)))
+    True
+    >>> f = lambda s: lambda x: (s(x, where=m) * x).sum()
+    >>> bool(jnp.allclose(jax.grad(f(fb.softmax))(x), jax.grad(f(jax.nn.softmax))(x)))
+    True
+  """
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    return _JAX_SOFTMAX(x, axis, where)
+  if isinstance(axis, list):
+    axis = tuple(axis)
+  return _softmax(x, axis, where)
+
+
+# --------------------------------------------------------------------------
+# dot-product attention: flax's forward operations, one step each.
+
+
+def _einsum(precision, dot_general):
+  return functools.partial(jnp.einsum, precision=precision,
+                           _dot_general=dot_general or lax.dot_general)
+
+
+def _logits(cfg, query, key, bias, mask):
+  """Scores as flax computes them: scaled q.k, + bias, masked to the dtype's min."""
+  dtype = query.dtype
+  query = query / jnp.sqrt(query.shape[-1]).astype(dtype)
+  w = cfg.einsum("...qhd,...khd->...hqk", query, key)
+  if bias is not None:
+    w = w + bias
+  if mask is not None:
+    w = jnp.where(mask, w, jnp.finfo(dtype).min)
+  return w
+
+
+def _softmax_input(cfg, w):
+  return w.astype(jnp.float32) if cfg.fp32 else w
+
+
+def _probs(cfg, w):
+  """flax's softmax step: ``(p, max, sum)`` with jax.nn.softmax's operations."""
+  x = _softmax_input(cfg, w)
+  x_max = jnp.max(x, -1, initial=-jnp.inf, keepdims=True)
+  unnormalized = jnp.exp(x - x_max)
+  total = jnp.sum(unnormalized, -1, keepdims=True)
+  p = unnormalized / total
+  return (p if cfg.fp32 else p.astype(cfg.dtype)), x_max, total
+
+
+def _multiplier(cfg, rng, shape):
+  """flax's dropout multiplier ``keep / keep_prob`` from `rng` (None: no dropout)."""
+  if not cfg.dropout:
+    return None
+  keep = jax.random.bernoulli(rng, cfg.keep_prob, shape)
+  return keep.astype(cfg.dtype) / jnp.asarray(cfg.keep_prob, dtype=cfg.dtype)
+
+
+def _dropout_shape(cfg, scores_shape, key_ndim):
+  if cfg.broadcast_dropout:
+    return (1,) * (key_ndim - 2) + tuple(scores_shape[-2:])
+  return tuple(scores_shape)
+
+
+def _scores_shape(query, key):
+  return query.shape[:-3] + (query.shape[-2], query.shape[-3], key.shape[-3])
+
+
+def _combine(cfg, pd, value):
+  return cfg.einsum("...hqk,...khd->...qhd", pd, value)
+
+
+class _Config:
+  """The static settings of one attention call (hashable by identity)."""
+
+  def __init__(self, **kw):
+    self.__dict__.update(kw)
+
+
+def _softmax_vjp(cfg, p, dp, w_dtype):
+  """Cotangent of the softmax input from its output `p` and output cotangent."""
+  ds = p * (dp - jnp.sum(dp * p, -1, keepdims=True))
+  return ds.astype(w_dtype)
+
+
+def _attention_core(cfg):
+  """custom_vjp of flax's attention for the settings `cfg` (q, k, v, bias, mask, rng)."""
+
+  def forward(q, k, v, bias, mask, rng):
+    w = _logits(cfg, q, k, bias, mask)
+    p, x_max, total = _probs(cfg, w)
+    mult = _multiplier(cfg, rng, _dropout_shape(cfg, w.shape, k.ndim))
+    return p, (x_max, total), _combine(cfg, p if mult is None else p * mult, v)
+
+  @jax.custom_vjp
+  def core(q, k, v, bias, mask, rng):
+    p, _, out = forward(q, k, v, bias, mask, rng)
+    return (out, p) if cfg.sow else out
+
+  def core_fwd(q, k, v, bias, mask, rng):
+    p, stats, out = forward(q, k, v, bias, mask, rng)
+    bias_kept = bias
+    if cfg.block is None:
+      p = checkpoint_name(p, PROBS_NAME)
+      stats = bias_kept = None  # only the bias's shape is needed: the add is linear
+    else:
+      stats = checkpoint_name(stats, STATS_NAME)
+      out = checkpoint_name(out, OUTPUT_NAME)
+    kept = (p if cfg.block is None else None, stats, out if cfg.block else None)
+    res = (q, k, v, bias_kept, mask, rng) + kept
+    return ((out, p) if cfg.sow else out), res
+
+  def core_bwd(res, g):
+    q, k, v, bias, mask, rng, p, stats, out = res
+    gp = None
+    if cfg.sow:
+      g, gp = g
+    if cfg.bias_aval is not None and bias is None:
+      bias = jnp.zeros(*cfg.bias_aval)
+    if cfg.block is None:
+      dq, dk, dv, dbias = _bwd_probs(cfg, q, k, v, bias, mask, rng, p, g, gp)
+    else:
+      dq, dk, dv, dbias = _bwd_blocks(cfg, q, k, v, bias, mask, rng, stats, out, g)
+    return dq, dk, dv, dbias, None, None
+
+  core.defvjp(core_fwd, core_bwd)
+  return core
+
+
+def _bwd_probs(cfg, q, k, v, bias, mask, rng, p, g, gp):
+  """The backward from the kept probabilities; the dropout mask is drawn again."""
+  mult = _multiplier(cfg, rng, _dropout_shape(cfg, p.shape, k.ndim))
+  _, combine_vjp = jax.vjp(functools.partial(_combine, cfg),
+                           p if mult is None else p * mult, v)
+  dpd, dv = combine_vjp(g)
+  dp = dpd if mult is None else dpd * mult
+  if gp is not None:
+    dp = dp + gp
+  w, logits_vjp = jax.vjp(lambda q, k, b: _logits(cfg, q, k, b, mask), q, k, bias)
+  dq, dk, dbias = logits_vjp(_softmax_vjp(cfg, p, dp.astype(p.dtype), w.dtype))
+  return dq, dk, dv, dbias
+
+
+def _key_slice(x, start, size, length):
+  """`x`'s block of keys [start, start+size) if its last axis spans all keys."""
+  if x is None or x.ndim == 0 or x.shape[-1] != length:
+    return x
+  return lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim - 1)
+
+
+def _bwd_blocks(cfg, q, k, v, bias, mask, rng, stats, out, g):
+  """The backward recomputing the scores `cfg.block` keys at a time."""
+  x_max, total = stats
+  length, size = k.shape[-3], cfg.block
+  # The softmax backward runs in float32 (at least): delta is a difference.
+  sdtype = jnp.promote_types(x_max.dtype, jnp.float32)
+  x_max, total = x_max.astype(sdtype), total.astype(sdtype)
+  # sum_k p * dp = g . out (per query and head), as in flash attention.
+  delta = jnp.sum(g.astype(sdtype) * out.astype(sdtype), -1)        # [..., q, h]
+  delta = jnp.swapaxes(delta, -1, -2)[..., None]                      # [..., h, q, 1]
+  mult = _multiplier(cfg, rng, _dropout_shape(cfg, _scores_shape(q, k), k.ndim))
+  bias_blocked = bias is not None and bias.ndim > 0 and bias.shape[-1] == length
+
+  def body(j, carry):
+    dq, dk, dv, dbias = carry
+    start = j * size
+    k_j = lax.dynamic_slice_in_dim(k, start, size, axis=k.ndim - 3)
+    v_j = lax.dynamic_slice_in_dim(v, start, size, axis=v.ndim - 3)
+    mask_j = _key_slice(mask, start, size, length)
+    w, logits_vjp = jax.vjp(lambda q, k, b: _logits(cfg, q, k, b, mask_j),
+                            q, k_j, _key_slice(bias, start, size, length))
+    p32 = jnp.exp(_softmax_input(cfg, w).astype(sdtype) - x_max) / total
+    p = p32.astype(jnp.float32 if cfg.fp32 else cfg.dtype)
+    mult_j = _key_slice(mult, start, size, length)
+    _, combine_vjp = jax.vjp(functools.partial(_combine, cfg),
+                             p if mult_j is None else p * mult_j, v_j)
+    dpd, dv_j = combine_vjp(g)
+    dp = (dpd if mult_j is None else dpd * mult_j).astype(sdtype)
+    ds = (p32 * (dp - delta)).astype(w.dtype)
+    dq_j, dk_j, dbias_j = logits_vjp(ds)
+    dk = lax.dynamic_update_slice_in_dim(dk, dk_j, start, axis=k.ndim - 3)
+    dv = lax.dynamic_update_slice_in_dim(dv, dv_j, start, axis=v.ndim - 3)
+    if dbias is not None:
+      dbias = (lax.dynamic_update_slice_in_dim(dbias, dbias_j, start, axis=dbias.ndim - 1)
+               if bias_blocked else dbias + dbias_j.astype(dbias.dtype))
+    return dq + dq_j.astype(dq.dtype), dk, dv, dbias
+
+  # dq (and a bias broadcast over the keys) sum over blocks: in float32.
+  acc = lambda x, blocked=False: None if x is None else jnp.zeros_like(
+      x, dtype=x.dtype if blocked else jnp.promote_types(x.dtype, jnp.float32))
+  init = (acc(q), acc(k, True), acc(v, True), acc(bias, bias_blocked))
+  dq, dk, dv, dbias = lax.fori_loop(0, length // size, body, init)
+  return dq.astype(q.dtype), dk, dv, None if bias is None else dbias.astype(bias.dtype)
+
+
+def _check_shapes(query, key, value):
+  shapes = f"query {query.shape}, key {key.shape}, value {value.shape}"
+  if not query.ndim == key.ndim == value.ndim or query.ndim < 3:
+    raise ValueError(f"query, key and value must have the same rank, at least 3 "
+                     f"([batch..., length, heads, depth]); got {shapes}.")
+  if not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
+    raise ValueError(f"query, key and value batch dims must match; got {shapes}.")
+  if not query.shape[-2] == key.shape[-2] == value.shape[-2]:
+    raise ValueError(
+        f"query, key and value must have the same number of heads; got {shapes}. Grouped-"
+        f"query attention (fewer key/value heads) is not supported: repeat the key and value "
+        f"heads, or use flax.nnx.dot_product_attention.")
+  if query.shape[-1] != key.shape[-1]:
+    raise ValueError(f"query and key depths must match; got {shapes}.")
+  if key.shape[-3] != value.shape[-3]:
+    raise ValueError(f"key and value lengths must match; got {shapes}.")
+
+
+def _sow(module, weights) -> None:
+  from flax import nnx
+  if isinstance(module, nnx.Module):
+    module.sow(nnx.Intermediate, "attention_weights", weights)
+  else:
+    module.sow("intermediates", "attention_weights", weights)
+
+
+def dot_product_attention(
+    query, key, value, bias=None, mask=None, broadcast_dropout: bool = True,
+    dropout_rng=None, dropout_rate: float = 0.0, deterministic: bool = False, dtype=None,
+    precision=None, module=None, force_fp32_for_softmax: bool = False,
+    einsum_dot_general: Callable[..., Any] | None = None,
+    qk_attn_weights_einsum: Callable[..., Any] | None = None,
+    attn_weights_value_einsum: Callable[..., Any] | None = None, *,
+    promote_dtype: Callable[..., Any] | None = None, is_causal: bool = False,
+    recompute_block: int | None = None):
+  """``flax.linen.dot_product_attention`` keeping one score-sized array, or none.
+
+  The arguments of ``flax.linen.dot_product_attention``, then those that
+  ``flax.nnx.dot_product_attention`` adds (``promote_dtype``, ``is_causal``),
+  so it serves as the ``attention_fn`` of ``nn.MultiHeadDotProductAttention``
+  and of ``nnx.MultiHeadAttention``. The forward runs flax's operations
+  (scaled ``q.k`` einsum, bias, mask to the dtype's min, ``jax.nn.softmax``,
+  dropout with ``jax.random.bernoulli(dropout_rng, 1 - dropout_rate, ...)``,
+  einsum with v), so its output is linen's bitwise, and nnx's when dropout or
+  ``module`` is on (with neither, nnx calls ``jax.nn.dot_product_attention``,
+  which scales the scores instead of q: equal up to rounding). Gradients
+  equal flax's up to rounding; the backward keeps the attention
+  probabilities (named ``'attention_probs'``) and draws the dropout mask
+  again from ``dropout_rng``.
+
+  Args:
+    query: ``[batch..., q_length, num_heads, depth]``.
+    key: ``[batch..., kv_length, num_heads, depth]``.
+    value: ``[batch..., kv_length, num_heads, v_depth]``.
+    bias: added to the scores, broadcastable to ``[batch..., num_heads,
+      q_length, kv_length]``; differentiable.
+    mask: scores where it is False (0) are masked; broadcastable as bias.
+    broadcast_dropout: one dropout mask for all batch dims and heads.
+    dropout_rng: the dropout key (needed when dropout is on).
+    dropout_rate: the probability of dropping an attention weight.
+    deterministic: no dropout when True.
+    dtype: the computation dtype (default: promoted from the inputs).
+    precision: ``jax.lax.Precision`` of the einsums.
+    module: a linen or nnx module to sow the attention weights into
+      (``'intermediates'`` / ``nnx.Intermediate``, ``'attention_weights'``).
+    force_fp32_for_softmax: compute the softmax in float32 (and the rest of
+      the attention with those weights, as linen does).
+    einsum_dot_general: the ``dot_general`` of the einsums.
+    qk_attn_weights_einsum, attn_weights_value_einsum: not supported (a
+      module-made einsum cannot be differentiated by hand); must be None.
+    promote_dtype: nnx's ``promote_dtype((q, k, v), dtype=)`` (default:
+      flax's promotion).
+    is_causal: also mask keys after each query, as nnx does.
+    recompute_block: None keeps the probabilities. An int ``B`` dividing
+      kv_length keeps none: the backward recomputes the scores ``B`` keys at
+      a time from q, k and the per-row max and sum of the softmax (named
+      ``'attention_stats'``), with the output (``'attention_output'``), for
+      long sequences; it draws the full dropout mask (booleans) once.
+
+  Returns:
+    ``[batch..., q_length, num_heads, v_depth]``.
+
+  Raises:
+    ValueError: mismatched shapes, grouped-query attention, dropout without
+      a ``dropout_rng``, a ``recompute_block`` that does not divide
+      kv_length or is combined with ``module`` or ``einsum_dot_general``.
+    NotImplementedError: ``qk_attn_weights_einsum``/``attn_weights_value_einsum``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> import fewbit_jax as fb
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 10, 4, 8))
+    >>> kw = dict(mask=jnp.arange(10) < 7, dropout_rng=jax.random.key(1), dropout_rate=0.1)
+    >>> lean = jax.jit(lambda q: fb.dot_product_attention(q, k, v, **kw).sum())
+    >>> vanilla = jax.jit(lambda q: nn.dot_product_attention(q, k, v, **kw).sum())
+    >>> bool(lean(q) == vanilla(q))
+    True
+    >>> blocks = lambda q: fb.dot_product_attention(q, k, v, **kw, recompute_block=5).sum()
+    >>> g = jax.jit(jax.grad(blocks))(q)       # keeps no [.., 10, 10] array
+    >>> bool(jnp.allclose(g, jax.jit(jax.grad(vanilla))(q), atol=1e-5))
+    True
+    >>> layer = nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=fb.dot_product_attention)
+  """
+  if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
+    raise NotImplementedError(
+        "fb.dot_product_attention does not take qk_attn_weights_einsum / "
+        "attn_weights_value_einsum (its backward is written for jnp.einsum): pass "
+        "einsum_dot_general instead, or use flax.linen.dot_product_attention.")
+  if promote_dtype is None:
+    from flax.linen.dtypes import promote_dtype as linen_promote
+    query, key, value = linen_promote(query, key, value, dtype=dtype)
+  else:
+    query, key, value = promote_dtype((query, key, value), dtype=dtype)
+  _check_shapes(query, key, value)
+  dropout = not deterministic and dropout_rate > 0.0
+  if dropout and dropout_rng is None:
+    raise ValueError(f"dropout_rate={dropout_rate} with deterministic=False needs a "
+                     "dropout_rng (a jax.random key); pass one, or deterministic=True.")
+  if recompute_block is not None:
+    length = key.shape[-3]
+    if (isinstance(recompute_block, bool) or not isinstance(recompute_block, int)
+        or recompute_block <= 0 or length % recompute_block):
+      raise ValueError(f"recompute_block must be a positive int dividing kv_length "
+                       f"{length}; got {recompute_block!r}.")
+    if module is not None or einsum_dot_general is not None:
+      raise ValueError(
+          "recompute_block keeps no attention weights, but module= sows them (all of them) "
+          "and einsum_dot_general may not be the plain product the blocked backward assumes: "
+          "use recompute_block=None with these.")
+  if is_causal:
+    t, s = query.shape[-3], key.shape[-3]
+    causal = jnp.tril(jnp.ones((t, s), bool))
+    mask = causal if mask is None else jnp.logical_and(mask, causal)
+  dtype = query.dtype
+  fp32 = bool(force_fp32_for_softmax) and dtype != jnp.float32
+  bias = None if bias is None else jnp.asarray(bias)
+  mask = None if mask is None else jnp.asarray(mask)
+  cfg = _Config(
+      einsum=_einsum(precision, einsum_dot_general), dtype=dtype, fp32=fp32,
+      dropout=dropout, keep_prob=1.0 - dropout_rate, broadcast_dropout=broadcast_dropout,
+      sow=module is not None, block=recompute_block,
+      bias_aval=None if bias is None else (bias.shape, bias.dtype))
+  result = _attention_core(cfg)(query, key, value, bias, mask,
+                                dropout_rng if dropout else None)
+  if module is None:
+    return result
+  out, weights = result
+  _sow(module, weights)
+  return out

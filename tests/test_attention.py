@@ -1,0 +1,337 @@
+"""fb.softmax and fb.dot_product_attention against jax.nn.softmax and flax's attention.
+
+Drop-in: the same forward output bitwise (dropout with the same key
+included), gradients equal up to float rounding (float32, bfloat16,
+float16), and what the backward keeps: one score-sized array (the
+probabilities), or none with ``recompute_block``, never a dropout mask.
+The 8-device sharding test is in tests/test_attention_sharding.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import fewbit_jax as fb
+from fewbit_jax import attention, memory
+from fewbit_jax.patch import original, patch_activations
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def _tol(dtype):
+  return {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}[dtype]
+
+
+def _err(a, b):
+  """max |a - b| relative to the largest |b|."""
+  a, b = (np.asarray(jnp.asarray(x, jnp.float32)) for x in (a, b))
+  return float(np.abs(a - b).max()) / max(float(np.abs(b).max()), 1e-6)
+
+
+def _close(a, b, dtype, what="", exact=None):
+  """`a` equals `b` (vanilla, same dtype) up to rounding.
+
+  In float32 within `_tol`. In 16-bit both round differently: `a` must be as
+  close to `exact` (vanilla's float32 result) as `b` is (1.5x), or within `_tol`.
+  """
+  if exact is None or dtype == jnp.float32:
+    err = _err(a, b)
+    assert err <= _tol(dtype), f"{what}: relative error {err:.3g} > {_tol(dtype)}"
+    return
+  err, ref_err = _err(a, exact), _err(b, exact)
+  assert err <= max(1.5 * ref_err, _tol(dtype)), (
+      f"{what}: relative error {err:.3g} against float32, vanilla's {ref_err:.3g}")
+
+
+def _close_tree(a, b, what=""):
+  """Two gradient trees equal up to float32 rounding, relative to the largest entry.
+
+  (A key projection's bias has a zero gradient, all rounding: compared alone,
+  its relative error means nothing.)
+  """
+  flat = lambda t: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(t)])
+  assert jax.tree.structure(a) == jax.tree.structure(b), what
+  _close(flat(a), flat(b), jnp.float32, what)
+
+
+def _bitwise(a, b, what=""):
+  assert a.dtype == b.dtype and a.shape == b.shape, what
+  assert np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True), what
+
+
+def _score_sized(report, n_scores):
+  return [r for r in report.residuals if r.kind not in ("argument", "constant", "literal")
+          and int(np.prod(r.shape)) >= n_scores]
+
+
+# --- softmax ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_forward_bitwise_and_gradients(dtype):
+  x = (jax.random.normal(jax.random.key(0), (3, 4, 8)) * 3).astype(dtype)
+  where = jax.random.bernoulli(jax.random.key(1), 0.7, (3, 4, 8)).at[0, 1].set(False)
+  ct = jax.random.normal(jax.random.key(2), x.shape).astype(dtype)
+  cases = ((-1, where), ((1, 2), None), (None, where), (-1, None))
+  for axis, w in cases if dtype == jnp.float32 else cases[:1]:
+    args = dict(axis=axis, where=w)
+    _bitwise(jax.jit(functools.partial(fb.softmax, **args))(x),
+             jax.nn.softmax(x, **args), f"{args}")
+    loss = lambda sm: jax.jit(jax.grad(lambda x: (sm(x, **args) * ct).sum()))
+    g, g_ref = loss(fb.softmax)(x), loss(jax.nn.softmax)(x)
+    assert g.dtype == dtype
+    exact = loss(jax.nn.softmax)(x.astype(jnp.float32))
+    _close(g, g_ref, dtype, f"softmax grad {args}", exact)
+  # A fully masked row is 0 with a zero gradient, as jax's.
+  y = fb.softmax(x, where=where)
+  assert not np.asarray(y[0, 1]).any()
+  g = jax.grad(lambda x: (fb.softmax(x, where=where) * ct).sum())(x)
+  assert not np.asarray(g[0, 1]).any()
+
+
+def test_softmax_non_float_goes_to_jax():
+  x = jnp.arange(6).reshape(2, 3)
+  _bitwise(fb.softmax(x), jax.nn.softmax(x))
+
+
+def test_softmax_keeps_one_score_sized_array_before_a_matmul():
+  s = jax.random.normal(jax.random.key(0), (2, 4, 32, 32))
+  v = jax.random.normal(jax.random.key(1), (2, 32, 4, 8))
+  where = jnp.arange(32) < 20
+
+  def loss(sm):
+    return lambda s, v: jnp.einsum("bhqk,bkhd->bqhd", sm(s, where=where), v).sum()
+
+  n = s.size
+  vanilla = _score_sized(memory.saved_residuals(loss(jax.nn.softmax), s, v), n)
+  lean = memory.saved_residuals(loss(fb.softmax), s, v)
+  assert len(vanilla) >= 3, vanilla
+  assert [r.origin for r in _score_sized(lean, n)] == [f"named '{attention.SOFTMAX_NAME}'"]
+
+
+# --- dot-product attention -----------------------------------------------------------
+
+B, L, H, D = 2, 16, 3, 8
+
+
+def _inputs(dtype=jnp.float32, length=L):
+  ks = jax.random.split(jax.random.key(3), 6)
+  q, k, v = (jax.random.normal(kk, (B, length, H, D)).astype(dtype) for kk in ks[:3])
+  bias = jax.random.normal(ks[3], (1, H, length, length)).astype(dtype)
+  mask = jnp.broadcast_to(jnp.arange(length) < length - 5, (B, 1, length, length))
+  mask = mask.at[1, 0, 2].set(False)          # a fully masked row
+  ct = jax.random.normal(ks[4], q.shape).astype(dtype)
+  return (q, k, v, bias), mask, ct, ks[5]
+
+
+def _grads(attn, args, ct, **kw):
+  def loss(q, k, v, bias):
+    return (attn(q, k, v, bias=bias, **kw).astype(jnp.float32) * ct).sum()
+  return jax.grad(loss, argnums=(0, 1, 2, 3))(*args)
+
+
+CASES = {
+    "dropout": dict(dropout_rate=0.1),
+    "dropout per head": dict(dropout_rate=0.3, broadcast_dropout=False),
+    "deterministic": dict(dropout_rate=0.1, deterministic=True),
+    "no dropout": dict(),
+    "fp32 softmax": dict(dropout_rate=0.1, force_fp32_for_softmax=True),
+}
+
+
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("case,dtype", [
+    ("dropout", jnp.float32), ("dropout", jnp.bfloat16),
+    pytest.param("dropout", jnp.float16, marks=SLOW),
+    pytest.param("dropout per head", jnp.float32, marks=SLOW),
+    pytest.param("deterministic", jnp.bfloat16, marks=SLOW),
+    pytest.param("no dropout", jnp.float32, marks=SLOW), ("fp32 softmax", jnp.float16)])
+def test_attention_matches_linen(case, dtype):
+  args, mask, ct, rng = _inputs(dtype)
+  kw = dict(CASES[case], mask=mask, dropout_rng=rng)
+  ref_out = jax.jit(lambda q, k, v, b: nn.dot_product_attention(q, k, v, b, **kw))(*args)
+  ref = _grads(nn.dot_product_attention, args, ct, **kw)
+  exact = ref if dtype == jnp.float32 else _grads(
+      nn.dot_product_attention, [a.astype(jnp.float32) for a in args], ct, **kw)
+  for block in (None, 4):
+    fb_kw = dict(kw, recompute_block=block)
+    out = jax.jit(lambda q, k, v, b: fb.dot_product_attention(q, k, v, b, **fb_kw))(*args)
+    _bitwise(out, ref_out, f"{case} forward, block {block}")
+    grads = _grads(fb.dot_product_attention, args, ct, **fb_kw)
+    for name, g, r, e, a in zip(("q", "k", "v", "bias"), grads, ref, exact, args):
+      assert g.shape == a.shape and g.dtype == a.dtype
+      _close(g, r, dtype, f"{case} d{name}, block {block}", e)
+
+
+@SLOW
+def test_attention_options_match_linen():
+  (q, k, v, bias), mask, ct, rng = _inputs()
+  cases = [
+      dict(mask=None, bias=None),                                  # neither
+      dict(mask=mask[:, :, :1], bias=bias[0, :, :1]),              # broadcast rows
+      dict(mask=mask.astype(jnp.float32), bias=None),              # a float mask
+      dict(mask=mask, bias=None, dtype=jnp.bfloat16),              # computation dtype
+      dict(mask=mask, bias=bias, precision=jax.lax.Precision.HIGHEST),
+  ]
+  for kw in cases:
+    kw = dict(kw, dropout_rng=rng, dropout_rate=0.2)
+    for block in (None, 8):
+      f = lambda q, k, v: fb.dot_product_attention(q, k, v, recompute_block=block, **kw)
+      f_ref = lambda q, k, v: nn.dot_product_attention(q, k, v, **kw)
+      _bitwise(f(q, k, v), f_ref(q, k, v), f"{kw}")
+      dtype = kw.get("dtype", jnp.float32)
+      g = jax.grad(lambda *a: (f(*a) * ct).sum(), argnums=(0, 1, 2))(q, k, v)
+      g_ref = jax.grad(lambda *a: (f_ref(*a) * ct).sum(), argnums=(0, 1, 2))(q, k, v)
+      for a, b in zip(g, g_ref):
+        _close(a, b, dtype, f"{kw} block {block}")
+  # Leading dims beyond one batch dim, and none at all.
+  for shape in ((2, 2, L, H, D), (L, H, D)):
+    x = jax.random.normal(jax.random.key(7), shape)
+    _bitwise(fb.dot_product_attention(x, x, x), nn.dot_product_attention(x, x, x))
+
+
+def test_attention_matches_nnx_causal_and_sow():
+  (q, k, v, _), mask, ct, rng = _inputs()
+  kw = dict(mask=mask, dropout_rng=rng, dropout_rate=0.1, is_causal=True)
+  out = fb.dot_product_attention(q, k, v, **kw)
+  _bitwise(out, nnx.dot_product_attention(q, k, v, **kw), "nnx causal")
+  # Without dropout nnx calls jax.nn.dot_product_attention (logits scaled, not q).
+  kw = dict(mask=mask, is_causal=True)
+  np.testing.assert_allclose(fb.dot_product_attention(q, k, v, **kw),
+                             nnx.dot_product_attention(q, k, v, **kw), atol=1e-6)
+
+  # Sowing: linen's 'intermediates' and nnx.Intermediate get the same weights.
+  class Sow(nn.Module):
+    fn: object
+
+    @nn.compact
+    def __call__(self, q):
+      return self.fn(q, k, v, mask=mask, module=self)
+
+  weights = {}
+  for name, fn in (("flax", nn.dot_product_attention), ("fb", fb.dot_product_attention)):
+    out, state = Sow(fn).apply({}, q, mutable=["intermediates"])
+    weights[name] = state["intermediates"]["attention_weights"][0]
+  _bitwise(weights["fb"], weights["flax"], "sown weights")
+
+  class NSow(nnx.Module):
+    def __call__(self, q, fn):
+      return fn(q, k, v, mask=mask, module=self)
+
+  _, captured = nnx.capture(NSow(), nnx.Intermediate)(q, fb.dot_product_attention)
+  _bitwise(captured["attention_weights"][0], weights["flax"], "nnx sown weights")
+  # A loss of the output and of the sown weights differentiates through both.
+  def loss(fn, q):
+    out, state = Sow(fn).apply({}, q, mutable=["intermediates"])
+    return (out * ct).sum() + (state["intermediates"]["attention_weights"][0] ** 2).sum()
+  _close(jax.grad(functools.partial(loss, fb.dot_product_attention))(q),
+         jax.grad(functools.partial(loss, nn.dot_product_attention))(q), jnp.float32, "sow grad")
+
+
+def test_attention_keeps_one_score_sized_array_or_none():
+  (q, k, v, bias), mask, ct, rng = _inputs()
+  kw = dict(mask=mask, bias=bias, dropout_rng=rng, dropout_rate=0.1, broadcast_dropout=False)
+  n = B * H * L * L
+
+  def kept(block=None, fn=fb.dot_product_attention):
+    extra = {} if fn is nn.dot_product_attention else dict(recompute_block=block)
+    rep = memory.saved_residuals(lambda q, k, v: fn(q, k, v, **kw, **extra).sum(), q, k, v)
+    return [(r.origin, r.dtype) for r in _score_sized(rep, n)], rep
+
+  vanilla, _ = kept(fn=nn.dot_product_attention)
+  assert len(vanilla) >= 3, vanilla            # including the dropout mask
+  probs, _ = kept()
+  assert probs == [(f"named '{attention.PROBS_NAME}'", "float32")]
+  none, rep = kept(block=4)
+  assert none == []
+  assert set(rep.by_source()) == {f"named '{attention.STATS_NAME}'",
+                                  f"named '{attention.OUTPUT_NAME}'"}
+
+
+def test_multi_head_attention_modules():
+  x = jax.random.normal(jax.random.key(0), (2, 16, 24))
+  mask = nn.make_attention_mask(jnp.arange(16)[None] < jnp.array([[12], [16]]),
+                                jnp.ones((2, 16)))
+  for attn in (fb.dot_product_attention,
+               functools.partial(fb.dot_product_attention, recompute_block=8)):
+    kw = dict(num_heads=4, dropout_rate=0.1, deterministic=False)
+    ref, lean = nn.MultiHeadDotProductAttention(**kw), nn.MultiHeadDotProductAttention(
+        **kw, attention_fn=attn)
+    params = ref.init(jax.random.key(1), x)
+    assert jax.tree.structure(lean.init(jax.random.key(1), x)) == jax.tree.structure(params)
+    rngs = {"dropout": jax.random.key(2)}
+    loss = lambda m: lambda p: (m.apply(p, x, mask=mask, rngs=rngs) ** 2).sum()
+    _bitwise(lean.apply(params, x, mask=mask, rngs=rngs),
+             ref.apply(params, x, mask=mask, rngs=rngs), "linen module")
+    _close_tree(jax.grad(loss(lean))(params), jax.grad(loss(ref))(params), "linen module")
+
+    def nnx_model(fn):
+      return nnx.MultiHeadAttention(num_heads=4, in_features=24, decode=False, deterministic=False,
+                                    dropout_rate=0.1, attention_fn=fn, rngs=nnx.Rngs(0))
+    if attn is not fb.dot_product_attention:
+      continue  # recompute_block on nnx: the same function, checked above on linen
+    outs, grads = [], []
+    for fn in (nnx.dot_product_attention, attn):
+      model = nnx_model(fn)
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+      def nloss(params):
+        m = nnx.merge(graphdef, params, rest)
+        return (m(x, mask=mask, rngs=nnx.Rngs(dropout=5)) ** 2).sum()
+      outs.append(nnx.merge(graphdef, params, rest)(x, mask=mask, rngs=nnx.Rngs(dropout=5)))
+      grads.append(jax.grad(nloss)(params))
+    _bitwise(outs[1], outs[0], "nnx module")
+    _close_tree(grads[1], grads[0], "nnx module")
+
+
+def test_checkpoint_policy_keeps_attention_residuals():
+  (q, k, v, _), mask, ct, rng = _inputs()
+  for block, names in ((None, {attention.PROBS_NAME}),
+                       (8, {attention.STATS_NAME, attention.OUTPUT_NAME})):
+    f = lambda q: fb.dot_product_attention(q, k, v, mask=mask, recompute_block=block)
+    g = jax.checkpoint(lambda q: jnp.sin(f(q)), policy=fb.checkpoint_policy())
+    rep = memory.saved_residuals(lambda q: g(q).sum(), q)
+    assert {s.split("'")[1] for s in rep.by_source()} == names
+    _close(jax.grad(lambda q: g(q).sum())(q), jax.grad(lambda q: jnp.sin(f(q)).sum())(q),
+           jnp.float32, "remat grad")
+
+
+def test_patch_softmax_makes_flax_attention_lean():
+  (q, k, v, _), mask, ct, _ = _inputs()
+  loss = lambda q: (nn.dot_product_attention(q, k, v, mask=mask) * ct).sum()
+  g_ref = jax.grad(loss)(q)
+  with patch_activations(softmax=True) as p:
+    assert nn.softmax is not original("softmax") and jax.nn.softmax is not original("softmax")
+    rep = memory.saved_residuals(loss, q)
+    g = jax.grad(loss)(q)
+    assert p.calls() == {"softmax": 2}
+  assert jax.nn.softmax is original("softmax")
+  assert f"named '{attention.SOFTMAX_NAME}'" in rep.by_source()
+  assert "op exp" not in rep.by_source()
+  _close(g, g_ref, jnp.float32, "patched softmax")
+  with pytest.raises(ValueError, match="softmax=True"):
+    patch_activations(softmax=3)
+
+
+def test_attention_errors():
+  (q, k, v, _), mask, _, _ = _inputs()
+  with pytest.raises(ValueError, match="needs a dropout_rng"):
+    fb.dot_product_attention(q, k, v, dropout_rate=0.1)
+  with pytest.raises(ValueError, match="dividing kv_length 16"):
+    fb.dot_product_attention(q, k, v, recompute_block=5)
+  with pytest.raises(ValueError, match="module= sows"):
+    fb.dot_product_attention(q, k, v, recompute_block=8, module=nnx.Dropout(0.1))
+  with pytest.raises(ValueError, match="Grouped-query"):
+    fb.dot_product_attention(q, k[..., :1, :], v[..., :1, :])
+  with pytest.raises(ValueError, match="same rank"):
+    fb.dot_product_attention(q, k[0], v)
+  with pytest.raises(NotImplementedError, match="einsum_dot_general instead"):
+    fb.dot_product_attention(q, k, v, qk_attn_weights_einsum=jnp.einsum,
+                             attn_weights_value_einsum=jnp.einsum)

@@ -1,0 +1,108 @@
+"""fb.softmax and fb.dot_product_attention on 8 simulated CPU devices.
+
+Batch- and head-sharded inputs (a 2 x 4 ``('data', 'model')`` mesh), under
+``AxisType.Auto`` and ``AxisType.Explicit``: the gradients keep the inputs'
+sharding, the compiled program holds no collective beyond flax's (none:
+attention is local to a batch row and a head), and the results equal one
+device's. The device count is fixed when JAX starts: one subprocess runs all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SCRIPT = textwrap.dedent(r"""
+  import functools, json
+  import jax, jax.numpy as jnp, numpy as np
+  import flax.linen as nn
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  import fewbit_jax as fb
+  from benchmarks import bench_sharding as bs
+
+  assert jax.device_count() == 8, jax.devices()
+  ks = jax.random.split(jax.random.key(0), 6)
+  q, k, v, ct = (jax.random.normal(kk, (8, 32, 8, 16)) for kk in ks[:4])
+  mask = (jnp.arange(32)[None, None, None] < jnp.arange(20, 28)[:, None, None, None])
+  scores = jax.random.normal(ks[5], (8, 8, 32, 32))
+  qkv_spec, mask_spec, score_spec = P("data", None, "model"), P("data"), P("data", "model")
+  fast = {"xla_backend_optimization_level": 0}
+
+  def attention_grads(fn, **kw):
+    def loss(q, k, v, mask, key):
+      return (fn(q, k, v, mask=mask, dropout_rng=key, dropout_rate=0.1, **kw) * ct).sum()
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+  def softmax_grads(fn):
+    return jax.jit(jax.value_and_grad(
+        lambda s, m: (fn(s, where=m) * scores[..., ::-1]).sum()))
+
+  cases = {
+      "flax": lambda: attention_grads(nn.dot_product_attention),
+      "fb": lambda: attention_grads(fb.dot_product_attention),
+      "fb per-head dropout": lambda: attention_grads(fb.dot_product_attention,
+                                                     broadcast_dropout=False),
+      "fb blocks": lambda: attention_grads(fb.dot_product_attention, recompute_block=8),
+      "jax softmax": lambda: softmax_grads(jax.nn.softmax),
+      "fb softmax": lambda: softmax_grads(fb.softmax),
+  }
+  smask = jnp.broadcast_to(mask, scores.shape)
+  args = {"attention": (q, k, v, mask, ks[4]), "softmax": (scores, smask)}
+  specs = {"attention": (qkv_spec,) * 3 + (mask_spec, P()), "softmax": (score_spec,) * 2}
+
+  out, fns, one_device = {}, {}, {}
+  for name, make in cases.items():
+    kind = "softmax" if "softmax" in name else "attention"
+    fns[name] = make()
+    one_device[name] = fns[name](*args[kind])
+  for mesh_name in ("Auto", "Explicit"):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(getattr(AxisType, mesh_name),) * 2)
+    for name, f in fns.items():
+      kind = "softmax" if "softmax" in name else "attention"
+      one_loss, one_grads = one_device[name]
+      with jax.set_mesh(mesh):
+        sharded = [jax.device_put(a, NamedSharding(mesh, s))
+                   for a, s in zip(args[kind], specs[kind])]
+        compiled = f.lower(*sharded).compile(fast)
+        loss, grads = compiled(*sharded)
+      grads = grads if isinstance(grads, tuple) else (grads,)
+      one_grads = one_grads if isinstance(one_grads, tuple) else (one_grads,)
+      out[f"{mesh_name} {name}"] = dict(
+          collectives=bs.collectives(compiled.as_text()),
+          loss=[float(loss), float(one_loss)],
+          grad_err=max(float(jnp.abs(a - b).max() / jnp.abs(b).max())
+                       for a, b in zip(grads, one_grads)),
+          same_sharding=all(g.sharding.is_equivalent_to(a.sharding, a.ndim)
+                            for g, a in zip(grads, sharded)))
+  print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def results(child_env):
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-P", "-c", _SCRIPT], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", ["Auto", "Explicit"])
+@pytest.mark.parametrize("name", ["fb", "fb per-head dropout", "fb blocks", "fb softmax"])
+def test_lean_attention_sharded_like_one_device(results, mesh, name):
+  r = results[f"{mesh} {name}"]
+  vanilla = results[f"{mesh} {'jax softmax' if 'softmax' in name else 'flax'}"]
+  assert r["loss"][0] == pytest.approx(r["loss"][1], rel=1e-5)
+  assert r["grad_err"] < 1e-5
+  assert r["same_sharding"]
+  # No collective beyond the vanilla op's (count and bytes of each kind).
+  for kind, (count, nbytes) in r["collectives"].items():
+    assert count <= vanilla["collectives"].get(kind, (0, 0))[0], (kind, r, vanilla)
