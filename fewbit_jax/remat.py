@@ -54,18 +54,17 @@ import jax
 from fewbit_jax.activations import CODES_NAME
 from fewbit_jax.attention import NAMES as ATTENTION_NAMES
 from fewbit_jax.dense import SKETCH_NAME
+from fewbit_jax.norms import NORM_INPUT_NAME, NORM_STATS_NAME
 
 __all__ = ["checkpoint_policy", "CODES_NAME", "SKETCH_NAME"]
 
 
 def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
-                      dots: bool = False) -> Callable[..., bool]:
+                      lean: bool = True, dots: bool = False) -> Callable[..., bool]:
   """A ``jax.checkpoint`` policy keeping few-bit codes, sketches and `names`.
 
   Everything else inside the checkpointed function is recomputed in the
-  backward pass from the function's inputs and the kept arrays. The
-  residuals of `fewbit_jax.softmax` and `fewbit_jax.dot_product_attention`
-  (``fewbit_jax.attention.NAMES``) are kept too.
+  backward pass from the function's inputs and the kept arrays.
 
   Args:
     *names: more ``jax.ad_checkpoint.checkpoint_name`` names to keep (e.g.
@@ -73,6 +72,11 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
     codes: keep few-bit activation codes (``'fewbit_codes'``; default True).
     sketches: keep randomized dense sketches ``S^T x``
       (``'randomized_dense_sketch'``; default True).
+    lean: keep what the lean ops keep, so their backward recomputes nothing
+      (default True): the norms' input (``'lean_norm_input'``) and per-row
+      mean and rstd (``'lean_norm_stats'``; `fewbit_jax.norms`), and the
+      residuals of `fewbit_jax.softmax` and `fewbit_jax.dot_product_attention`
+      (``fewbit_jax.attention.NAMES``).
     dots: also keep the outputs of matmuls without batch dimensions (jax's
       ``dots_with_no_batch_dims_saveable``): less recomputation, more memory.
 
@@ -108,14 +112,15 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
     keep.append(CODES_NAME)
   if sketches:
     keep.append(SKETCH_NAME)
+  if lean:
+    keep += [NORM_INPUT_NAME, NORM_STATS_NAME, *ATTENTION_NAMES]
   cp = jax.checkpoint_policies
   if not keep:
     if dots:
       return cp.dots_with_no_batch_dims_saveable
-    raise ValueError("checkpoint_policy with codes=False, sketches=False and no names keeps "
-                     "nothing: that is jax.checkpoint's default policy, use it without a "
-                     "policy.")
-  keep += ATTENTION_NAMES  # fb.softmax / fb.dot_product_attention residuals
+    raise ValueError("checkpoint_policy with codes=False, sketches=False, lean=False and no "
+                     "names keeps nothing: that is jax.checkpoint's default policy, use it "
+                     "without a policy.")
   policy = cp.save_only_these_names(*dict.fromkeys(keep))
   if dots:
     policy = cp.save_from_both_policies(policy, cp.dots_with_no_batch_dims_saveable)

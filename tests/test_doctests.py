@@ -10,7 +10,8 @@ MODULES = ["fewbit_jax", "fewbit_jax.codes", "fewbit_jax.rng", "fewbit_jax.table
            "fewbit_jax.linen", "fewbit_jax.linen._layers", "fewbit_jax.linen._convert",
            "fewbit_jax.nnx", "fewbit_jax.nnx._layers", "fewbit_jax.nnx._convert",
            "fewbit_jax._options", "fewbit_jax._sketch_stream", "fewbit_jax.patch",
-           "fewbit_jax.remat", "fewbit_jax.attention",
+           "fewbit_jax.remat", "fewbit_jax.attention", "fewbit_jax.norms", "fewbit_jax.dropout",
+           "fewbit_jax.linen._lean", "fewbit_jax.nnx._lean",
            "fewbit_jax.activations", "fewbit_jax.ext", "fewbit_jax.memory",
            "fewbit_jax.sharded"]
 

@@ -70,8 +70,8 @@ def test_policy_options():
   with pytest.raises(TypeError, match="non-empty strings"):
     checkpoint_policy("")
   with pytest.raises(ValueError, match="keeps nothing"):
-    checkpoint_policy(codes=False, sketches=False)
-  assert checkpoint_policy(codes=False, sketches=False, dots=True) is \
+    checkpoint_policy(codes=False, sketches=False, lean=False)
+  assert checkpoint_policy(codes=False, sketches=False, lean=False, dots=True) is \
       jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 

@@ -15,8 +15,14 @@ activations called inline::
   with fb.linen.intercept(proj_dim_ratio=0.2), fb.patch_activations(gelu=3):
     grads = jax.grad(loss)(params, batch, key)   # loss applies with rngs={'sketch': key}
 
-The layer lives in `fewbit_jax.linen._layers`, the conversions in
-`fewbit_jax.linen._convert`; import them from here.
+`LayerNorm`, `RMSNorm` and `Dropout` are drop-ins for flax's with exact
+gradients and a leaner backward (the norm keeps its input and per-row
+statistics, dropout no mask); `lean` runs an existing model's flax norms and
+dropout as these, as `intercept` does for dense layers.
+
+The layer lives in `fewbit_jax.linen._layers`, the lean ones and `lean` in
+`fewbit_jax.linen._lean`, the conversions in `fewbit_jax.linen._convert`;
+import them from here.
 
 Example:
   >>> import fewbit_jax as fb
@@ -26,5 +32,7 @@ Example:
 
 from fewbit_jax.linen._convert import Interception, intercept, swap_activations
 from fewbit_jax.linen._layers import RandomizedDense
+from fewbit_jax.linen._lean import Dropout, LayerNorm, RMSNorm, lean
 
-__all__ = ["RandomizedDense", "intercept", "Interception", "swap_activations"]
+__all__ = ["RandomizedDense", "intercept", "Interception", "swap_activations", "LayerNorm",
+           "RMSNorm", "Dropout", "lean"]

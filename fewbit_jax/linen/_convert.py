@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 import warnings
 from typing import Callable, Sequence
@@ -111,17 +112,76 @@ def _dense_general_refusal(module: nn.DenseGeneral) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class _Rule:
-  """How `intercept` runs one linen class randomized."""
-  call: Callable  # (module, inputs, options, collection) -> output
-  refusal: Callable[[nn.Module], str | None]  # why a layer must stay plain, or None
-  general: bool  # converted only with general=True
+  """How an interception (`intercept`, `fewbit_jax.linen.lean`) runs one linen class."""
+  call: Callable  # (module, next_fun, args, kwargs) -> output
+  refusal: Callable  # (module, args, kwargs) -> why the call must stay plain, or None
+  general: bool = False  # converted only with general=True
+  ready: Callable[[nn.Module], bool] = lambda module: True  # False: run plain (initialising)
+
+
+def _inputs_only(call: Callable, options: dict, collection: str, module, next_fun, args, kwargs):
+  del next_fun
+  if len(args) != 1 or kwargs:
+    raise TypeError(f"{type(module).__name__} at {_module_path(module)} was called with "
+                    f"{len(args)} positional and {sorted(kwargs)} keyword arguments; it takes "
+                    "inputs only.")
+  return call(module, args[0], options, collection)
+
+
+def _has_kernel(module: nn.Module) -> bool:
+  return not module.is_initializing() and _unboxed(module, "kernel") is not None
 
 
 # The exact classes converted (a subclass may compute something else).
 _RULES = {
-    nn.Dense: _Rule(_dense_call, _dense_refusal, general=False),
-    nn.DenseGeneral: _Rule(_dense_general_call, _dense_general_refusal, general=True),
+    nn.Dense: _Rule(_dense_call, lambda m, a, k: _dense_refusal(m), ready=_has_kernel),
+    nn.DenseGeneral: _Rule(_dense_general_call, lambda m, a, k: _dense_general_refusal(m),
+                           general=True, ready=_has_kernel),
 }
+
+
+@contextlib.contextmanager
+def _intercepting(rules: dict, pattern: str | None, warn_unused: bool, what: str, kinds: str,
+                  classes: str):
+  """Runs the calls of `rules`' classes whose path matches `pattern` by their rule while inside.
+
+  The mechanism of `intercept` and `fewbit_jax.linen.lean` (``nn.intercept_methods``):
+  yields the `Interception` record; `what`, `kinds` and `classes` name the
+  context and the layers in the warning given when nothing was converted.
+  """
+  regex = re.compile(pattern) if pattern is not None else None
+  record = Interception()
+  seen: list[str] = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    rule = rules.get(type(module))
+    if rule is None or context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    path = _module_path(module)
+    seen.append(path)
+    if regex is not None and not regex.search(path):
+      return next_fun(*args, **kwargs)
+    if not rule.ready(module):
+      return next_fun(*args, **kwargs)
+    if rule.refusal(module, args, kwargs) is not None:
+      record.skipped.append(path)
+      return next_fun(*args, **kwargs)
+    record.converted.append(path)
+    return rule.call(module, next_fun, args, kwargs)
+
+  with nn.intercept_methods(interceptor):
+    yield record
+  if warn_unused and not record.converted:
+    layers = sorted(set(seen))
+    shown = ", ".join(layers[:24]) + (", ..." if len(layers) > 24 else "")
+    warnings.warn(
+        f"fewbit_jax.linen.{what} converted no layer. "
+        + (f"Pattern {pattern!r} matched none of the {kinds} called: {shown}."
+           if layers else f"No {classes} was called while tracing in the context: a jitted "
+           "step traced before it is reused from jax.jit's cache (trace it inside, or jit a "
+           "function that enters the context), or the model was only initialised."),
+        UserWarning, stacklevel=5)
 
 
 @contextlib.contextmanager
@@ -192,45 +252,14 @@ def intercept(pattern: str | None = None, *, proj_dim_ratio: float | None = 0.2,
     >>> bool(jnp.all(y == model.apply(variables, x)))
     True
   """
-  regex = re.compile(pattern) if pattern is not None else None
   options = SketchOptions(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, sketch,
                           sketch_blocks).kwargs()
-  record = Interception()
-  seen: list[str] = []
-  rules = {kind: rule for kind, rule in _RULES.items() if general or not rule.general}
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    rule = rules.get(type(module))
-    if rule is None or context.method_name != "__call__":
-      return next_fun(*args, **kwargs)
-    path = _module_path(module)
-    seen.append(path)
-    if regex is not None and not regex.search(path):
-      return next_fun(*args, **kwargs)
-    if module.is_initializing() or _unboxed(module, "kernel") is None:
-      return next_fun(*args, **kwargs)
-    if rule.refusal(module) is not None:
-      record.skipped.append(path)
-      return next_fun(*args, **kwargs)
-    if len(args) != 1 or kwargs:
-      raise TypeError(f"{type(module).__name__} at {path} was called with {len(args)} "
-                      f"positional and {sorted(kwargs)} keyword arguments; it takes inputs only.")
-    record.converted.append(path)
-    return rule.call(module, args[0], options, rng_collection)
-
-  with nn.intercept_methods(interceptor):
+  rules = {kind: dataclasses.replace(rule, call=functools.partial(
+               _inputs_only, rule.call, options, rng_collection))
+           for kind, rule in _RULES.items() if general or not rule.general}
+  with _intercepting(rules, pattern, warn_unused, "intercept", "dense layers",
+                    "nn.Dense") as record:
     yield record
-  if warn_unused and not record.converted:
-    layers = sorted(set(seen))
-    shown = ", ".join(layers[:24]) + (", ..." if len(layers) > 24 else "")
-    warnings.warn(
-        "fewbit_jax.linen.intercept converted no layer. "
-        + (f"Pattern {pattern!r} matched none of the dense layers called: {shown}."
-           if layers else "No nn.Dense was called while tracing in the context: a jitted "
-           "step traced before it is reused from jax.jit's cache (trace it inside, or jit a "
-           "function that enters the context), or the model was only initialised."),
-        UserWarning, stacklevel=3)
 
 
 def swap_activations(module: nn.Module, **bits) -> nn.Module:

@@ -25,7 +25,13 @@ inside ``jax.jit``, ``nnx.merge`` inside ``jax.value_and_grad``), where no
 stream may advance, the step enters `step_keys` with a fresh key and each
 layer derives its own key from it.
 
-The layers live in `fewbit_jax.nnx._layers`, the conversions in
+`LayerNorm`, `RMSNorm` and `Dropout` are drop-ins for flax's with exact
+gradients and a leaner backward (the norm keeps its input and per-row
+statistics, dropout no mask); `convert_lean` turns flax's into them for
+`map_module`, keeping the same Variables.
+
+The layers live in `fewbit_jax.nnx._layers`, the lean ones and
+`convert_lean` in `fewbit_jax.nnx._lean`, the conversions in
 `fewbit_jax.nnx._convert`, `step_keys` in `fewbit_jax._sketch_stream`;
 import them from here.
 
@@ -43,6 +49,8 @@ Example:
 from fewbit_jax._sketch_stream import step_keys
 from fewbit_jax.nnx._convert import convert_activations, convert_linear, map_module
 from fewbit_jax.nnx._layers import RandomizedEinsum, RandomizedLinear, RandomizedLinearGeneral
+from fewbit_jax.nnx._lean import Dropout, LayerNorm, RMSNorm, convert_lean
 
 __all__ = ["RandomizedLinear", "RandomizedLinearGeneral", "RandomizedEinsum", "map_module",
-           "convert_linear", "convert_activations", "step_keys"]
+           "convert_linear", "convert_activations", "step_keys", "LayerNorm", "RMSNorm",
+           "Dropout", "convert_lean"]

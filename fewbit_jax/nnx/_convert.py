@@ -122,28 +122,30 @@ def map_module(model, fn: tp.Callable[[nnx.Module, str], tp.Any], pattern: str |
   return out
 
 
-def _with_params(old, build: tp.Callable[[], nnx.Module], stream: nnx.RngStream):
-  """``build()`` holding `old`'s very Param objects, without initialising any.
+def _with_params(old, build: tp.Callable[[], nnx.Module], stream: nnx.RngStream | None,
+                 names: tuple[str, ...] = ("kernel", "bias")):
+  """``build()`` holding `old`'s very objects named `names` (its Params), initialising nothing.
 
-  The new module is built abstractly (``nnx.eval_shape``): its own kernel and
-  bias are replaced by `old`'s, and any rng stream it made by a fork of
-  `stream`.
+  The new module is built abstractly (``nnx.eval_shape``): its attributes
+  `names` (by default kernel and bias) are replaced by `old`'s, and any other
+  rng stream it made by a fork of `stream`.
   """
   new = nnx.eval_shape(build)
-  for name in ("kernel", "bias"):
+  for name in names:
     if hasattr(old, name) or hasattr(new, name):
       setattr(new, name, getattr(old, name))
   for name, value in list(vars(new).items()):
-    if isinstance(value, nnx.RngStream):
+    if isinstance(value, nnx.RngStream) and name not in names and stream is not None:
       setattr(new, name, stream.fork())
   abstract = [jax.tree_util.keystr(p) for p, v in
               jax.tree_util.tree_leaves_with_path(nnx.state(new))
               if isinstance(v, jax.ShapeDtypeStruct)]
   if abstract:
     raise ValueError(f"converting {type(old).__name__} to {type(new).__name__}: the new module "
-                     f"has state that is neither the old module's kernel and bias nor an rng "
-                     f"stream ({', '.join(abstract)}), so it cannot be converted without "
-                     "initialising it. Give the converter a class with nnx.Linear's state.")
+                     f"has state that is neither the old module's {' and '.join(names)} nor an "
+                     f"rng stream ({', '.join(abstract)}), so it cannot be converted without "
+                     f"initialising it. Give the converter a class with "
+                     f"{type(old).__name__}'s state.")
   return new
 
 

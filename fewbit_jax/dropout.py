@@ -1,0 +1,118 @@
+"""Dropout whose backward pass regenerates its mask from the key instead of keeping it.
+
+`dropout` computes what ``flax.linen.Dropout`` and ``flax.nnx.Dropout``
+compute, from the same random bits (``jax.random.bernoulli`` of the key, over
+the input's shape with `broadcast_dims` set to 1): the output is bitwise
+flax's for the same key. Autodiff of flax's layer keeps the boolean mask (one
+byte per element) for the backward pass; this ``jax.custom_vjp`` keeps only
+the key and draws the mask again in the backward, so a dropout between two
+layers keeps nothing input-sized. The gradient is bitwise autodiff's:
+``select(mask, g, 0) / keep_prob``.
+
+The layers are `fewbit_jax.Dropout` (linen) and `fewbit_jax.nnx.Dropout`;
+`fewbit_jax.linen.lean` and `fewbit_jax.nnx.convert_lean` convert existing
+models to them.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> import fewbit_jax as fb
+  >>> from fewbit_jax.dropout import dropout
+  >>> x, key = jnp.ones((4, 64)), jax.random.key(0)
+  >>> res = fb.memory.saved_residuals(lambda x: (dropout(x, 0.1, key) ** 2).sum(), x)
+  >>> sorted(r.dtype for r in res.residuals)   # the key and the square's input, no bool mask
+  ['float32', 'key<fry>']
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax, random
+
+__all__ = ["dropout"]
+
+
+def _mask(key, keep_prob: float, shape, broadcast_dims, out_sharding):
+  """flax's mask: bernoulli(keep_prob) over `shape` with `broadcast_dims` of size 1."""
+  mask_shape = list(shape)
+  for dim in broadcast_dims:
+    mask_shape[dim] = 1
+  kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+  mask = random.bernoulli(key, p=keep_prob, shape=mask_shape, **kw)
+  return jnp.broadcast_to(mask, shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dropout(x, key, keep_prob, broadcast_dims, out_sharding):
+  mask = _mask(key, keep_prob, x.shape, broadcast_dims, out_sharding)
+  return lax.select(mask, x / keep_prob, jnp.zeros_like(x))
+
+
+def _dropout_fwd(x, key, keep_prob, broadcast_dims, out_sharding):
+  return _dropout(x, key, keep_prob, broadcast_dims, out_sharding), key
+
+
+def _dropout_bwd(keep_prob, broadcast_dims, out_sharding, key, g):
+  mask = _mask(key, keep_prob, g.shape, broadcast_dims, out_sharding)
+  return lax.select(mask, g, jnp.zeros_like(g)) / keep_prob, None
+
+
+_dropout.defvjp(_dropout_fwd, _dropout_bwd)
+
+
+def dropout(x, rate: float, key, *, broadcast_dims: Sequence[int] = (),
+            out_sharding=None) -> jax.Array:
+  """Dropout as flax computes it, keeping only the key for the backward pass.
+
+  Zeroes each element of `x` with probability `rate` and scales the others
+  by ``1 / (1 - rate)``: the same mask as ``flax.linen.Dropout`` and
+  ``flax.nnx.Dropout`` draw from `key`, so the same output, bitwise.
+  ``rate == 0`` returns `x`; ``rate == 1`` zeros (flax's edge cases).
+
+  Args:
+    x: the input.
+    rate: the probability of dropping an element (not the keep rate), a
+      Python number in [0, 1].
+    key: a ``jax.random`` key (typed or raw uint32).
+    broadcast_dims: axes along which the mask is shared.
+    out_sharding: the sharding of the mask, as ``jax.random.bernoulli``
+      takes it (``flax.nnx.Dropout`` passes ``jax.typeof(x).sharding``;
+      the values do not depend on it).
+
+  Returns:
+    The masked, rescaled `x`.
+
+  Raises:
+    ValueError: `rate` outside [0, 1] or a traced `rate`, or
+      `broadcast_dims` that do not fit `x`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> from fewbit_jax.dropout import dropout
+    >>> x, key = jnp.arange(1.0, 9.0), jax.random.key(1)
+    >>> y = nn.Dropout(0.5, deterministic=False).apply({}, x, rng=key)
+    >>> bool(jnp.all(dropout(x, 0.5, key) == y))
+    True
+  """
+  try:
+    rate = float(rate)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise ValueError(f"dropout needs a Python number for rate (as flax's Dropout); got "
+                     f"{rate!r}") from None
+  if not 0.0 <= rate <= 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1] (the probability of dropping an "
+                     f"element); got {rate}")
+  x = jnp.asarray(x)
+  dims = tuple(broadcast_dims)
+  if any(not isinstance(d, int) or not -x.ndim <= d < x.ndim for d in dims):
+    raise ValueError(f"dropout broadcast_dims {dims} do not fit an input of rank {x.ndim}")
+  if rate == 0.0:
+    return x
+  if rate == 1.0:  # flax's edge case: no division by zero, no NaN gradients
+    return jnp.zeros_like(x)
+  with jax.named_scope("dropout"):
+    return _dropout(x, key, 1.0 - rate, dims, out_sharding)

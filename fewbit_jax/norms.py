@@ -1,0 +1,331 @@
+"""LayerNorm and RMSNorm whose backward pass keeps only the input and per-row statistics.
+
+`layer_norm` and `rms_norm` compute what ``flax.linen.LayerNorm`` and
+``flax.linen.RMSNorm`` compute, with the same operations in the same order
+(the forward output is bitwise flax's), but their ``jax.custom_vjp`` keeps one
+input-sized array, the input ``x`` itself in its own dtype, plus the per-row
+mean and ``1 / sqrt(var + epsilon)``. Autodiff of flax's layers keeps two or
+three input-sized arrays instead (``x - mean``, its product with the inverse
+standard deviation and the scaled copy), in float32 even for a bfloat16
+input. The gradients are exact (equal to autodiff's up to float rounding):
+the backward recomputes ``xhat = (x - mean) * rstd`` and applies the usual
+formula
+
+  ``dx = rstd * (gh - mean_R(gh) - xhat * mean_R(gh * xhat))``,
+  ``gh = g * scale``, ``dscale = sum(g * xhat)``, ``dbias = sum(g)``
+
+(RMSNorm without the ``mean_R(gh)`` term), over the reduction axes R (the
+masked positions only, with a ``mask``; across devices with ``axis_name``).
+
+The kept arrays are named with ``jax.ad_checkpoint.checkpoint_name``:
+``'lean_norm_input'`` (the input) and ``'lean_norm_stats'`` (mean, rstd),
+and `fewbit_jax.checkpoint_policy` keeps both. The layers are
+`fewbit_jax.LayerNorm`, `fewbit_jax.RMSNorm` (linen) and
+`fewbit_jax.nnx.LayerNorm`, `fewbit_jax.nnx.RMSNorm`; `fewbit_jax.linen.lean`
+and `fewbit_jax.nnx.convert_lean` convert existing models to them.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> import flax.linen as nn
+  >>> import fewbit_jax as fb
+  >>> x = jax.random.normal(jax.random.key(0), (4, 16))
+  >>> scale, bias = jnp.ones(16), jnp.zeros(16)
+  >>> v = {"params": {"scale": scale, "bias": bias}}
+  >>> bool(jnp.all(fb.layer_norm(x, scale, bias) == nn.LayerNorm().apply(v, x)))
+  True
+  >>> res = fb.memory.saved_residuals(lambda x: fb.layer_norm(x, scale, bias).sum(), x)
+  >>> sorted(res.by_source())
+  ["named 'lean_norm_input'", "named 'lean_norm_stats'"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Hashable, Iterable
+
+import jax
+import jax.numpy as jnp
+from flax.linen import dtypes as _dtypes
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from fewbit_jax._projection import _like_primal
+
+__all__ = ["layer_norm", "rms_norm", "NORM_INPUT_NAME", "NORM_STATS_NAME"]
+
+# checkpoint_name of the input kept by the backward pass (one input-sized
+# array, in the input's dtype) and of the per-row statistics (mean, rstd).
+NORM_INPUT_NAME = "lean_norm_input"
+NORM_STATS_NAME = "lean_norm_stats"
+
+
+def _axes(rank: int, axes, what: str) -> tuple[int, ...]:
+  """Sorted, deduplicated, non-negative axes (flax's canonical form), checked against `rank`."""
+  if not isinstance(axes, Iterable):
+    axes = (axes,)
+  axes = tuple(axes)
+  for a in axes:
+    if not isinstance(a, int) or not -rank <= a < rank:
+      raise ValueError(f"{what} {axes} do not fit an input of rank {rank}: give integers in "
+                       f"[-{rank}, {rank}).")
+  return tuple(sorted({a % rank for a in axes}))
+
+
+def _hashable(value: Any) -> Hashable:
+  """`value` with lists turned into tuples (axis_index_groups are lists of lists)."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_hashable(v) for v in value)
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Norm:
+  """The static configuration of one normalisation (hashable: a custom_vjp nondiff argument)."""
+  reduction_axes: tuple[int, ...]
+  feature_axes: tuple[int, ...]
+  epsilon: float
+  dtype: Any  # the output dtype asked for, or None (inferred as flax infers it)
+  use_mean: bool  # LayerNorm; False for RMSNorm
+  use_fast_variance: bool
+  force_float32_reductions: bool
+  axis_name: Any
+  axis_index_groups: Any
+  promote_to: Any  # nnx promotes x to this dtype first; None: linen (x as it is)
+
+  def feature_shape(self, shape) -> list[int]:
+    out = [1] * len(shape)
+    for a in self.feature_axes:
+      out[a] = shape[a]
+    return out
+
+  def pmean(self, *xs):
+    """Means over the devices of `axis_name`, stacked into one collective as flax does."""
+    if self.axis_name is None:
+      return xs
+    if len(xs) == 1:
+      return (lax.pmean(xs[0], self.axis_name, axis_index_groups=self.axis_index_groups),)
+    out = lax.pmean(jnp.stack(xs), self.axis_name, axis_index_groups=self.axis_index_groups)
+    return tuple(out[i] for i in range(len(xs)))
+
+
+def _stats(cfg: _Norm, x, mask):
+  """flax's ``_compute_stats``: (mean, var), reduced over the reduction axes (real inputs)."""
+  dtype = jnp.result_type(x) if cfg.dtype is None else cfg.dtype
+  if cfg.force_float32_reductions:
+    dtype = jnp.promote_types(dtype, jnp.float32)
+  x = x.astype(dtype)
+  axes = cfg.reduction_axes
+  mean = lambda *xs: cfg.pmean(*(v.mean(axes, where=mask) for v in xs))
+  if not cfg.use_mean:
+    (var,) = mean(lax.square(x))
+    return jnp.zeros_like(var), var
+  if cfg.use_fast_variance:
+    mu, mu2 = mean(x, lax.square(x))
+    return mu, jnp.maximum(0.0, mu2 - lax.square(mu))
+  (mu,) = mean(x)
+  (var,) = mean(lax.square(x - jnp.expand_dims(mu, axes)))
+  return mu, var
+
+
+def _forward(cfg: _Norm, x, scale, bias, mask):
+  """flax's normalisation, op for op; also returns the per-row (mean, rstd) to keep."""
+  if cfg.promote_to is not None:
+    x = x.astype(cfg.promote_to)
+  mean, var = _stats(cfg, x, mask)
+  mean = jnp.expand_dims(mean, cfg.reduction_axes)
+  var = jnp.expand_dims(var, cfg.reduction_axes)
+  fshape = cfg.feature_shape(x.shape)
+  y = x - mean
+  rstd = lax.rsqrt(var + cfg.epsilon)
+  mul = rstd
+  args = [x]
+  if scale is not None:
+    scale = scale.reshape(fshape)
+    mul = mul * scale
+    args.append(scale)
+  y = y * mul
+  if bias is not None:
+    bias = bias.reshape(fshape)
+    y = y + bias
+    args.append(bias)
+  return jnp.asarray(y, _dtypes.canonicalize_dtype(*args, dtype=cfg.dtype)), mean, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _norm(x, scale, bias, mask, cfg):
+  return _forward(cfg, x, scale, bias, mask)[0]
+
+
+def _norm_fwd(x, scale, bias, mask, cfg):
+  y, mean, rstd = _forward(cfg, x, scale, bias, mask)
+  kept = checkpoint_name(x, NORM_INPUT_NAME)
+  mean = checkpoint_name(mean, NORM_STATS_NAME) if cfg.use_mean else None
+  rstd = checkpoint_name(rstd, NORM_STATS_NAME)
+  return y, (kept, scale, bias, mask, mean, rstd)
+
+
+def _norm_bwd(cfg, res, g):
+  x, scale, bias, mask, mean, rstd = res
+  dtype = jnp.promote_types(rstd.dtype, jnp.float32)
+  rstd = rstd.astype(dtype)
+  xhat = x.astype(dtype)
+  if mean is not None:
+    xhat = xhat - mean.astype(dtype)
+  xhat = xhat * rstd
+  g = g.astype(dtype)
+  fshape = cfg.feature_shape(x.shape)
+  others = tuple(a for a in range(x.ndim) if a not in cfg.feature_axes)
+  dscale = dbias = None
+  gh = g
+  if scale is not None:
+    dscale = jnp.sum(g * xhat, others).reshape(scale.shape).astype(scale.dtype)
+    gh = g * scale.reshape(fshape).astype(dtype)
+  if bias is not None:
+    dbias = jnp.sum(g, others).reshape(bias.shape).astype(bias.dtype)
+  axes = cfg.reduction_axes
+  if mask is None:
+    count = math.prod(x.shape[a] for a in axes)
+  else:
+    mask = jnp.broadcast_to(mask, x.shape)
+    count = jnp.sum(mask, axes, keepdims=True, dtype=dtype)
+  # The mean and the variance are (p)means over the reduction axes: their
+  # derivatives spread every row's sums back over its (unmasked) positions.
+  sums = [jnp.sum(gh * xhat, axes, keepdims=True)]
+  if cfg.use_mean:
+    sums.append(jnp.sum(gh, axes, keepdims=True))
+  sums = cfg.pmean(*sums)
+  spread = xhat * sums[0] + (sums[1] if cfg.use_mean else 0)
+  spread = spread / count
+  if mask is not None:
+    spread = jnp.where(mask, spread, 0)
+  dx = (rstd * (gh - spread)).astype(x.dtype)
+  return dx, _like_primal(dscale, scale), _like_primal(dbias, bias), None
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+def _normalize(x, scale, bias, *, use_mean: bool, reduction_axes, feature_axes, epsilon: float,
+               dtype, use_fast_variance: bool, force_float32_reductions: bool, axis_name,
+               axis_index_groups, mask, promote_to=None, name: str):
+  """Checks the arguments and runs the lean normalisation."""
+  x = jnp.asarray(x)
+  if jnp.iscomplexobj(x) or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} takes a real floating-point input; got {x.dtype}. Use flax's "
+                    f"layer for complex inputs (its backward keeps the input-sized arrays).")
+  if axis_name is None and axis_index_groups is not None:
+    raise ValueError(f"{name}: axis_index_groups {axis_index_groups!r} without an axis_name; "
+                     "give the axis_name of the devices the groups divide.")
+  cfg = _Norm(_axes(x.ndim, reduction_axes, "reduction_axes"),
+              _axes(x.ndim, feature_axes, "feature_axes"), float(epsilon), dtype, use_mean,
+              bool(use_fast_variance), bool(force_float32_reductions), _hashable(axis_name),
+              _hashable(axis_index_groups), promote_to)
+  want = tuple(x.shape[a] for a in cfg.feature_axes)
+  for label, p in (("scale", scale), ("bias", bias)):
+    if p is not None and math.prod(jnp.shape(p)) != math.prod(want):
+      raise ValueError(f"{name}: {label} has shape {jnp.shape(p)}, but the input {x.shape} "
+                       f"has feature axes {cfg.feature_axes} of sizes {want}: give a {label} "
+                       f"of shape {want}.")
+  if mask is not None:
+    mask = jnp.asarray(mask, dtype=bool)
+  with jax.named_scope(name):
+    return _norm(x, scale, bias, mask, cfg)
+
+
+def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, feature_axes=-1,
+               epsilon: float = 1e-6, dtype=None, use_fast_variance: bool = True,
+               force_float32_reductions: bool = True, axis_name=None, axis_index_groups=None,
+               mask=None) -> jax.Array:
+  """Layer normalisation as ``flax.linen.LayerNorm`` computes it, keeping only `x` for backward.
+
+  ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias``, with the mean
+  and variance over `reduction_axes` (computed in at least float32 unless
+  ``force_float32_reductions=False``) and `scale` and `bias` along
+  `feature_axes`: bitwise what flax's layer with these fields returns. The
+  backward keeps `x` (in its own dtype) and the per-row mean and rstd, and
+  computes exact gradients for `x`, `scale` and `bias`.
+
+  Args:
+    x: the input, real floating point.
+    scale: the scale, of the sizes of `feature_axes` (flax's ``'scale'``
+      parameter), or None for none.
+    bias: the bias, likewise, or None.
+    reduction_axes: the axes of the statistics.
+    feature_axes: the axes of `scale` and `bias`.
+    epsilon: added to the variance.
+    dtype: the output dtype (and the least dtype of the statistics); None:
+      inferred from `x`, `scale` and `bias`, as flax does.
+    use_fast_variance: variance as ``E[x^2] - E[x]^2`` (flax's default), or
+      as ``E[(x - E[x])^2]``.
+    force_float32_reductions: compute the statistics in at least float32.
+    axis_name: inside ``jax.shard_map`` (or ``pmap``), also average the
+      statistics over the devices of this mesh axis, as flax does.
+    axis_index_groups: groups of devices within `axis_name` (``lax.pmean``).
+    mask: a boolean array broadcastable to `x`: only its True positions
+      enter the statistics (all positions are normalised).
+
+  Returns:
+    The normalised `x`, of `dtype` or the dtype flax infers.
+
+  Raises:
+    TypeError: a complex or integer `x`.
+    ValueError: axes that do not fit `x`, `scale` or `bias` of the wrong
+      size, `axis_index_groups` without `axis_name`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import fewbit_jax as fb
+    >>> x = jax.random.normal(jax.random.key(0), (2, 8), jnp.bfloat16)
+    >>> y = fb.layer_norm(x, jnp.ones(8), jnp.zeros(8))
+    >>> y.dtype                                 # bf16 x, float32 parameters
+    dtype('float32')
+    >>> g = jax.grad(lambda x: (fb.layer_norm(x, jnp.ones(8), jnp.zeros(8)) ** 3).sum())(x)
+    >>> g.dtype, g.shape
+    (dtype(bfloat16), (2, 8))
+  """
+  return _normalize(x, scale, bias, use_mean=True, reduction_axes=reduction_axes,
+                    feature_axes=feature_axes, epsilon=epsilon, dtype=dtype,
+                    use_fast_variance=use_fast_variance,
+                    force_float32_reductions=force_float32_reductions, axis_name=axis_name,
+                    axis_index_groups=axis_index_groups, mask=mask, name="layer_norm")
+
+
+def rms_norm(x, scale=None, *, reduction_axes=-1, feature_axes=-1, epsilon: float = 1e-6,
+             dtype=None, use_fast_variance: bool = True, force_float32_reductions: bool = True,
+             axis_name=None, axis_index_groups=None, mask=None) -> jax.Array:
+  """RMS normalisation as ``flax.linen.RMSNorm`` computes it, keeping only `x` for backward.
+
+  ``y = x * rsqrt(mean(x^2) + epsilon) * scale``, the mean over
+  `reduction_axes`: bitwise what flax's layer returns; the backward keeps `x`
+  and the per-row rstd. The arguments are `layer_norm`'s (no bias;
+  `use_fast_variance` is accepted as flax accepts it and changes nothing).
+
+  Args:
+    x: the input, real floating point.
+    scale: the scale, of the sizes of `feature_axes`, or None.
+    reduction_axes, feature_axes, epsilon, dtype, use_fast_variance,
+      force_float32_reductions, axis_name, axis_index_groups, mask: as for
+      `layer_norm`.
+
+  Returns:
+    The normalised `x`.
+
+  Raises:
+    TypeError, ValueError: as `layer_norm`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> import fewbit_jax as fb
+    >>> x = jax.random.normal(jax.random.key(0), (3, 8))
+    >>> y = nn.RMSNorm().apply({"params": {"scale": jnp.ones(8)}}, x)
+    >>> bool(jnp.all(fb.rms_norm(x, jnp.ones(8)) == y))
+    True
+  """
+  return _normalize(x, scale, None, use_mean=False, reduction_axes=reduction_axes,
+                    feature_axes=feature_axes, epsilon=epsilon, dtype=dtype,
+                    use_fast_variance=use_fast_variance,
+                    force_float32_reductions=force_float32_reductions, axis_name=axis_name,
+                    axis_index_groups=axis_index_groups, mask=mask, name="rms_norm")
