@@ -85,6 +85,28 @@ def randomized_dense(ratio: float = 0.2, sketch: str = "gaussian") -> Callable:
   return functools.partial(linen.RandomizedDense, proj_dim_ratio=ratio, sketch=sketch)
 
 
+def lean_attention(q, k, v, mask_bias, key, rate: float):
+  """`roberta.attention_core` as `fewbit_jax.dot_product_attention` (keeps no dropout mask)."""
+  import fewbit_jax as fb
+  return fb.dot_product_attention(q, k, v, bias=mask_bias, dropout_rng=key,
+                                  dropout_rate=rate if key is not None else 0.0,
+                                  broadcast_dropout=False, deterministic=key is None)
+
+
+def lean(bits: int | None = None, ratio: float | None = None) -> Callable[[], dict]:
+  """Lean norms, dropout and attention; a `bits`-bit GELU (else exact mode) and
+  randomized dense layers at `ratio` (else plain ones)."""
+  def model():
+    import fewbit_jax as fb
+    act = fb.gelu(approximate=False, exact=True) if bits is None else fewbit_gelu(bits)
+    parts = dict(layer_norm=fb.LayerNorm, dropout=fb.Dropout, attention=lean_attention,
+                 activation=act)
+    if ratio is not None:
+      parts["dense"] = randomized_dense(ratio)
+    return parts
+  return model
+
+
 def fewbit_policy(dots: bool = False):
   """Remat policy keeping few-bit codes and sketches (and matmul outputs if `dots`)."""
   from fewbit_jax import remat
@@ -137,6 +159,12 @@ ROWS: tuple[Row, ...] = (
         lambda: dict(dense=randomized_dense(0.2), remat=("layer_norm", "attention"))),
     Row("both + checkpoint(LayerNorm+attention)", "gap",
         _both(remat=("layer_norm", "attention"))),
+    # Lean exact residuals: norms, softmax/attention and dropout keep the least
+    # their exact gradients need, alone and with the two approximations.
+    Row("lean", "lean", lean()),
+    Row("3-bit GELU + lean", "lean", lean(bits=3)),
+    Row("randomized 20% + lean", "lean", lean(ratio=0.2)),
+    Row("3-bit GELU + randomized 20% + lean", "lean", lean(bits=3, ratio=0.2)),
     # Mixed precision: bf16 compute, f32 parameters and optimizer state.
     Row("bf16", "bf16", lambda: dict(dtype=jnp.bfloat16)),
     Row("bf16 + 3-bit GELU", "bf16", lambda: dict(dtype=jnp.bfloat16,
@@ -150,7 +178,7 @@ ROWS: tuple[Row, ...] = (
       for s in SKETCHES[1:]),
 )
 
-GROUPS = ("main", "remat", "gap", "bf16", "bits", "ratio", "sketch")
+GROUPS = ("main", "remat", "gap", "lean", "bf16", "bits", "ratio", "sketch")
 
 
 def select_rows(spec: str | None, full: bool) -> list[Row]:
