@@ -63,6 +63,9 @@ def main():
   for bits in range(1, 9):
     r = residual_bytes(lambda v: fb.gelu(v, bits=bits).sum(), x)
     print(f"| fb.gelu, {bits} bit | {r / n:.3f} | {r / van:.4f} |")
+  for approximate in (False, True):
+    r = residual_bytes(lambda v: fb.gelu(v, approximate=approximate, exact=True).sum(), x)
+    print(f"| fb.gelu(approximate={approximate}, exact=True) | {r / n:.3f} | {r / van:.4f} |")
 
   dims = [args.width] * (args.layers + 1)
   key = jax.random.key(0)
@@ -76,13 +79,16 @@ def main():
   acts = {"jax.nn.gelu (exact)": functools.partial(jax.nn.gelu, approximate=False)}
   for bits in (1, 2, 3, 4, 8):
     acts[f"fb.gelu exact, {bits} bit"] = fb.gelu(approximate=False, bits=bits)
+  acts["jax.nn.gelu (tanh form)"] = jax.nn.gelu
+  acts["fb.gelu exact mode (exact=True)"] = fb.gelu(approximate=False, exact=True)
+  acts["fb.gelu tanh form, exact=True"] = fb.gelu(exact=True)
   acts["jax.nn.relu"] = jax.nn.relu
   acts["fb.relu (1 bit, exact)"] = fb.relu()
   base = None
   for name, act in acts.items():
     g = jax.jit(jax.grad(functools.partial(mlp_loss, act)))
     t = g.lower(params, xb, yb).compile().memory_analysis().temp_size_in_bytes
-    if name.startswith("jax.nn.gelu"):
+    if name == "jax.nn.gelu (exact)":
       base = t
     rel = "" if name.startswith("jax.nn.relu") else f"{t / base:.3f}"
     print(f"| {name} | {t / 2 ** 20:.1f} | {rel} |")

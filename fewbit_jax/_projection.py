@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.interpreters import ad as _ad, partial_eval as _pe
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fewbit_jax import _order, _mesh, sharded as _sharded, sketch as _sketch
@@ -103,32 +104,32 @@ def blocks_default(sketch_blocks):
     _blocks_default = old
 
 
-def resolve_blocks(x, sketch_blocks, *, follow_shards: bool) -> tuple[int, bool]:
-  """(C, per_shard): the sketch blocks of x's leading positions; C == 0: one sketch.
+def device_blocks(x, batch_axes) -> int:
+  """How many shards x's type cuts its `batch_axes` into over Explicit mesh axes (1 if none)."""
+  spec = _mesh.explicit_spec(x)
+  if spec is None:
+    return 1
+  sizes = _mesh.sizes(jax.typeof(x).sharding.mesh)
+  return math.prod(_mesh.shards(sizes, spec[a]) for a in batch_axes)
+
+
+def resolve_blocks(x, sketch_blocks, batch_axes) -> tuple[int, bool]:
+  """(C, per_shard): the sketch blocks of x's B positions (its `batch_axes`); C == 0: one sketch.
 
   per_shard: C was derived from a sharding, so the blocks must line up with
   the shards of x's first axis. An explicit `sketch_blocks` (or the
-  `blocks_default`) is an int C or mesh axis names. None is one sketch unless
-  `follow_shards`: then, as `randomized_dense` does, one block per shard of
-  x's first axis on an Explicit mesh, one block under any other mesh.
+  `blocks_default`) is an int C or mesh axis names. None is: for x typed on
+  an Explicit mesh, one block per device's shard of the batch axes
+  (whichever of them are sharded, see `fewbit_jax.sharded.to_blocks`); under
+  any other mesh one sketch of all positions, each device sketching its own
+  rows (`fewbit_jax.sharded`); without a mesh one sketch.
   """
   v = _blocks_default if sketch_blocks is None else sketch_blocks
   check_blocks_arg(v)
   if v is None:
-    if not follow_shards:
-      return 0, False
-    spec = _mesh.explicit_spec(x)
-    if spec is None:
-      return (1 if _mesh.context_mesh() is not None else 0), False
-    lead = spec[:-1]
-    if any(e is not None for e in lead[1:]):
-      raise ValueError(
-          f"x is sharded on leading axes beyond the first ({jax.typeof(x)}): randomized_dense "
-          "takes one sketch per shard of the first axis (the batch) only. Reshard x so that "
-          "only its first and last axes are sharded, or pass sketch_blocks=1 for one sketch "
-          "over all positions.")
-    names = _mesh.axes(lead[0]) if lead else ()
-    return _mesh.shards(_mesh.mesh_axis_sizes(x), lead[0] if lead else None), bool(names)
+    if _mesh.explicit_spec(x) is not None:
+      return device_blocks(x, batch_axes), True
+    return (1 if _mesh.context_mesh() is not None else 0), False
   if is_int(v):
     return int(v), False
   names = (v,) if isinstance(v, str) else v
@@ -141,20 +142,24 @@ def resolve_blocks(x, sketch_blocks, *, follow_shards: bool) -> tuple[int, bool]
   return math.prod(sizes[a] for a in names), True
 
 
-def check_blocks_fit(x, c: int, per_shard: bool, spec: "Spec", *, follow_shards: bool) -> None:
-  """ValueError unless C blocks cut x's B positions (its leading axes) evenly."""
+def check_blocks_fit(x, c: int, per_shard: bool, spec: "Spec") -> None:
+  """ValueError unless C blocks cut x's B positions (its batch axes) evenly."""
   n = spec.n_batch
   b = math.prod(x.shape[a] for a in spec.x_perm[:n])
+  if _mesh.explicit_spec(x) is not None:
+    # Explicit types: blocks follow the devices' shards (`sharded.to_blocks`).
+    d = device_blocks(x, spec.x_perm[:n])
+    if c % d or (b // d) % (c // d):
+      raise ValueError(f"sketch_blocks gives {c} blocks for x typed on an Explicit mesh "
+                       f"({jax.typeof(x)}), whose batch axes are cut into {d} shards: the "
+                       f"blocks must split each shard's {b // d} positions evenly (C a "
+                       f"multiple of {d} dividing {b}). Leave sketch_blocks=None: one block "
+                       "per shard.")
+    return
   if c > 1 and spec.x_perm[:n] != tuple(range(n)):
     raise ValueError(f"sketch_blocks gives {c} blocks: the blocks cut the positions along x's "
                      f"leading axes, but this projection's batch axes are x's axes "
                      f"{spec.x_perm[:n]} of {x.shape}. Use sketch_blocks=1 (one sketch) for it.")
-  if (c > 1 and not follow_shards
-      and any(e is not None for e in (_mesh.explicit_spec(x) or ()))):
-    raise ValueError(f"sketch_blocks gives {c} blocks for x typed on an Explicit mesh "
-                     f"({jax.typeof(x)}): the General and Einsum projections take blocks "
-                     "only for x without Explicit axes. Use RandomizedLinear / "
-                     "randomized_dense, which follows the shards, or sketch_blocks=1.")
   if b % c or (per_shard and x.ndim > 1 and x.shape[0] % c):
     what = (f"x's first axis ({x.shape[0]})" if per_shard else f"the B={b} leading positions")
     raise ValueError(f"sketch_blocks gives {c} blocks, which do not divide {what} of x "
@@ -178,8 +183,9 @@ class Spec:
   k: int = 0  # sketch columns (per block with blocks)
   kind: str = "gaussian"
   blocks: int = 0  # 0: one sketch of all B rows; C: C blocks, each its own sketch
-  # With blocks, the Explicit specs of x, of its (C, R, N) view and of y
-  # (None each without an Explicit mesh), or None for a layout of no mesh.
+  # With blocks of x typed on an Explicit mesh (`block_layout`): the specs of
+  # x and of the cotangent g, each with its axes in x_perm / g_perm order;
+  # None for x of no Explicit mesh.
   layout: tuple | None = None
 
   @property
@@ -203,14 +209,19 @@ class Spec:
     return tuple(shape)
 
 
-def _flatten(spec, a, perm, spec3):
-  """(B, N) rows of `a` (axes `perm`, batch first); (C, B / C, N) with blocks."""
+def _flatten(spec, a, perm, pspec):
+  """(B, N) rows of `a` (axes `perm`, batch first); (C, B / C, N) with blocks.
+
+  `pspec`: a's Explicit spec in `perm` order (blocks on an Explicit mesh),
+  or None.
+  """
   a = jnp.transpose(a, perm) if perm != tuple(range(a.ndim)) else a
   b = math.prod(a.shape[:spec.n_batch])
   if not spec.blocks:
     return a.reshape(b, -1)
-  c = spec.blocks
-  return _sharded.reshape(a, (c, b // c, math.prod(a.shape[spec.n_batch:])), spec3)
+  if pspec is not None:
+    return _sharded.to_blocks(a, spec.n_batch, pspec, spec.blocks)
+  return a.reshape(spec.blocks, b // spec.blocks, -1)
 
 
 def _sketch_of(spec, a, keys):
@@ -256,8 +267,8 @@ def _project(x, kernel, bias, keys, spec):
 
 
 def _project_fwd(x, kernel, bias, keys, spec):
-  x3_spec = None if spec.layout is None else spec.layout[1]
-  sx = _sketch_of(spec, _flatten(spec, x, spec.x_perm, x3_spec), keys).astype(x.dtype)
+  x_pspec = None if spec.layout is None else spec.layout[0]
+  sx = _sketch_of(spec, _flatten(spec, x, spec.x_perm, x_pspec), keys).astype(x.dtype)
   y = spec.forward(*_after_smaller(spec, x, kernel, sx), bias)
   sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
   return y, (sx, keys, kernel, bias)
@@ -265,16 +276,17 @@ def _project_fwd(x, kernel, bias, keys, spec):
 
 def _project_bwd(spec, res, g):
   sx, keys, kernel, bias = res
-  x_spec, _, y_spec = spec.layout or (None, None, None)
+  x_pspec, g_pspec = spec.layout or (None, None)
   mesh = _mesh.type_mesh(sx, kernel, g)
-  g3_spec = None
-  if y_spec is not None:
-    # The cotangent has y's type, whatever sharding the type of the op that
+  x_spec = None
+  if g_pspec is not None:
+    # The cotangent's batch axes are sharded as x's, so that its blocks hold
+    # the rows of x's blocks, whatever sharding the type of the op that
     # produced it claims (an FFI call typed as replicated, say): resharding
-    # from a replicated type to y's is a local slice.
-    g = jax.sharding.reshard(g, NamedSharding(mesh, P(*y_spec)))
-    g3_spec = (y_spec[0], None, y_spec[-1])
-  sg = _sketch_of(spec, _flatten(spec, g, spec.g_perm, g3_spec), keys)
+    # from a replicated type is a local slice.
+    g = jax.sharding.reshard(g, NamedSharding(mesh, P(*_unpermute(g_pspec, spec.g_perm))))
+    x_spec = _unpermute(x_pspec, spec.x_perm)
+  sg = _sketch_of(spec, _flatten(spec, g, spec.g_perm, g_pspec), keys)
   w_in = kernel
   g, kernel = _after_smaller(spec, g, kernel, sg)
   # dx and db are the transposes of the forward's linear map, so they are
@@ -291,20 +303,42 @@ def _project_bwd(spec, res, g):
                                   jax.typeof(bias))(g)
   # dW = sum over blocks of (S_c^T x_c)^T (S_c^T g_c): a sum over the blocks,
   # so over the data shards: the all-reduce any data-parallel weight gradient has.
+  # On an Explicit mesh the sum over the (sharded) blocks needs the result's
+  # sharding: the kernel's where it is 2-D in order, else replicated, and then
+  # the kernel's, as autodiff of the plain layer gives the kernel's type.
   kw = {}
-  k_spec = _mesh.explicit_spec(kernel) if spec.blocks else None
-  if k_spec is not None and spec.k_perm == tuple(range(kernel.ndim)) == (0, 1):
-    kw["out_sharding"] = NamedSharding(mesh, P(*k_spec))
+  k_spec = _mesh.explicit_spec(kernel)
+  simple = spec.k_perm == tuple(range(kernel.ndim)) == (0, 1)
+  if mesh is not None and _mesh.explicit_spec(sx) is not None:
+    kw["out_sharding"] = NamedSharding(mesh, P(*k_spec) if simple and k_spec else P())
   rows = tuple(range(sx.ndim - 1))  # the sketch rows, and the blocks if any
   dw = lax.dot_general(sx.astype(jnp.float32), sg, ((rows, rows), ((), ())),
                        precision=spec.precision, preferred_element_type=jnp.float32, **kw)
   dw = dw.reshape(tuple(kernel.shape[a] for a in spec.k_perm))
   inverse = tuple(sorted(range(kernel.ndim), key=lambda i: spec.k_perm[i]))
   dw = jnp.transpose(dw, inverse).astype(kernel.dtype)
+  if kw and not simple and k_spec is not None:
+    dw = jax.sharding.reshard(dw, NamedSharding(mesh, P(*k_spec)))
   return dx, _like_primal(dw, w_in), _like_primal(db, bias), None
 
 
 _project.defvjp(_project_fwd, _project_bwd)
+
+
+def _exact_trace(*arrays) -> bool:
+  """Whether an input is traced for forward mode (``jax.jvp``) or ``jax.linear_transpose``.
+
+  A custom_vjp has neither a forward-mode rule nor a transpose rule, and
+  neither needs the sketch: the forward is exactly the plain layer's, so its
+  tangent ``dx W + x dW (+ db)`` and its transpose in x, ``g W^T``, are the
+  plain layer's too, and they keep nothing for a weight gradient.
+  """
+  for a in arrays:
+    if isinstance(a, _ad.JVPTracer):
+      return True
+    if isinstance(a, _pe.JaxprTracer) and not a.pval.is_known():
+      return True
+  return False
 
 
 def project(x, kernel, bias, key_words, spec: Spec, c: int, layout=None):
@@ -312,7 +346,11 @@ def project(x, kernel, bias, key_words, spec: Spec, c: int, layout=None):
 
   `spec.k` is the sketch size over all B positions; C == 0: one sketch;
   `key_words` uint32 (2,); `layout` as `Spec.layout` (`block_layout`).
+  Under forward mode and ``jax.linear_transpose`` it is the plain layer,
+  whose derivatives there are exact (`_exact_trace`).
   """
+  if _exact_trace(x, kernel, bias):
+    return spec.forward(x, kernel, bias)
   if c:
     keys = _sketch.block_keys(key_words, c)
     spec = dataclasses.replace(spec, k=-(-spec.k // c), blocks=c, layout=layout)
@@ -321,11 +359,30 @@ def project(x, kernel, bias, key_words, spec: Spec, c: int, layout=None):
   return _project(x, kernel, bias, keys, spec)
 
 
+def _unpermute(pspec, perm) -> tuple:
+  """Spec entries in `perm` order back in the array's own axis order."""
+  out = [None] * len(perm)
+  for a, e in zip(perm, pspec):
+    out[a] = e
+  return tuple(out)
+
+
 def block_layout(x, kernel, bias, spec: Spec) -> tuple | None:
-  """`Spec.layout` for x typed on an Explicit mesh: the specs of x, its (C, R, N) view and y."""
+  """`Spec.layout` for x typed on an Explicit mesh: x's and g's specs in perm order.
+
+  g's batch axes take x's sharding (its blocks must hold x's blocks' rows);
+  its feature axes y's, less the mesh axes the batch axes use.
+  """
   x_spec = _mesh.explicit_spec(x)
   if x_spec is None:
     return None
+  n = spec.n_batch
   y_aval = jax.eval_shape(lambda x, w, b: spec.forward(x, w, b), x, kernel, bias)
-  y_spec = _mesh.padded(y_aval.sharding.spec, len(y_aval.shape))
-  return x_spec, (x_spec[0] if x.ndim > 1 else None, None, x_spec[-1]), y_spec
+  explicit = _mesh.explicit_axes(jax.typeof(x).sharding.mesh)
+  y_spec = tuple(_mesh.entry(tuple(a for a in _mesh.axes(e) if a in explicit))
+                 for e in _mesh.padded(y_aval.sharding.spec, len(y_aval.shape)))
+  x_pspec = tuple(x_spec[a] for a in spec.x_perm)
+  used = {a for e in x_pspec[:n] for a in _mesh.axes(e)}
+  features = tuple(_mesh.entry(tuple(a for a in _mesh.axes(y_spec[i]) if a not in used))
+                   for i in spec.g_perm[n:])
+  return x_pspec, x_pspec[:n] + features

@@ -65,6 +65,11 @@ def _check_bounds(name: str, p: dict) -> None:
     raise ValueError(f"{name} needs min_val < max_val; got {p['min_val']} and {p['max_val']}")
 
 
+def _check_alpha(name: str, p: dict) -> None:
+  if p["alpha"] == 0:
+    raise ValueError(f"{name} needs alpha != 0 (it divides x by alpha); got alpha={p['alpha']}")
+
+
 def _check_lambd(name: str, p: dict) -> None:
   if p["lambd"] < 0:
     raise ValueError(f"{name} needs lambd >= 0; got {p['lambd']}")
@@ -202,7 +207,7 @@ _RECORDS = (
     _in_jax("leaky_relu", jax.nn.leaky_relu, "x if x >= 0 else negative_slope * x", _P,
             params=(_float("negative_slope", 1e-2),),
             predicate=lambda x, negative_slope: x >= 0.0,
-            levels=lambda negative_slope: (float(np.float32(negative_slope)), 1.0)),
+            levels=lambda negative_slope: (negative_slope, 1.0)),
     _in_jax("hard_tanh", _hard_tanh, "clip(x, min_val, max_val)", _P,
             params=(_float("min_val", -1.0), _float("max_val", 1.0)),
             predicate=lambda x, min_val, max_val: (x >= min_val) & (x <= max_val),
@@ -227,7 +232,7 @@ _RECORDS = (
                reference="torch.nn.functional.softshrink, in jnp"),
     # Continuous: tabled levels, bits 1..8.
     _in_jax("celu", jax.nn.celu, "max(0, x) + min(0, alpha * (exp(x / alpha) - 1))",
-            params=(_ALPHA,)),
+            params=(_ALPHA,), check=_check_alpha),
     _in_jax("elu", jax.nn.elu, "x if x > 0 else alpha * (exp(x) - 1)", params=(_ALPHA,)),
     _in_jax("gelu", jax.nn.gelu, "x * Phi(x) (approximate=True: the tanh form)",
             params=(Param("approximate", True, "bool", as_bool, shipped=(False,)),)),

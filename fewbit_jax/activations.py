@@ -1,11 +1,13 @@
 """Few-bit activations: drop-in replacements for ``jax.nn`` activations.
 
 Each activation computes exactly the output of the ``jax.nn`` function of the
-same name (bitwise: the same XLA operations), but its ``jax.custom_vjp`` saves
+same name (bitwise: the same XLA operations), but its ``jax.custom_vjp`` keeps
 for the backward pass only a b-bit code per element, packed into bit planes
 (`fewbit_jax.codes`): the index of the interval of x in a piecewise-constant
 approximation of f' with ``2**bits`` levels. The backward is
 ``grad_x = levels[code] * grad_y``, computed in the cotangent's dtype.
+Forward mode (``jax.jvp``, ``jax.linearize``) of a few-bit activation raises
+JAX's TypeError for a ``custom_vjp``; exact mode supports it.
 
 Piecewise-linear activations (relu, relu6, leaky_relu, hard_tanh,
 hard_sigmoid, threshold, hard_shrink, soft_shrink) have a two-valued
@@ -29,6 +31,15 @@ finite cotangents: ``levels[0] * g`` at NaN (``jax.grad`` gives NaN there).
 Each function is generated from its record in the activation registry
 (`fewbit_jax._registry`: forward, parameters, kind, predicate and levels or
 table, aliases), with one ``jax.custom_vjp`` core for all of them.
+
+Second derivatives: the codes have no derivative in x, so a second
+derivative of a continuous few-bit activation (``jax.hessian``, a grad of a
+grad, a jvp of a grad) raises a TypeError that says to use exact mode
+(``exact=True``), which keeps x and recomputes ``f'`` with jax's own
+derivative, differentiable again (4 bytes per float32 element, against 12 for
+``jax.nn.gelu(approximate=False)`` and 20 for its tanh form). Piecewise-linear
+ones have a truly zero second derivative away from their kinks, and give it.
+Derivatives with respect to the cotangent (the backward is linear in it) work.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -66,12 +77,14 @@ CONTINUOUS: dict[str, Callable] = {}
 # The original library's spellings (and jax's second names) -> canonical name.
 ALIASES: dict[str, str] = dict(_registry.ALIASES)
 
-__all__ = (["fewbit", "CODES_NAME"] + [r.name for r in _RECORDS.values()] + list(ALIASES)
+__all__ = (["fewbit", "CODES_NAME", "EXACT_NAME"] + [r.name for r in _RECORDS.values()] + list(ALIASES)
            + ["PIECEWISE", "CONTINUOUS", "ALIASES"])
 
 # Name given (with jax.ad_checkpoint.checkpoint_name) to every packed-code
 # residual, so that jax.checkpoint policies can single them out.
 CODES_NAME = "fewbit_codes"
+# Name of the input that exact mode (``exact=True``) keeps for its backward.
+EXACT_NAME = "fewbit_exact_input"
 
 _DEFAULT_BITS = 3
 _NO_X = object()
@@ -98,8 +111,39 @@ def _keep_codes(x: jax.Array, bits: int, borders: np.ndarray | None,
 
 
 def _apply_codes(packed: jax.Array, levels: np.ndarray, g: jax.Array, bits: int) -> jax.Array:
-  """``levels[code] * g``, in g's dtype."""
-  return ext.unpack_scale(packed, jnp.asarray(levels), g, bits)
+  """``levels[code] * g``, in g's dtype (0 where the level is 0, whatever g).
+
+  The float64 levels are rounded to g's dtype here, once, as jax rounds a
+  Python float constant (``negative_slope * x``): float64 cotangents get
+  float64 levels.
+  """
+  return ext.unpack_scale(packed, jnp.asarray(levels.astype(g.dtype)), g, bits)
+
+
+# --------------------------------------------------------------------------
+# Second derivatives: the codes cannot give them.
+
+
+def _second_order_message(name: str) -> str:
+  return (f"fewbit {name}: a second derivative (jax.hessian, a grad of a grad, jvp of a grad) "
+          f"differentiates the backward pass with respect to x, but the backward of a few-bit "
+          f"activation keeps only b-bit codes of x, not x, so it has no derivative in x. Use "
+          f"exact mode, which keeps x and recomputes the derivative differentiably "
+          f"(fb.{name}(x, exact=True), fb.fewbit(fn, exact=True)), or the jax.nn function. "
+          f"Derivatives with respect to the cotangent (the backward is linear in it) work.")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _codes_input(x: jax.Array, name: str) -> jax.Array:
+  """x, for the codes; differentiating it (second order) raises a clear error."""
+  del name
+  return x
+
+
+@_codes_input.defjvp
+def _codes_input_jvp(name, primals, tangents):
+  del primals, tangents
+  raise TypeError(_second_order_message(name))
 
 
 # --------------------------------------------------------------------------
@@ -108,17 +152,25 @@ def _apply_codes(packed: jax.Array, levels: np.ndarray, g: jax.Array, bits: int)
 
 @functools.lru_cache(maxsize=None)
 def _core(fn: Callable, bits: int, levels: tuple, borders: tuple | None = None,
-          predicate: Callable | None = None) -> Callable:
-  """custom_vjp of `fn` keeping b-bit codes: against `borders`, or ``predicate``'s bit."""
+          predicate: Callable | None = None, name: str = "activation") -> Callable:
+  """custom_vjp of `fn` keeping b-bit codes: against `borders`, or `predicate`'s bit.
+
+  Codes against borders (continuous activations) refuse a second derivative
+  (`_codes_input`). A predicate's bit (piecewise-linear ones) has a zero
+  derivative, which is their true second derivative away from the kinks, so
+  there a second derivative is 0, as ``jax.hessian`` of the ``jax.nn``
+  function gives.
+  """
   b = None if borders is None else np.asarray(borders, np.float32)
-  l = np.asarray(levels, np.float32)
+  l = np.asarray(levels, np.float64)
 
   @jax.custom_vjp
   def f(x):
     return fn(x)
 
   def f_fwd(x):
-    packed = checkpoint_name(_keep_codes(x, bits, b, predicate), CODES_NAME)
+    xc = x if predicate is not None else _codes_input(x, name)
+    packed = checkpoint_name(_keep_codes(xc, bits, b, predicate), CODES_NAME)
     return fn(x), packed
 
   def f_bwd(packed, g):
@@ -128,7 +180,38 @@ def _core(fn: Callable, bits: int, levels: tuple, borders: tuple | None = None,
   return f
 
 
+@functools.lru_cache(maxsize=None)
+def _exact_core(fn: Callable) -> Callable:
+  """`fn` whose differentiation keeps only its input x (``EXACT_NAME``).
+
+  A ``custom_jvp`` whose tangent map ``t -> f'(x) t`` is rematerialised
+  (``jax.checkpoint`` saving nothing): linearising it keeps x alone, and
+  the backward recomputes f' from x with jax's own derivative of `fn`, in
+  x's dtype. Being jax's derivative, it is differentiable again (second
+  derivatives, ``jax.jvp``, ``jax.linear_transpose`` all work).
+  """
+  tangent = jax.checkpoint(lambda x, t: jax.jvp(fn, (x,), (t,))[1],
+                           policy=jax.checkpoint_policies.nothing_saveable)
+
+  @jax.custom_jvp
+  def f(x):
+    return fn(x)
+
+  @f.defjvp
+  def f_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return fn(x), tangent(checkpoint_name(x, EXACT_NAME), t)
+
+  return f
+
+
 def _user_table(borders, levels, bits) -> tuple[tuple, tuple, int]:
+  for what, v in (("borders", borders), ("levels", levels)):
+    if isinstance(v, jax.core.Tracer):
+      raise TypeError(f"a user table's {what}= must be concrete (a list, numpy or jax array "
+                      f"made outside jax.jit): the table is fixed when the function is traced, "
+                      f"but got a traced value {v}. Build the table outside the jitted function "
+                      f"and close over it (or pass it as a static argument).")
   if borders is None or levels is None:
     raise ValueError("pass both borders= and levels= for a user table "
                      f"(got borders={'None' if borders is None else '...'}, "
@@ -155,18 +238,34 @@ def _predicate(name: str, params: tuple) -> Callable:
   return functools.partial(rec.predicate, **dict(params)) if params else rec.predicate
 
 
-def _piecewise(rec: _registry.Activation, x, params: dict, bits) -> jax.Array:
-  if bits is not None and bits != 1:
+def _check_exact(exact, name: str, bits, borders=None, levels=None) -> bool:
+  """Validates ``exact=``: a bool, and then no bits or table."""
+  if not isinstance(exact, (bool, np.bool_)):
+    raise TypeError(f"{name}: exact must be True or False; got {exact!r}")
+  if exact and (bits is not None or borders is not None or levels is not None):
+    raise ValueError(f"{name}: exact=True keeps x and recomputes the exact derivative, so it "
+                     f"takes no bits= or table (borders=, levels=); pass one or the other")
+  return bool(exact)
+
+
+def _piecewise(rec: _registry.Activation, x, params: dict, bits, exact=False) -> jax.Array:
+  key = tuple(params.items())
+  if _check_exact(exact, rec.name, bits):
+    return _exact_core(_forward(rec.name, key))(_check_input(x, rec.name))
+  if bits is not None and check_bits(bits) != 1:
     raise ValueError(f"{rec.name} is piecewise linear: its 1-bit gradient is exact, so bits "
                      f"must be 1 (or left out); got bits={bits!r}")
   x = _check_input(x, rec.name)
-  key = tuple(params.items())
   levels = tuple(rec.levels_for(params))
-  return _core(_forward(rec.name, key), 1, levels, predicate=_predicate(rec.name, key))(x)
+  return _core(_forward(rec.name, key), 1, levels, predicate=_predicate(rec.name, key),
+               name=rec.name)(x)
 
 
 def _continuous(rec: _registry.Activation, x, params: dict, bits, borders=None,
-                levels=None) -> jax.Array:
+                levels=None, exact=False) -> jax.Array:
+  key = tuple(params.items())
+  if _check_exact(exact, rec.name, bits, borders, levels):
+    return _exact_core(_forward(rec.name, key))(_check_input(x, rec.name))
   if borders is not None or levels is not None:
     bs, ls, nbits = _user_table(borders, levels, bits)
   else:
@@ -174,7 +273,7 @@ def _continuous(rec: _registry.Activation, x, params: dict, bits, borders=None,
     t = _tables.table(rec.name, nbits, **params)
     bs, ls = tuple(t.borders.tolist()), tuple(t.levels.tolist())
   x = _check_input(x, rec.name)
-  return _core(_forward(rec.name, tuple(params.items())), nbits, ls, bs)(x)
+  return _core(_forward(rec.name, key), nbits, ls, bs, name=rec.name)(x)
 
 
 _PUBLIC: dict[str, Callable] = {}
@@ -184,7 +283,10 @@ def _call(name: str, x, kwargs: dict):
   """The body of every public activation: compute, or bind the arguments."""
   if x is _NO_X:
     p = functools.partial(_PUBLIC[name], **kwargs)
-    desc = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in ("borders", "levels"))
+    shown = {k: v for k, v in kwargs.items() if k not in ("borders", "levels", "exact")}
+    if kwargs["exact"]:  # no bits then: say exact instead
+      shown = {k: v for k, v in shown.items() if k != "bits"} | {"exact": True}
+    desc = ", ".join(f"{k}={v!r}" for k, v in shown.items())
     p.__name__ = f"fewbit.{name}({desc})"  # type: ignore[attr-defined]
     p.__doc__ = _PUBLIC[name].__doc__
     return p
@@ -210,6 +312,16 @@ _CONTINUOUS_DOC = """Few-bit {name}: ``{formula}``, saving ``bits`` bits per ele
     bits: 1..8, default 3.
     borders, levels: a user table instead (``2**k - 1`` ascending borders and
       ``2**k`` levels); excludes ``bits``.
+    exact: keep x itself (in its dtype) instead of codes and recompute the
+      exact derivative in the backward: gradients of ``{reference}``
+      (within float rounding), second derivatives too; excludes ``bits`` and
+      a table.
+
+  Returns:
+    ``{name}(x)``, bitwise; or, without x, the callable.
+
+  A second derivative (``jax.hessian``, grad of grad) raises a TypeError
+  unless ``exact=True``: the codes have no derivative in x.
 
   Example:
     >>> import jax, jax.numpy as jnp, fewbit_jax as fb
@@ -229,6 +341,15 @@ _PIECEWISE_DOC = """Few-bit {name}: ``{formula}`` with an exact 1-bit gradient.
   Args:
     x: float array. Leave it out to get a callable ``x -> y``.
     bits: must be 1 if given (the gradient is exact at 1 bit).
+    exact: keep x itself instead of its bit (no gain here: the 1-bit
+      gradient is already exact; for uniformity with the other activations).
+
+  Returns:
+    ``{name}(x)``, bitwise; or, without x, the callable.
+
+  Where the derivative is 0 the gradient is 0 whatever the cotangent (inf and
+  NaN too), as jax's. Its second derivative is 0 (the derivative is piecewise
+  constant), as ``jax.hessian`` of ``{reference}`` gives away from the kinks.
 
   Example:
     >>> import jax, jax.numpy as jnp, fewbit_jax as fb
@@ -261,7 +382,9 @@ def _define(rec: _registry.Activation) -> Callable:
   if rec.kind == _registry.CONTINUOUS:
     names += ["borders", "levels"]
     extra = ", borders=None, levels=None"
-  src = (f"def {rec.name}(x=_NO_X{params}, *, bits: int | None = None{extra}):\n"
+  names.append("exact")
+  src = (f"def {rec.name}(x=_NO_X{params}, *, bits: int | None = None{extra}, "
+         f"exact: bool = False):\n"
          f"  return _call({rec.name!r}, x, dict({', '.join(f'{n}={n}' for n in names)}))\n")
   filename = f"<fewbit_jax.activations.{rec.name}>"
   linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)  # getsource
@@ -289,7 +412,8 @@ _fewbit_tables: dict[tuple, _tables.Table] = {}
 
 
 def fewbit(fn: Callable, bits: int = _DEFAULT_BITS, *, weight: Callable | None = None,
-           borders=None, levels=None, name: str | None = None) -> Callable:
+           borders=None, levels=None, name: str | None = None,
+           exact: bool = False) -> Callable:
   """Few-bit version of any elementwise function ``fn: float -> float``.
 
   The optimal table of ``jax.grad(fn)`` is computed on first use (under the
@@ -303,6 +427,8 @@ def fewbit(fn: Callable, bits: int = _DEFAULT_BITS, *, weight: Callable | None =
     weight: input density for the table (numpy function of x).
     borders, levels: a user table instead.
     name: used in error messages and the table's name.
+    exact: keep x itself and recompute ``fn``'s exact derivative in the
+      backward instead (no table; excludes a user table).
 
   Returns:
     ``x -> fn(x)`` whose backward keeps only the packed codes.
@@ -317,7 +443,10 @@ def fewbit(fn: Callable, bits: int = _DEFAULT_BITS, *, weight: Callable | None =
   if not callable(fn):
     raise TypeError(f"fewbit needs a callable elementwise function; got {fn!r}")
   label = name or getattr(fn, "__name__", "fn")
-  if borders is not None or levels is not None:
+  if _check_exact(exact, label, None if bits == _DEFAULT_BITS else bits, borders, levels):
+    core = _exact_core(fn)
+    nbits = None
+  elif borders is not None or levels is not None:
     if bits != _DEFAULT_BITS:
       raise ValueError("pass either bits= or a user table (borders=, levels=), not both")
     bs, ls, nbits = _user_table(borders, levels, None)
@@ -329,12 +458,12 @@ def fewbit(fn: Callable, bits: int = _DEFAULT_BITS, *, weight: Callable | None =
       _fewbit_tables[key] = _tables.optimal_table(deriv, nbits, weight=weight, name=label)
     t = _fewbit_tables[key]
     bs, ls = tuple(t.borders.tolist()), tuple(t.levels.tolist())
-
-  core = _core(fn, nbits, ls, bs)
+  if not exact:
+    core = _core(fn, nbits, ls, bs, name=label)
 
   def wrapped(x):
     return core(_check_input(x, label))
 
-  wrapped.__name__ = f"fewbit({label}, bits={nbits})"
+  wrapped.__name__ = f"fewbit({label}, {'exact=True' if exact else f'bits={nbits}'})"
   wrapped.__doc__ = fn.__doc__
   return wrapped

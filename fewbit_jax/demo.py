@@ -2,9 +2,10 @@
 
 ``python -m fewbit_jax bench`` builds a small BERT-style encoder classifier
 (defaults: 2 layers, hidden 256, 4 heads, FFN 1024, exact GELU, batch 32 x
-sequence 128), trains it with ``optax.adamw``, and prints for four variants
+sequence 128), trains it with ``optax.adamw``, and prints for six variants
 (vanilla; 3-bit GELU; randomized dense at ratio 0.2 in every dense layer of the
-blocks, one sketch block per sequence; both):
+blocks, one sketch block per sequence; both; lean exact residuals with
+exact-mode GELU; both with lean):
 
 - XLA's compiled memory of the jitted training step (arguments + outputs -
   aliased + temporaries; exact and deterministic on CPU, no run needed) and
@@ -17,6 +18,7 @@ for memory only (compiling it takes a few minutes on a laptop CPU).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -84,7 +86,13 @@ class Encoder(nn.Module):
 
 def variants(ratio: float = 0.2, bits: int = 3,
              blocks: int | None = None) -> dict[str, dict[str, Any]]:
-  """The four variants; the randomized layers take `blocks` sketch blocks."""
+  """The variants; the randomized layers take `blocks` sketch blocks.
+
+  A variant is the `Encoder`'s fields, and ``lean=True`` to trace the step
+  inside ``fb.linen.lean()`` and ``fb.patch_activations(softmax=True)``: the
+  unedited model's LayerNorms and inline softmax run their lean twins (the
+  same output, exact gradients, less kept).
+  """
   rd = functools.partial(RandomizedDense, proj_dim_ratio=ratio, sketch_blocks=blocks)
   gelu = fb.gelu(approximate=False, bits=bits)
   return {
@@ -92,7 +100,19 @@ def variants(ratio: float = 0.2, bits: int = 3,
       f"{bits}-bit GELU": {"activation": gelu},
       f"randomized dense {ratio:g}": {"dense": rd},
       "both": {"activation": gelu, "dense": rd},
+      "lean (exact)": {"activation": fb.gelu(approximate=False, exact=True), "lean": True},
+      "both + lean": {"activation": gelu, "dense": rd, "lean": True},
   }
+
+
+@contextlib.contextmanager
+def _lean(on: bool):
+  """The lean conversions of an unedited model while its step is traced."""
+  if not on:
+    yield
+    return
+  with fb.linen.lean(warn_unused=False), fb.patch_activations(softmax=True, warn_unused=False):
+    yield
 
 
 def make_step(model: nn.Module, tx: optax.GradientTransformation):
@@ -118,6 +138,8 @@ def compiled_memory(compiled) -> tuple[int, int]:
 
 
 def measure(cfg: Config, variant: dict, *, time_steps: int = 0, seed: int = 0) -> dict:
+  variant = dict(variant)
+  lean = variant.pop("lean", False)
   model = Encoder(cfg, **variant)
   key = jax.random.key(seed)
   tokens = jax.random.randint(key, (cfg.batch, cfg.seq), 0, cfg.vocab)
@@ -126,7 +148,8 @@ def measure(cfg: Config, variant: dict, *, time_steps: int = 0, seed: int = 0) -
   tx = optax.adamw(1e-4)
   opt_state = jax.eval_shape(tx.init, params)
   step = make_step(model, tx)
-  compiled = step.lower(params, opt_state, tokens, labels, key).compile()
+  with _lean(lean):
+    compiled = step.lower(params, opt_state, tokens, labels, key).compile()
   total, temp = compiled_memory(compiled)
   out = {"total": total, "temp": temp}
   if time_steps:

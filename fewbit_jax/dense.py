@@ -18,8 +18,9 @@ one per data shard, each with its own sketch of k / C columns
 (`fewbit_jax.sketch.project_blocks`): S is block-diagonal, still unbiased,
 and every sketch stays on its device, so the only collective left is the
 usual all-reduce of the weight gradient. Under an ``AxisType.Explicit`` mesh
-C is taken from x's type by default; under an ``AxisType.Auto`` mesh pass it
-(or set it for a whole model with `sketch_blocks_default`). Kernels sharded
+C is taken from x's type by default; under an ``AxisType.Auto`` mesh the
+default is one sketch (correct, with the all-reduces above): pass C (or set
+it for a whole model with `sketch_blocks_default`) to save them. Kernels sharded
 on either axis (tensor parallelism) need nothing: the sketches keep the
 sharding of x's and g's feature axis (`fewbit_jax.sharded`).
 
@@ -47,6 +48,23 @@ _check_blocks_arg = _projection.check_blocks_arg
 _forward = _projection.dense_forward
 
 
+def _real(v, name) -> float | None:
+  """`v` as a Python float if it is one real number (a numpy or concrete 0-d jax one too)."""
+  if isinstance(v, (bool, np.bool_)):
+    return None
+  if isinstance(v, (numbers.Real, np.floating, np.integer)):
+    return float(v)
+  dtype = getattr(v, "dtype", None)
+  if dtype is None or np.ndim(v) != 0 or not (jnp.issubdtype(dtype, jnp.floating)
+                                               or jnp.issubdtype(dtype, jnp.integer)):
+    return None
+  if isinstance(v, jax.core.Tracer):
+    raise TypeError(f"{name} is a traced value ({jax.typeof(v)}): the sketch size fixes the "
+                    "shapes of the program, so it must be known when the function is traced. "
+                    "Pass a Python float (or a concrete array), not a jit argument.")
+  return float(v)
+
+
 def projection_dim(b: int, *, proj_dim_ratio=None, proj_dim=None, proj_dim_min=None,
                    proj_dim_max=None) -> int:
   """The sketch size k for B rows.
@@ -71,8 +89,8 @@ def projection_dim(b: int, *, proj_dim_ratio=None, proj_dim=None, proj_dim_min=N
                      "(a fraction in (0, 1] of the B leading positions, e.g. 0.2) or "
                      "proj_dim (a number of rows >= 1).")
   if proj_dim_ratio is not None:
-    ok = isinstance(proj_dim_ratio, (numbers.Real, np.floating)) and not isinstance(proj_dim_ratio, bool)
-    if not ok or not 0.0 < float(proj_dim_ratio) <= 1.0:
+    ratio = _real(proj_dim_ratio, "proj_dim_ratio")
+    if ratio is None or not 0.0 < ratio <= 1.0:
       raise ValueError(f"proj_dim_ratio={proj_dim_ratio!r} must be a number in (0, 1]: "
                        "the fraction of the B leading positions kept, e.g. 0.2. For "
                        "a fixed size use proj_dim instead.")
@@ -86,7 +104,7 @@ def projection_dim(b: int, *, proj_dim_ratio=None, proj_dim=None, proj_dim_min=N
   if proj_dim is not None:
     k = int(proj_dim)
   else:
-    k = math.ceil(float(proj_dim_ratio) * b)
+    k = math.ceil(ratio * b)
   if proj_dim_min is not None:
     k = max(k, int(proj_dim_min))
   if proj_dim_max is not None:
@@ -170,9 +188,11 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
 
       * None (default): the value set by `sketch_blocks_default` if any;
         else, when x's type is sharded over ``AxisType.Explicit`` mesh axes,
-        one block per shard of its first axis; else one sketch over all B
+        one block per device's shard of its leading axes (whichever are
+        sharded; `fewbit_jax.sharded.to_blocks`); else one sketch over all B
         positions (under an ``AxisType.Auto`` mesh each device then sketches
-        its rows and the partial sketches are all-reduced);
+        its rows and the partial sketches are all-reduced). Correct on any
+        mesh and sharding; the options below only make it cheaper;
       * an int C dividing B: C blocks;
       * mesh axis name(s), e.g. ``'data'``: one block per shard of those
         axes of the current mesh (``jax.set_mesh``); x's first axis must be
@@ -222,8 +242,8 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
   dtype = jnp.result_type(*(a for a in (x, kernel, bias) if a is not None))
   x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
   bias = None if bias is None else jnp.asarray(bias, dtype)
-  c, per_shard = _projection.resolve_blocks(x, sketch_blocks, follow_shards=True)
   lead = tuple(range(x.ndim))
+  c, per_shard = _projection.resolve_blocks(x, sketch_blocks, lead[:-1])
   spec = _projection.Spec("dot_general", _projection.dense_dims(x.ndim), precision,
                           preferred_element_type, out_sharding, lead, lead, (0, 1), k, kind)
   with jax.named_scope("randomized_dense"):
@@ -231,6 +251,6 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
       return spec.forward(x, kernel, bias)
     layout = None
     if c:  # c == 0: no mesh, no blocks asked for: one sketch of the (B, N) rows
-      _projection.check_blocks_fit(x, c, per_shard, spec, follow_shards=True)
+      _projection.check_blocks_fit(x, c, per_shard, spec)
       layout = _projection.block_layout(x, kernel, bias, spec)
     return _projection.project(x, kernel, bias, jnp.stack([k0, k1]), spec, c, layout)

@@ -68,19 +68,18 @@ def _apply(op, arg, x, kernel, key, x_perm, g_perm, k_perm, *, proj_dim_ratio, p
   k = projection_dim(b, proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim,
                      proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max)
   spec = dataclasses.replace(spec, k=k)
-  c = 0
-  if b:
-    # Blocks follow x's leading batch axes, which only a plain (Auto or no
-    # mesh) type lets this layer reshape freely: None is one sketch here.
-    c, per_shard = _projection.resolve_blocks(x, sketch_blocks, follow_shards=False)
-    if c:
-      _projection.check_blocks_fit(x, c, per_shard, spec, follow_shards=False)
+  c, layout = 0, None
   dtype = jnp.result_type(x, kernel)
   x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
+  if b:
+    c, per_shard = _projection.resolve_blocks(x, sketch_blocks, spec.x_perm[:spec.n_batch])
+    if c:
+      _projection.check_blocks_fit(x, c, per_shard, spec)
+      layout = _projection.block_layout(x, kernel, None, spec)
   if b == 0:
     return spec.forward(x, kernel)
   k0, k1 = rng.key_words(key)
-  return _projection.project(x, kernel, None, jnp.stack([k0, k1]), spec, c)
+  return _projection.project(x, kernel, None, jnp.stack([k0, k1]), spec, c, layout)
 
 
 def _canon_axes(axes: Sequence[int], ndim: int, what: str) -> tuple[int, ...]:
@@ -122,9 +121,9 @@ def randomized_dot_general(x, kernel, key, dimension_numbers, *, proj_dim_ratio=
     sketch_blocks: C contiguous blocks of the B positions, each with its own
       sketch, as in `fewbit_jax.dense.randomized_dense` (an int dividing B,
       or mesh axis names for one block per data shard of x's first axis);
-      x's free axes must lead. None: the `sketch_blocks_default` if set, else
-      one sketch (also for a sharded x; x with Explicit mesh axes takes no
-      blocks here).
+      x's free axes must lead. None: the `sketch_blocks_default` if set;
+      else for x typed on an Explicit mesh one block per device's shard of
+      its free axes, whichever are sharded; else one sketch.
 
   Returns:
     Shape ``x_free + kernel_free``, as ``lax.dot_general``.

@@ -118,13 +118,22 @@ def _canonical(name: str) -> str:
       f"and {', '.join(n + '=True' for n in LEAN)}.")
 
 
-def _check_bits(name: str, bits: Any) -> int | None:
-  """The bits to pass to fb.<name> (None: its default), or a clear error."""
+# The choice that runs an activation in exact mode (fb.<name>(x, exact=True)).
+EXACT = "exact"
+
+
+def _check_bits(name: str, bits: Any) -> int | str | None:
+  """The bits to pass to fb.<name> (None: its default; `EXACT`), or a clear error."""
   if bits is True:
     return None
   if name in LEAN:
     raise ValueError(f"{name} has an exact lean backward and no bits: pass {name}=True; "
                      f"got {name}={bits!r}")
+  if isinstance(bits, str):
+    if bits != EXACT:
+      raise ValueError(f"{name}={bits!r}: the only string choice is {EXACT!r} (keep x, exact "
+                       f"gradient); otherwise pass the bit width, e.g. {name}=3")
+    return EXACT
   if _registry.ACTIVATIONS[name].kind == _registry.PIECEWISE:
     if bits != 1 or isinstance(bits, bool):
       raise ValueError(f"{name} is piecewise linear: its 1-bit gradient is exact, so pass "
@@ -154,10 +163,15 @@ class _Entry:
   calls: int = 0
 
 
-def _fewbit_function(name: str, bits: int | None) -> Callable:
+def _kwargs(bits: int | str | None) -> dict[str, Any]:
+  """fb.<name>'s keyword for a `parse_bits` choice: ``bits=`` or ``exact=True``."""
+  return {"exact": True} if bits == EXACT else {"bits": bits}
+
+
+def _fewbit_function(name: str, bits: int | str | None) -> Callable:
   if name in LEAN:
     return getattr(attention, name)
-  return functools.partial(getattr(activations, name), bits=bits)
+  return functools.partial(getattr(activations, name), **_kwargs(bits))
 
 
 def _wrapper(entry: _Entry) -> Callable:
@@ -181,18 +195,18 @@ def _wrapper(entry: _Entry) -> Callable:
   return patched
 
 
-def parse_bits(bits: dict[str, Any]) -> dict[str, int | None]:
+def parse_bits(bits: dict[str, Any]) -> dict[str, int | str | None]:
   """Validates ``{name: bits}`` into ``{canonical name: bits for fb.<name>}``.
 
-  ``True`` stands for the default bits (None). The same checks and errors as
-  `patch_activations`.
+  ``True`` stands for the default bits (None), ``"exact"`` for exact mode.
+  The same checks and errors as `patch_activations`.
 
   Example:
     >>> from fewbit_jax.patch import parse_bits
-    >>> parse_bits({"swish": 2, "relu": True})
-    {'silu': 2, 'relu': None}
+    >>> parse_bits({"swish": 2, "relu": True, "gelu": "exact"})
+    {'silu': 2, 'relu': None, 'gelu': 'exact'}
   """
-  chosen: dict[str, int | None] = {}
+  chosen: dict[str, int | str | None] = {}
   given: dict[str, str] = {}
   for name, b in bits.items():
     canon = _canonical(name)
@@ -205,7 +219,7 @@ def parse_bits(bits: dict[str, Any]) -> dict[str, int | None]:
   return chosen
 
 
-def swap_activation(value: Any, chosen: dict[str, int | None]) -> Callable | None:
+def swap_activation(value: Any, chosen: dict[str, int | str | None]) -> Callable | None:
   """The few-bit version of `value` if it is a chosen activation, else None.
 
   `value` may be the ``jax.nn`` function object (as ``flax.linen`` and
@@ -235,7 +249,7 @@ def swap_activation(value: Any, chosen: dict[str, int | None]) -> Callable | Non
       lean = getattr(attention, name)
       return functools.partial(lean, **keywords) if keywords else lean
     if func is _ORIGINALS[name]:
-      return getattr(activations, name)(bits=nb, **keywords)
+      return getattr(activations, name)(**_kwargs(nb), **keywords)
   return None
 
 
@@ -257,7 +271,8 @@ class patch_activations(contextlib.ContextDecorator):
   Args:
     **bits: activation name -> bit width: 1..8 for continuous activations
       (``True`` for the default, 3); 1 (or ``True``) for piecewise-linear
-      ones, whose 1-bit gradient is exact. Names are those of
+      ones, whose 1-bit gradient is exact; or ``"exact"`` for exact mode
+      (``gelu="exact"``: keep x, recompute the exact derivative). Names are those of
       `PATCHABLE` or their aliases (``swish``, ``hard_silu``, ...).
       ``softmax=True`` makes ``jax.nn.softmax`` (and flax's attention
       weights, which call it) `fewbit_jax.softmax`: the same output, an

@@ -51,12 +51,12 @@ from typing import Callable
 
 import jax
 
-from fewbit_jax.activations import CODES_NAME
+from fewbit_jax.activations import CODES_NAME, EXACT_NAME
 from fewbit_jax.attention import NAMES as ATTENTION_NAMES
 from fewbit_jax.dense import SKETCH_NAME
 from fewbit_jax.norms import NORM_INPUT_NAME, NORM_STATS_NAME
 
-__all__ = ["checkpoint_policy", "CODES_NAME", "SKETCH_NAME"]
+__all__ = ["checkpoint_policy", "CODES_NAME", "EXACT_NAME", "SKETCH_NAME"]
 
 
 def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
@@ -69,7 +69,9 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
   Args:
     *names: more ``jax.ad_checkpoint.checkpoint_name`` names to keep (e.g.
       the attention probabilities of your model, if you name them).
-    codes: keep few-bit activation codes (``'fewbit_codes'``; default True).
+    codes: keep what few-bit activations keep: their codes
+      (``'fewbit_codes'``) and exact mode's inputs (``'fewbit_exact_input'``);
+      default True.
     sketches: keep randomized dense sketches ``S^T x``
       (``'randomized_dense_sketch'``; default True).
     lean: keep what the lean ops keep, so their backward recomputes nothing
@@ -109,7 +111,7 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
                       f"to jax.ad_checkpoint.checkpoint_name); got {n!r}")
   keep = list(names)
   if codes:
-    keep.append(CODES_NAME)
+    keep += [CODES_NAME, EXACT_NAME]
   if sketches:
     keep.append(SKETCH_NAME)
   if lean:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["mix32", "hash4", "key_words", "uniform01", "gaussian"]
+__all__ = ["mix32", "hash4", "key_words", "sketch_words", "uniform01", "gaussian"]
 
 
 def _u32(x):
@@ -78,6 +78,35 @@ def key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
         f"(uint32[2]); got dtype {data.dtype} and shape {data.shape}. Split a "
         "batch of keys before calling.")
   return data[0], data[1]
+
+
+def sketch_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The two words a sketch draws from: each of the key's words mixed with both.
+
+  `hash4` XORs its first key word with the row counter, so keys that differ
+  only in that word would give the same rows in another order. Mixing both
+  words into each, once, before any hash or kernel reads them, makes keys
+  that differ in any bit give unrelated sketches; the kernels take the mixed
+  words as they are, so every path draws the same numbers.
+
+  Raises:
+    TypeError: as `key_words`.
+
+  Example:
+    >>> import jax
+    >>> from fewbit_jax import rng
+    >>> a = [int(w) for w in rng.sketch_words(jax.numpy.array([0, 7], "uint32"))]
+    >>> b = [int(w) for w in rng.sketch_words(jax.numpy.array([1, 7], "uint32"))]
+    >>> a[0] != b[0] and a[1] != b[1]
+    True
+  """
+  k0, k1 = key_words(key)
+  return hash4(k0, k1, 0, _KEY0), hash4(k1, k0, 0, _KEY1)
+
+
+# Counters `b` of the two hash4 calls of sketch_words (apart from every
+# per-row counter of fewbit_jax._hash, which hash the mixed words).
+_KEY0, _KEY1 = 0x6B65790, 0x6B65791
 
 
 def uniform01(bits: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -53,7 +53,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from fewbit_jax import _order, _mesh, sketch as _sketch
 
-__all__ = ["project_blocks", "after", "explicit_spec", "type_mesh", "reshape"]
+__all__ = ["project_blocks", "after", "explicit_spec", "type_mesh", "reshape", "to_blocks"]
 
 _ROW_KINDS = ("gaussian", "rademacher", "countsketch")  # row slices of S add up
 
@@ -107,6 +107,60 @@ def reshape(a, shape, spec=None):
   if spec is None or mesh is None:
     return a.reshape(shape)
   return lax.reshape(a, shape, out_sharding=NamedSharding(mesh, P(*spec)))
+
+
+def to_blocks(a, n_batch: int, spec, blocks: int):
+  """The (C, R, N) blocks of `a` typed on an Explicit mesh, each within one device's shard.
+
+  `a`'s first `n_batch` axes are its positions, the others its features (N
+  their product); `spec` its PartitionSpec entries. Every sharded position
+  axis is split into (shards, rest): the shard factors, in order, make the
+  D device blocks, the rest of the positions (in order) each block's rows, so
+  that no row leaves its device whichever position axes are sharded. C =
+  `blocks` must be a multiple of D: each device's rows are then cut into C / D
+  contiguous blocks. Features stay sharded on their first axis (a later one
+  is gathered: merged axes keep only a leading sharding).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import sharded
+    >>> sharded.to_blocks(jnp.ones((4, 6, 3)), 2, (None, None, None), 2).shape
+    (2, 12, 3)
+  """
+  spec = tuple(spec)
+  shape = a.shape
+  feat = tuple(shape[n_batch:])
+  mesh = type_mesh(a)
+  if mesh is None:
+    return a.reshape(blocks, -1, math.prod(feat))
+  sizes = _mesh.sizes(mesh)
+  fspec = spec[n_batch:]
+  if any(e is not None for e in fspec[1:]):
+    fspec = fspec[:1] + (None,) * (len(fspec) - 1)
+    a = jax.sharding.reshard(a, NamedSharding(mesh, P(*spec[:n_batch], *fspec)))
+  split, split_spec, front, rest = [], [], [], []
+  for i in range(n_batch):
+    s = _mesh.shards(sizes, spec[i])
+    if s > 1:
+      front.append(len(split))
+      split += [s, shape[i] // s]
+      split_spec += [spec[i], None]
+      rest.append(len(split) - 1)
+    else:
+      rest.append(len(split))
+      split.append(shape[i])
+      split_spec.append(None)
+  d = math.prod(split[i] for i in front)
+  a = lax.reshape(a, (*split, *feat), out_sharding=NamedSharding(mesh, P(*split_spec, *fspec)))
+  nf = len(split)
+  perm = (*front, *rest, *range(nf, nf + len(feat)))
+  if perm != tuple(range(a.ndim)):
+    a = jnp.transpose(a, perm)
+  c_entry = _entry(tuple(ax for i in front for ax in _axes(split_spec[i])))
+  rows = math.prod(split[i] for i in rest)
+  out = (blocks, rows * d // blocks, math.prod(feat))
+  return lax.reshape(a, out, out_sharding=NamedSharding(
+      mesh, P(c_entry, None, fspec[0] if fspec else None)))
 
 
 # --- per-device body ---------------------------------------------------------------

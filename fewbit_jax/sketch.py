@@ -7,7 +7,8 @@ gradient ``x^T g`` by ``(S^T x)^T (S^T g)``, which is unbiased whenever
 backward pass regenerates the forward's ``S`` instead of keeping it.
 
 The kinds (rows ``i`` in ``0..B-1`` index the flattened leading positions,
-columns ``j`` in ``0..k-1``; ``(k0, k1) = rng.key_words(key)``):
+columns ``j`` in ``0..k-1``; ``(k0, k1) = rng.sketch_words(key)``, the key's
+words mixed, so that keys differing in any bit give unrelated sketches):
 
 * ``gaussian``: ``S[i, j] = rng.gaussian(k0, k1, i, j) / sqrt(k)``.
 * ``rademacher``: ``S[i, j] = (1 - 2 * (hash4(k0, k1, i, j) >> 31)) / sqrt(k)``.
@@ -39,8 +40,8 @@ Block-diagonal sketches (`project_blocks`, used by the randomized layers under
 data parallelism): the B rows are cut into C contiguous blocks of B / C rows
 and block c gets its own sketch ``S_c`` of the same kind with ``k_c`` columns,
 drawn from the key words ``block_keys(key, C)[c] = (hash4(k0, k1, c, 3),
-hash4(k0, k1, c, 4))`` (for C = 1 the key's own words, so that one block is
-the sketch above). Then ``S = diag(S_0, ..., S_{C-1})`` and
+hash4(k0, k1, c, 4))``, which `project` mixes as it mixes any key (for C = 1
+the key's own words, so that one block is the sketch above). Then ``S = diag(S_0, ..., S_{C-1})`` and
 ``E[S S^T] = diag(E[S_c S_c^T]) = I``: still unbiased, and with one block per
 device the sketch of a batch-sharded x never leaves its device.
 
@@ -114,7 +115,7 @@ def project(kind: str, x2d: jax.Array, key: jax.Array, k: int, *,
     kind: one of `KINDS`.
     x2d: array (B, N) of any float dtype; accumulation is float32.
     key: a PRNG key (typed or raw uint32[2]); the same key gives the same S.
-    k: number of sketch columns, ``1 <= k <= B`` (``k <= B`` for dct/dft).
+    k: number of sketch columns, ``1 <= k <= B`` (any ``k >= 1`` with `row0`).
     precision: ``lax.Precision`` of the float32 matmuls (gaussian, rademacher).
     block_rows: rows per loop step of the pure-JAX path (default: bounded so a
       step holds at most 2**20 float32 elements).
@@ -140,19 +141,21 @@ def project(kind: str, x2d: jax.Array, key: jax.Array, k: int, *,
     raise ValueError(f"project expects a 2-D array (B, N); got shape {x2d.shape}.")
   b, n = x2d.shape
   k = int(k)
-  if not 1 <= k <= max(b, 1):
+  # With row0, x2d is one device's slice of the rows of a larger x: k counts
+  # the columns of the whole sketch, which may exceed the slice's rows.
+  if k < 1 or (row0 is None and k > max(b, 1)):
     raise ValueError(f"sketch size k={k} must be in [1, B={b}].")
   if row0 is not None and kind in ("dct", "dft"):
     raise ValueError(f"the {kind} sketch mixes all B rows (an FFT over them), so it cannot be "
                      "taken over a slice of the rows: row0 is for gaussian, rademacher and "
                      "countsketch.")
-  k0, k1 = rng.key_words(key)
+  k0, k1 = rng.sketch_words(key)
+  if b == 0 or n == 0:  # an empty sum, on every path
+    return jnp.zeros((k, n), jnp.float32)
   if ext.active_path() == "ffi" and row0 is None:
     kernel = ext.sketch_kernel(kind)
     if kernel is not None:
       return kernel(x2d, k0, k1, k).astype(jnp.float32)
-  if b == 0:
-    return jnp.zeros((k, n), jnp.float32)
   if kind in ("dct", "dft"):
     return _project_trig(kind, x2d, k0, k1, k, signs=True)
   rows = block_rows or _default_block_rows(kind, b, n, k)
@@ -169,9 +172,9 @@ def block_keys(key: jax.Array, blocks: int) -> jax.Array:
     >>> sketch.block_keys(jax.random.key(0), 4).shape
     (4, 2)
   """
-  k0, k1 = rng.key_words(key)
-  if int(blocks) == 1:
-    return jnp.stack([k0, k1])[None]
+  if int(blocks) == 1:  # `project` mixes these as it mixes the key: one block is no block
+    return jnp.stack(rng.key_words(key))[None]
+  k0, k1 = rng.sketch_words(key)
   return _hash.block_key_words(k0, k1, jnp.arange(int(blocks), dtype=jnp.uint32))
 
 
@@ -372,7 +375,7 @@ def sketch_matrix(kind: str, key: jax.Array, b: int, k: int, *, blocks: int = 1)
       raise ValueError(f"blocks={blocks} must be a positive divisor of B={b}.")
     parts = [sketch_matrix(kind, kc, b // blocks, k) for kc in block_keys(key, blocks)]
     return jax.scipy.linalg.block_diag(*parts)
-  k0, k1 = rng.key_words(key)
+  k0, k1 = rng.sketch_words(key)
   i = jnp.arange(b, dtype=jnp.uint32)[:, None]
   j = jnp.arange(k, dtype=jnp.uint32)[None, :]
   if kind in ("gaussian", "rademacher"):
@@ -450,13 +453,21 @@ def estimate_variance(kind: str, x, g, k: int, *, signs: bool = True) -> np.ndar
   """
   check_kind(kind)
   x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  if x.ndim != 2 or g.ndim != 2 or x.shape[0] != g.shape[0]:
+    raise ValueError(f"x (B, N) and g (B, M) must be 2-D with the same B; got x {x.shape} "
+                     f"and g {g.shape}.")
   b = x.shape[0]
+  k = int(k)
+  if not 1 <= k <= max(b, 1) or (kind in ("dct", "dft") and b == 0):
+    raise ValueError(f"sketch size k={k} must be in [1, B={b}] (and B >= 1 for {kind}).")
   t = x.T @ g
   outer = np.outer((x ** 2).sum(0), (g ** 2).sum(0))
   if kind == "gaussian":
     return (t ** 2 + outer) / k
   if kind in ("rademacher", "countsketch"):
     return (t ** 2 + outer - 2 * (x ** 2).T @ (g ** 2)) / k
+  if k == b:  # every basis vector is chosen: S S^T = I, the estimate is exact
+    return np.zeros_like(t)
   r = _trig_basis(kind, b)
   if signs:
     # E_D[z_j^2] = (sum_i P_ji a_i^2)(sum_i P_ji b_i^2) + 2 (sum_i P_ji a_i b_i)^2

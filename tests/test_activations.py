@@ -285,3 +285,211 @@ def test_mlp_compiled_temp_is_smaller():
   vanilla = temp(make(functools.partial(jax.nn.gelu, approximate=False)))
   few = temp(make(fb.gelu(approximate=False, bits=3)))
   assert few < 0.75 * vanilla, (few, vanilla)
+
+
+# --------------------------------------------------------------------------
+# Issue 11: second derivatives, non-finite cotangents, float64, clear errors.
+
+PATHS = ["jax"] + (["ffi"] if fb.ext.available() else [])
+XS = jnp.array([-1.0, 0.3, 1.5])
+
+
+def _second_orders(f):
+  """Hessian, grad of grad and forward-over-reverse of sum(f) at XS."""
+  first = jax.grad(lambda x: f(x).sum())
+  return {"hessian": lambda: jnp.diag(jax.hessian(lambda x: f(x).sum())(XS)),
+          "grad of grad": lambda: jax.grad(lambda x: first(x).sum())(XS),
+          "jvp of grad": lambda: jax.jvp(first, (XS,), (jnp.ones(3),))[1]}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_second_derivative_through_codes_is_a_clear_error(path):
+  # Issue 11, defect 4: these returned exactly 0 (gelu: [0, 0, 0], true
+  # [0.242, 0.728, -0.031]).
+  table = dict(borders=[-0.5, 0.0, 0.5], levels=[0.0, 0.3, 0.7, 1.0])
+  fns = {name: fb_fn(name) for name in CONTINUOUS}
+  fns["user table"] = fb.gelu(**table)
+  fns["fb.fewbit"] = fb.fewbit(jnp.sin, bits=2)
+  with fb.ext.mode(path):
+    for f in fns.values():
+      for run in _second_orders(f).values():
+        with pytest.raises(TypeError, match="keeps only b-bit codes.*exact=True"):
+          run()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cotangent_side_stays_differentiable(path):
+  # The backward is linear in the cotangent: its transpose, its gradient and
+  # its jvp in g work, and equal the levels (levels[code] * g is diagonal).
+  g = jnp.array([0.5, -2.0, 3.0])
+  with fb.ext.mode(path):
+    bwd = lambda g: jax.vjp(fb.gelu, XS)[1](g)[0]
+    diag = bwd(jnp.ones(3))
+    np.testing.assert_array_equal(jax.linear_transpose(bwd, XS)(g)[0], diag * g)
+    np.testing.assert_array_equal(jax.grad(lambda g: (bwd(g) * g).sum())(g), 2 * diag * g)
+    np.testing.assert_array_equal(jax.jvp(bwd, (g,), (jnp.ones(3),))[1], diag)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_piecewise_second_derivative_is_zero_like_jax(path):
+  # Piecewise-linear: f'' = 0 away from the kinks; jax's hessian says so too.
+  x = jnp.array([-7.0, -2.2, -0.7, 0.8, 2.5, 7.0])  # away from every kink
+  with fb.ext.mode(path):
+    for name in PIECEWISE:
+      h = jnp.diag(jax.hessian(lambda v: fb_fn(name)(v).sum())(x))
+      ref = jnp.diag(jax.hessian(lambda v: REF[name](v).sum())(x))
+      np.testing.assert_array_equal(h, ref)
+      np.testing.assert_array_equal(h, jnp.zeros_like(x))
+
+
+def test_second_order_guard_costs_nothing_at_first_order(monkeypatch):
+  # The guard is an identity with a custom jvp: a first-order gradient's
+  # compiled temp bytes are those without it.
+  w = jax.random.normal(KEY, (256, 256)) / 16
+  x = jax.random.normal(KEY, (128, 256))
+  loss = lambda w, x: (fb.gelu(fb.gelu(x @ w) @ w) ** 2).sum()
+
+  def temp():
+    A._core.cache_clear()
+    return jax.jit(jax.grad(loss)).lower(w, x).compile().memory_analysis().temp_size_in_bytes
+
+  guarded = temp()
+  monkeypatch.setattr(A, "_codes_input", lambda x, name: x)
+  assert guarded == temp()
+  A._core.cache_clear()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_non_finite_cotangent_where_derivative_is_zero(path):
+  # Issue 11, defect 5: fb.relu's backward gave 0 * inf = NaN where x < 0;
+  # jax.grad of jax.nn.relu gives 0. Every piecewise activation now matches
+  # jax's vjp bit for bit, for every cotangent (inf, -inf, NaN, finite).
+  x = jnp.repeat(jnp.array([-7.0, -4.0, -2.2, -0.7, -0.3, 0.3, 0.8, 2.5, 4.0, 7.0]), 4)
+  g = jnp.tile(jnp.array([jnp.inf, -jnp.inf, jnp.nan, -1.5]), 10)
+  with fb.ext.mode(path):
+    for name in PIECEWISE:
+      got = jax.vjp(fb_fn(name), x)[1](g)[0]
+      ref = jax.vjp(REF[name], x)[1](g)[0]
+      np.testing.assert_array_equal(got, ref, err_msg=name)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_float64_levels_are_applied_in_float64(path):
+  # Issue 11, defect 6: the slope was the float32 0.009999999776.
+  with jax.enable_x64(True), fb.ext.mode(path):
+    x = jnp.array([-3.0, -1.0, 2.0], jnp.float64)
+    g = jax.grad(lambda v: fb.leaky_relu(v).sum())(x)
+    assert g.dtype == jnp.float64
+    assert g.tolist() == [0.01, 0.01, 1.0]
+    assert jax.grad(lambda v: fb.hard_sigmoid(v).sum())(x).tolist() == [0.0, 1 / 6, 1 / 6]
+    levels = fb.table("gelu", 3).levels.astype(np.float64)
+    gg = jax.grad(lambda v: fb.gelu(v).sum())(jnp.linspace(-4, 4, 101, dtype=jnp.float64))
+    assert set(np.asarray(gg).tolist()) <= set(levels.tolist())
+    # Lower precisions round the float64 level once, as jax rounds 0.01 * x.
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+      xd = x.astype(dtype)
+      np.testing.assert_array_equal(jax.grad(lambda v: fb.leaky_relu(v).sum())(xd),
+                                    jax.grad(lambda v: jax.nn.leaky_relu(v).sum())(xd))
+
+
+def test_traced_user_table_is_a_clear_error():
+  # Issue 11, defect 8: a raw TracerArrayConversionError before.
+  levels = jnp.array([0.0, 0.5, 0.8, 1.0])
+  borders = jnp.array([-1.0, 0.0, 1.0])
+  with pytest.raises(TypeError, match="levels= must be concrete.*outside the jitted"):
+    jax.jit(lambda x, l: fb.gelu(x, borders=borders, levels=l))(X, levels)
+  with pytest.raises(TypeError, match="borders= must be concrete"):
+    jax.jit(lambda x, b: fb.fewbit(jnp.tanh, borders=b, levels=levels)(x))(X, borders)
+  # Concrete arrays closed over are fine.
+  jax.jit(lambda x: fb.gelu(x, borders=borders, levels=levels))(X)
+
+
+def test_celu_alpha_zero_error_names_only_its_arguments():
+  with pytest.raises(ValueError, match="celu needs alpha != 0") as e:
+    fb.celu(X, alpha=0.0)
+  assert "lim" not in str(e.value)
+
+
+@pytest.mark.parametrize("bits", [True, 1.0, np.float32(2.0), "1"])
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "gelu", "tanh"])
+def test_non_int_bits_refused_by_every_kind(name, bits):
+  # Issue 11, defect 8: bits=True / 1.0 were accepted by piecewise ones only.
+  with pytest.raises(TypeError, match="bits must be an int in 1..8; got"):
+    fb_fn(name, bits=bits)(X)
+
+
+# --------------------------------------------------------------------------
+# Exact mode (issue 12).
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_exact_mode_gradient_equals_jax(name):
+  f, ref = fb_fn(name, exact=True), REF[name]
+  c = jax.random.normal(jax.random.key(1), X.shape)
+  for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+    x = X.astype(dtype)
+    np.testing.assert_array_equal(f(x), ref(x))
+    got = jax.grad(lambda v: (f(v) * c.astype(dtype)).astype(jnp.float32).sum())(x)
+    want = jax.grad(lambda v: (ref(v) * c.astype(dtype)).astype(jnp.float32).sum())(x)
+    assert got.dtype == dtype
+    assert _rel_err(got, want) <= tol, (name, dtype, _rel_err(got, want))
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu", "tanh", "softplus", "elu", "mish"])
+def test_exact_mode_second_derivatives(name):
+  f, ref = fb_fn(name, exact=True), REF[name]
+  want = jnp.diag(jax.hessian(lambda x: ref(x).sum())(XS))
+  for how, run in _second_orders(f).items():
+    assert _rel_err(run(), want) < 1e-6, (name, how)
+  np.testing.assert_allclose(jax.jvp(f, (XS,), (jnp.ones(3),))[1],
+                             jax.jvp(ref, (XS,), (jnp.ones(3),))[1], rtol=1e-6)
+  bwd = lambda g: jax.vjp(f, XS)[1](g)[0]
+  np.testing.assert_allclose(jax.linear_transpose(bwd, XS)(jnp.ones(3))[0], bwd(jnp.ones(3)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_exact_mode_keeps_only_its_input(dtype):
+  x = jnp.ones((64, 96), dtype)
+  for f in (fb.gelu(approximate=False, exact=True), fb.gelu(exact=True), fb.silu(exact=True),
+            fb.fewbit(jnp.sin, exact=True)):
+    res = saved_residuals(lambda v: f(v * 2).sum(), x)
+    sizes = [(a.shape, a.dtype) for a, _ in res if a.shape]
+    assert sizes == [(x.shape, dtype)], (f, res)  # 2 v: f's input, nothing else
+  # jax.nn.gelu keeps 12 (erf form) and 20 (tanh form) bytes per f32 element.
+  rep = fb.memory.saved_residuals(lambda v: fb.gelu(v * 2, exact=True).sum(), x)
+  assert rep.named_bytes(A.EXACT_NAME) == x.size * x.dtype.itemsize
+
+
+def test_exact_mode_with_checkpoint_policy():
+  # fb.checkpoint_policy() keeps the named input and recomputes the rest.
+  w = jnp.ones((32, 32)) / 32
+  x = jnp.linspace(-2, 2, 8 * 32).reshape(8, 32)
+  def kept(policy):
+    block = jax.checkpoint(lambda w, x: fb.gelu(jnp.sin(x) @ w, exact=True), policy=policy)
+    return sum(fb.memory.saved_residuals(lambda w, x: block(w, x).sum(), w, x)
+               .by_source().values()), block
+
+  assert kept(jax.checkpoint_policies.save_only_these_names("other"))[0] == 0
+  saved, block = kept(fb.checkpoint_policy())
+  assert saved == 8 * 32 * 4  # the activation's input, f32
+  assert kept(fb.checkpoint_policy(codes=False))[0] == 0
+  got = jax.grad(lambda w: block(w, x).sum())(w)
+  want = jax.grad(lambda w: jax.nn.gelu(jnp.sin(x) @ w).sum())(w)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_exact_mode_errors():
+  with pytest.raises(ValueError, match="exact=True .* no bits="):
+    fb.gelu(X, exact=True, bits=3)
+  with pytest.raises(ValueError, match="exact=True .* no bits="):
+    fb.gelu(X, exact=True, borders=[0.0], levels=[0.0, 1.0])
+  with pytest.raises(ValueError, match="exact=True .* no bits="):
+    fb.fewbit(jnp.sin, bits=4, exact=True)
+  with pytest.raises(TypeError, match="exact must be True or False"):
+    fb.relu(X, exact="yes")
+  assert "exact=True" in fb.gelu(exact=True).__name__

@@ -140,6 +140,7 @@ def test_jit_cache_keeps_the_trace_made_outside():
     (dict(gelu=2.5), TypeError, "bits must be an int"),
     (dict(relu=3), ValueError, "relu is piecewise linear"),
     (dict(silu=3, swish=2), ValueError, "same function"),
+    (dict(gelu="exactly"), ValueError, "only string choice is 'exact'"),
     (dict(), ValueError, "at least one activation"),
 ])
 def test_patch_bad_input(kwargs, error, match):
@@ -147,6 +148,22 @@ def test_patch_bad_input(kwargs, error, match):
   with pytest.raises(error, match=match):
     patch_activations(**kwargs)
   assert _namespace_snapshot() == before
+
+
+def test_patch_exact_mode():
+  # gelu="exact": inline calls keep x (exact gradient), nothing else.
+  loss = lambda x: (nn.gelu(x * 2, approximate=False) * X).sum()
+  with patch_activations(gelu="exact", relu="exact") as p:
+    g = jax.grad(loss)(X)
+    rep = memory.saved_residuals(loss, X)
+    r = jax.grad(lambda x: (jax.nn.relu(x) * X).sum())(X)
+    assert p.calls() == {"gelu": 2, "relu": 1}
+  assert rep.named_bytes(fb.activations.EXACT_NAME) == X.size * 4
+  want = jax.grad(lambda x: (jax.nn.gelu(x * 2, approximate=False) * X).sum())(X)
+  np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(r, jax.grad(lambda x: (jax.nn.relu(x) * X).sum())(X))
+  f = fb.patch.swap_activation(nn.silu, fb.patch.parse_bits({"swish": "exact"}))
+  assert "exact=True" in f.__name__
 
 
 def test_unused_patch_warns_and_can_be_silenced():

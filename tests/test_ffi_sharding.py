@@ -189,19 +189,24 @@ _HIDDEN_SCRIPT = textwrap.dedent(r"""
 """)
 
 
+def _on_8_devices(child_env, script: str) -> dict:
+  """The JSON that `script` prints last, run in a child with 8 CPU devices."""
+  env = child_env(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip(),
+                  JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-P", "-c", script], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_hidden_sharded_codes_stay_sharded(child_env):
   # An activation sharded on its hidden axis: the code kernels run on each
   # device's words where the shards hold whole words (no all-gather), gather
   # where they cut words; the same codes either way, typed with the
   # activation's sharding under Explicit meshes and with its manual axes
   # inside shard_map.
-  env = child_env(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip(),
-                  JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-P", "-c", _HIDDEN_SCRIPT], env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = _on_8_devices(child_env, _HIDDEN_SCRIPT)
   for axis_type in ("Auto", "Explicit"):
     for n in (128, 256, 96, 40):
       r = out[f"{axis_type}-{n}"]
@@ -219,3 +224,56 @@ def test_hidden_sharded_codes_stay_sharded(child_env):
                                              codes_spec], n
   assert out["vma-ffi"] == [["data"]] * 4, out
   assert out["vma-jax"] == [["data"]] * 3, out
+
+
+_SHAPES_SCRIPT = textwrap.dedent(r"""
+  import json, re
+  import jax, jax.numpy as jnp
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  import fewbit_jax as fb
+
+  assert jax.device_count() == 8, jax.devices()
+  out = {}
+
+  def step(f):
+    def loss(x):
+      return (f(x) * jnp.cos(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape))).sum()
+    return jax.jit(jax.grad(loss))
+
+  for axis_type in ("Auto", "Explicit"):
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(getattr(AxisType, axis_type),))
+    for shape in ((16, 100), (16, 32), (16, 16), (16, 33), (8, 1), (256,), (16, 64)):
+      for name in ("gelu", "relu", "relu6"):
+        f = getattr(fb, name)
+        x = jax.random.normal(jax.random.key(len(shape) + shape[-1]), shape) * 4
+        key = f"{axis_type}-{shape}-{name}"
+        with fb.ext.mode("ffi"):
+          ref = step(f)(x)  # one device
+          try:
+            with jax.set_mesh(mesh):
+              xs = jax.device_put(x, NamedSharding(mesh, P("d")))
+              compiled = step(f).lower(xs).compile()
+              got = compiled(xs)
+          except Exception as e:  # reported, so that every case is seen
+            out[key] = str(e).splitlines()[0][:200]
+            continue
+        hlo = compiled.as_text()
+        out[key] = {"equal": bool(jnp.all(got == ref)),
+                    "gathers": len(re.findall(r" all-gather(-start)?\(", hlo)),
+                    "calls": len(re.findall(r"custom_call_target=\"fewbit_", hlo))}
+  print(json.dumps(out))
+""")
+
+
+def test_sharded_activation_every_last_axis(child_env):
+  # Issue 11, defect 1: the kernels' 1-D borders and levels were cut into
+  # shards with the batch axes ("borders has 1 entries; expected 7") wherever
+  # the kernel saw a single batch axis: a last axis that is not a multiple of
+  # 32, exactly 32, or a 1-D input. Every shape now runs shard by shard, with
+  # the gradient of one device bit for bit.
+  out = _on_8_devices(child_env, _SHAPES_SCRIPT)
+  assert len(out) == 2 * 7 * 3, out
+  for key, r in out.items():
+    assert isinstance(r, dict), (key, r)
+    assert r["equal"], (key, r)
+    assert r["calls"] == 2 and r["gathers"] == 0, (key, r)

@@ -158,8 +158,10 @@ def test_nnx_convert_lean_composes_with_convert_linear():
   graphdef, state = nnx.split(model)
   with fb.patch_activations(gelu=3):
     y, y0 = model(X), reference(X)
-    res = memory.saved_residuals(lambda st, x: jnp.sum(nnx.merge(graphdef, st)(x) ** 2),
-                                 state, X).by_source()
+    def loss(st, x, key):  # the functional loop: the step's key scope gives the sketch key
+      with fb.nnx.step_keys(key):
+        return jnp.sum(nnx.merge(graphdef, st)(x) ** 2)
+    res = memory.saved_residuals(loss, state, X, jax.random.key(2)).by_source()
   assert bool(jnp.all(y == y0))
   assert {"named 'lean_norm_input'", "named 'fewbit_codes'",
           "named 'randomized_dense_sketch'"} <= set(res)

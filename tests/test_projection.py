@@ -23,36 +23,34 @@ def _spec(x_ndim=3, **kw):
 
 def test_resolve_blocks():
   x = jnp.ones((6, 4, 3))
-  resolve = _projection.resolve_blocks
-  assert resolve(x, None, follow_shards=True) == (0, False)  # no mesh: one sketch
-  assert resolve(x, None, follow_shards=False) == (0, False)
-  assert resolve(x, 3, follow_shards=False) == (3, False)
+  resolve = lambda x, v: _projection.resolve_blocks(x, v, (0, 1))
+  assert resolve(x, None) == (0, False)  # no mesh: one sketch
+  assert resolve(x, 3) == (3, False)
   with _projection.blocks_default(2):
-    assert resolve(x, None, follow_shards=False) == (2, False)
-    assert resolve(x, 4, follow_shards=True) == (4, False)
+    assert resolve(x, None) == (2, False)
+    assert resolve(x, 4) == (4, False)
   with pytest.raises(ValueError, match="mesh axes"):
-    resolve(x, "data", follow_shards=True)
+    resolve(x, "data")
   with pytest.raises(ValueError, match="must be None"):
-    resolve(x, 0, follow_shards=True)
+    resolve(x, 0)
   mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,))
   with jax.set_mesh(mesh):
-    assert resolve(x, None, follow_shards=True) == (1, False)  # a mesh: one block
-    assert resolve(x, None, follow_shards=False) == (0, False)
-    assert resolve(x, "data", follow_shards=False) == (1, True)
+    assert resolve(x, None) == (1, False)  # a mesh: one block, whatever the projection
+    assert resolve(x, "data") == (1, True)
 
 
 def test_check_blocks_fit():
   x = jnp.ones((6, 4, 3))
-  _projection.check_blocks_fit(x, 3, False, _spec(), follow_shards=True)
+  _projection.check_blocks_fit(x, 3, False, _spec())
   with pytest.raises(ValueError, match="do not divide the B=24 leading positions"):
-    _projection.check_blocks_fit(x, 5, False, _spec(), follow_shards=True)
+    _projection.check_blocks_fit(x, 5, False, _spec())
   with pytest.raises(ValueError, match=r"do not divide x's first axis \(6\)"):
-    _projection.check_blocks_fit(x, 4, True, _spec(), follow_shards=True)
+    _projection.check_blocks_fit(x, 4, True, _spec())
   moved = _projection.Spec("einsum", "tbd,df->btf", None, None, None, (1, 0, 2), (0, 1, 2),
                            (0, 1))
   with pytest.raises(ValueError, match="leading axes"):
-    _projection.check_blocks_fit(x, 2, False, moved, follow_shards=False)
-  _projection.check_blocks_fit(x, 1, False, moved, follow_shards=False)  # one block: any axes
+    _projection.check_blocks_fit(x, 2, False, moved)
+  _projection.check_blocks_fit(x, 1, False, moved)  # one block: any axes
 
 
 def test_spec_shapes():

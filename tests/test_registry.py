@@ -44,7 +44,8 @@ def test_public_function_is_generated_from_the_record(rec):
   assert [(p.name, p.default, p.annotation) for p in after_x] == [
       (p.name, p.default, p.annotation) for p in rec.params]
   keyword = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-  assert keyword == (["bits"] if rec.kind == R.PIECEWISE else ["bits", "borders", "levels"])
+  assert keyword == (["bits", "exact"] if rec.kind == R.PIECEWISE
+                     else ["bits", "borders", "levels", "exact"])
   assert sig.parameters["bits"].annotation == "int | None"
   assert f"``{rec.formula}``" in f.__doc__ and f"``{rec.reference}``" in f.__doc__
   assert ">>>" in f.__doc__
@@ -114,5 +115,6 @@ def test_parse_checks_in_order():
   with pytest.raises(ValueError, match="min_val < max_val"):
     ht.parse({"min_val": 1, "max_val": 1})
   lr = R.ACTIVATIONS["leaky_relu"]
-  assert lr.levels_for(lr.parse({"negative_slope": 0.3})) == (float(np.float32(0.3)), 1.0)
+  # The level is the float slope, rounded to the cotangent's dtype when applied (float64: 0.3).
+  assert lr.levels_for(lr.parse({"negative_slope": 0.3})) == (0.3, 1.0)
   assert R.ACTIVATIONS["relu"].levels_for({}) == (0.0, 1.0)

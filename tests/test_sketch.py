@@ -58,7 +58,7 @@ def _estimates(kind, x, g, k, n_keys, signs=True, seed=0):
     if signs:
       sx, sg = sketch.project(kind, x, key, k), sketch.project(kind, g, key, k)
     else:
-      k0, k1 = rng.key_words(key)
+      k0, k1 = rng.sketch_words(key)
       sx = sketch._project_trig(kind, x, k0, k1, k, signs=False)
       sg = sketch._project_trig(kind, g, k0, k1, k, signs=False)
     return sx.T @ sg
@@ -102,7 +102,7 @@ def test_trig_column_blocks_agree(kind):
 
 def test_definitions_of_hash_kinds():
   key = jax.random.key(7)
-  k0, k1 = rng.key_words(key)
+  k0, k1 = rng.sketch_words(key)
   b, k = 50, 8
   i = jnp.arange(b, dtype=jnp.uint32)[:, None]
   j = jnp.arange(k, dtype=jnp.uint32)[None, :]
@@ -123,7 +123,7 @@ def test_definitions_of_hash_kinds():
 @pytest.mark.parametrize("b", [16, 15])
 def test_trig_sketch_is_signed_scaled_basis_columns(kind, b):
   key = jax.random.key(11)
-  k0, k1 = rng.key_words(key)
+  k0, k1 = rng.sketch_words(key)
   k = 6
   s = np.asarray(_matrix(kind, key, b, k), np.float64)
   chosen = np.asarray(jax.jit(sketch._chosen, static_argnums=(2, 3))(k0, k1, b, k))

@@ -169,10 +169,14 @@ void unpack_word(const uint32_t* pw, int bits, uint32_t* c) {
   }
 }
 
+// level * g, and 0 for a zero level whatever g is (inf or NaN too): a zero
+// level is a zero derivative, which jax's gradients give as a select.
+inline float scale_one(float level, float g) { return level == 0.0f ? 0.0f : level * g; }
+
 void scale_word_generic(const uint32_t* c, const float* levels, int bits, const float* g,
                         float* out) {
   (void)bits;
-  for (int t = 0; t < kWordBits; ++t) out[t] = levels[c[t]] * g[t];
+  for (int t = 0; t < kWordBits; ++t) out[t] = scale_one(levels[c[t]], g[t]);
 }
 
 #if defined(__x86_64__)
@@ -182,7 +186,7 @@ __attribute__((target("avx2,fma")))
 void scale_word_avx2(const uint32_t* c, const float* levels, int bits, const float* g,
                      float* out) {
   if (bits > 3) {
-    for (int t = 0; t < kWordBits; ++t) out[t] = levels[c[t]] * g[t];
+    for (int t = 0; t < kWordBits; ++t) out[t] = scale_one(levels[c[t]], g[t]);
     return;
   }
   float table[8] = {};
@@ -191,7 +195,9 @@ void scale_word_avx2(const uint32_t* c, const float* levels, int bits, const flo
   for (int t = 0; t < kWordBits; t += 8) {
     const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + t));
     const __m256 l = _mm256_permutevar8x32_ps(lv, idx);
-    _mm256_storeu_ps(out + t, _mm256_mul_ps(l, _mm256_loadu_ps(g + t)));
+    const __m256 prod = _mm256_mul_ps(l, _mm256_loadu_ps(g + t));
+    const __m256 nonzero = _mm256_cmp_ps(l, _mm256_setzero_ps(), _CMP_NEQ_UQ);
+    _mm256_storeu_ps(out + t, _mm256_and_ps(prod, nonzero));  // scale_one, 8 lanes
   }
 }
 #endif

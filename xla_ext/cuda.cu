@@ -127,7 +127,9 @@ __global__ void unpack_scale_kernel(const uint32_t* planes, const float* levels,
 #pragma unroll
     for (int p = 0; p < BITS; ++p) c |= ((row[int64_t(p) * words + w] >> lane) & 1u) << p;
     const int64_t idx = r * n + i;
-    out[idx] = from_f32<D>(sl[c] * load_f32<D>(g, idx));
+    // A zero level gives 0 whatever g is (inf or NaN too), as jax's select.
+    const float level = sl[c];
+    out[idx] = from_f32<D>(level == 0.0f ? 0.0f : level * load_f32<D>(g, idx));
   });
 }
 

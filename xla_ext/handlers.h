@@ -10,7 +10,7 @@
 //   fewbit_quantize_pack   x f32/bf16/f16/f64 (..., n), borders f32 (2**bits - 1)
 //                          -> planes u32 (..., bits, W); attr bits (i32)
 //   fewbit_unpack_scale    planes u32 (..., bits, W), levels f32 (2**bits),
-//                          g (..., n) -> levels[code] * g in g's dtype;
+//                          g (..., n) -> levels[code] * g in g's dtype (0 for a 0 level);
 //                          attr bits (i32)
 //   fewbit_sketch_<kind>   x (L..., B, N), keys u32 (L..., G, 2),
 //                          row0 u32 (L..., G) -> f32 (L..., G, k, N): the B

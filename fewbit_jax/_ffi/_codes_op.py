@@ -106,7 +106,8 @@ _quantize_pack_p = _define(
 
 
 # ---------------------------------------------------------------------------
-# fewbit_unpack_scale: planes, levels (f32, exact in g's dtype), g -> levels[code] * g.
+# fewbit_unpack_scale: planes, levels (f32, exact in g's dtype), g -> levels[code] * g
+# (0 where the level is 0, whatever g).
 
 def _unpack_scale_abstract(packed, levels, g, *, bits):
   del bits
@@ -116,7 +117,10 @@ def _unpack_scale_abstract(packed, levels, g, *, bits):
 def _unpack_scale_pure(packed, levels, g, *, bits):
   n = g.shape[-1] if g.ndim else 1  # a scalar's codes are those of shape (1,)
   code = _codes.unpack(packed, bits, n).reshape(g.shape)
-  return _codes.lookup(levels.astype(g.dtype), code) * g
+  level = _codes.lookup(levels.astype(g.dtype), code)
+  # A zero level gives 0 whatever g is (inf, NaN), as jax's select-based
+  # gradients (relu's) do; the kernels do the same.
+  return jnp.where(level == 0, jnp.zeros((), g.dtype), level * g)
 
 
 def _unpack_scale_batch(args, dims, *, bits):
@@ -190,7 +194,32 @@ def _words(a) -> int | None:
   return None if words % _mesh.last_axis_shards(a) else words
 
 
-def _bind_codes(prim, a, *operands, bits):
+# XLA's batch partitioner gives every operand of a batch-partitionable call the
+# sharding of the call's batch axes on its leading axes, unless the operand has
+# fewer axes than there are batch axes: then it is replicated. The borders and
+# levels tables are 1-D, so a kernel always sees its array operands with at
+# least two batch axes (unit axes put in front, free reshapes); with one, the
+# tables would be cut into shards along with the batch.
+_MIN_BATCH_AXES = 2
+
+
+def _lift(a, ndim: int):
+  """`a` with unit axes in front: `ndim` axes in all (at least those it has)."""
+  return a.reshape((1,) * (ndim - a.ndim) + a.shape)
+
+
+def _bind_lifted(prim, main, *tables, bits):
+  """``prim.bind(main, *tables)`` with `main` lifted to two batch axes or more.
+
+  `main` is the operand whose leading axes are the batch axes, `tables` the
+  1-D borders or levels; the result loses the lifted axes.
+  """
+  ndim = max(main.ndim, _MIN_BATCH_AXES + 1)
+  out = prim.bind(_lift(main, ndim), *tables, bits=bits)
+  return out.reshape(out.shape[ndim - main.ndim:])
+
+
+def _bind_codes(prim, a, *tables, bits):
   """The packed codes (..., bits, W) of a (..., n) from a code kernel.
 
   Through the word view of `_words` where it applies: the kernel's
@@ -199,9 +228,9 @@ def _bind_codes(prim, a, *operands, bits):
   """
   words = _words(a)
   if words is None:
-    return prim.bind(a, *operands, bits=bits)
+    return _bind_lifted(prim, a, *tables, bits=bits)
   lead = a.shape[:-1]
-  out = prim.bind(a.reshape(*lead, words, _codes.WORD_BITS), *operands, bits=bits)
+  out = _bind_lifted(prim, a.reshape(*lead, words, _codes.WORD_BITS), *tables, bits=bits)
   return jnp.swapaxes(out.reshape(*lead, words, bits), -1, -2)
 
 
@@ -266,7 +295,9 @@ def unpack_scale(packed: jax.Array, levels: jax.Array, g: jax.Array, bits: int) 
     bits: 1..8.
 
   Returns:
-    An array of g's shape and dtype. Linear in g (differentiable again).
+    An array of g's shape and dtype, exactly 0 where the level is 0 (even
+    for an inf or NaN g, as jax's select-based gradients give). Linear in g
+    (differentiable again).
 
   Example:
     >>> import jax.numpy as jnp
@@ -292,10 +323,18 @@ def unpack_scale(packed: jax.Array, levels: jax.Array, g: jax.Array, bits: int) 
   g1 = g.reshape(1) if g.ndim == 0 else g
   words = _words(g1)
   if words is None:
-    return _unpack_scale_p.bind(packed, lv, g1, bits=bits).reshape(g.shape)
+    return _unpack_scale_lifted(packed, lv, g1, bits).reshape(g.shape)
   # The word view of `_bind_codes`: codes (..., W, bits, 1), g (..., W, 32).
   lead = g.shape[:-1]
   pw = jnp.swapaxes(packed, -1, -2).reshape(*lead, words, bits, 1)
   gw = g.reshape(*lead, words, _codes.WORD_BITS)
-  return _unpack_scale_p.bind(pw, lv, gw, bits=bits).reshape(g.shape)
+  return _unpack_scale_lifted(pw, lv, gw, bits).reshape(g.shape)
+
+
+def _unpack_scale_lifted(packed, levels, g, bits):
+  """The kernel's unpack_scale with g as the batch operand (see `_bind_lifted`)."""
+  ndim = max(g.ndim, _MIN_BATCH_AXES + 1)
+  out = _unpack_scale_p.bind(_lift(packed, packed.ndim + ndim - g.ndim), levels, _lift(g, ndim),
+                             bits=bits)
+  return out.reshape(g.shape)
 

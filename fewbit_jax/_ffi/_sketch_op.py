@@ -3,7 +3,7 @@
 The primitive ``fewbit_sketch`` and `sketch_kernel`, which returns a function
 binding it where the path rule (`fewbit_jax._ffi._path`, op
 ``sketch_<kind>``) picks the kernel. The sketch entries, with
-(k0, k1) = rng.key_words(key), for row i (flattened leading positions of x)
+(k0, k1) = rng.sketch_words(key), for row i (flattened leading positions of x)
 and column j < k:
 
   gaussian     rng.gaussian(k0, k1, i, j) * float32(1 / sqrt(k))
@@ -86,6 +86,8 @@ def _sketch_pure_rows(x, keys, row0, *, kind, k):
 def _sketch_batch(args, dims, *, kind, k):
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
   x, keys, row0 = (_prim.to_front(a, d, size) for a, d in zip(args, dims))
+  if size == 0:  # no problems to sketch: the kernel's groups would be empty
+    return jnp.zeros((*row0.shape, k, x.shape[-1]), jnp.float32), 0
   # The mapped axis joins the groups: x (V, L..., B, N) holds its rows group
   # after group, so the kernel reads it as one (V * ... * B, N) array. That is
   # also how a layer's matmul reads an x whose rows a caller split into
