@@ -27,6 +27,7 @@ Usage (from the repository root):
   python -m benchmarks.memory_table            # the original's four rows
   python -m benchmarks.memory_table --full     # every row
   python -m benchmarks.memory_table --rows bits,ratio --layers 4
+  python -m benchmarks.memory_table --rows main,lean --figure examples/figures/memory.png
   python -m benchmarks.memory_table --full --real   # on a GPU machine
 """
 
@@ -85,6 +86,28 @@ def randomized_dense(ratio: float = 0.2, sketch: str = "gaussian") -> Callable:
   return functools.partial(linen.RandomizedDense, proj_dim_ratio=ratio, sketch=sketch)
 
 
+def lean_attention(q, k, v, mask_bias, key, rate: float):
+  """`roberta.attention_core` as `fewbit_jax.dot_product_attention` (keeps no dropout mask)."""
+  import fewbit_jax as fb
+  return fb.dot_product_attention(q, k, v, bias=mask_bias, dropout_rng=key,
+                                  dropout_rate=rate if key is not None else 0.0,
+                                  broadcast_dropout=False, deterministic=key is None)
+
+
+def lean(bits: int | None = None, ratio: float | None = None) -> Callable[[], dict]:
+  """Lean norms, dropout and attention; a `bits`-bit GELU (else exact mode) and
+  randomized dense layers at `ratio` (else plain ones)."""
+  def model():
+    import fewbit_jax as fb
+    act = fb.gelu(approximate=False, exact=True) if bits is None else fewbit_gelu(bits)
+    parts = dict(layer_norm=fb.LayerNorm, dropout=fb.Dropout, attention=lean_attention,
+                 activation=act)
+    if ratio is not None:
+      parts["dense"] = randomized_dense(ratio)
+    return parts
+  return model
+
+
 def fewbit_policy(dots: bool = False):
   """Remat policy keeping few-bit codes and sketches (and matmul outputs if `dots`)."""
   from fewbit_jax import remat
@@ -137,6 +160,12 @@ ROWS: tuple[Row, ...] = (
         lambda: dict(dense=randomized_dense(0.2), remat=("layer_norm", "attention"))),
     Row("both + checkpoint(LayerNorm+attention)", "gap",
         _both(remat=("layer_norm", "attention"))),
+    # Lean exact residuals: norms, softmax/attention and dropout keep the least
+    # their exact gradients need, alone and with the two approximations.
+    Row("lean", "lean", lean()),
+    Row("3-bit GELU + lean", "lean", lean(bits=3)),
+    Row("randomized 20% + lean", "lean", lean(ratio=0.2)),
+    Row("3-bit GELU + randomized 20% + lean", "lean", lean(bits=3, ratio=0.2)),
     # Mixed precision: bf16 compute, f32 parameters and optimizer state.
     Row("bf16", "bf16", lambda: dict(dtype=jnp.bfloat16)),
     Row("bf16 + 3-bit GELU", "bf16", lambda: dict(dtype=jnp.bfloat16,
@@ -150,7 +179,7 @@ ROWS: tuple[Row, ...] = (
       for s in SKETCHES[1:]),
 )
 
-GROUPS = ("main", "remat", "gap", "bf16", "bits", "ratio", "sketch")
+GROUPS = ("main", "remat", "gap", "lean", "bf16", "bits", "ratio", "sketch")
 
 
 def select_rows(spec: str | None, full: bool) -> list[Row]:
@@ -317,6 +346,30 @@ def format_table(results: list[dict], with_time: bool, with_real: bool) -> str:
   return "\n".join(lines)
 
 
+def plot(results: list[dict], path: str) -> None:
+  """A horizontal bar chart of each row's compiled memory (GiB), saving annotated."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  base = results[0]["total"]
+  names = [r["name"] for r in results][::-1]
+  gib = [r["total"] / GiB for r in results][::-1]
+  colors = ["#888888" if r is results[0] else "#3b75af" if "lean" not in r["name"]
+            else "#e1812c" for r in results][::-1]
+  fig, ax = plt.subplots(figsize=(8, 0.42 * len(results) + 1.2))
+  ax.barh(names, gib, color=colors)
+  for y, (g, r) in enumerate(zip(gib, results[::-1])):
+    label = "" if r is results[0] else f" -{100 * (1 - r['total'] / base):.1f}%"
+    ax.text(g, y, f" {g:.2f}{label}", va="center", fontsize=8)
+  ax.set_xlabel("compiled memory of the AdamW step (GiB)")
+  ax.set_xlim(0, max(gib) * 1.25)
+  ax.set_title("RoBERTa-base, batch 128 x 128: memory by configuration (lean rows orange)",
+               fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -334,6 +387,7 @@ def main(argv=None) -> None:
   p.add_argument("--real", action="store_true",
                  help="also run each row on the device and report peak_bytes_in_use")
   p.add_argument("--json", help="also write the results to this file")
+  p.add_argument("--figure", help="also draw the rows' memory as a bar chart to this PNG")
   p.add_argument("--real-one", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
 
@@ -379,6 +433,9 @@ def main(argv=None) -> None:
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
+  if args.figure:
+    plot(results, args.figure)
+    print(f"figure: {args.figure}")
 
 
 if __name__ == "__main__":

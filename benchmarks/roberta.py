@@ -14,6 +14,8 @@ Injection points, so one model serves every row of the memory table:
   ``functools.partial(fewbit_jax.linen.RandomizedDense, proj_dim_ratio=0.2)``
   to randomize all of them.
 * ``layer_norm``: the LayerNorm class, called like ``nn.LayerNorm``.
+* ``dropout``: the Dropout class, called like ``nn.Dropout``.
+* ``attention``: the attention core, called like `attention_core`.
 * ``remat`` / ``remat_policy``: ``jax.checkpoint`` around the activation,
   the attention core, each LayerNorm or each encoder layer.
 * ``dtype``: the compute dtype (``jnp.bfloat16`` for mixed precision;
@@ -109,13 +111,29 @@ def attention_core(q: Array, k: Array, v: Array, mask_bias: Array, key: Array | 
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """The replaceable parts of every encoder layer (see the module docstring)."""
+  dense: Callable[..., nn.Module] = nn.Dense
+  layer_norm: Callable[..., nn.Module] = nn.LayerNorm
+  dropout: Callable[..., nn.Module] = nn.Dropout
+  attention: Callable[..., Array] = attention_core
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with an output projection and post-LayerNorm."""
   cfg: RobertaConfig
-  dense: Callable[..., nn.Module]
-  layer_norm: Callable[..., nn.Module]
+  parts: Parts
   dtype: Any = None
   remat: tuple[str, ...] = ()
+
+  @property
+  def dense(self):
+    return self.parts.dense
+
+  @property
+  def layer_norm(self):
+    return self.parts.layer_norm
 
   @nn.compact
   def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
@@ -126,13 +144,13 @@ class SelfAttention(nn.Module):
     k = split(_dense(self, d, "key")(x))
     v = split(_dense(self, d, "value")(x))
     key = None if deterministic or cfg.dropout_rate == 0 else self.make_rng("dropout")
-    core = functools.partial(attention_core, rate=cfg.dropout_rate)
+    core = functools.partial(self.parts.attention, rate=cfg.dropout_rate)
     if "attention" in self.remat:
       core = jax.checkpoint(core)
     with jax.named_scope("core"):
       ctx = core(q, k, v, mask_bias, key).reshape(b, s, d)
     out = _dense(self, d, "output")(ctx)
-    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    out = self.parts.dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     return _norm(self, "output_norm")(out + x)
 
 
@@ -140,22 +158,29 @@ class RobertaLayer(nn.Module):
   """One encoder layer: attention, then the FFN, each with post-LayerNorm."""
   cfg: RobertaConfig
   activation: Callable[[Array], Array]
-  dense: Callable[..., nn.Module]
-  layer_norm: Callable[..., nn.Module]
+  parts: Parts
   dtype: Any = None
   remat: tuple[str, ...] = ()
+
+  @property
+  def dense(self):
+    return self.parts.dense
+
+  @property
+  def layer_norm(self):
+    return self.parts.layer_norm
 
   @nn.compact
   def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
     cfg = self.cfg
-    x = SelfAttention(cfg, self.dense, self.layer_norm, self.dtype, self.remat,
+    x = SelfAttention(cfg, self.parts, self.dtype, self.remat,
                       name="attention")(x, mask_bias, deterministic)
     act = jax.checkpoint(self.activation) if "activation" in self.remat else self.activation
     y = _dense(self, cfg.intermediate_size, "intermediate")(x)
     with jax.named_scope("activation"):
       y = act(y)
     y = _dense(self, cfg.hidden_size, "output")(y)
-    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    y = self.parts.dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     return _norm(self, "output_norm")(y + x)
 
 
@@ -167,6 +192,8 @@ class RobertaClassifier(nn.Module):
     activation: the FFN activation (default exact GELU).
     dense: class of every dense layer (default ``nn.Dense``).
     layer_norm: LayerNorm class (default ``nn.LayerNorm``).
+    dropout: Dropout class (default ``nn.Dropout``).
+    attention: the attention core (default `attention_core`).
     dtype: compute dtype; ``None`` for float32.
     remat: the parts to wrap in ``jax.checkpoint``, any of ``"activation"``,
       ``"attention"`` (scores, softmax, dropout, weighted sum), ``"layer_norm"``
@@ -178,6 +205,8 @@ class RobertaClassifier(nn.Module):
   activation: Callable[[Array], Array] = exact_gelu
   dense: Callable[..., nn.Module] = nn.Dense
   layer_norm: Callable[..., nn.Module] = nn.LayerNorm
+  dropout: Callable[..., nn.Module] = nn.Dropout
+  attention: Callable[..., Array] = attention_core
   dtype: Any = None
   remat: tuple[str, ...] = ()
   remat_policy: Callable | None = None
@@ -200,7 +229,7 @@ class RobertaClassifier(nn.Module):
          + embed(cfg.type_vocab_size, name="token_type_embeddings")(
              jnp.zeros_like(input_ids)))
     x = _norm(self, "embeddings_norm")(x)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = self.dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
     dtype = self.dtype or jnp.float32
     mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
@@ -208,15 +237,16 @@ class RobertaClassifier(nn.Module):
     layer_cls = RobertaLayer
     if "block" in self.remat:
       layer_cls = nn.remat(RobertaLayer, static_argnums=(3,), policy=self.remat_policy)
+    parts = Parts(self.dense, self.layer_norm, self.dropout, self.attention)
     for i in range(cfg.num_layers):
-      x = layer_cls(cfg, self.activation, self.dense, self.layer_norm, self.dtype,
-                    self.remat, name=f"layer_{i}")(x, mask_bias, deterministic)
+      x = layer_cls(cfg, self.activation, parts, self.dtype, self.remat,
+                    name=f"layer_{i}")(x, mask_bias, deterministic)
 
     # Classification head on <s>: dropout, dense, tanh, dropout, projection.
-    h = nn.Dropout(cfg.dropout_rate)(x[:, 0], deterministic=deterministic)
+    h = self.dropout(cfg.dropout_rate)(x[:, 0], deterministic=deterministic)
     h = jnp.tanh(self.dense(cfg.hidden_size, dtype=self.dtype, kernel_init=init,
                             name="classifier_dense")(h))
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    h = self.dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     logits = self.dense(cfg.num_labels, dtype=self.dtype, kernel_init=init,
                         name="classifier_out")(h)
     return logits.astype(jnp.float32)
