@@ -39,6 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from fewbit_jax.dropout import key_after
+
 __all__ = ["softmax", "dot_product_attention", "SOFTMAX_NAME", "PROBS_NAME", "STATS_NAME",
            "OUTPUT_NAME", "NAMES"]
 
@@ -227,7 +229,7 @@ def _attention_core(cfg):
 
 def _bwd_probs(cfg, q, k, v, bias, mask, rng, p, g, gp):
   """The backward from the kept probabilities; the dropout mask is drawn again."""
-  mult = _multiplier(cfg, rng, _dropout_shape(cfg, p.shape, k.ndim))
+  mult = _multiplier(cfg, None if rng is None else key_after(rng, g), _dropout_shape(cfg, p.shape, k.ndim))
   _, combine_vjp = jax.vjp(functools.partial(_combine, cfg),
                            p if mult is None else p * mult, v)
   dpd, dv = combine_vjp(g)
@@ -256,7 +258,8 @@ def _bwd_blocks(cfg, q, k, v, bias, mask, rng, stats, out, g):
   # sum_k p * dp = g . out (per query and head), as in flash attention.
   delta = jnp.sum(g.astype(sdtype) * out.astype(sdtype), -1)        # [..., q, h]
   delta = jnp.swapaxes(delta, -1, -2)[..., None]                      # [..., h, q, 1]
-  mult = _multiplier(cfg, rng, _dropout_shape(cfg, _scores_shape(q, k), k.ndim))
+  mult = _multiplier(cfg, None if rng is None else key_after(rng, g),
+                     _dropout_shape(cfg, _scores_shape(q, k), k.ndim))
   bias_blocked = bias is not None and bias.ndim > 0 and bias.shape[-1] == length
 
   def body(j, carry):

@@ -32,7 +32,25 @@ import jax
 import jax.numpy as jnp
 from jax import lax, random
 
+from fewbit_jax import sharded as _sharded
+
 __all__ = ["dropout"]
+
+
+def key_after(key, dep):
+  """`key` unchanged, but usable only once `dep` is computed (typed or raw uint32 keys).
+
+  A backward pass that draws a mask again from the forward's key would, left
+  alone, have its random bits merged by XLA with the forward's identical ones
+  (common-subexpression elimination), which then stay alive from the forward
+  to the backward: four bytes per element where flax keeps a one-byte mask.
+  Tying the key to the cotangent makes the backward's draw a computation of
+  its own, run when the cotangent arrives.
+  """
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return _sharded.after(key, dep)
+  data = _sharded.after(random.key_data(key), dep)
+  return random.wrap_key_data(data, impl=random.key_impl(key))
 
 
 def _mask(key, keep_prob: float, shape, broadcast_dims, out_sharding):
@@ -56,7 +74,7 @@ def _dropout_fwd(x, key, keep_prob, broadcast_dims, out_sharding):
 
 
 def _dropout_bwd(keep_prob, broadcast_dims, out_sharding, key, g):
-  mask = _mask(key, keep_prob, g.shape, broadcast_dims, out_sharding)
+  mask = _mask(key_after(key, g), keep_prob, g.shape, broadcast_dims, out_sharding)
   return lax.select(mask, g, jnp.zeros_like(g)) / keep_prob, None
 
 

@@ -51,6 +51,7 @@ from flax.linen import dtypes as _dtypes
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from fewbit_jax import sharded as _sharded
 from fewbit_jax._projection import _like_primal
 
 __all__ = ["layer_norm", "rms_norm", "NORM_INPUT_NAME", "NORM_STATS_NAME"]
@@ -168,6 +169,12 @@ def _norm_fwd(x, scale, bias, mask, cfg):
 
 def _norm_bwd(cfg, res, g):
   x, scale, bias, mask, mean, rstd = res
+  # Everything below waits for the cotangent (tied through the small per-row
+  # and per-feature arrays): otherwise XLA computes the parts that depend only
+  # on the residuals early (xhat, a broadcast scale shared with the forward)
+  # and keeps them alive, input-sized, until this backward runs.
+  rstd = _sharded.after(rstd, g)
+  mean = None if mean is None else _sharded.after(mean, g)
   dtype = jnp.promote_types(rstd.dtype, jnp.float32)
   rstd = rstd.astype(dtype)
   xhat = x.astype(dtype)
@@ -181,7 +188,7 @@ def _norm_bwd(cfg, res, g):
   gh = g
   if scale is not None:
     dscale = jnp.sum(g * xhat, others).reshape(scale.shape).astype(scale.dtype)
-    gh = g * scale.reshape(fshape).astype(dtype)
+    gh = g * _sharded.after(scale, g).reshape(fshape).astype(dtype)
   if bias is not None:
     dbias = jnp.sum(g, others).reshape(bias.shape).astype(bias.dtype)
   axes = cfg.reduction_axes
