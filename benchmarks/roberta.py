@@ -85,13 +85,19 @@ def exact_gelu(x: Array) -> Array:
 REMAT_PARTS = ("activation", "attention", "layer_norm", "block")
 
 
+def _parts(ctx: nn.Module):
+  """Where `ctx`'s layer classes are: its `Parts` (encoder layers) or its own fields."""
+  return getattr(ctx, "parts", ctx)
+
+
 def _dense(ctx: nn.Module, features: int, name: str) -> nn.Module:
-  return ctx.dense(features, dtype=ctx.dtype, kernel_init=nn.initializers.normal(0.02),
+  return _parts(ctx).dense(features, dtype=ctx.dtype, kernel_init=nn.initializers.normal(0.02),
                    name=name)
 
 
 def _norm(ctx: nn.Module, name: str) -> nn.Module:
-  cls = nn.remat(ctx.layer_norm) if "layer_norm" in ctx.remat else ctx.layer_norm
+  layer_norm = _parts(ctx).layer_norm
+  cls = nn.remat(layer_norm) if "layer_norm" in ctx.remat else layer_norm
   return cls(epsilon=ctx.cfg.layer_norm_eps, dtype=ctx.dtype, name=name)
 
 
@@ -127,14 +133,6 @@ class SelfAttention(nn.Module):
   dtype: Any = None
   remat: tuple[str, ...] = ()
 
-  @property
-  def dense(self):
-    return self.parts.dense
-
-  @property
-  def layer_norm(self):
-    return self.parts.layer_norm
-
   @nn.compact
   def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
     cfg = self.cfg
@@ -161,14 +159,6 @@ class RobertaLayer(nn.Module):
   parts: Parts
   dtype: Any = None
   remat: tuple[str, ...] = ()
-
-  @property
-  def dense(self):
-    return self.parts.dense
-
-  @property
-  def layer_norm(self):
-    return self.parts.layer_norm
 
   @nn.compact
   def __call__(self, x: Array, mask_bias: Array, deterministic: bool) -> Array:
