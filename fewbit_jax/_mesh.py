@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import jax
+from jax import lax
 from jax.sharding import AxisType, PartitionSpec as P
 
 
@@ -103,3 +104,17 @@ def last_axis_shards(a) -> int:
   if spec is None or not a.ndim:
     return 1
   return shards(sizes(jax.typeof(a).sharding.mesh), spec[-1])
+
+
+def like_primal(ct, primal):
+  """`ct` summed over the manual axes it varies over and `primal` does not.
+
+  Inside ``jax.shard_map`` a weight the same on every device (invariant) has
+  per-device products with varying inputs; autodiff of the plain layer sums
+  their gradients over those axes (the transpose of the implicit ``pvary``),
+  and a custom_vjp must return a cotangent of the primal's type.
+  """
+  if primal is None:
+    return ct
+  extra = jax.typeof(ct).mat.varying - jax.typeof(primal).mat.varying
+  return lax.psum(ct, tuple(sorted(extra))) if extra else ct

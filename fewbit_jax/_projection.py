@@ -246,20 +246,6 @@ def _after_smaller(spec, a, b, dep):
   return a, after(b, dep)
 
 
-def _like_primal(ct, primal):
-  """`ct` summed over the manual axes it varies over and `primal` does not.
-
-  Inside ``jax.shard_map`` a weight the same on every device (invariant) has
-  per-device products with varying inputs; autodiff of the plain layer sums
-  their gradients over those axes (the transpose of the implicit ``pvary``),
-  and a custom_vjp must return a cotangent of the primal's type.
-  """
-  if primal is None:
-    return ct
-  extra = jax.typeof(ct).mat.varying - jax.typeof(primal).mat.varying
-  return lax.psum(ct, tuple(sorted(extra))) if extra else ct
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _project(x, kernel, bias, keys, spec):
   del keys
@@ -319,7 +305,7 @@ def _project_bwd(spec, res, g):
   dw = jnp.transpose(dw, inverse).astype(kernel.dtype)
   if kw and not simple and k_spec is not None:
     dw = jax.sharding.reshard(dw, NamedSharding(mesh, P(*k_spec)))
-  return dx, _like_primal(dw, w_in), _like_primal(db, bias), None
+  return dx, _mesh.like_primal(dw, w_in), _mesh.like_primal(db, bias), None
 
 
 _project.defvjp(_project_fwd, _project_bwd)

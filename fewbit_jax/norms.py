@@ -51,8 +51,7 @@ from flax.linen import dtypes as _dtypes
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from fewbit_jax import sharded as _sharded
-from fewbit_jax._projection import _like_primal
+from fewbit_jax import _mesh, sharded as _sharded
 
 __all__ = ["layer_norm", "rms_norm", "NORM_INPUT_NAME", "NORM_STATS_NAME"]
 
@@ -208,7 +207,7 @@ def _norm_bwd(cfg, res, g):
   if mask is not None:
     spread = jnp.where(mask, spread, 0)
   dx = (rstd * (gh - spread)).astype(x.dtype)
-  return dx, _like_primal(dscale, scale), _like_primal(dbias, bias), None
+  return dx, _mesh.like_primal(dscale, scale), _mesh.like_primal(dbias, bias), None
 
 
 _norm.defvjp(_norm_fwd, _norm_bwd)
