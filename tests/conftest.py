@@ -43,3 +43,27 @@ def _child_env(**extra: str) -> dict[str, str]:
 def child_env():
   """`child_env(**extra)`: the environment for a `python -P` test subprocess."""
   return _child_env
+
+
+def _on_8_devices(script: str, *args: str, timeout: int = 900, cwd: str | None = _ROOT,
+                  **extra_env: str):
+  """The JSON that a child with 8 simulated CPU devices printed last.
+
+  Runs ``python -P -c script *args`` with 8 CPU devices (the
+  device count is fixed when JAX starts) and `extra_env`; fails the test
+  with the child's stderr unless it exits 0.
+  """
+  import json
+  import subprocess
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = _child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", **extra_env)
+  proc = subprocess.run([sys.executable, "-P", "-c", script, *args], env=env, cwd=cwd,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def on_8_devices():
+  """`on_8_devices(script, *args, timeout=, cwd=, **env)`: the JSON a child with 8 devices prints last."""
+  return _on_8_devices

@@ -9,10 +9,7 @@ device's. The device count is fixed when JAX starts: one subprocess runs all.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -86,13 +83,8 @@ _SCRIPT = textwrap.dedent(r"""
 
 
 @pytest.fixture(scope="module")
-def results(child_env):
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-P", "-c", _SCRIPT], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+def results(on_8_devices):
+  return on_8_devices(_SCRIPT)
 
 
 @pytest.mark.parametrize("mesh", ["Auto", "Explicit"])

@@ -6,10 +6,7 @@ The forward is the very ``lax.dot_general`` / ``jnp.einsum`` of the layer,
 them are tested in tests/test_convert.py.
 """
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -26,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(autouse=True)
 def pure_jax(request):
-  if "child_env" in request.fixturenames:
+  if "on_8_devices" in request.fixturenames:
     yield
     return
   with ext.mode("jax"):
@@ -151,17 +148,12 @@ _GENERAL_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def test_general_layers_sketch_per_data_shard(child_env):
+def test_general_layers_sketch_per_data_shard(on_8_devices):
   # randomized_einsum (the core of RandomizedEinsum / RandomizedLinearGeneral
   # and of converted DenseGeneral layers) with sketch_blocks="data" on an
   # Auto mesh: the data-parallel gradient's all-reduce is the only collective,
   # and the gradient is one device's with 8 blocks.
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-P", "-c", _GENERAL_SCRIPT], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = on_8_devices(_GENERAL_SCRIPT, timeout=600)
   assert out["blocks"] == out["vanilla"], out
   assert out["vanilla"]["all-reduce"][0] == 1
   assert out["rel_err"] < 1e-5, out

@@ -12,10 +12,6 @@ the results are typed with their operands' sharding and manual axes.
 They run in subprocesses because the device count is fixed at JAX start-up.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -101,13 +97,8 @@ _SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def test_batch_sharded_step_does_not_gather_activations(tmp_path, child_env):
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-P", "-c", _SCRIPT], env=env, capture_output=True,
-                        text=True, timeout=600, cwd=tmp_path)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_batch_sharded_step_does_not_gather_activations(tmp_path, on_8_devices):
+  out = on_8_devices(_SCRIPT, timeout=600, cwd=str(tmp_path))
   # Every kernel ran on per-device slices: x's shard is (64/8, 4, 96), seen
   # by the code kernels as 3 words of 32 (8, 4, 3, 32), its codes
   # (8, 4, 3 words, bits=3, 1); each device sketches its own 32 rows (one
@@ -189,24 +180,13 @@ _HIDDEN_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def _on_8_devices(child_env, script: str) -> dict:
-  """The JSON that `script` prints last, run in a child with 8 CPU devices."""
-  env = child_env(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip(),
-                  JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-P", "-c", script], env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_hidden_sharded_codes_stay_sharded(child_env):
+def test_hidden_sharded_codes_stay_sharded(on_8_devices):
   # An activation sharded on its hidden axis: the code kernels run on each
   # device's words where the shards hold whole words (no all-gather), gather
   # where they cut words; the same codes either way, typed with the
   # activation's sharding under Explicit meshes and with its manual axes
   # inside shard_map.
-  out = _on_8_devices(child_env, _HIDDEN_SCRIPT)
+  out = on_8_devices(_HIDDEN_SCRIPT, timeout=600, cwd=None)
   for axis_type in ("Auto", "Explicit"):
     for n in (128, 256, 96, 40):
       r = out[f"{axis_type}-{n}"]
@@ -265,13 +245,13 @@ _SHAPES_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def test_sharded_activation_every_last_axis(child_env):
+def test_sharded_activation_every_last_axis(on_8_devices):
   # Issue 11, defect 1: the kernels' 1-D borders and levels were cut into
   # shards with the batch axes ("borders has 1 entries; expected 7") wherever
   # the kernel saw a single batch axis: a last axis that is not a multiple of
   # 32, exactly 32, or a 1-D input. Every shape now runs shard by shard, with
   # the gradient of one device bit for bit.
-  out = _on_8_devices(child_env, _SHAPES_SCRIPT)
+  out = on_8_devices(_SHAPES_SCRIPT, timeout=600, cwd=None)
   assert len(out) == 2 * 7 * 3, out
   for key, r in out.items():
     assert isinstance(r, dict), (key, r)

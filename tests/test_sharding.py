@@ -30,8 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -231,13 +229,8 @@ _SCRIPT = textwrap.dedent(r"""
 """)
 
 @pytest.fixture(scope="module")
-def sharded_results(child_env):
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-P", "-c", _SCRIPT, json.dumps(CASES)],
-                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  results = json.loads(proc.stdout.strip().splitlines()[-1])
+def sharded_results(on_8_devices):
+  results = on_8_devices(_SCRIPT, json.dumps(CASES))
   # The cases (and their expected failures) follow this process's kernels.
   assert results.pop("kernels") == ext.available(), "the child imported another fewbit_jax"
   return results

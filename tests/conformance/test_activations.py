@@ -27,10 +27,7 @@ every shape) is marked slow.
 """
 
 import functools
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import hypothesis
@@ -472,15 +469,9 @@ _SHARDED = textwrap.dedent(r"""
 """)
 
 
-def test_sharded(child_env):
-  env = child_env(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip(),
-                  JAX_PLATFORMS="cpu")
+def test_sharded(on_8_devices):
   here = os.path.dirname(os.path.abspath(__file__))
-  proc = subprocess.run([sys.executable, "-P", "-c", _SHARDED, here], env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = on_8_devices(_SHARDED, here, cwd=None)
   TALLY["run"] += out["run"]
   TALLY["fine"] += out["run"] - len(out["failed"])
   assert not out["failed"], out["failed"]

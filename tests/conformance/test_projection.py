@@ -24,11 +24,8 @@ A wider sweep of everything is marked slow.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -525,27 +522,21 @@ print(json.dumps({"counts": counts, "failures": failures}))
 '''
 
 
-def _run_sharded(child_env, full: bool):
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu",
-                  CONFORMANCE_FULL="1" if full else "0")
-  proc = subprocess.run([sys.executable, "-P", "-c", _SHARDED], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=3000)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+def _run_sharded(on_8_devices, full: bool):
+  out = on_8_devices(_SHARDED, timeout=3000, CONFORMANCE_FULL="1" if full else "0")
   print(out["counts"])
   assert not out["failures"], "\n".join(out["failures"])
   assert out["counts"]["run"] == out["counts"]["fine"] > 0
   return out
 
 
-def test_sharded(child_env):
-  _run_sharded(child_env, full=False)
+def test_sharded(on_8_devices):
+  _run_sharded(on_8_devices, full=False)
 
 
 @pytest.mark.slow
-def test_sharded_full_sweep(child_env):
-  _run_sharded(child_env, full=True)
+def test_sharded_full_sweep(on_8_devices):
+  _run_sharded(on_8_devices, full=True)
 
 
 def test_counts():
