@@ -15,8 +15,9 @@ Differentiated as written, JAX keeps for the product and the activation
 and keeps, by mode (``H`` = one hidden-sized array in the input dtype):
 
 * exact (default): ``gate`` and ``up`` (2 H); ``act`` and ``act'`` are
-  recomputed from ``gate`` in the backward with jax's own derivative
-  (differentiable again: a grad of a grad works).
+  recomputed from ``gate`` in the backward with jax's own derivative, in
+  float32 for bfloat16/float16 inputs (differentiable again: a grad of a
+  grad works).
 * few-bit (``bits=b``): a b-bit code of ``gate`` (``act'`` from the optimal
   ``2**b``-level table of `fewbit_jax.table`, exact at 1 bit for ReLU),
   ``up`` and the output ``h = act(gate) * up`` itself; ``act(gate)`` is
@@ -55,14 +56,14 @@ from jax.ad_checkpoint import checkpoint_name
 
 from fewbit_jax import ext, tables
 
-__all__ = ["gated", "ACTIVATIONS", "GATE_NAME", "UP_NAME", "CODES_NAME", "OUTPUT_NAME"]
+__all__ = ["gated", "ACTIVATIONS", "GATE_NAME", "UP_NAME", "CODES_NAME"]
 
 # checkpoint_name of what the backward keeps: the gate input (exact mode), the up
-# input (both modes), the gate's packed codes and the output (few-bit mode).
+# input (both modes), the gate's packed codes (few-bit mode; it keeps the output
+# too, unnamed: the array the op returns).
 GATE_NAME = "gated_gate"
 UP_NAME = "gated_up"
 CODES_NAME = "gated_codes"
-OUTPUT_NAME = "gated_output"
 
 # activation name -> the jax.nn function (GeGLU, SwiGLU, ReGLU).
 ACTIVATIONS: dict[str, Callable] = {
@@ -89,7 +90,8 @@ class _Plan:
 
 
 def _act_and_derivative(plan: _Plan, gate):
-  """(act(gate), act'(gate)) in gate's dtype, with jax's own derivative."""
+  """(act(gate), act'(gate)) with jax's own derivative, in float32 at least."""
+  gate = gate.astype(jnp.promote_types(gate.dtype, jnp.float32))
   return jax.jvp(plan.act, (gate,), (jnp.ones_like(gate),))
 
 
@@ -122,15 +124,16 @@ def _fwd(plan: _Plan, gate, up):
   else:
     codes = ext.quantize_pack(_codes_input(gate), np.asarray(plan.borders, np.float32),
                               plan.bits)
-  return h, (checkpoint_name(codes, CODES_NAME), checkpoint_name(up, UP_NAME),
-             checkpoint_name(h, OUTPUT_NAME))
+  # h unnamed: the very output array, which the next dense layer keeps anyway.
+  return h, (checkpoint_name(codes, CODES_NAME), checkpoint_name(up, UP_NAME), h)
 
 
 def _bwd(plan: _Plan, res, g):
   if plan.bits is None:
     gate, up = res
     a, da = _act_and_derivative(plan, gate)
-    return (g * up * da).astype(gate.dtype), (g * a).astype(up.dtype)
+    g32 = g.astype(a.dtype)
+    return (g32 * up.astype(a.dtype) * da).astype(gate.dtype), (g32 * a).astype(up.dtype)
   codes, up, h = res
   levels = jnp.asarray(np.asarray(plan.levels, np.float64).astype(g.dtype))
   dgate = ext.unpack_scale(codes, levels, g * up, plan.bits)
