@@ -70,8 +70,9 @@ LSE_NAME = "fused_loss_lse"
 
 # Default vocabulary block: about this many logits (tokens x block columns)
 # at once, a multiple of 128 columns, between 128 and 8192 (see
-# benchmarks/bench_loss.py for the measurement behind it).
-_BLOCK_ELEMENTS = 1 << 21
+# `python -m benchmarks.bench_loss --blocks ...`: on CPU, 256 and 512 tokens at
+# V = 32768, blocks of about 2**19 logits were fastest).
+_BLOCK_ELEMENTS = 1 << 19
 _BLOCK_MIN, _BLOCK_MAX = 128, 8192
 _LAYOUTS = ("dv", "vd")
 
@@ -150,25 +151,37 @@ def _over_blocks(plan: _Plan, step, carry):
 # Forward and backward passes (x: (N, D), labels: (N,), weight: (N,) float32).
 
 
+def _label_logits(plan: _Plan, x, kernel, local):
+  """The (soft-capped) logit of each token's label, 0 where it is not in this shard."""
+  inside = (local >= 0) & (local < plan.vocab)
+  idx = jnp.clip(local, 0, plan.vocab - 1)
+  w = jnp.take(kernel, idx, axis=1 if plan.layout == "dv" else 0)  # (D, N) or (N, D)
+  if plan.layout == "dv":
+    w = w.T
+  zy = jnp.einsum("nd,nd->n", x, w, precision=plan.precision,
+                  preferred_element_type=jnp.float32)
+  if plan.soft_cap is not None:
+    zy = plan.soft_cap * jnp.tanh(zy / plan.soft_cap)
+  return jnp.where(inside, zy, 0)
+
+
 def _forward(plan: _Plan, x, kernel, labels):
   """Per-token (lse, unweighted loss), float32."""
   n = x.shape[0]
   local = labels - _vocab_offset(plan)
 
   def step(c, start, size):
-    m, l, zy, zs = c
+    m, l, zs = c
     z, _ = _logits(plan, x, _kernel_block(plan, kernel, start, size))
     m_new = jnp.maximum(m, z.max(axis=1))
     l = l * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=1)
-    hit = (local - start)[:, None] == lax.broadcasted_iota(jnp.int32, z.shape, 1)
-    zy = zy + jnp.where(hit, z, 0).sum(axis=1)
     if plan.label_smoothing:
       zs = zs + z.sum(axis=1)
-    return m_new, l, zy, zs
+    return m_new, l, zs
 
   f32 = lambda v: _varying_like(jnp.full((n,), v, jnp.float32), x, kernel, labels)
-  init = (f32(-jnp.inf), f32(0), f32(0), f32(0))
-  m, l, zy, zs = _over_blocks(plan, step, init)
+  m, l, zs = _over_blocks(plan, step, (f32(-jnp.inf), f32(0), f32(0)))
+  zy = _label_logits(plan, x, kernel, local)
   if plan.vocab_axes:
     m_all = lax.pmax(m, plan.vocab_axes)
     l = lax.psum(l * jnp.exp(m - m_all), plan.vocab_axes)
@@ -355,7 +368,7 @@ def linear_softmax_cross_entropy(x, kernel, labels, *, kernel_layout: str = "dv"
       gradient.
     ignore_index: tokens whose label equals it have loss 0 and no gradient
       (e.g. -100, or the padding id).
-    block_size: vocabulary columns per block (default: about 2**21 logits
+    block_size: vocabulary columns per block (default: about 2**19 logits
       per block, 128 to 8192 columns). It need not divide V: the remainder
       is one last, smaller block.
     precision: ``lax.dot_general`` precision of the matmuls.
