@@ -6,8 +6,8 @@ language model's last hidden state ``x`` (..., D) and its output projection
 ``kernel`` (D, V) (or a tied ``[V, D]`` embedding table), with exact gradients
 for ``x`` and ``kernel``, but never holds the logits. The vocabulary is walked
 in blocks of ``block_size`` columns (``jax.lax.scan``, the remainder as one
-last smaller block, no padding): the forward keeps a running log-sum-exp and
-the label's logit; the backward recomputes each block's logits, forms
+last smaller block, no padding): the forward keeps a running log-sum-exp
+(the label's logit is one gathered column per token); the backward recomputes each block's logits, forms
 ``softmax - onehot`` for that block alone and accumulates ``dx`` and writes
 that block of ``dkernel``. Between the two passes only the per-token
 log-sum-exp and per-token loss are kept (float32, one number each per token),
@@ -31,8 +31,14 @@ runs each device on its own shard (``jax.shard_map``): a vocabulary-sharded
 kernel combines the per-shard log-sum-exps with a max and a sum over the
 vocabulary axes (arrays of one number per token), and no array of logits
 is ever gathered. Under an ``AxisType.Auto`` mesh (or none) the blocked
-computation is plain JAX and XLA partitions it; pass ``vocab_axis`` (and
-``token_axis``) to run it per shard there as well.
+computation is plain JAX and XLA partitions it (batch-sharded inputs stay
+sharded; a vocabulary-sharded kernel is gathered, kernel-sized, never the
+logits); pass ``vocab_axis`` (and ``token_axis``) to run it per shard there
+as well.
+
+Forward-mode differentiation (``jax.jvp``, ``jax.hessian``) raises JAX's
+TypeError for a ``custom_vjp``; a grad of a grad works (the backward is
+differentiable JAX) and is exact.
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
@@ -293,6 +299,9 @@ def _check(x, kernel, labels, kernel_layout):
   if kernel.ndim != 2:
     raise ValueError(f"kernel must be 2-D, (D, V) (or (V, D) with kernel_layout='vd'); got "
                      f"shape {kernel.shape}.")
+  if kernel.shape[1 if kernel_layout == "dv" else 0] == 0:
+    raise ValueError(f"the kernel {kernel.shape} has an empty vocabulary axis (kernel_layout="
+                     f"{kernel_layout!r}); a softmax over no classes is undefined.")
   if x.ndim < 1:
     raise ValueError("x must have a last axis of D features (..., D); got a scalar.")
   d_axis = 0 if kernel_layout == "dv" else 1
@@ -479,7 +488,7 @@ def linear_softmax_cross_entropy(x, kernel, labels, *, kernel_layout: str = "dv"
     out = _core(plan, x.reshape(-1, d), kernel, labels.reshape(-1), weight.reshape(-1))
     return out.reshape(lead)
 
-  if mesh is None or vocab == 0:
+  if mesh is None:
     with jax.named_scope("linear_softmax_cross_entropy"):
       return run(x, kernel, labels, weight)
   t_spec = P(*x_spec[:-1])

@@ -221,6 +221,8 @@ def test_bad_inputs_say_what_to_do():
     f(x, kernel, labels, weights=jnp.ones(3))
   with pytest.raises(ValueError, match="where must be a boolean"):
     f(x, kernel, labels, where=jnp.ones(labels.shape))
+  with pytest.raises(ValueError, match="empty vocabulary"):
+    f(x, kernel[:, :0], labels)
   with pytest.raises(ValueError, match="jax.set_mesh"):
     f(x, kernel, labels, vocab_axis="model")
 
