@@ -56,8 +56,7 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("layout", ["dv", "vd"])
-@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("name,layout", [(n, "dv") for n in OPTIONS] + [("all", "vd")])
 def test_equals_optax_values_and_gradients(name, layout):
   x, kernel, labels, weights = _data()
   if layout == "vd":
@@ -82,7 +81,7 @@ def test_equals_optax_values_and_gradients(name, layout):
     assert _rel(g, w) < 1e-5
 
 
-@pytest.mark.parametrize("block_size", [1, 7, 64, 200, 1000, None])
+@pytest.mark.parametrize("block_size", [7, 200, 1000, None])
 def test_any_block_size_gives_the_same_loss(block_size):
   x, kernel, labels, _ = _data()
   f = lambda x, k: fb.linear_softmax_cross_entropy(x, k, labels, block_size=block_size).mean()
@@ -138,25 +137,17 @@ def test_jit_vmap_scan_and_checkpoint():
   want = _reference(x, kernel, labels)
   assert _rel(jax.jit(f)(x, kernel, labels), want) < 1e-5
   assert _rel(jax.vmap(f, (0, None, 0))(x, kernel, labels), want) < 1e-5
-  # vmap over the kernel as well (an ensemble of heads)
-  ks = jnp.stack([kernel, kernel * 0.5])
-  vk = jax.vmap(f, (None, 0, None))(x, ks, labels)
-  assert _rel(vk[1], _reference(x, ks[1], labels)) < 1e-5
-
-  def body(c, xy):
-    x, y = xy
-    return c + f(x, kernel, y).sum(), None
-  total, _ = jax.lax.scan(body, 0.0, (x, labels))
-  assert abs(float(total - want.sum())) < 1e-3
-
-  loss = lambda x, k: f(x, k, labels).mean()
-  ref = lambda x, k: _reference(x, k, labels).mean()
-  for g, w in zip(jax.grad(jax.checkpoint(loss), (0, 1))(x, kernel),
-                  jax.grad(ref, (0, 1))(x, kernel)):
+  ref = lambda x, k: _reference(x, k, labels).sum()
+  wx, wk = jax.grad(ref, (0, 1))(x, kernel)
+  # the gradient through jax.checkpoint, and through a scan over the batch
+  loss = lambda x, k: f(x, k, labels).sum()
+  for g, w in zip(jax.grad(jax.checkpoint(loss), (0, 1))(x, kernel), (wx, wk)):
     assert _rel(g, w) < 1e-5
-  sg = jax.grad(lambda k: jax.lax.scan(lambda c, xy: (c + f(xy[0], k, xy[1]).sum(), None),
-                                       0.0, (x, labels))[0], 0)(kernel)
-  assert _rel(sg, jax.grad(lambda k: _reference(x, k, labels).sum())(kernel)) < 1e-5
+  scanned = lambda x, k: jax.lax.scan(lambda c, xy: (c + f(xy[0], k, xy[1]).sum(), None),
+                                      0.0, (x, labels))[0]
+  assert abs(float(scanned(x, kernel) - want.sum())) < 1e-3
+  for g, w in zip(jax.grad(scanned, (0, 1))(x, kernel), (wx, wk)):
+    assert _rel(g, w) < 1e-5
 
 
 def test_grad_of_grad_is_right_and_forward_mode_is_refused():
@@ -230,8 +221,8 @@ def test_bad_inputs_say_what_to_do():
 # --------------------------------------------------------------------------
 # 8 simulated devices: one child runs every case.
 
-CASES = ["Auto-dp", "Auto-dp-named", "Auto-vp", "Auto-vp-named", "Auto-dp+vp-named",
-         "Explicit-dp", "Explicit-vp", "Explicit-dp+vp", "Explicit-dp+vp-vd"]
+CASES = ["Auto-dp", "Auto-vp", "Auto-dp+vp-named", "Explicit-dp", "Explicit-dp+vp",
+         "Explicit-dp+vp-vd"]
 
 _SCRIPT = textwrap.dedent(r"""
   import json, re, sys
