@@ -46,6 +46,9 @@ class GatedMLP(nn.Module):
   default) are `fewbit_jax.RandomizedDense` (same parameters; their weight
   gradients estimated from a sketch of their input; apply with
   ``rngs={"sketch": key}``).
+  A randomized ``down_proj`` keeps a sketch of the product instead of the
+  product, so few-bit mode, which keeps the product for ``d up``, then keeps
+  more than exact mode (``python -m benchmarks.bench_gated``).
 
   Attributes:
     hidden_features: the hidden width H.

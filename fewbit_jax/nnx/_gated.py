@@ -34,6 +34,9 @@ class GatedMLP(nnx.Module):
   With ``proj_dim_ratio`` the projections named in ``randomized`` (all three by
   default) are `fewbit_jax.nnx.RandomizedLinear` (same ``Param``s when `rngs`
   has a separate ``sketch`` stream: ``nnx.Rngs(0, sketch=1)``).
+  A randomized ``down_proj`` keeps a sketch of the product instead of the
+  product, so few-bit mode, which keeps the product for ``d up``, then keeps
+  more than exact mode (``python -m benchmarks.bench_gated``).
 
   Args:
     in_features, hidden_features: D and H.
