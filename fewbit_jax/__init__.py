@@ -16,7 +16,7 @@ Example:
 """
 
 from fewbit_jax import (codes, ext, rng, tables, sketch, dense, dense_general, linen, nnx,
-                        memory, patch, remat, attention, norms)
+                        memory, patch, remat, attention, norms, losses)
 from fewbit_jax.activations import (
     fewbit,
     # piecewise, exact 1-bit gradient
@@ -32,8 +32,10 @@ from fewbit_jax.tables import Table, optimal_table, table
 from fewbit_jax.dense import randomized_dense
 from fewbit_jax.dense_general import randomized_dot_general, randomized_einsum
 from fewbit_jax.attention import softmax, dot_product_attention
-from fewbit_jax.linen import RandomizedDense, LayerNorm, RMSNorm, Dropout
+from fewbit_jax.linen import RandomizedDense, LayerNorm, RMSNorm, Dropout, GatedMLP
 from fewbit_jax.norms import layer_norm, rms_norm
+from fewbit_jax.losses import linear_softmax_cross_entropy
+from fewbit_jax.gated import gated
 from fewbit_jax.patch import patch_activations
 from fewbit_jax.remat import checkpoint_policy
 

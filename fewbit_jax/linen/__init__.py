@@ -31,8 +31,9 @@ Example:
 """
 
 from fewbit_jax.linen._convert import Interception, intercept, swap_activations
+from fewbit_jax.linen._gated import GatedMLP
 from fewbit_jax.linen._layers import RandomizedDense
 from fewbit_jax.linen._lean import Dropout, LayerNorm, RMSNorm, lean
 
 __all__ = ["RandomizedDense", "intercept", "Interception", "swap_activations", "LayerNorm",
-           "RMSNorm", "Dropout", "lean"]
+           "RMSNorm", "Dropout", "lean", "GatedMLP"]

@@ -48,9 +48,10 @@ Example:
 
 from fewbit_jax._sketch_stream import step_keys
 from fewbit_jax.nnx._convert import convert_activations, convert_linear, map_module
+from fewbit_jax.nnx._gated import GatedMLP
 from fewbit_jax.nnx._layers import RandomizedEinsum, RandomizedLinear, RandomizedLinearGeneral
 from fewbit_jax.nnx._lean import Dropout, LayerNorm, RMSNorm, convert_lean
 
 __all__ = ["RandomizedLinear", "RandomizedLinearGeneral", "RandomizedEinsum", "map_module",
            "convert_linear", "convert_activations", "step_keys", "LayerNorm", "RMSNorm",
-           "Dropout", "convert_lean"]
+           "Dropout", "convert_lean", "GatedMLP"]
