@@ -56,7 +56,8 @@ from fewbit_jax.attention import NAMES as ATTENTION_NAMES
 from fewbit_jax.dense import SKETCH_NAME
 from fewbit_jax.norms import NORM_INPUT_NAME, NORM_STATS_NAME
 
-__all__ = ["checkpoint_policy", "CODES_NAME", "EXACT_NAME", "SKETCH_NAME"]
+__all__ = ["checkpoint_policy", "frontier_policy", "FRONTIER", "CODES_NAME", "EXACT_NAME",
+           "SKETCH_NAME"]
 
 
 def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
@@ -127,3 +128,54 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
   if dots:
     policy = cp.save_from_both_policies(policy, cp.dots_with_no_batch_dims_saveable)
   return policy
+
+
+# JAX's standard policy -> how the library's counterpart is built from it:
+# the library's small residuals, plus what JAX's policy keeps.
+FRONTIER = ("lean", "nothing_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots")
+
+
+def frontier_policy(kind: str = "lean") -> Callable[..., bool]:
+  """The library's counterpart of one of JAX's standard ``jax.checkpoint`` policies.
+
+  Each keeps the library's small residuals (few-bit codes, exact mode's
+  inputs, sketches, the lean ops' inputs and statistics: `checkpoint_policy`)
+  and what JAX's policy of that name keeps, and recomputes the rest. With
+  the library's ops in the model (`fewbit_jax.nnx.convert`,
+  `fewbit_jax.linen.convert`) the pair keeps less than JAX's policy alone
+  at no more flops: the arrays the library names are what the backward
+  pass needs anyway, smaller than what autodiff would keep in their place.
+
+  Args:
+    kind: ``'lean'`` (the default: the library's residuals only, every
+      matmul output recomputed), ``'nothing_saveable'`` (few-bit codes and
+      sketches only: the smallest, the most recomputation),
+      ``'dots_with_no_batch_dims_saveable'`` or ``'checkpoint_dots'`` (the
+      library's residuals and the outputs of those matmuls).
+
+  Returns:
+    A policy for ``jax.checkpoint``, ``flax.linen.remat``, ``flax.nnx.remat``.
+
+  Raises:
+    ValueError: an unknown `kind`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import fewbit_jax as fb
+    >>> from fewbit_jax.remat import frontier_policy
+    >>> f = jax.checkpoint(lambda w, x: fb.gelu(x @ w, exact=True),
+    ...                    policy=frontier_policy("dots_with_no_batch_dims_saveable"))
+    >>> jax.grad(lambda w, x: f(w, x).sum())(jnp.ones((4, 4)), jnp.ones((2, 4))).shape
+    (4, 4)
+  """
+  cp = jax.checkpoint_policies
+  if kind == "lean":
+    return checkpoint_policy()
+  if kind == "nothing_saveable":
+    return checkpoint_policy(lean=False)
+  if kind == "dots_with_no_batch_dims_saveable":
+    return checkpoint_policy(dots=True)
+  if kind == "checkpoint_dots":
+    return cp.save_from_both_policies(checkpoint_policy(), cp.checkpoint_dots)
+  raise ValueError(f"unknown frontier policy {kind!r}: choose one of {', '.join(FRONTIER)}, "
+                   "or pass a jax.checkpoint policy itself")
