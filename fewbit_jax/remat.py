@@ -56,7 +56,7 @@ from fewbit_jax.attention import NAMES as ATTENTION_NAMES
 from fewbit_jax.dense import SKETCH_NAME
 from fewbit_jax.norms import NORM_INPUT_NAME, NORM_STATS_NAME
 
-__all__ = ["checkpoint_policy", "frontier_policy", "FRONTIER", "CODES_NAME", "EXACT_NAME",
+__all__ = ["checkpoint_policy", "frontier_policy", "FRONTIER", "SMALL_NAMES", "CODES_NAME", "EXACT_NAME",
            "SKETCH_NAME"]
 
 
@@ -132,26 +132,31 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
 
 # JAX's standard policy -> how the library's counterpart is built from it:
 # the library's small residuals, plus what JAX's policy keeps.
+# The library's small residuals: kept by every frontier policy.
+SMALL_NAMES = (CODES_NAME, SKETCH_NAME, NORM_STATS_NAME)
+
 FRONTIER = ("lean", "nothing_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots")
 
 
 def frontier_policy(kind: str = "lean") -> Callable[..., bool]:
   """The library's counterpart of one of JAX's standard ``jax.checkpoint`` policies.
 
-  Each keeps the library's small residuals (few-bit codes, exact mode's
-  inputs, sketches, the lean ops' inputs and statistics: `checkpoint_policy`)
-  and what JAX's policy of that name keeps, and recomputes the rest. With
-  the library's ops in the model (`fewbit_jax.nnx.convert`,
-  `fewbit_jax.linen.convert`) the pair keeps less than JAX's policy alone
-  at no more flops: the arrays the library names are what the backward
-  pass needs anyway, smaller than what autodiff would keep in their place.
+  Each keeps what JAX's policy of that name keeps plus the library's small
+  residuals (few-bit codes ``'fewbit_codes'``, sketches
+  ``'randomized_dense_sketch'``, the lean norms' per-row statistics
+  ``'lean_norm_stats'``: `SMALL_NAMES`), so the converted model's backward
+  recomputes no few-bit activation, randomized projection or norm
+  statistic; ``'lean'`` keeps every residual the library names
+  (`checkpoint_policy`) and recomputes the matmuls. Chosen by
+  ``python -m benchmarks.frontier``: with the library's ops in the model
+  (`fewbit_jax.nnx.convert`, `fewbit_jax.linen.convert`) each pair keeps no
+  more than JAX's policy alone at no more flops (keeping the exact-mode
+  inputs, the lean norms' inputs or the softmax outputs as well keeps more
+  at these policies' flops: they are recomputed).
 
   Args:
-    kind: ``'lean'`` (the default: the library's residuals only, every
-      matmul output recomputed), ``'nothing_saveable'`` (few-bit codes and
-      sketches only: the smallest, the most recomputation),
-      ``'dots_with_no_batch_dims_saveable'`` or ``'checkpoint_dots'`` (the
-      library's residuals and the outputs of those matmuls).
+    kind: ``'lean'`` (the default), ``'nothing_saveable'``,
+      ``'dots_with_no_batch_dims_saveable'`` or ``'checkpoint_dots'``.
 
   Returns:
     A policy for ``jax.checkpoint``, ``flax.linen.remat``, ``flax.nnx.remat``.
@@ -169,13 +174,14 @@ def frontier_policy(kind: str = "lean") -> Callable[..., bool]:
     (4, 4)
   """
   cp = jax.checkpoint_policies
+  small = cp.save_only_these_names(*SMALL_NAMES)
   if kind == "lean":
     return checkpoint_policy()
   if kind == "nothing_saveable":
-    return checkpoint_policy(lean=False)
+    return small
   if kind == "dots_with_no_batch_dims_saveable":
-    return checkpoint_policy(dots=True)
+    return cp.save_from_both_policies(small, cp.dots_with_no_batch_dims_saveable)
   if kind == "checkpoint_dots":
-    return cp.save_from_both_policies(checkpoint_policy(), cp.checkpoint_dots)
+    return cp.save_from_both_policies(small, cp.checkpoint_dots)
   raise ValueError(f"unknown frontier policy {kind!r}: choose one of {', '.join(FRONTIER)}, "
                    "or pass a jax.checkpoint policy itself")

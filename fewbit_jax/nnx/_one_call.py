@@ -41,12 +41,19 @@ def _is_dynamic(x) -> bool:
   return _is_node(x) or isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def _checkpointed(base_call, policy):
+def _only_params(module) -> bool:
+  """Whether `module` holds no Variable but Params (nothing its call could mutate)."""
+  return all(isinstance(v, nnx.Param) for _, v in nnx.iter_graph(module)
+             if isinstance(v, nnx.Variable))
+
+
+def _checkpointed(base_call, policy, pure: bool = False):
   """``__call__`` running `base_call` under ``nnx.remat(policy=policy)``.
 
   Arrays and NNX objects among the arguments are the checkpoint's inputs;
   everything else (flags such as ``deterministic``, None, strings) stays a
-  Python value, as it would be in the model's own call.
+  Python value, as it would be in the model's own call. `pure`: the module
+  holds only Params, so a plain ``jax.checkpoint`` of its state will do.
   """
 
   @functools.wraps(base_call)
@@ -62,7 +69,16 @@ def _checkpointed(base_call, policy):
       a, k = jax.tree.unflatten(treedef, full)
       return base_call(module, *a, **k)
 
-    return nnx.remat(inner, policy=policy)(self, *(leaves[i] for i in dyn))
+    values = [leaves[i] for i in dyn]
+    if pure and not any(_is_node(v) for v in values):
+      # Nothing but parameters inside, nothing mutated: a plain jax.checkpoint
+      # over the module's state, which (unlike nnx.remat) also runs where the
+      # Variables belong to an outer trace (a model closed over by jax.grad).
+      graphdef, state = nnx.split(self)
+      checkpointed = jax.checkpoint(
+          lambda state, *values: inner(nnx.merge(graphdef, state), *values), policy=policy)
+      return checkpointed(state, *values)
+    return nnx.remat(inner, policy=policy)(self, *values)
 
   return __call__
 
@@ -286,7 +302,8 @@ def convert(model, *, exact: bool = True, remat: bool = False, policy=None, bloc
       chosen = (cheap_rule.search(_path_str(path)) if isinstance(cheap_rule, re.Pattern)
                 else _one_call.is_cheap_class(type(m)) and not _has_kernel(m))
       if chosen:
-        _give_call(m, "cheap", lambda call: _checkpointed(call, recompute))
+        pure = _only_params(m)
+        _give_call(m, "cheap", lambda call: _checkpointed(call, recompute, pure))
         record.cheap.append(_path_str(path))
     if isinstance(cheap_rule, re.Pattern) and not record.cheap:
       raise ValueError(f"cheap={cheap!r} matches no module path; the paths are: "
