@@ -22,7 +22,7 @@ from fewbit_jax import patch as _patch
 from fewbit_jax import remat as _remat
 
 __all__ = ["activation_choices", "resolve_policy", "is_cheap_class", "is_library_class",
-           "Conversion", "RECOGNISERS", "CHEAP_NAME"]
+           "Conversion", "RECOGNISERS"]
 
 # Module class names that are cheap elementwise/normalisation blocks by default.
 CHEAP_NAME = re.compile(r"norm", re.IGNORECASE)

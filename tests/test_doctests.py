@@ -13,7 +13,8 @@ MODULES = ["fewbit_jax", "fewbit_jax.codes", "fewbit_jax.rng", "fewbit_jax.table
            "fewbit_jax.remat", "fewbit_jax.attention", "fewbit_jax.norms", "fewbit_jax.dropout",
            "fewbit_jax.linen._lean", "fewbit_jax.nnx._lean",
            "fewbit_jax.activations", "fewbit_jax.ext", "fewbit_jax.memory",
-           "fewbit_jax.sharded"]
+           "fewbit_jax.sharded", "fewbit_jax._one_call", "fewbit_jax.nnx._one_call",
+           "fewbit_jax.linen._one_call"]
 
 
 @pytest.mark.parametrize("name", MODULES)
