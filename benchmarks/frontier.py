@@ -128,8 +128,10 @@ class Case:
 # --------------------------------------------------------------------------
 # The decoder (NNX).
 
-def decoder_config(full: bool) -> tuple[dec.DecoderConfig, int, int]:
+def decoder_config(full) -> tuple[dec.DecoderConfig, int, int]:
   """The decoder's sizes and (batch, seq): small by default, Gemma-2B-like with `full`."""
+  if full == "tiny":
+    return dec.DecoderConfig.tiny(), 2, 16
   if full:
     return dec.DecoderConfig.full(), 2, 1024
   return dec.DecoderConfig(embed_dim=512, hidden_dim=2048, num_layers=4, num_heads=4,
@@ -188,7 +190,9 @@ def decoder_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
 # --------------------------------------------------------------------------
 # RoBERTa (linen).
 
-def roberta_config(full: bool) -> tuple[rob.RobertaConfig, int, int]:
+def roberta_config(full) -> tuple[rob.RobertaConfig, int, int]:
+  if full == "tiny":
+    return rob.RobertaConfig.tiny(), 2, 16
   if full:
     return rob.RobertaConfig.base(), 128, 128
   return rob.RobertaConfig.base(num_layers=4, hidden_size=256, num_heads=4,
@@ -383,6 +387,7 @@ def main(argv=None) -> None:
   parser.add_argument("--model", choices=("decoder", "roberta", "both", "none"), default="both")
   parser.add_argument("--full", action="store_true",
                       help="Gemma-2B-like decoder width / RoBERTa-base at batch 128 x 128")
+  parser.add_argument("--tiny", action="store_true", help="test sizes (a smoke test)")
   parser.add_argument("--time", action="store_true", help="step-time ratios (slow)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--figure", help="write the memory-flops figure here (.png)")
@@ -401,11 +406,12 @@ def main(argv=None) -> None:
         "recomputation back into the forward pass, which would undo every remat row.")
   log(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; temp memory of "
       "jax.value_and_grad(loss), f32")
+  size = "tiny" if args.tiny else args.full
   results = {}
   for model in ("decoder", "roberta"):
     if args.model not in (model, "both", "none") or args.model == "none":
       continue
-    rows = decoder_rows(args.full, log) if model == "decoder" else roberta_rows(args.full, log)
+    rows = decoder_rows(size, log) if model == "decoder" else roberta_rows(size, log)
     log(format_header(args.time))
     results[model] = measure(rows, timing=args.time, repeats=args.repeats, log=log)
   for model, rows in results.items():
@@ -417,7 +423,7 @@ def main(argv=None) -> None:
   if args.residuals:
     log("\ndecoder, fb.nnx.convert(exact=True, remat=True, policy='nothing_saveable'): the "
         "largest arrays its backward keeps (fb.memory.saved_residuals)")
-    for line in decoder_residuals(args.full):
+    for line in decoder_residuals(size):
       log(line)
   if args.norms:
     log("\nnorms: what the backward keeps for h = 2x; norm(h) @ W, f32 [8, 256, 512] "

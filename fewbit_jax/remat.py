@@ -149,10 +149,11 @@ def frontier_policy(kind: str = "lean") -> Callable[..., bool]:
   statistic; ``'lean'`` keeps every residual the library names
   (`checkpoint_policy`) and recomputes the matmuls. Chosen by
   ``python -m benchmarks.frontier``: with the library's ops in the model
-  (`fewbit_jax.nnx.convert`, `fewbit_jax.linen.convert`) each pair keeps no
-  more than JAX's policy alone at no more flops (keeping the exact-mode
-  inputs, the lean norms' inputs or the softmax outputs as well keeps more
-  at these policies' flops: they are recomputed).
+  (`fewbit_jax.nnx.convert`, `fewbit_jax.linen.convert`) each pair kept
+  less than JAX's policy alone (or as much) at flops within 0.3% of it (the
+  lean backward passes recompute a few elementwise ops); keeping the
+  exact-mode inputs, the lean norms' inputs or the softmax outputs as well
+  kept more at these flops.
 
   Args:
     kind: ``'lean'`` (the default), ``'nothing_saveable'``,

@@ -267,3 +267,32 @@ def test_linen_convert_errors():
   with pytest.warns(UserWarning, match="converted no layer"):
     with fb.linen.convert():
       pass
+
+
+# --------------------------------------------------------------------------
+# benchmarks/frontier.py's helpers.
+
+def test_frontier_keeps_the_pareto_rows_and_norms_recomputed_keep_least():
+  from benchmarks import frontier
+  rows = [frontier.Row("jax", n, m, 0.0, flops_ratio=f)
+          for n, m, f in [("a", 10, 1.0), ("b", 6, 1.1), ("c", 8, 1.2), ("d", 3, 1.3)]]
+  assert [r.name for r in frontier.frontier(rows)] == ["a", "b", "d"]
+  kept = {(n, how.split(":")[0]): b for n, how, b in frontier.norm_rows(2, 8, 16)}
+  for name in ("nnx.RMSNorm (flax's)", "nnx.LayerNorm (flax's)",
+               "gemma-style RMSNorm (hand-written)"):
+    assert kept[(name, "recomputed")] < kept[(name, "autodiff")]
+  assert kept[("nnx.RMSNorm (flax's)", "recomputed")] <= \
+      kept[("nnx.RMSNorm (flax's)", "recognised")]
+
+
+@pytest.mark.slow
+def test_frontier_benchmark_runs_at_test_sizes(tmp_path):
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", "benchmarks.frontier", "--tiny", "--time",
+                        "--repeats", "1", "--figure", str(tmp_path / "f.png")],
+                       capture_output=True, text=True, timeout=1800,
+                       cwd=__import__("os").path.dirname(__import__("os").path.dirname(
+                           __file__)))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "cse_barrier_expander" in out.stdout and (tmp_path / "f.png").exists()
