@@ -257,6 +257,44 @@ def test_linen_approximate_unbiased(lm_params):
   _unbiased(g0, grads)
 
 
+class HandRMSNorm(nn.Module):
+  """A Llama RMSNorm written by hand (not flax's class)."""
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
+
+
+class LlamaLayer(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.Dense(x.shape[-1])(nn.silu(nn.Dense(16)(HandRMSNorm()(x))))
+
+
+class Llama(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i in range(2):
+      x = LlamaLayer(name=f"layers_{i}")(x)
+    return HandRMSNorm(name="norm")(x)
+
+
+def test_linen_own_norms_recomputed_and_blocks_by_pattern():
+  x = jax.random.normal(jax.random.key(0), (4, 8))
+  v = Llama().init(jax.random.key(1), x)
+  loss = lambda v: (Llama().apply(v, x) ** 2).sum()
+  ref = jax.grad(loss)(v)
+  with fb.linen.convert(remat=True, blocks=r"^/layers_1$") as done:
+    got = jax.grad(loss)(v)
+    kept = fb.memory.saved_residuals(loss, v).saved_bytes
+  assert done.blocks == ["/layers_1"]
+  assert done.cheap == ["/layers_0/HandRMSNorm_0", "/layers_1/HandRMSNorm_0", "/norm"]
+  assert done.activations["silu"] == "exact"
+  assert _rel(ref, got) < 1e-5
+  assert kept < fb.memory.saved_residuals(loss, v).saved_bytes
+
+
 def test_linen_convert_errors():
   with pytest.raises(ValueError, match="exact=True does not use"):
     with fb.linen.convert(sketch="countsketch"):
