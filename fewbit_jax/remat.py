@@ -56,7 +56,8 @@ from fewbit_jax.attention import NAMES as ATTENTION_NAMES
 from fewbit_jax.dense import SKETCH_NAME
 from fewbit_jax.norms import NORM_INPUT_NAME, NORM_STATS_NAME
 
-__all__ = ["checkpoint_policy", "CODES_NAME", "EXACT_NAME", "SKETCH_NAME"]
+__all__ = ["checkpoint_policy", "frontier_policy", "FRONTIER", "SMALL_NAMES", "CODES_NAME", "EXACT_NAME",
+           "SKETCH_NAME"]
 
 
 def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
@@ -127,3 +128,61 @@ def checkpoint_policy(*names: str, codes: bool = True, sketches: bool = True,
   if dots:
     policy = cp.save_from_both_policies(policy, cp.dots_with_no_batch_dims_saveable)
   return policy
+
+
+# JAX's standard policy -> how the library's counterpart is built from it:
+# the library's small residuals, plus what JAX's policy keeps.
+# The library's small residuals: kept by every frontier policy.
+SMALL_NAMES = (CODES_NAME, SKETCH_NAME, NORM_STATS_NAME)
+
+FRONTIER = ("lean", "nothing_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots")
+
+
+def frontier_policy(kind: str = "lean") -> Callable[..., bool]:
+  """The library's counterpart of one of JAX's standard ``jax.checkpoint`` policies.
+
+  Each keeps what JAX's policy of that name keeps plus the library's small
+  residuals (few-bit codes ``'fewbit_codes'``, sketches
+  ``'randomized_dense_sketch'``, the lean norms' per-row statistics
+  ``'lean_norm_stats'``: `SMALL_NAMES`), so the converted model's backward
+  recomputes no few-bit activation, randomized projection or norm
+  statistic; ``'lean'`` keeps every residual the library names
+  (`checkpoint_policy`) and recomputes the matmuls. Chosen by
+  ``python -m benchmarks.frontier``: with the library's ops in the model
+  (`fewbit_jax.nnx.convert`, `fewbit_jax.linen.convert`) each pair kept
+  less than JAX's policy alone (or as much) at flops within 0.3% of it (the
+  lean backward passes recompute a few elementwise ops); keeping the
+  exact-mode inputs, the lean norms' inputs or the softmax outputs as well
+  kept more at these flops.
+
+  Args:
+    kind: ``'lean'`` (the default), ``'nothing_saveable'``,
+      ``'dots_with_no_batch_dims_saveable'`` or ``'checkpoint_dots'``.
+
+  Returns:
+    A policy for ``jax.checkpoint``, ``flax.linen.remat``, ``flax.nnx.remat``.
+
+  Raises:
+    ValueError: an unknown `kind`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import fewbit_jax as fb
+    >>> from fewbit_jax.remat import frontier_policy
+    >>> f = jax.checkpoint(lambda w, x: fb.gelu(x @ w, exact=True),
+    ...                    policy=frontier_policy("dots_with_no_batch_dims_saveable"))
+    >>> jax.grad(lambda w, x: f(w, x).sum())(jnp.ones((4, 4)), jnp.ones((2, 4))).shape
+    (4, 4)
+  """
+  cp = jax.checkpoint_policies
+  small = cp.save_only_these_names(*SMALL_NAMES)
+  if kind == "lean":
+    return checkpoint_policy()
+  if kind == "nothing_saveable":
+    return small
+  if kind == "dots_with_no_batch_dims_saveable":
+    return cp.save_from_both_policies(small, cp.dots_with_no_batch_dims_saveable)
+  if kind == "checkpoint_dots":
+    return cp.save_from_both_policies(small, cp.checkpoint_dots)
+  raise ValueError(f"unknown frontier policy {kind!r}: choose one of {', '.join(FRONTIER)}, "
+                   "or pass a jax.checkpoint policy itself")

@@ -14,7 +14,8 @@ MODULES = ["fewbit_jax", "fewbit_jax.codes", "fewbit_jax.rng", "fewbit_jax.table
            "fewbit_jax.linen._lean", "fewbit_jax.nnx._lean",
            "fewbit_jax.activations", "fewbit_jax.ext", "fewbit_jax.memory",
            "fewbit_jax.sharded", "fewbit_jax.losses", "fewbit_jax.gated",
-           "fewbit_jax.linen._gated", "fewbit_jax.nnx._gated"]
+           "fewbit_jax.linen._gated", "fewbit_jax.nnx._gated",
+           "fewbit_jax._one_call", "fewbit_jax.nnx._one_call", "fewbit_jax.linen._one_call"]
 
 
 @pytest.mark.parametrize("name", MODULES)

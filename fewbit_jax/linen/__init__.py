@@ -20,6 +20,12 @@ gradients and a leaner backward (the norm keeps its input and per-row
 statistics, dropout no mask); `lean` runs an existing model's flax norms and
 dropout as these, as `intercept` does for dense layers.
 
+`convert` does all of it as one context (and rematerialises the repeated
+blocks with ``remat=True``)::
+
+  with fb.linen.convert(exact=True, remat=True):
+    grads = jax.grad(loss)(params, batch)
+
 The layer lives in `fewbit_jax.linen._layers`, the lean ones and `lean` in
 `fewbit_jax.linen._lean`, the conversions in `fewbit_jax.linen._convert`;
 import them from here.
@@ -34,6 +40,7 @@ from fewbit_jax.linen._convert import Interception, intercept, swap_activations
 from fewbit_jax.linen._gated import GatedMLP
 from fewbit_jax.linen._layers import RandomizedDense
 from fewbit_jax.linen._lean import Dropout, LayerNorm, RMSNorm, lean
+from fewbit_jax.linen._one_call import convert
 
 __all__ = ["RandomizedDense", "intercept", "Interception", "swap_activations", "LayerNorm",
-           "RMSNorm", "Dropout", "lean", "GatedMLP"]
+           "RMSNorm", "Dropout", "lean", "GatedMLP", "convert"]

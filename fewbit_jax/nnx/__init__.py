@@ -30,6 +30,11 @@ gradients and a leaner backward (the norm keeps its input and per-row
 statistics, dropout no mask); `convert_lean` turns flax's into them for
 `map_module`, keeping the same Variables.
 
+`convert` does all of it in one call (and rematerialises the repeated
+blocks with ``remat=True``)::
+
+  model = fb.nnx.convert(model, exact=True, remat=True)
+
 The layers live in `fewbit_jax.nnx._layers`, the lean ones and
 `convert_lean` in `fewbit_jax.nnx._lean`, the conversions in
 `fewbit_jax.nnx._convert`, `step_keys` in `fewbit_jax._sketch_stream`;
@@ -51,7 +56,8 @@ from fewbit_jax.nnx._convert import convert_activations, convert_linear, map_mod
 from fewbit_jax.nnx._gated import GatedMLP
 from fewbit_jax.nnx._layers import RandomizedEinsum, RandomizedLinear, RandomizedLinearGeneral
 from fewbit_jax.nnx._lean import Dropout, LayerNorm, RMSNorm, convert_lean
+from fewbit_jax.nnx._one_call import conversion, convert
 
 __all__ = ["RandomizedLinear", "RandomizedLinearGeneral", "RandomizedEinsum", "map_module",
            "convert_linear", "convert_activations", "step_keys", "LayerNorm", "RMSNorm",
-           "Dropout", "convert_lean", "GatedMLP"]
+           "Dropout", "convert_lean", "GatedMLP", "convert", "conversion"]

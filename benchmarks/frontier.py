@@ -1,0 +1,444 @@
+"""The memory-compute frontier: the library's one-call conversion against JAX's remat policies.
+
+Two models written without the library: the Gemma/Llama-style decoder of
+`benchmarks.decoder` (NNX; hand-written pre-RMSNorm, GQA with RoPE, inline
+gated GELU MLP, vocabulary 32k) and the RoBERTa encoder of
+`benchmarks.roberta` (linen). Rows, in three families:
+
+* JAX: the vanilla model, and ``nnx.remat``/``nn.remat`` around each block
+  with ``nothing_saveable``, ``dots_with_no_batch_dims_saveable`` and
+  ``checkpoint_dots`` (a user's one line of ``jax.checkpoint``);
+* exact: ``fb.nnx.convert(model, exact=True)`` / ``fb.linen.convert(exact=True)``
+  without remat, and with ``remat=True`` under each of the library's
+  `fewbit_jax.remat.FRONTIER` policies (``lean`` is JAX's
+  ``save_only_these_names`` of the library's names);
+* approximate: the same with ``exact=False`` (3-bit activations, randomized
+  dense layers at 20%).
+
+Columns: the compiled temp memory of ``jax.value_and_grad`` of the loss
+(``memory_analysis().temp_size_in_bytes``), the saving against vanilla, the
+flops as a ratio to vanilla (``cost_analysis()``), the gradient's error
+against vanilla relative to its norm (one step, one sketch), and with
+``--time`` the step time as a ratio to vanilla (median of alternated runs).
+``--figure PATH`` draws memory against flops with each family's frontier.
+
+On the CPU, XLA's ``cse_barrier_expander`` pass merges every recomputation
+of ``jax.checkpoint`` back into the forward pass (undoing remat, and the
+recomputation inside the library's lean backward passes too), so this script
+sets ``XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander`` before JAX
+starts; GPU and TPU pipelines keep the barriers without it.
+
+Usage::
+
+  python -m benchmarks.frontier                    # small sizes, both models
+  python -m benchmarks.frontier --model decoder --full --time --figure frontier.png
+
+The NNX rows are measured in flax's functional loop (``nnx.split`` /
+``nnx.merge`` inside ``jax.value_and_grad``, sketch keys by
+``fb.nnx.step_keys``), except the approximate rows with remat, measured
+under ``nnx.jit`` (their functional loop does not run yet: a
+``TraceContextError`` of the randomized layers' rng counters inside
+``nnx.remat``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+KEEP_REMAT_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
+
+
+def keep_remat_on_cpu() -> bool:
+  """Adds KEEP_REMAT_FLAG to XLA_FLAGS; False if JAX's backends already started without it."""
+  if "jax" in sys.modules:
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+      return KEEP_REMAT_FLAG in os.environ.get("XLA_FLAGS", "")
+  flags = os.environ.get("XLA_FLAGS", "")
+  if KEEP_REMAT_FLAG not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {KEEP_REMAT_FLAG}".strip()
+  return True
+
+
+if __name__ == "__main__":
+  keep_remat_on_cpu()
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import fewbit_jax as fb  # noqa: E402
+import fewbit_jax.linen  # noqa: E402,F401
+import fewbit_jax.nnx  # noqa: E402,F401
+from benchmarks import decoder as dec  # noqa: E402
+from benchmarks import roberta as rob  # noqa: E402
+
+MiB = 2.0 ** 20
+CP = jax.checkpoint_policies
+JAX_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots")
+SHORT = {"nothing_saveable": "nothing", "dots_with_no_batch_dims_saveable": "dots_no_batch",
+         "checkpoint_dots": "checkpoint_dots", "lean": "lean (fb names)", None: "-"}
+
+
+@dataclasses.dataclass
+class Row:
+  """One configuration's measurements."""
+  family: str  # 'jax', 'exact' or 'approximate'
+  name: str
+  temp_bytes: int
+  flops: float
+  grad_error: float = float("nan")
+  saving: float = 0.0
+  flops_ratio: float = 1.0
+  time_ratio: float | None = None
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan")))
+
+
+def _flat(tree):
+  return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
+
+
+def _rel_error(reference, grads) -> float:
+  a, b = _flat(reference), _flat(grads)
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+
+
+@dataclasses.dataclass
+class Case:
+  """A configuration ready to run: ``run()`` gives grads; ``compiled`` its executable."""
+  compiled: object
+  run: Callable[[], object]
+
+
+# --------------------------------------------------------------------------
+# The decoder (NNX).
+
+def decoder_config(full) -> tuple[dec.DecoderConfig, int, int]:
+  """The decoder's sizes and (batch, seq): small by default, Gemma-2B-like with `full`."""
+  if full == "tiny":
+    return dec.DecoderConfig.tiny(), 2, 16
+  if full:
+    return dec.DecoderConfig.full(), 2, 1024
+  return dec.DecoderConfig(embed_dim=512, hidden_dim=2048, num_layers=4, num_heads=4,
+                           num_kv_heads=1, head_dim=128), 4, 256
+
+
+def _decoder_functional(model, tokens) -> Case:
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params, rest, tokens):
+    return dec.loss_fn(nnx.merge(graphdef, params, rest), tokens)
+
+  def step(params, rest, tokens, key):
+    with fb.nnx.step_keys(key):
+      return jax.value_and_grad(loss)(params, rest, tokens)
+
+  key = jax.random.key(1)
+  compiled = jax.jit(step).lower(params, rest, tokens, key).compile()
+  return Case(compiled, lambda: nnx.to_pure_dict(compiled(params, rest, tokens, key)[1]))
+
+
+def _decoder_nnx_jit(model, tokens) -> Case:
+  def step(model, tokens):
+    return nnx.value_and_grad(dec.loss_fn)(model, tokens)
+
+  jitted = nnx.jit(step)
+  compiled = jitted.lower(model, tokens).compile()
+  return Case(compiled, lambda: nnx.to_pure_dict(jitted(model, tokens)[1]))
+
+
+def decoder_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
+  """(family, name, build) for every row of the decoder."""
+  cfg, batch, seq = decoder_config(full)
+  tokens = dec.make_tokens(cfg, batch, seq)
+  log(f"decoder: {cfg}, batch {batch} x {seq}")
+  model = lambda **kw: dec.Decoder(cfg, rngs=nnx.Rngs(0), **kw)
+  rows = [("jax", "vanilla", lambda: _decoder_functional(model(), tokens))]
+  for p in JAX_POLICIES:
+    rows.append(("jax", f"nnx.remat {SHORT[p]}", functools.partial(
+        lambda p: _decoder_functional(model(remat_policy=getattr(CP, p)), tokens), p)))
+  for exact in (True, False):
+    family = "exact" if exact else "approximate"
+    for policy in (None, "lean", *JAX_POLICIES):
+      def build(exact=exact, policy=policy):
+        converted = fb.nnx.convert(model(), exact=exact, remat=policy is not None,
+                                   policy=policy, rngs=nnx.Rngs(sketch=0))
+        if policy is not None and not exact:
+          return _decoder_nnx_jit(converted, tokens)
+        return _decoder_functional(converted, tokens)
+      name = f"fb.nnx.convert(exact={exact}" + (
+          ")" if policy is None else f", remat=True, policy={SHORT[policy]})")
+      rows.append((family, name, build))
+  return rows
+
+
+# --------------------------------------------------------------------------
+# RoBERTa (linen).
+
+def roberta_config(full) -> tuple[rob.RobertaConfig, int, int]:
+  if full == "tiny":
+    return rob.RobertaConfig.tiny(), 2, 16
+  if full:
+    return rob.RobertaConfig.base(), 128, 128
+  return rob.RobertaConfig.base(num_layers=4, hidden_size=256, num_heads=4,
+                                intermediate_size=1024), 16, 128
+
+
+def _roberta_case(model, params, batch, context=None) -> Case:
+  def loss(params, batch, key):
+    k_drop, k_sketch = jax.random.split(key)
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         deterministic=False, rngs={"dropout": k_drop, "sketch": k_sketch})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+  key = jax.random.key(1)
+  with context if context is not None else _nothing():
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, batch, key).compile()
+  return Case(compiled, lambda: compiled(params, batch, key)[1])
+
+
+class _nothing:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def roberta_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
+  cfg, b, s = roberta_config(full)
+  log(f"roberta: {cfg}, batch {b} x {s}")
+  batch = rob.make_batch(cfg, b, s)
+  base = rob.RobertaClassifier(cfg)
+  ids = jnp.ones((2, 8), jnp.int32)
+  params = jax.jit(lambda k: base.init({"params": k, "dropout": k}, ids, jnp.ones_like(ids))[
+      "params"])(jax.random.key(0))
+  rows = [("jax", "vanilla", lambda: _roberta_case(base, params, batch))]
+  for p in JAX_POLICIES:
+    rows.append(("jax", f"nn.remat {SHORT[p]}", functools.partial(
+        lambda p: _roberta_case(rob.RobertaClassifier(cfg, remat=("block",),
+                                                      remat_policy=getattr(CP, p)),
+                                params, batch), p)))
+  for exact in (True, False):
+    family = "exact" if exact else "approximate"
+    for policy in (None, "lean", *JAX_POLICIES):
+      def build(exact=exact, policy=policy):
+        ctx = fb.linen.convert(exact=exact, remat=policy is not None, policy=policy)
+        return _roberta_case(base, params, batch, ctx)
+      name = f"fb.linen.convert(exact={exact}" + (
+          ")" if policy is None else f", remat=True, policy={SHORT[policy]})")
+      rows.append((family, name, build))
+  return rows
+
+
+def decoder_residuals(full: bool, top: int = 4) -> list[str]:
+  """The largest arrays the decoder's backward still keeps after the exact conversion with remat.
+
+  ``fb.nnx.convert(exact=True, remat=True, policy='nothing_saveable')``, by
+  ``fb.memory.saved_residuals``: one line per array (size, shape, op, source line).
+  """
+  cfg, batch, seq = decoder_config(full)
+  tokens = dec.make_tokens(cfg, batch, seq)
+  model = fb.nnx.convert(dec.Decoder(cfg, rngs=nnx.Rngs(0)), remat=True,
+                         policy="nothing_saveable")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  report = fb.memory.saved_residuals(
+      lambda p: dec.loss_fn(nnx.merge(graphdef, p, rest), tokens), params)
+  kept = sorted((r for r in report.residuals if r.source), key=lambda r: -r.nbytes)
+  lines = [f"kept in all: {report.saved_bytes / MiB:.1f} MiB"]
+  for r in kept[:top]:
+    lines.append(f"  {r.nbytes / MiB:7.1f} MiB  {r.dtype}{list(r.shape)}  {r.origin}  "
+                 f"{r.source.split('/')[-1]}")
+  return lines
+
+
+# --------------------------------------------------------------------------
+# A model's own norms: recognised (the lean twin) or recomputed (remat of the module).
+
+def norm_rows(batch: int = 8, seq: int = 256, dim: int = 512) -> list[tuple[str, str, int]]:
+  """(norm, treatment, bytes its backward keeps) for a norm between two linear maps.
+
+  ``h = 2 x; y = norm(h) @ W``: the backward keeps what the norm keeps plus
+  ``norm(h)`` for ``W``'s gradient (the same in every row), by
+  ``fb.memory.saved_residuals`` (jaxpr level, f32 ``[batch, seq, dim]``).
+  """
+  x = jax.random.normal(jax.random.key(0), (batch, seq, dim))
+  w = jnp.ones((dim, 8))
+  out = []
+
+  def kept(norm) -> int:
+    return fb.memory.saved_residuals(lambda x, w: (norm(2.0 * x) @ w).sum(), x, w).saved_bytes
+
+  recompute = lambda f: jax.checkpoint(f, policy=CP.nothing_saveable)
+  cases = [
+      ("nnx.RMSNorm (flax's)", lambda: nnx.RMSNorm(dim, rngs=nnx.Rngs(0)), True),
+      ("nnx.LayerNorm (flax's)", lambda: nnx.LayerNorm(dim, rngs=nnx.Rngs(0)), True),
+      ("gemma-style RMSNorm (hand-written)", lambda: dec.RMSNorm(dim, rngs=nnx.Rngs(0)), False),
+  ]
+  for name, make, known in cases:
+    out.append((name, "autodiff", kept(make())))
+    if known:  # flax's class: the library recognises it
+      out.append((name, "recognised: the lean twin", kept(fb.nnx.convert_lean(make()))))
+    out.append((name, "recomputed: remat of the module alone", kept(recompute(make()))))
+  return out
+
+
+# --------------------------------------------------------------------------
+
+def _median_time_ratio(case: Case, vanilla: Case, repeats: int) -> float:
+  def once(c):
+    t = time.perf_counter()
+    jax.block_until_ready(c.run())
+    return time.perf_counter() - t
+  once(case), once(vanilla)
+  ratios = [once(case) / once(vanilla) for _ in range(repeats)]
+  return statistics.median(ratios)
+
+
+def measure(rows, *, timing: bool, repeats: int, log) -> list[Row]:
+  out: list[Row] = []
+  vanilla_case = reference = None
+  for family, name, build in rows:
+    case = build()
+    mem = case.compiled.memory_analysis().temp_size_in_bytes
+    row = Row(family, name, mem, _flops(case.compiled))
+    grads = case.run()
+    if vanilla_case is None:
+      vanilla_case, reference = case, grads
+    row.grad_error = _rel_error(reference, grads)
+    row.saving = 1 - mem / out[0].temp_bytes if out else 0.0
+    row.flops_ratio = row.flops / out[0].flops if out else 1.0
+    if timing:
+      row.time_ratio = _median_time_ratio(case, vanilla_case, repeats) if out else 1.0
+    out.append(row)
+    log(format_row(row))
+  return out
+
+
+def format_header(timing: bool) -> str:
+  cols = "| family | configuration | temp MiB | saving | flops | grad error |"
+  sep = "|---|---|---|---|---|---|"
+  if timing:
+    cols, sep = cols + " time |", sep + "---|"
+  return cols + "\n" + sep
+
+
+def format_row(r: Row) -> str:
+  s = (f"| {r.family} | {r.name} | {r.temp_bytes / MiB:.1f} | {r.saving:.1%} | "
+       f"{r.flops_ratio:.3f}x | {r.grad_error:.1e} |")
+  if r.time_ratio is not None:
+    s += f" {r.time_ratio:.2f}x |"
+  return s
+
+
+def frontier(rows: list[Row]) -> list[Row]:
+  """The rows no other row of the list beats in both memory and flops."""
+  pts = sorted(rows, key=lambda r: (r.flops_ratio, r.temp_bytes))
+  out, best = [], float("inf")
+  for r in pts:
+    if r.temp_bytes < best:
+      out.append(r)
+      best = r.temp_bytes
+  return out
+
+
+def draw(results: dict[str, list[Row]], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+  colors = {"jax": "tab:gray", "exact": "tab:blue", "approximate": "tab:orange"}
+  for ax, (model, rows) in zip(axes[0], results.items()):
+    for family, color in colors.items():
+      fam = [r for r in rows if r.family == family]
+      if family != "jax":
+        fam = fam + [rows[0]]  # every family starts from vanilla
+      ax.scatter([r.flops_ratio for r in fam], [r.saving * 100 for r in fam], color=color,
+                 label=family)
+      front = frontier(fam)
+      ax.step([r.flops_ratio for r in front], [r.saving * 100 for r in front], where="post",
+              color=color, alpha=0.7)
+    ax.set_xlabel("flops / vanilla (cost_analysis)")
+    ax.set_ylabel("memory saving vs vanilla (%)")
+    ax.set_title(model)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", choices=("decoder", "roberta", "both", "none"), default="both")
+  parser.add_argument("--full", action="store_true",
+                      help="Gemma-2B-like decoder width / RoBERTa-base at batch 128 x 128")
+  parser.add_argument("--tiny", action="store_true", help="test sizes (a smoke test)")
+  parser.add_argument("--time", action="store_true", help="step-time ratios (slow)")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--figure", help="write the memory-flops figure here (.png)")
+  parser.add_argument("--json", help="write the rows here")
+  parser.add_argument("--residuals", action="store_true",
+                      help="also: the largest arrays the converted decoder still keeps")
+  parser.add_argument("--norms", action="store_true",
+                      help="also: what a norm keeps, recognised or recomputed")
+  args = parser.parse_args(argv)
+  log = lambda s: print(s, flush=True)
+  if not keep_remat_on_cpu():
+    log(f"warning: JAX started before {KEEP_REMAT_FLAG} could be set: remat rows on the CPU "
+        "are undone by XLA's CSE; run this as a script")
+  else:
+    log(f"XLA_FLAGS has {KEEP_REMAT_FLAG}: on the CPU that XLA pass merges jax.checkpoint's "
+        "recomputation back into the forward pass, which would undo every remat row.")
+  log(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; temp memory of "
+      "jax.value_and_grad(loss), f32")
+  size = "tiny" if args.tiny else args.full
+  results = {}
+  for model in ("decoder", "roberta"):
+    if args.model not in (model, "both", "none") or args.model == "none":
+      continue
+    rows = decoder_rows(size, log) if model == "decoder" else roberta_rows(size, log)
+    log(format_header(args.time))
+    results[model] = measure(rows, timing=args.time, repeats=args.repeats, log=log)
+  for model, rows in results.items():
+    log(f"\n{model}: frontier of each family (configuration: saving at flops)")
+    for family in ("jax", "exact", "approximate"):
+      fam = [r for r in rows if r.family == family] + ([rows[0]] if family != "jax" else [])
+      log(f"  {family}: " + "; ".join(f"{r.name}: {r.saving:.1%} at {r.flops_ratio:.3f}x"
+                                       for r in frontier(fam)))
+  if args.residuals:
+    log("\ndecoder, fb.nnx.convert(exact=True, remat=True, policy='nothing_saveable'): the "
+        "largest arrays its backward keeps (fb.memory.saved_residuals)")
+    for line in decoder_residuals(size):
+      log(line)
+  if args.norms:
+    log("\nnorms: what the backward keeps for h = 2x; norm(h) @ W, f32 [8, 256, 512] "
+        "(fb.memory.saved_residuals)")
+    log("| norm | treatment | kept MiB |\n|---|---|---|")
+    for name, how, nbytes in norm_rows():
+      log(f"| {name} | {how} | {nbytes / MiB:.2f} |")
+  if args.figure:
+    draw(results, args.figure)
+    log(f"figure: {args.figure}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({m: [dataclasses.asdict(r) for r in rows] for m, rows in results.items()}, f,
+                indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,179 @@
+"""What the one-call conversions (`fewbit_jax.nnx.convert`, `fewbit_jax.linen.convert`) apply.
+
+The choices shared by the NNX and linen conversions, written once: which
+activations are patched and how (`activation_choices`), which ``jax.checkpoint``
+policy a ``policy=`` option names (`resolve_policy`), which modules count as
+cheap elementwise blocks that are recomputed rather than kept (`is_cheap_class`),
+which module classes are the library's or flax's own layers (never blocks),
+and the hook where recognisers of whole sub-blocks (the gated MLP) plug in
+(`RECOGNISERS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing as tp
+
+import jax
+
+from fewbit_jax import _registry
+from fewbit_jax import patch as _patch
+from fewbit_jax import remat as _remat
+
+__all__ = ["activation_choices", "resolve_policy", "is_cheap_class", "is_library_class",
+           "Conversion", "RECOGNISERS"]
+
+# Module class names that are cheap elementwise/normalisation blocks by default.
+CHEAP_NAME = re.compile(r"norm", re.IGNORECASE)
+
+# Recognisers of whole sub-blocks that the library has a lean op for, applied
+# by the conversions before anything else: ``(module, path) -> module`` (NNX)
+# returning a replacement holding the same Variables, or the module itself.
+# The gated MLP (``act(gate_proj(x)) * up_proj(x)``, `fewbit_jax.gated`)
+# registers its recogniser here; until then the gate's activation is reached
+# by the activation patch and its projections by the dense conversion.
+RECOGNISERS: dict[str, tp.Callable[..., tp.Any]] = {}
+
+
+def activation_choices(exact: bool, bits: int) -> dict[str, int | str]:
+  """``patch_activations`` keywords: every patchable activation, and softmax.
+
+  Exact: continuous activations in exact mode (keep x, exact derivative) and
+  piecewise-linear ones at 1 bit (their 1-bit gradient is exact). Otherwise
+  continuous ones at `bits` bits.
+
+  Example:
+    >>> from fewbit_jax._one_call import activation_choices
+    >>> c = activation_choices(True, 3)
+    >>> c["gelu"], c["relu"], c["softmax"]
+    ('exact', 1, True)
+    >>> activation_choices(False, 2)["silu"]
+    2
+  """
+  out: dict[str, int | str] = {}
+  for name in _patch.PATCHABLE:
+    if _registry.ACTIVATIONS[name].kind == _registry.PIECEWISE:
+      out[name] = 1
+    else:
+      out[name] = _patch.EXACT if exact else bits
+  out["softmax"] = True
+  return out
+
+
+def resolve_policy(policy) -> tp.Callable[..., bool]:
+  """The ``jax.checkpoint`` policy that a conversion's ``policy=`` option names.
+
+  None is the library's default (`fewbit_jax.remat.frontier_policy`'s
+  ``'lean'``); a string is one of `fewbit_jax.remat.FRONTIER` (the
+  library's counterpart of JAX's policy of that name); a callable is used
+  as it is.
+
+  Example:
+    >>> import jax
+    >>> from fewbit_jax._one_call import resolve_policy
+    >>> p = jax.checkpoint_policies.nothing_saveable
+    >>> resolve_policy(p) is p
+    True
+    >>> callable(resolve_policy("dots_with_no_batch_dims_saveable"))
+    True
+  """
+  if policy is None:
+    return _remat.frontier_policy()
+  if isinstance(policy, str):
+    return _remat.frontier_policy(policy)
+  if callable(policy):
+    return policy
+  raise TypeError(f"policy must be None (the library's default), one of "
+                  f"{sorted(_remat.FRONTIER)} or a jax.checkpoint policy (a callable); got "
+                  f"{policy!r}")
+
+
+def is_library_class(cls: type) -> bool:
+  """Whether `cls` is defined by flax or fewbit_jax (a layer, never a block to remat).
+
+  Example:
+    >>> from flax import nnx
+    >>> from fewbit_jax._one_call import is_library_class
+    >>> is_library_class(nnx.Linear), is_library_class(dict)
+    (True, False)
+  """
+  module = getattr(cls, "__module__", "") or ""
+  top = module.split(".")[0]
+  # (The examples of the conversions define their models in these modules.)
+  return top == "flax" or (top == "fewbit_jax" and not module.endswith("_one_call"))
+
+
+def is_cheap_class(cls: type) -> bool:
+  """Whether `cls`'s name says it is a norm (``/norm/i``) and it is the model's own.
+
+  flax's norms are converted by the lean twins instead (exact, smaller).
+
+  Example:
+    >>> from fewbit_jax._one_call import is_cheap_class
+    >>> RMSNorm = type("RMSNorm", (), {"__module__": "my_model"})
+    >>> is_cheap_class(RMSNorm)
+    True
+  """
+  return bool(CHEAP_NAME.search(cls.__name__)) and not is_library_class(cls)
+
+
+def check_blocks(blocks, what: str):
+  """`blocks` as (regex or None, classes tuple), or a clear error."""
+  if blocks is None:
+    return None, ()
+  if isinstance(blocks, str):
+    return re.compile(blocks), ()
+  if isinstance(blocks, type):
+    return None, (blocks,)
+  if isinstance(blocks, (tuple, list)) and blocks and all(isinstance(b, type) for b in blocks):
+    return None, tuple(blocks)
+  raise TypeError(f"{what}: blocks must be None (find the repeated blocks), a regular "
+                  f"expression on module paths, or a class (or tuple of classes); got "
+                  f"{blocks!r}")
+
+
+def check_cheap(cheap, what: str):
+  """`cheap` as a regex, True (the default rule) or False; or a clear error."""
+  if cheap is None or cheap is True:
+    return True
+  if cheap is False:
+    return False
+  if isinstance(cheap, str):
+    return re.compile(cheap)
+  raise TypeError(f"{what}: cheap must be True (modules whose class name matches /norm/i), "
+                  f"False, or a regular expression on module paths; got {cheap!r}")
+
+
+def nothing_saveable() -> tp.Callable[..., bool]:
+  """The policy of cheap modules: keep their inputs only, recompute their forward."""
+  return jax.checkpoint_policies.nothing_saveable
+
+
+@dataclasses.dataclass
+class Conversion:
+  """What a one-call conversion did, by module path.
+
+  ``linear``: layers made randomized; ``lean``: flax norms, dropout and
+  attention made lean; ``cheap``: the model's own cheap modules recomputed
+  in the backward pass; ``blocks``: the blocks rematerialised with
+  ``policy``; ``activations``: the activation patch applied while the model
+  is traced.
+
+  Example:
+    >>> from fewbit_jax._one_call import Conversion
+    >>> Conversion().blocks
+    []
+  """
+  linear: list[str] = dataclasses.field(default_factory=list)
+  lean: list[str] = dataclasses.field(default_factory=list)
+  cheap: list[str] = dataclasses.field(default_factory=list)
+  blocks: list[str] = dataclasses.field(default_factory=list)
+  activations: dict = dataclasses.field(default_factory=dict)
+  policy: str | None = None
+
+  def __repr__(self) -> str:
+    def short(xs):
+      return xs if len(xs) <= 6 else xs[:3] + [f"... {len(xs) - 3} more"]
+    return (f"Conversion(linear={short(self.linear)}, lean={short(self.lean)}, "
+            f"cheap={short(self.cheap)}, blocks={short(self.blocks)}, policy={self.policy})")

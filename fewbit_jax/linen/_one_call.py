@@ -1,0 +1,236 @@
+"""`convert`: everything the library has, applied to an unedited linen model, as one context.
+
+Inside it a linen model's calls are traced with: its ``nn.Dense`` layers
+randomized (`fewbit_jax.linen.intercept`, approximate mode only), flax's norms,
+dropout and attention lean (`fewbit_jax.linen.lean`), inline activations and
+softmax patched (`fewbit_jax.patch_activations`), its own norm-like modules
+recomputed in the backward pass and its repeated blocks rematerialised
+(``flax.linen.remat`` of the module's call, by interception).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from fewbit_jax import _one_call
+from fewbit_jax import patch as _patch
+from fewbit_jax.linen._convert import _module_path, intercept
+from fewbit_jax.linen._lean import lean
+
+__all__ = ["convert"]
+
+_local = threading.local()
+_TRAILING_INDEX = re.compile(r"^(.*?)_?(\d+)$")
+
+
+def _params_of(module: nn.Module):
+  try:
+    return module.variables.get("params", {})
+  except Exception:  # an unbound module: nothing to compare
+    return {}
+
+
+def _has_kernel(tree) -> bool:
+  return any(np.ndim(leaf) >= 2 for leaf in jax.tree.leaves(tree))
+
+
+def _structure(tree):
+  return jax.tree.structure(tree), tuple(np.shape(x) for x in jax.tree.leaves(tree))
+
+
+def _is_repeated_block(module: nn.Module) -> bool:
+  """A model's own module named ``<prefix><i>`` with a sibling of the same name pattern and params."""
+  if _one_call.is_library_class(type(module)) or module.parent is None:
+    return False
+  match = _TRAILING_INDEX.match(module.name or "")
+  own = _params_of(module)
+  if match is None or not _has_kernel(own):
+    return False
+  prefix = match.group(1)
+  siblings = _params_of(module.parent)
+  shape = _structure(own)
+  same = [name for name, tree in siblings.items()
+          if (m := _TRAILING_INDEX.match(name)) and m.group(1) == prefix
+          and _structure(tree) == shape]
+  return len(same) >= 2
+
+
+def _is_cheap(module: nn.Module) -> bool:
+  return _one_call.is_cheap_class(type(module)) and not _has_kernel(_params_of(module))
+
+
+def _checkpointed_call(module: nn.Module, args, kwargs, policy):
+  """``module(*args, **kwargs)`` under ``nn.remat(policy=policy)``; Python values stay static."""
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  dyn = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray))]
+  static = [None if i in dyn else leaf for i, leaf in enumerate(leaves)]
+
+  def _fewbit_checkpointed(mdl, *values):
+    full = list(static)
+    for i, v in zip(dyn, values):
+      full[i] = v
+    a, k = jax.tree.unflatten(treedef, full)
+    _local.enter = mdl  # its own call passes through the interceptor
+    depth = getattr(_local, "depth", 0)
+    _local.depth = depth + 1
+    try:
+      return mdl(*a, **k)
+    finally:
+      _local.depth = depth
+
+  return nn.remat(_fewbit_checkpointed, policy=policy)(module, *(leaves[i] for i in dyn))
+
+
+@contextlib.contextmanager
+def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None, cheap=True,
+            bits: int = 3, proj_dim_ratio: float = 0.2, activations: bool = True,
+            warn_unused: bool = True, **dense_options):
+  """Applies every technique of the library to the linen models traced inside.
+
+  Linen's counterpart of `fewbit_jax.nnx.convert`; the variables, their
+  tree and ``init`` are unchanged. While inside:
+
+  1. ``exact=False`` only: ``nn.Dense``/``nn.DenseGeneral`` run randomized
+     (`fewbit_jax.linen.intercept` with ``proj_dim_ratio``; pass
+     ``rngs={'sketch': key}`` to ``apply``, a fresh key every step).
+  2. flax's ``LayerNorm``, ``RMSNorm``, ``Dropout`` and attention run lean
+     (`fewbit_jax.linen.lean`).
+  3. The model's own norm-like modules (class name matching ``/norm/i``,
+     no matmul parameters) are recomputed in the backward pass
+     (``nn.remat`` of that module alone, saving nothing but its inputs).
+  4. ``remat=True``: the repeated blocks (the model's own modules named
+     ``<prefix><i>``, e.g. ``layer_3`` or ``Block_3``, with siblings of the
+     same prefix and the same parameter shapes; the outermost) run under
+     ``nn.remat`` with ``policy``. Blocks are recognised from the
+     parameters, so only in ``apply``, not in ``init``.
+  5. Inline activations and ``jax.nn.softmax`` are patched
+     (`fewbit_jax.patch_activations`): exact mode with ``exact=True``,
+     few-bit with `bits` bits otherwise.
+
+  As every interception, it acts while the model is *traced*: trace (jit)
+  the step inside the context.
+
+  Args:
+    exact: True (default): no gradient changes beyond float rounding. False:
+      few-bit activations and randomized dense layers at their defaults.
+    remat: rematerialise the repeated blocks (default False).
+    policy: their ``jax.checkpoint`` policy: None (the library's,
+      `fewbit_jax.remat.frontier_policy`), a name of
+      `fewbit_jax.remat.FRONTIER`, or any policy.
+    blocks: None (found as above), a regular expression searched in module
+      paths (``'^/layer_\\d+$'``), or a class or tuple of classes.
+    cheap: True (the ``/norm/i`` rule of step 3), False, or a regular
+      expression on module paths.
+    bits: the few-bit activations' bits (``exact=False``).
+    proj_dim_ratio: the randomized layers' sketch ratio (``exact=False``).
+    activations: patch inline activations and softmax (default True).
+    warn_unused: warn on exit when nothing was converted.
+    **dense_options: more options of `fewbit_jax.linen.intercept`.
+
+  Yields:
+    A `fewbit_jax._one_call.Conversion` filled while the model is traced.
+
+  Raises:
+    ValueError: options that the mode does not use, bad bits or sketch options.
+    TypeError: bad `policy`, `blocks` or `cheap`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> import fewbit_jax as fb
+    >>> class Block(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return x + nn.Dense(8)(nn.gelu(nn.Dense(32)(nn.LayerNorm()(x))))
+    >>> class Model(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     for i in range(2):
+    ...       x = Block(name=f"layer_{i}")(x)
+    ...     return x
+    >>> x = jnp.ones((2, 8))
+    >>> v = Model().init(jax.random.key(0), x)
+    >>> with fb.linen.convert(remat=True) as done:
+    ...   g = jax.grad(lambda v: Model().apply(v, x).sum())(v)
+    >>> done.blocks
+    ['/layer_0', '/layer_1']
+    >>> ref = jax.grad(lambda v: Model().apply(v, x).sum())(v)
+    >>> bool(jax.tree.all(jax.tree.map(lambda a, b: jnp.allclose(a, b, atol=1e-5), g, ref)))
+    True
+  """
+  if exact and dense_options:
+    raise ValueError(f"options {sorted(dense_options)} are for the randomized layers, which "
+                     "exact=True does not use; pass exact=False or drop them.")
+  block_regex, block_classes = _one_call.check_blocks(blocks, "fb.linen.convert")
+  cheap_rule = _one_call.check_cheap(cheap, "fb.linen.convert")
+  remat_policy = _one_call.resolve_policy(policy) if remat else None
+  choices = _one_call.activation_choices(exact, bits) if activations else {}
+  if choices:
+    _patch.parse_bits(choices)
+  record = _one_call.Conversion(
+      activations=choices,
+      policy=None if not remat else (policy if isinstance(policy, str) else "lean"
+                                     if policy is None else getattr(policy, "__name__",
+                                                                    repr(policy))))
+  recompute = jax.checkpoint_policies.nothing_saveable
+
+  def kind_of(module: nn.Module) -> str | None:
+    if module.is_initializing():
+      return None
+    path = _module_path(module)
+    if remat and not getattr(_local, "depth", 0):
+      if block_regex is not None:
+        if block_regex.search(path):
+          return "block"
+      elif block_classes:
+        if isinstance(module, block_classes):
+          return "block"
+      elif _is_repeated_block(module):
+        return "block"
+    if cheap_rule is not False:
+      if isinstance(cheap_rule, re.Pattern):
+        if cheap_rule.search(path):
+          return "cheap"
+      elif _is_cheap(module):
+        return "cheap"
+    return None
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    if getattr(_local, "enter", None) is module:
+      _local.enter = None
+      return next_fun(*args, **kwargs)
+    kind = kind_of(module)
+    if kind is None:
+      return next_fun(*args, **kwargs)
+    path = _module_path(module)
+    seen = record.blocks if kind == "block" else record.cheap
+    if path not in seen:
+      seen.append(path)
+    return _checkpointed_call(module, args, kwargs,
+                              remat_policy if kind == "block" else recompute)
+
+  with contextlib.ExitStack() as stack:
+    if not exact:
+      dense = stack.enter_context(intercept(proj_dim_ratio=proj_dim_ratio, warn_unused=False,
+                                            **dense_options))
+      record.linear = dense.converted
+    record.lean = stack.enter_context(lean(warn_unused=False)).converted
+    stack.enter_context(nn.intercept_methods(interceptor))
+    if choices:
+      stack.enter_context(_patch.patch_activations(warn_unused=False, **choices))
+    yield record
+  if warn_unused and not (record.linear or record.lean or record.cheap or record.blocks):
+    import warnings
+    warnings.warn("fewbit_jax.linen.convert converted no layer: no linen model was traced in "
+                  "the context (a jitted step traced before it is reused from jax.jit's cache: "
+                  "trace it inside), or the model has nothing the library knows.",
+                  UserWarning, stacklevel=3)

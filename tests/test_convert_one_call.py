@@ -1,0 +1,336 @@
+"""fb.nnx.convert and fb.linen.convert on models written without the library.
+
+The NNX model is the repository's Gemma-style decoder (benchmarks/decoder.py:
+hand-written RMSNorm, GQA with RoPE, inline gated GELU, an nnx.List of
+layers); the linen model below is written in the style of flax's lm1b example
+(pre-LayerNorm blocks named ``encoderdecoderblock_<i>``, flax's attention with
+a causal mask, dropout, an MLP with an inline activation). Each is trained in
+its own loop pattern: nnx.jit + nnx.value_and_grad, the functional jax.jit
+with nnx.split/merge and fb.nnx.step_keys, and linen's apply.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import fewbit_jax as fb
+from benchmarks import decoder as D
+
+CFG = D.DecoderConfig.tiny()
+TOKENS = D.make_tokens(CFG, 2, 16)
+
+
+def _model(**kw):
+  return D.Decoder(CFG, rngs=nnx.Rngs(0), **kw)
+
+
+def _flat(tree):
+  return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def _rel(a, b):
+  a, b = _flat(a), _flat(b)
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+
+
+@nnx.jit
+def _nnx_jit_step(model, tokens):
+  return nnx.value_and_grad(D.loss_fn)(model, tokens)
+
+
+def _nnx_jit_grads(model, tokens):
+  loss, grads = _nnx_jit_step(model, tokens)
+  return loss, nnx.to_pure_dict(grads)
+
+
+def _functional(model):
+  """The functional loop's step (jax.jit over nnx.split), and the split state."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params, rest, tokens):
+    return D.loss_fn(nnx.merge(graphdef, params, rest), tokens)
+
+  @jax.jit
+  def step(params, rest, tokens, key):
+    with fb.nnx.step_keys(key):
+      loss_value, grads = jax.value_and_grad(loss)(params, rest, tokens)
+    return loss_value, nnx.to_pure_dict(grads)
+  return step, params, rest
+
+
+def _saved_bytes(model, tokens):
+  """What the model's backward keeps (fb.memory.saved_residuals), without compiling."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  loss = lambda params: D.loss_fn(nnx.merge(graphdef, params, rest), tokens)
+  return fb.memory.saved_residuals(loss, params).saved_bytes
+
+
+@pytest.fixture(scope="module")
+def vanilla():
+  """The vanilla model's loss and gradients (the functional loop)."""
+  step, params, rest = _functional(_model())
+  return step(params, rest, TOKENS, jax.random.key(0))
+
+
+def test_nnx_exact_remat_nnx_jit_same_variables_forward_and_gradients(vanilla):
+  model = _model()
+  kernel = model.layers[0].mlp.up_proj.kernel
+  out = fb.nnx.convert(model, exact=True, remat=True)
+  assert out is model and model.layers[0].mlp.up_proj.kernel is kernel  # the same Variables
+  assert isinstance(model.layers[0], D.Block)
+  done = fb.nnx.conversion(model)
+  assert done.blocks == ["/layers/0", "/layers/1"]
+  assert "/final_norm" in done.cheap and "/layers/0/pre_ffw_norm" in done.cheap
+  assert done.activations["gelu"] == "exact" and done.activations["softmax"] is True
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(_model(), nnx.Param)),
+               nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  loss, grads = _nnx_jit_grads(model, TOKENS)
+  np.testing.assert_allclose(loss, vanilla[0], rtol=1e-6)  # the forward
+  assert _rel(vanilla[1], grads) < 1e-5
+
+
+def test_nnx_exact_functional_loop_equal_gradients_and_keeps_less(vanilla):
+  model = fb.nnx.convert(_model(), exact=True)
+  step, params, rest = _functional(model)
+  loss, grads = step(params, rest, TOKENS, jax.random.key(3))
+  np.testing.assert_allclose(loss, vanilla[0], rtol=1e-6)
+  assert _rel(vanilla[1], grads) < 1e-5
+  # What the backward keeps (the compiled memory on CPU needs the CSE flag for the
+  # recomputed norms: benchmarks/frontier.py measures it).
+  assert _saved_bytes(model, TOKENS) < 0.8 * _saved_bytes(_model(), TOKENS)
+
+
+def _unbiased(reference, samples):
+  single = np.mean([_rel(reference, g) for g in samples])
+  mean = jax.tree.map(lambda *g: sum(g) / len(g), *samples)
+  assert 0 < single and _rel(reference, mean) < 0.6 * single  # the average approaches it
+  assert _rel(samples[0], samples[1]) > 0  # fresh sketches every step
+
+
+def test_nnx_approximate_remat_nnx_jit_unbiased(vanilla):
+  model = fb.nnx.convert(_model(), exact=False, remat=True, rngs=nnx.Rngs(sketch=1))
+  done = fb.nnx.conversion(model)
+  assert "/layers/0/mlp/up_proj" in done.linear and done.activations["gelu"] == 3
+  runs = [_nnx_jit_grads(model, TOKENS) for _ in range(6)]
+  np.testing.assert_allclose(runs[0][0], vanilla[0], rtol=1e-5)
+  _unbiased(vanilla[1], [g for _, g in runs])
+
+
+def test_nnx_approximate_functional_loop_step_keys_unbiased(vanilla):
+  step, params, rest = _functional(fb.nnx.convert(_model(), exact=False))
+  runs = [step(params, rest, TOKENS, jax.random.key(k)) for k in range(6)]
+  np.testing.assert_allclose(runs[0][0], vanilla[0], rtol=1e-5)
+  _unbiased(vanilla[1], [g for _, g in runs])
+
+
+def test_nnx_convert_options_and_errors():
+  model = fb.nnx.convert(_model(), remat=True, blocks=r"^/layers/1$", cheap=False,
+                         policy="dots_with_no_batch_dims_saveable")
+  done = fb.nnx.conversion(model)
+  assert done.blocks == ["/layers/1"] and done.cheap == [] and done.policy.startswith("dots")
+  assert fb.nnx.conversion(fb.nnx.convert(_model(), remat=True, blocks=D.Attention)).blocks == [
+      "/layers/0/attn", "/layers/1/attn"]
+  with pytest.raises(ValueError, match="converted already"):
+    fb.nnx.convert(model)
+  with pytest.raises(ValueError, match="no block"):
+    fb.nnx.convert(_model(), remat=True, blocks=r"^/nothing$")
+  with pytest.raises(ValueError, match="exact=True does not use"):
+    fb.nnx.convert(_model(), sketch="countsketch")
+  with pytest.raises(ValueError, match="unknown frontier policy"):
+    fb.nnx.convert(_model(), remat=True, policy="dots")
+  with pytest.raises(TypeError, match="blocks must be"):
+    fb.nnx.convert(_model(), remat=True, blocks=3)
+
+
+def test_nnx_cheap_module_keeps_less_than_its_autodiff():
+  x = jax.random.normal(jax.random.key(0), (8, 64))
+
+  def kept(model):
+    return fb.memory.saved_residuals(lambda x: model(x).sum(), x).saved_bytes  # closed over
+
+  holder = nnx.Sequential(D.RMSNorm(64, rngs=nnx.Rngs(0)))
+  before = kept(holder)
+  fb.nnx.convert(holder, activations=False, cheap=r"^/layers/0$")
+  assert fb.nnx.conversion(holder).cheap == ["/layers/0"]
+  assert kept(holder) < before
+
+
+# --------------------------------------------------------------------------
+# linen, in the style of flax's lm1b example.
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dropout_rate: float = 0.1
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    d = x.shape[-1]
+    y = nn.relu(nn.Dense(self.mlp_dim)(x))
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    return nn.Dense(d)(y)
+
+
+class EncoderDecoder1DBlock(nn.Module):
+  num_heads: int = 2
+  mlp_dim: int = 64
+  dropout_rate: float = 0.1
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic: bool):
+    y = nn.LayerNorm()(x)
+    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dropout_rate=0.0,
+                                        deterministic=deterministic)(y, y, mask=mask)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    z = nn.LayerNorm()(x)
+    return x + MlpBlock(self.mlp_dim, self.dropout_rate)(z, deterministic)
+
+
+class TransformerLM(nn.Module):
+  vocab: int = 64
+  emb_dim: int = 32
+  num_layers: int = 2
+
+  @nn.compact
+  def __call__(self, tokens, deterministic: bool = True):
+    x = nn.Embed(self.vocab, self.emb_dim)(tokens)
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, tokens.shape[1],
+                                                                      self.emb_dim))
+    x = x + pos
+    mask = nn.make_causal_mask(tokens)
+    for i in range(self.num_layers):
+      x = EncoderDecoder1DBlock(name=f"encoderdecoderblock_{i}")(x, mask, deterministic)
+    x = nn.LayerNorm(name="encoderdecoder_norm")(x)
+    return nn.Dense(self.vocab, name="logitdense")(x)
+
+
+LM_TOKENS = jax.random.randint(jax.random.key(5), (2, 17), 0, 64)
+
+
+def _lm_loss(params, tokens, key, deterministic=False):
+  k1, k2 = jax.random.split(key)
+  logits = TransformerLM().apply({"params": params}, tokens[:, :-1], deterministic,
+                                 rngs={"dropout": k1, "sketch": k2})
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def _lm_init():
+  return jax.jit(TransformerLM().init)(jax.random.key(0), LM_TOKENS[:, :-1])["params"]
+
+
+@pytest.fixture(scope="module")
+def lm_params():
+  return _lm_init()
+
+
+def test_linen_exact_remat_same_params_forward_gradients_memory(lm_params):
+  with fb.linen.convert(exact=True, remat=True):
+    inside = _lm_init()
+  jax.tree.map(np.testing.assert_array_equal, inside, lm_params)  # the same parameters
+  key = jax.random.key(2)
+  plain = jax.jit(jax.value_and_grad(_lm_loss)).lower(lm_params, LM_TOKENS, key).compile()
+  l0, g0 = plain(lm_params, LM_TOKENS, key)
+  with fb.linen.convert(exact=True, remat=True) as done:
+    compiled = jax.jit(jax.value_and_grad(_lm_loss)).lower(lm_params, LM_TOKENS, key).compile()
+  l1, g1 = compiled(lm_params, LM_TOKENS, key)
+  assert done.blocks == ["/encoderdecoderblock_0", "/encoderdecoderblock_1"]
+  assert "/encoderdecoderblock_0/LayerNorm_0" in done.lean
+  assert any(p.endswith("Dropout_0") for p in done.lean)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)  # forward (with dropout) equal
+  assert _rel(g0, g1) < 1e-5
+  assert compiled.memory_analysis().temp_size_in_bytes < \
+      plain.memory_analysis().temp_size_in_bytes
+
+
+def test_linen_approximate_unbiased(lm_params):
+  loss = functools.partial(_lm_loss, deterministic=True)
+  _, g0 = jax.jit(jax.value_and_grad(loss))(lm_params, LM_TOKENS, jax.random.key(0))
+  with fb.linen.convert(exact=False) as done:
+    step = jax.jit(jax.value_and_grad(loss))
+    grads = [step(lm_params, LM_TOKENS, jax.random.key(k))[1] for k in range(6)]
+  assert "/encoderdecoderblock_0/MlpBlock_0/Dense_0" in done.linear
+  _unbiased(g0, grads)
+
+
+class HandRMSNorm(nn.Module):
+  """A Llama RMSNorm written by hand (not flax's class)."""
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
+
+
+class LlamaLayer(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.Dense(x.shape[-1])(nn.silu(nn.Dense(16)(HandRMSNorm()(x))))
+
+
+class Llama(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i in range(2):
+      x = LlamaLayer(name=f"layers_{i}")(x)
+    return HandRMSNorm(name="norm")(x)
+
+
+def test_linen_own_norms_recomputed_and_blocks_by_pattern():
+  x = jax.random.normal(jax.random.key(0), (4, 8))
+  v = Llama().init(jax.random.key(1), x)
+  loss = lambda v: (Llama().apply(v, x) ** 2).sum()
+  ref = jax.grad(loss)(v)
+  with fb.linen.convert(remat=True, blocks=r"^/layers_1$") as done:
+    got = jax.grad(loss)(v)
+    kept = fb.memory.saved_residuals(loss, v).saved_bytes
+  assert done.blocks == ["/layers_1"]
+  assert done.cheap == ["/layers_0/HandRMSNorm_0", "/layers_1/HandRMSNorm_0", "/norm"]
+  assert done.activations["silu"] == "exact"
+  assert _rel(ref, got) < 1e-5
+  assert kept < fb.memory.saved_residuals(loss, v).saved_bytes
+
+
+def test_linen_convert_errors():
+  with pytest.raises(ValueError, match="exact=True does not use"):
+    with fb.linen.convert(sketch="countsketch"):
+      pass
+  with pytest.raises(TypeError, match="cheap must be"):
+    with fb.linen.convert(cheap=3):
+      pass
+  with pytest.warns(UserWarning, match="converted no layer"):
+    with fb.linen.convert():
+      pass
+
+
+# --------------------------------------------------------------------------
+# benchmarks/frontier.py's helpers.
+
+def test_frontier_keeps_the_pareto_rows_and_norms_recomputed_keep_least():
+  from benchmarks import frontier
+  rows = [frontier.Row("jax", n, m, 0.0, flops_ratio=f)
+          for n, m, f in [("a", 10, 1.0), ("b", 6, 1.1), ("c", 8, 1.2), ("d", 3, 1.3)]]
+  assert [r.name for r in frontier.frontier(rows)] == ["a", "b", "d"]
+  kept = {(n, how.split(":")[0]): b for n, how, b in frontier.norm_rows(2, 8, 16)}
+  for name in ("nnx.RMSNorm (flax's)", "nnx.LayerNorm (flax's)",
+               "gemma-style RMSNorm (hand-written)"):
+    assert kept[(name, "recomputed")] < kept[(name, "autodiff")]
+  assert kept[("nnx.RMSNorm (flax's)", "recomputed")] <= \
+      kept[("nnx.RMSNorm (flax's)", "recognised")]
+
+
+@pytest.mark.slow
+def test_frontier_benchmark_runs_at_test_sizes(tmp_path):
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", "benchmarks.frontier", "--tiny", "--time",
+                        "--repeats", "1", "--figure", str(tmp_path / "f.png")],
+                       capture_output=True, text=True, timeout=1800,
+                       cwd=__import__("os").path.dirname(__import__("os").path.dirname(
+                           __file__)))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "cse_barrier_expander" in out.stdout and (tmp_path / "f.png").exists()
