@@ -9,7 +9,8 @@ batch-sharded SGD step on 8 simulated CPU devices, beside the same model
 with flax's layers. The few-bit step must keep less per device (compiled
 temp bytes) and hold no collective beyond vanilla's (count and bytes of
 each kind), and its loss must be vanilla's. All of it runs in one child
-process (the device count is fixed when JAX starts).
+process (the device count is fixed when JAX starts). The models and the
+measurement are benchmarks/bench_mesh_defaults.py's, at a smaller size.
 """
 
 from __future__ import annotations
@@ -20,108 +21,26 @@ import pytest
 
 _SCRIPT = textwrap.dedent(r"""
   import json, sys
-  import jax, jax.numpy as jnp, numpy as np
-  import flax.linen as nn
-  from flax import nnx
-  from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-  import fewbit_jax as fb
-  from benchmarks.bench_sharding import collectives
+  import jax
+  from benchmarks import bench_mesh_defaults as bm
 
   assert jax.device_count() == 8, jax.devices()
-  D, F = int(sys.argv[1]), 4 * int(sys.argv[1])
-  X = jax.random.normal(jax.random.key(1), (int(sys.argv[2]), int(sys.argv[3]), D))
-
-  class Block(nn.Module):
-    fewbit: bool
-
-    @nn.compact
-    def __call__(self, x):
-      h = nn.LayerNorm()(x)
-      if self.fewbit:  # the same names: the same parameters
-        up, down = (fb.RandomizedDense(n, proj_dim_ratio=0.2, name=m)
-                    for n, m in ((F, "up"), (D, "down")))
-        return x + down(fb.gelu(up(h), bits=3))
-      up, down = nn.Dense(F, name="up"), nn.Dense(D, name="down")
-      return x + down(jax.nn.gelu(up(h)))
-
-  class MLP(nn.Module):
-    fewbit: bool
-
-    @nn.compact
-    def __call__(self, x):
-      return Block(self.fewbit)(Block(self.fewbit)(x))
-
-  def linen_step(fewbit, mesh):
-    model = MLP(fewbit)
-    params = jax.device_put(model.init(jax.random.key(0), X[:1])["params"],
-                            NamedSharding(mesh, P()))
-    def loss(p, x, key):
-      return jnp.mean(model.apply({"params": p}, x, rngs={"sketch": key}) ** 2)
-    def step(p, x, key):
-      l, g = jax.value_and_grad(loss)(p, x, key)
-      return jax.tree.map(lambda a, b: a - 0.1 * b, p, g), l
-    return step, (params,)
-
-  class NnxMLP(nnx.Module):
-    def __init__(self, fewbit, rngs):
-      lin = (lambda i, o: fb.nnx.RandomizedLinear(i, o, rngs=rngs)) if fewbit else (
-          lambda i, o: nnx.Linear(i, o, rngs=rngs))
-      self.norms = nnx.List([nnx.LayerNorm(D, rngs=rngs) for _ in range(2)])
-      self.ups = nnx.List([lin(D, F) for _ in range(2)])
-      self.downs = nnx.List([lin(F, D) for _ in range(2)])
-      self.act = (lambda h: fb.gelu(h, bits=3)) if fewbit else jax.nn.gelu
-
-    def __call__(self, x):
-      for norm, up, down in zip(self.norms, self.ups, self.downs):
-        x = x + down(self.act(up(norm(x))))
-      return x
-
-  def nnx_step(fewbit, mesh):
-    model = NnxMLP(fewbit, nnx.Rngs(0, sketch=1))  # the sketch streams apart: the same params
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    def step(params, rest, x, key):
-      def loss(p):
-        return jnp.mean(nnx.merge(graphdef, p, rest)(x) ** 2)
-      with fb.nnx.step_keys(key):
-        l, g = jax.value_and_grad(loss)(params)
-      return jax.tree.map(lambda a, b: a - 0.1 * b, params, g), l
-    return step, (params, rest)
-
-  def measure(make, fewbit, mesh, set_mesh):
-    step, args = make(fewbit, mesh)
-    x = jax.device_put(X, NamedSharding(mesh, P("data")))
-    key = jax.random.key(2)
-    def compile_and_run():
-      c = jax.jit(step).lower(*args, x, key).compile()
-      return c, float(c(*args, x, key)[1])
-    if set_mesh:
-      with jax.set_mesh(mesh):
-        c, loss = compile_and_run()
-    else:
-      c, loss = compile_and_run()
-    return dict(temp=c.memory_analysis().temp_size_in_bytes,
-                collectives=collectives(c.as_text()), loss=loss)
-
-  devices = np.array(jax.devices())
-  meshes = {
-      "Mesh(devices, names)": lambda: Mesh(devices, ("data",)),
-      "jax.make_mesh": lambda: jax.make_mesh((8,), ("data",)),
-      "jax.make_mesh Auto": lambda: jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,)),
-      "Mesh 4x2 Auto": lambda: Mesh(devices.reshape(4, 2), ("data", "model")),
-  }
+  d, batch, seq = (int(a) for a in sys.argv[1:4])
+  x = jax.random.normal(jax.random.key(1), (batch, seq, d))
+  meshes = bm.meshes()
   cases = [("linen", name, set_mesh) for name in meshes for set_mesh in (False, True)]
   cases += [("nnx", "Mesh(devices, names)", False), ("nnx", "jax.make_mesh Auto", True),
             ("nnx", "jax.make_mesh", False)]
   out = {}
   for model, name, set_mesh in cases:
-    make = {"linen": linen_step, "nnx": nnx_step}[model]
+    make = {"linen": bm.linen_step, "nnx": bm.nnx_step}[model]
     mesh = meshes[name]()
     out[f"{model} {name} {'set_mesh' if set_mesh else 'no context'}"] = dict(
-        axis_types=str(mesh.axis_types), vanilla=measure(make, False, mesh, set_mesh),
-        fewbit=measure(make, True, mesh, set_mesh))
+        axis_types=str(mesh.axis_types), vanilla=bm.measure(make, False, mesh, set_mesh, x),
+        fewbit=bm.measure(make, True, mesh, set_mesh, x))
   print(json.dumps(out))
 """)
+
 
 
 @pytest.fixture(scope="module")
