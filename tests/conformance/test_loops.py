@@ -201,10 +201,11 @@ def _linen_model(wrapper):
   return Stack()
 
 
-@pytest.fixture(scope="module")
-def linen_results():
-  out = {}
-  for wrapper in ("plain", "remat", "scan", "scan_remat"):
+_LINEN: dict = {}
+
+
+def _linen_results(wrapper):
+  if wrapper not in _LINEN:
     model = _linen_model(wrapper)
     params = model.init({"params": jax.random.key(0), "sketch": jax.random.key(1),
                          "dropout": jax.random.key(2)}, X, None)["params"]
@@ -217,23 +218,25 @@ def linen_results():
         return jnp.sum(x ** 2) + jnp.sum(d * C)
       return jax.value_and_grad(loss)(params)
     runs = [step(params, key) for key in KEYS]
-    out[wrapper] = [(float(l), np.concatenate([np.ravel(np.asarray(v)) for p, v in
-                                               jax.tree_util.tree_leaves_with_path(g)
-                                               if "kernel" in jax.tree_util.keystr(p)]))
-                    for l, g in runs]
-  return out
+    _LINEN[wrapper] = [(float(l), np.concatenate([np.ravel(np.asarray(v)) for p, v in
+                                                  jax.tree_util.tree_leaves_with_path(g)
+                                                  if "kernel" in jax.tree_util.keystr(p)]))
+                       for l, g in runs]
+  return _LINEN[wrapper]
 
 
-@pytest.mark.parametrize("wrapper", ["plain", "remat", "scan", "scan_remat"])
-def test_linen_new_masks_and_sketches_every_step(linen_results, wrapper):
-  (l0, g0), (l1, g1), (l2, g2) = linen_results[wrapper]
+@pytest.mark.parametrize("wrapper", ["plain", "remat", pytest.param("scan", marks=pytest.mark.slow),
+                                     "scan_remat"])
+def test_linen_new_masks_and_sketches_every_step(wrapper):
+  (l0, g0), (l1, g1), (l2, g2) = _linen_results(wrapper)
   assert l0 != l1 and not np.allclose(g0, g1)
   assert l2 == l0
   np.testing.assert_array_equal(g2, g0)
 
 
-@pytest.mark.parametrize("wrapper, plain", [("remat", "plain"), ("scan_remat", "scan")])
-def test_linen_remat_gives_the_gradients_without_remat(linen_results, wrapper, plain):
-  for (l, g), (lp, gp) in zip(linen_results[wrapper], linen_results[plain]):
+@pytest.mark.parametrize("wrapper, plain", [
+    ("remat", "plain"), pytest.param("scan_remat", "scan", marks=pytest.mark.slow)])
+def test_linen_remat_gives_the_gradients_without_remat(wrapper, plain):
+  for (l, g), (lp, gp) in zip(_linen_results(wrapper), _linen_results(plain)):
     assert l == pytest.approx(lp, rel=1e-6)
     np.testing.assert_allclose(g, gp, rtol=1e-5, atol=1e-5)
