@@ -113,8 +113,8 @@ def block(p: dict, x, key, cfg: Config, fewbit: bool, explicit: bool, dp: bool, 
     out = P(data, None, None) if (explicit and reduce_out) else None
     if fewbit:
       blocks = cfg.sketch_blocks
-      if blocks is None and dp and not explicit:
-        blocks = "data"
+      if blocks is None and not explicit:  # one block per data shard, as the Explicit default
+        blocks = "data" if dp else 1
       return fb.randomized_dense(h, w, bias, next(keys), proj_dim_ratio=cfg.ratio,
                                  out_sharding=out, sketch_blocks=blocks)
     return jnp.einsum("btn,nm->btm", h, w, out_sharding=out) + bias

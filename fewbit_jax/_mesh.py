@@ -88,6 +88,25 @@ def context_mesh():
   return mesh if getattr(mesh, "axis_names", ()) else None
 
 
+def auto_mesh(a=None):
+  """The mesh, all of whose axes are ``AxisType.Auto``, that `a` is partitioned over, or None.
+
+  The context mesh (``jax.set_mesh``) where there is one, else the mesh of
+  `a`'s type: an array placed with a ``NamedSharding`` on a mesh built by
+  ``jax.sharding.Mesh(devices, names)`` or ``jax.make_mesh(...,
+  axis_types=(AxisType.Auto, ...))`` carries that mesh in its type inside
+  ``jax.jit`` (with every spec entry None: Auto shardings are the
+  partitioner's to choose). None where the mesh has an Explicit or Manual
+  axis, or there is none.
+  """
+  mesh = context_mesh()
+  if mesh is None and a is not None:
+    mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+  if mesh is None or not getattr(mesh, "axis_names", ()):
+    return None
+  return mesh if all(t == AxisType.Auto for t in mesh.axis_types) else None
+
+
 def mesh_axis_sizes(x) -> dict:
   """{axis name: size} of the context mesh, else of x's type's mesh ({} if none)."""
   mesh = context_mesh()

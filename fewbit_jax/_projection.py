@@ -113,6 +113,23 @@ def device_blocks(x, batch_axes) -> int:
   return math.prod(_mesh.shards(sizes, spec[a]) for a in batch_axes)
 
 
+def auto_blocks(x, batch_axes, mesh) -> int:
+  """The default blocks of x's B positions on an all-``AxisType.Auto`` `mesh`: gcd(devices, x.shape[0]).
+
+  An Auto mesh's type says nothing of how x is sharded (the partitioner
+  chooses later), but a data-parallel batch is cut along x's first axis into
+  D shards, D a divisor of the mesh's device count: with C = gcd(devices,
+  x.shape[0]) contiguous blocks, a multiple of D, every block lies within
+  one device's shard, so the sketches need no communication whatever data
+  axes (or none) the batch is sharded over; a replicated x is C blocks on
+  every device, as cheap as one sketch. 1 where x's batch axes are not its
+  leading ones (the blocks would not follow the first axis).
+  """
+  if not batch_axes or tuple(batch_axes) != tuple(range(len(batch_axes))):
+    return 1
+  return math.gcd(math.prod(mesh.axis_sizes), x.shape[0])
+
+
 def resolve_blocks(x, sketch_blocks, batch_axes) -> tuple[int, bool]:
   """(C, per_shard): the sketch blocks of x's B positions (its `batch_axes`); C == 0: one sketch.
 
@@ -120,15 +137,22 @@ def resolve_blocks(x, sketch_blocks, batch_axes) -> tuple[int, bool]:
   the shards of x's first axis. An explicit `sketch_blocks` (or the
   `blocks_default`) is an int C or mesh axis names. None is: for x typed on
   an Explicit mesh, one block per device's shard of the batch axes
-  (whichever of them are sharded, see `fewbit_jax.sharded.to_blocks`); under
-  any other mesh one sketch of all positions, each device sketching its own
-  rows (`fewbit_jax.sharded`); without a mesh one sketch.
+  (whichever of them are sharded, see `fewbit_jax.sharded.to_blocks`); on a
+  mesh of Auto axes (the context mesh or x's type's), `auto_blocks` blocks
+  along x's first axis; under any other mesh one sketch of all positions,
+  each device sketching its own rows (`fewbit_jax.sharded`); without a mesh
+  one sketch.
   """
   v = _blocks_default if sketch_blocks is None else sketch_blocks
   check_blocks_arg(v)
   if v is None:
     if _mesh.explicit_spec(x) is not None:
       return device_blocks(x, batch_axes), True
+    mesh = _mesh.auto_mesh(x)
+    if mesh is not None:
+      c = auto_blocks(x, batch_axes, mesh)
+      if c > 1:
+        return c, True
     return (1 if _mesh.context_mesh() is not None else 0), False
   if is_int(v):
     return int(v), False

@@ -35,8 +35,8 @@ from flax import errors as flax_errors
 from flax import nnx
 from flax.nnx import graphlib, rnglib
 
-__all__ = ["missing_rng_error", "linen_key", "nnx_fork", "nnx_key", "nnx_source", "step_keys",
-           "scoped_key", "stream_key", "guard_gradient"]
+__all__ = ["missing_rng_error", "linen_key", "KeyStream", "own_stream", "nnx_fork", "nnx_key",
+           "nnx_source", "step_keys", "scoped_key", "stream_key", "guard_gradient"]
 
 
 def missing_rng_error(owner: str, collection: str, how: str,
@@ -111,12 +111,108 @@ def linen_key(module, collection: str, owner: str) -> jax.Array:
   return module.make_rng(collection)
 
 
+class _ScopeTolerant:
+  """A stream Variable that a transform's write-back from another trace leaves alone in a scope.
+
+  ``nnx.remat`` (and NNX's other graph transforms) write every Variable of
+  their inputs back when they return, changed or not. In flax's functional
+  loop the non-parameter state (``rest``, closed over by
+  ``jax.value_and_grad``) lives in the jitted step's trace, so that write
+  raises ``TraceContextError`` for any rng stream of the model, although
+  nothing advanced it; and ``nnx.scan``/``nnx.vmap`` refuse to take such a
+  Variable in at all. Inside a `step_keys` scope no layer draws from its own
+  stream (keys come from the scope; a draw still raises, as ever), so the
+  stream is only read: the transforms may take it in, and their write-back
+  of it is skipped. Outside a scope flax's checks stand.
+  """
+
+  def _skips_write(self) -> bool:
+    return not self.hijax and not self._trace_state.is_valid() and bool(_SCOPES.get())
+
+  @property
+  def _can_update(self) -> bool:
+    return super()._can_update or bool(_SCOPES.get())
+
+  def update_from_state(self, variable_state):
+    if not self._skips_write():
+      super().update_from_state(variable_state)
+
+  def set_raw_value(self, value, **kwargs):
+    if not self._skips_write():
+      super().set_raw_value(value, **kwargs)
+
+
+class _StreamKey(_ScopeTolerant, rnglib.RngKey):
+  """A `KeyStream`'s key: raw ``uint32[..., 2]`` key data (it serialises as any array)."""
+
+
+class _StreamCount(_ScopeTolerant, rnglib.RngCount):
+  """A `KeyStream`'s count of draws."""
+
+
+class KeyStream(rnglib.RngStream):
+  """An ``nnx.RngStream`` that keeps its key as raw ``uint32`` data, for the layers' own streams.
+
+  It draws the very keys an ``nnx.RngStream`` with the same key draws
+  (``fold_in(key, count)``, returned as a typed key) and is one for
+  ``isinstance``, ``nnx.RngState`` filters, ``nnx.jit`` and the other
+  transforms. Two things differ: its key is stored as ``uint32`` key data, so
+  ``nnx.state(model).to_pure_dict()`` holds only plain arrays and
+  ``flax.serialization.msgpack_serialize`` takes it (orbax already does); and
+  its Variables let ``nnx.remat``/``nnx.scan`` return inside a `step_keys`
+  scope in flax's functional loop (`_ScopeTolerant`).
+
+  Example:
+    >>> import jax
+    >>> from flax import nnx
+    >>> from fewbit_jax._sketch_stream import KeyStream
+    >>> ours, theirs = KeyStream(jax.random.key(3), tag="sketch"), nnx.RngStream(3, tag="sketch")
+    >>> bool((jax.random.key_data(ours()) == jax.random.key_data(theirs())).all())
+    True
+    >>> ours.key[...].dtype
+    dtype('uint32')
+  """
+
+  def __init__(self, key, *, tag: str):  # pylint: disable=super-init-not-called
+    if isinstance(key, int):
+      key = jax.random.key(key)
+    if jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
+      key = jax.random.key_data(key)
+    key = jax.numpy.asarray(key)
+    if key.dtype != np.uint32 or key.shape[-1:] != (2,):
+      raise ValueError(f"KeyStream needs a PRNG key (typed, or raw uint32[..., 2] data); got "
+                       f"dtype {key.dtype} and shape {key.shape}.")
+    self.tag = tag
+    self.key = _StreamKey(key, tag=tag)
+    self.count = _StreamCount(jax.numpy.zeros(key.shape[:-1], np.uint32), tag=tag)
+
+  def __call__(self) -> jax.Array:
+    self.count._check_can_update()
+    key = jax.random.fold_in(jax.random.wrap_key_data(self.key[...]), self.count[...])
+    self.count[...] += 1
+    return key
+
+
+def own_stream(source: rnglib.RngStream) -> KeyStream:
+  """A layer's own stream: a `KeyStream` forked from `source` (one draw, as ``source.fork()``).
+
+  Example:
+    >>> from flax import nnx
+    >>> from fewbit_jax._sketch_stream import own_stream
+    >>> source = nnx.Rngs(sketch=1)["sketch"]
+    >>> type(own_stream(source)).__name__, int(source.count[...])
+    ('KeyStream', 1)
+  """
+  return KeyStream(source(), tag=source.tag)
+
+
 def nnx_fork(rngs: rnglib.Rngs, collection: str):
   """The value of a layer's own sketch stream attribute: a fork of `rngs`' `collection` stream.
 
   ``rngs[collection]`` is the ``'default'`` stream where `rngs` has no
   `collection` one; where it has neither, the layer has no stream
-  (``nnx.data(None)``) and only calls given ``rngs=`` can sketch.
+  (``nnx.data(None)``) and only calls given ``rngs=`` can sketch. The fork
+  is a `KeyStream` (the keys of ``stream.fork()``, stored as raw data).
 
   Example:
     >>> from flax import nnx
@@ -125,7 +221,7 @@ def nnx_fork(rngs: rnglib.Rngs, collection: str):
     ...   def __init__(self, rngs):
     ...     self.rngs = nnx_fork(rngs, "sketch")
     >>> type(Layer(nnx.Rngs(0, sketch=1)).rngs).__name__
-    'RngStream'
+    'KeyStream'
     >>> Layer(nnx.Rngs(params=0)).rngs is None
     True
   """
@@ -133,7 +229,7 @@ def nnx_fork(rngs: rnglib.Rngs, collection: str):
     stream = rngs[collection]
   except KeyError:  # no such stream and no default
     stream = None
-  return stream.fork() if stream is not None else nnx.data(None)
+  return own_stream(stream) if stream is not None else nnx.data(None)
 
 
 # --------------------------------------------------------------------------

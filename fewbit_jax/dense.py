@@ -18,9 +18,12 @@ one per data shard, each with its own sketch of k / C columns
 (`fewbit_jax.sketch.project_blocks`): S is block-diagonal, still unbiased,
 and every sketch stays on its device, so the only collective left is the
 usual all-reduce of the weight gradient. Under an ``AxisType.Explicit`` mesh
-C is taken from x's type by default; under an ``AxisType.Auto`` mesh the
-default is one sketch (correct, with the all-reduces above): pass C (or set
-it for a whole model with `sketch_blocks_default`) to save them. Kernels sharded
+C is taken from x's type by default; under an ``AxisType.Auto`` mesh (the
+context mesh, or the one an input placed on it carries into ``jax.jit``),
+whose types do not say how x is sharded, C defaults to gcd(devices,
+x.shape[0]) blocks along x's first axis, which every data-parallel shard of
+that axis holds whole. Pass C (or set it for a whole model with
+`sketch_blocks_default`) to choose otherwise. Kernels sharded
 on either axis (tensor parallelism) need nothing: the sketches keep the
 sharding of x's and g's feature axis (`fewbit_jax.sharded`).
 
@@ -189,15 +192,19 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
       * None (default): the value set by `sketch_blocks_default` if any;
         else, when x's type is sharded over ``AxisType.Explicit`` mesh axes,
         one block per device's shard of its leading axes (whichever are
-        sharded; `fewbit_jax.sharded.to_blocks`); else one sketch over all B
-        positions (under an ``AxisType.Auto`` mesh each device then sketches
-        its rows and the partial sketches are all-reduced). Correct on any
-        mesh and sharding; the options below only make it cheaper;
+        sharded; `fewbit_jax.sharded.to_blocks`); on a mesh whose axes are
+        all ``AxisType.Auto`` (``jax.set_mesh``'s, or the mesh x's type
+        carries inside ``jax.jit`` once placed with a ``NamedSharding``),
+        gcd(devices, x.shape[0]) contiguous blocks along x's first axis, so
+        that a batch sharded on that axis needs no sketch communication;
+        else one sketch over all B positions (where rows are sharded, each
+        device then sketches its rows and the partial sketches are
+        all-reduced). Correct on any mesh and sharding; the options below
+        only change the cost;
       * an int C dividing B: C blocks;
       * mesh axis name(s), e.g. ``'data'``: one block per shard of those
         axes of the current mesh (``jax.set_mesh``); x's first axis must be
-        divisible by their size. Use this under ``AxisType.Auto`` meshes for
-        no sketch communication.
+        divisible by their size.
 
       One block on one device is exactly the sketch without blocks.
 

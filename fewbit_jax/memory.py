@@ -212,9 +212,15 @@ def _inner_jaxpr(eqn):
   return getattr(j, "jaxpr", j)
 
 
+# Calls whose outputs are their inner jaxpr's: jit, and jax.checkpoint's
+# (``remat2``), whose forward under a policy hands out the arrays the policy
+# saves (``checkpoint_name``'d ones included) as its outputs.
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint")
+
+
 def _resolve(var, jaxpr, producers) -> tuple:
   """Who made `var` in `jaxpr`: ('input', i) for its i-th input, or
-  (kind, label, source, scope), looking into jit calls."""
+  (kind, label, source, scope), looking into jit and checkpoint calls."""
   from jax._src import core
   while True:
     if isinstance(var, core.Literal):
@@ -230,7 +236,7 @@ def _resolve(var, jaxpr, producers) -> tuple:
     if name == "reduce_precision":  # as jax's report: look through it
       var = eqn.invars[0]
       continue
-    inner = _inner_jaxpr(eqn) if name in ("jit", "pjit", "closed_call", "core_call") else None
+    inner = _inner_jaxpr(eqn) if name in _CALLS else None
     if inner is None:
       return "op", name, _summarize(eqn.source_info), _scope(eqn.source_info)
     found = _resolve(inner.outvars[eqn.outvars.index(var)], inner,

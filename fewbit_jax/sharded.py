@@ -11,8 +11,10 @@ the sketch on each device's own shard instead:
 
 * under a mesh with ``AxisType.Explicit`` axes (``jax.set_mesh``), where x's
   type says how it is sharded, through ``jax.shard_map`` over those axes;
-* under a mesh with ``AxisType.Auto`` axes, where the sharding is only known
-  once the partitioner has chosen it, through
+* under a mesh with ``AxisType.Auto`` axes (the context mesh, or the mesh
+  an array placed by ``jax.device_put`` carries in its type inside
+  ``jax.jit``), where the sharding is only known once the partitioner has
+  chosen it, through
   ``jax.experimental.custom_partitioning``: its rule keeps the shardings of
   C and N and the partition callback builds the per-device sketch;
 * elsewhere (no mesh, inside ``jax.vmap``, inside a ``shard_map`` body) as
@@ -49,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fewbit_jax import _order, _mesh, sketch as _sketch
 
@@ -278,8 +280,7 @@ def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *,
     keys = jax.sharding.reshard(keys, NamedSharding(mesh, k_spec))
     return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, k_spec), out_specs=out_spec,
                          axis_names=manual)(x3d, keys)
-  mesh = _mesh.context_mesh()
-  if mesh is not None and spec is None and all(t == AxisType.Auto for t in mesh.axis_types):
+  if spec is None and _mesh.auto_mesh(x3d) is not None:
     try:
       return _cp_project(x3d, keys, kind, int(k), precision)
     except NotImplementedError:
@@ -346,8 +347,7 @@ def after(a: jax.Array, dep: jax.Array) -> jax.Array:
     d_spec = d_spec or (None,) * dep.ndim
     return jax.shard_map(_after_body, mesh=mesh, in_specs=(P(*a_spec), P(*d_spec)),
                          out_specs=P(*a_spec), axis_names=manual, check_vma=False)(a, dep)
-  mesh = _mesh.context_mesh()
-  if mesh is not None and all(t == AxisType.Auto for t in mesh.axis_types) and a.ndim:
+  if a.ndim and _mesh.auto_mesh(a) is not None:
     try:
       return _cp_after(a, dep)
     except NotImplementedError:  # under jax.vmap, see project_blocks

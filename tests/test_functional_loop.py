@@ -320,3 +320,102 @@ def test_linen_lifted_transform_names_split_rngs(lift):
   split = make({"params": True, "sketch": True})
   out = split.apply(variables, x, None, rngs={"sketch": jax.random.key(1)})
   assert out[0].shape == x.shape[:-1] + (6,)
+
+
+# --------------------------------------------------------------------------
+# Remat'ed and scanned blocks, and dropout, in the functional loop.
+
+
+class _Block(nnx.Module):
+  def __init__(self, rngs, drop=0.0):
+    self.up = fb.nnx.RandomizedLinear(6, 16, proj_dim_ratio=0.5, rngs=rngs)
+    self.down = fb.nnx.RandomizedLinear(16, 6, proj_dim_ratio=0.5, rngs=rngs)
+    self.drop = fb.nnx.Dropout(drop, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.drop(self.down(jax.nn.gelu(self.up(x))))
+
+
+class _Blocks(nnx.Module):
+  def __init__(self, remat=None, drop=0.0):
+    self.blocks = nnx.List([_Block(nnx.Rngs(i, sketch=5 + i), drop) for i in range(2)])
+    self.remat = remat
+
+  def __call__(self, x):
+    for block in self.blocks:
+      if self.remat == "remat":
+        x = nnx.remat(lambda b, x: b(x))(block, x)
+      elif self.remat == "policy":
+        x = nnx.remat(lambda b, x: b(x), policy=fb.checkpoint_policy())(block, x)
+      else:
+        x = block(x)
+    return jnp.mean((x - 1.0) ** 2)
+
+
+def _readme_step(model):
+  """The README's functional step (no optimizer): loss and gradients for a step key."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def step(params, rest, key):
+    def loss_fn(params):
+      return nnx.merge(graphdef, params, rest)(X)
+    with fb.nnx.step_keys(key):
+      return jax.value_and_grad(loss_fn)(params)
+  return lambda key: step(params, rest, key)
+
+
+@pytest.mark.parametrize("remat", ["remat", "policy"])
+def test_remat_blocks_in_the_functional_loop(remat):
+  step, plain = _readme_step(_Blocks(remat)), _readme_step(_Blocks())
+  previous = None
+  for t in range(2):
+    key = jax.random.fold_in(jax.random.key(0), t)
+    (loss, grads), (plain_loss, plain_grads) = step(key), plain(key)
+    assert float(loss) == pytest.approx(float(plain_loss), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # remat changes nothing
+    kernel = np.asarray(grads["blocks"][0]["up"]["kernel"][...])
+    if previous is not None:
+      assert not np.allclose(kernel, previous)  # a new sketch every step
+    previous = kernel
+
+
+def test_dropout_draws_a_new_mask_every_step_from_step_keys():
+  model = _Blocks("remat", drop=0.5)
+  step = _readme_step(model)
+  losses = [float(step(jax.random.key(k))[0]) for k in (0, 1, 0)]
+  assert losses[0] != losses[1] and losses[0] == losses[2]  # the key makes the mask
+  assert all(int(c[...]) == 0 for _, c in nnx.to_flat_state(nnx.state(model, nnx.RngCount)))
+  # Each layer its own mask: two dropouts on the same input in one scope differ.
+  a, b = (fb.nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=s)) for s in (0, 1))
+  with fb.nnx.step_keys(jax.random.key(3)):
+    ya, yb, ya2 = a(jnp.ones(64)), b(jnp.ones(64)), a(jnp.ones(64))
+  assert not np.array_equal(ya, yb) and not np.array_equal(ya, ya2)
+
+
+def test_dropout_refuses_a_frozen_mask():
+  model = _Blocks(drop=0.5)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  no_scope = jax.jit(lambda params, rest: nnx.merge(graphdef, params, rest, copy=True)(X))
+  with pytest.raises(ValueError, match=r"Dropout draws its dropout mask key.*same dropout "
+                     r"mask.*fb\.nnx\.step_keys\(key\)"):
+    no_scope(params, rest)
+  # nnx.jit carries the stream, as flax's: a new mask every step, no scope needed.
+  step = nnx.jit(lambda m: m(X))
+  assert float(step(model)) != float(step(model))
+
+
+def test_converted_dropout_takes_the_scope_key():
+  # flax's nnx.Dropout cannot see the scope: convert_lean turns it into one that does.
+  seq = nnx.Sequential(nnx.Linear(6, 6, rngs=nnx.Rngs(0)),
+                       nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=1)))
+  model = fb.nnx.map_module(seq, lambda m, path: fb.nnx.convert_lean(m))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def step(params, rest, key):
+    with fb.nnx.step_keys(key):
+      return jnp.sum(nnx.merge(graphdef, params, rest)(X))
+  y0, y1, again = (float(step(params, rest, jax.random.key(k))) for k in (0, 1, 0))
+  assert y0 != y1 and y0 == again

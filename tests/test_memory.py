@@ -151,3 +151,29 @@ def test_typed_keys_count_their_key_data():
   rep = memory.saved_residuals(lambda x, k: f(x, k).sum(), jnp.ones(4), key)
   keys = [r for r in rep.residuals if r.dtype.startswith("key")]
   assert keys and keys[0].nbytes == jax.random.key_data(key).nbytes
+
+
+def test_names_survive_a_checkpoint_policy():
+  # Under jax.checkpoint(policy=...) (and nnx.remat / nn.remat) the arrays the policy
+  # saves are outputs of the checkpoint call: the report looks inside it for their names.
+  import fewbit_jax as fb
+  x = jnp.ones((8, 64))
+  exact = lambda x: jnp.sum(fb.gelu(jnp.sin(x), exact=True) * 2.0)
+  codes = lambda x: jnp.sum(fb.gelu(jnp.sin(x)) * 2.0)
+  for f, name, nbytes in ((exact, "fewbit_exact_input", 8 * 64 * 4),
+                          (codes, "fewbit_codes", 8 * 64 * 3 // 8)):
+    plain = memory.saved_residuals(f, x)
+    remat = memory.saved_residuals(jax.checkpoint(f, policy=fb.checkpoint_policy()), x)
+    assert plain.named_bytes(name) == remat.named_bytes(name) == nbytes
+    assert remat.by_source() == {f"named '{name}'": nbytes}, remat.by_source()
+  # Nested inside a jit and a remat'ed NNX block alike.
+  layer = nnx.Linear(64, 64, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+  block = nnx.remat(lambda m, x: fb.gelu(m(x), exact=True), policy=fb.checkpoint_policy())
+  rep = memory.saved_residuals(
+      jax.jit(lambda s, x: jnp.sum(block(nnx.merge(graphdef, s), x) ** 2)), state, x)
+  assert rep.named_bytes("fewbit_exact_input") == 8 * 64 * 4, rep.by_source()
+  # Unnamed arrays a policy saves keep their op's name.
+  dots = jax.checkpoint(lambda x: jnp.sum(jnp.sin(x @ x.T)),
+                        policy=jax.checkpoint_policies.dots_saveable)
+  assert memory.saved_residuals(dots, x).by_source() == {"op dot_general": 256}

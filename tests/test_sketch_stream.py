@@ -213,3 +213,40 @@ def test_the_pieces_serve_a_dropout_in_the_functional_loop():
     jax.jit(lambda state: nnx.merge(graphdef, state)(xs))(state)
   drop = Drop(nnx.Rngs(dropout=0))
   assert not bool(jnp.all(nnx.jit(lambda m: m(xs))(drop) == nnx.jit(lambda m: m(xs))(drop)))
+
+
+def test_layer_streams_draw_flax_keys_and_serialise_with_msgpack():
+  from flax import serialization
+  from fewbit_jax._sketch_stream import KeyStream
+
+  # A layer's own stream draws what flax's fork draws, from raw uint32 key data.
+  layer = fb.nnx.RandomizedLinear(6, 3, rngs=nnx.Rngs(0, sketch=1))
+  flax_fork = nnx.Rngs(0, sketch=1)["sketch"].fork()
+  assert isinstance(layer.rngs, nnx.RngStream) and isinstance(layer.rngs, KeyStream)
+  assert layer.rngs.key[...].dtype == jnp.uint32
+  for _ in range(2):
+    assert _data(nnx.clone(layer.rngs)()) == _data(flax_fork())
+    layer.rngs()
+  # A converted model's state round-trips through msgpack, and restored it draws the
+  # same keys.
+  def make():
+    model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.gelu,
+                           nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+    model = fb.nnx.map_module(model, lambda m, path: fb.nnx.convert_linear(
+        m, proj_dim_ratio=0.5, rngs=nnx.Rngs(sketch=7)))
+    model.layers.append(fb.nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=3)))
+    return model
+  model = make()
+  step = nnx.jit(lambda m: nnx.grad(lambda m: jnp.sum(m(X) ** 2))(m))
+  step(model)  # advance the streams
+  blob = serialization.msgpack_serialize(nnx.state(model).to_pure_dict())
+  restored = make()
+  state = nnx.state(restored)
+  state.replace_by_pure_dict(serialization.msgpack_restore(blob))
+  nnx.update(restored, state)
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(restored))):
+    np.testing.assert_array_equal(a, b)
+  g, g_restored = step(model), step(restored)  # the same sketches and masks
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_restored)):
+    np.testing.assert_array_equal(a, b)
+  assert int(restored.layers[0].rngs.count[...]) == 2

@@ -136,7 +136,7 @@ def _with_params(old, build: tp.Callable[[], nnx.Module], stream: nnx.RngStream 
       setattr(new, name, getattr(old, name))
   for name, value in list(vars(new).items()):
     if isinstance(value, nnx.RngStream) and name not in names and stream is not None:
-      setattr(new, name, stream.fork())
+      setattr(new, name, _sketch_stream.own_stream(stream))
   abstract = [jax.tree_util.keystr(p) for p, v in
               jax.tree_util.tree_leaves_with_path(nnx.state(new))
               if isinstance(v, jax.ShapeDtypeStruct)]

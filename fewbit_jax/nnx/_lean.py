@@ -18,6 +18,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as _nnx_dtypes
 from flax.nnx.module import first_from
 
+from fewbit_jax import _sketch_stream
 from fewbit_jax import norms as _norms
 from fewbit_jax.dropout import dropout as _dropout
 from fewbit_jax.nnx._convert import _read, _with_params
@@ -98,8 +99,21 @@ class Dropout(nnx.Dropout):
   construction, or given per call) and the same output for the same keys,
   bitwise, with the same gradient (`fewbit_jax.dropout`).
 
+  Its keys, in this order: a key, ``RngStream`` or ``Rngs`` given to the
+  call; else, inside ``fb.nnx.step_keys(key)``, a key derived from the
+  scope's key and this layer's own stream key (each layer its own, a new
+  one per call, nothing advanced: flax's functional loop, where a model is
+  merged inside ``jax.value_and_grad`` in a ``jax.jit`` step); else the
+  layer's own stream, advanced as flax's (``nnx.jit``, ``nnx.value_and_grad``
+  and NNX's other transforms carry it). Where that advance would be lost (a
+  model merged inside plain JAX transforms without the scope), a training
+  call raises instead of drawing the same mask every step. Its own stream
+  keeps the key as raw ``uint32`` data (the draws are flax's), so a model's
+  state serialises with msgpack; a stream handed over by
+  `convert_lean` stays flax's object.
+
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> import fewbit_jax as fb
     >>> x = jnp.ones((4, 8))
@@ -107,10 +121,48 @@ class Dropout(nnx.Dropout):
     >>> theirs = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0))
     >>> bool(jnp.all(ours(x) == theirs(x))), bool(jnp.all(ours(x) == theirs(x)))
     (True, True)
+    >>> with fb.nnx.step_keys(jax.random.key(1)):  # a key of the scope's, no stream advanced
+    ...   y = ours(x)
+    >>> int(ours.rngs.count[...])
+    2
   """
 
+  def __init__(self, rate: float, *, broadcast_dims=(), deterministic: bool | None = False,
+               rng_collection: str = "dropout", rngs=None):
+    super().__init__(rate, broadcast_dims=broadcast_dims, deterministic=deterministic,
+                     rng_collection=rng_collection, rngs=rngs)
+    if isinstance(self.rngs, nnx.RngStream) and not isinstance(self.rngs,
+                                                                _sketch_stream.KeyStream):
+      # flax's fork, with its key as raw data: the same draws (count 0).
+      self.rngs = _sketch_stream.KeyStream(self.rngs.key[...], tag=self.rngs.tag)
+
+  def _key(self, rngs):
+    """This call's mask key: the call's `rngs`, else the step_keys scope, else the own stream."""
+    if rngs is not None:
+      if isinstance(rngs, nnx.Rngs):
+        return rngs[self.rng_collection]()
+      if isinstance(rngs, nnx.RngStream):
+        return rngs()
+      if isinstance(rngs, jax.Array):
+        return rngs
+      raise TypeError(f"rngs must be a Rngs, RngStream or jax.Array, but got {type(rngs)}.")
+    stream = self.rngs
+    owner = type(self).__name__
+    if stream is None:
+      raise ValueError(
+          f"`deterministic` is False, but no `rngs` argument was given to {owner} as either "
+          "a __call__ argument or at construction. Construct it with rngs=nnx.Rngs(...) "
+          f"(a {self.rng_collection!r} or default stream), or pass rngs=key to the call.")
+    drawn = _sketch_stream.scoped_key(stream.key[...], stream, self.rng_collection, owner)
+    if drawn is None:
+      drawn = _sketch_stream.stream_key(stream, self.rng_collection, owner, "dropout mask")
+    key, frozen = drawn
+    if frozen is not None:
+      raise ValueError(frozen)
+    return key
+
   def __call__(self, inputs, *, deterministic: bool | None = None, rngs=None) -> jax.Array:
-    """Drops elements of `inputs` as ``nnx.Dropout`` does."""
+    """Drops elements of `inputs` as ``nnx.Dropout`` does (keys as the class says)."""
     deterministic = first_from(
         deterministic, self.deterministic,
         error_msg="No `deterministic` argument was given to Dropout: pass it to the "
@@ -119,18 +171,7 @@ class Dropout(nnx.Dropout):
       return inputs
     if self.rate == 1.0:
       return jnp.zeros_like(inputs)
-    rngs = first_from(rngs, self.rngs,
-                      error_msg="`deterministic` is False, but no `rngs` argument was given "
-                                "to Dropout as either a __call__ argument or at construction.")
-    if isinstance(rngs, nnx.Rngs):
-      key = rngs[self.rng_collection]()
-    elif isinstance(rngs, nnx.RngStream):
-      key = rngs()
-    elif isinstance(rngs, jax.Array):
-      key = rngs
-    else:
-      raise TypeError(f"rngs must be a Rngs, RngStream or jax.Array, but got {type(rngs)}.")
-    return _dropout(inputs, self.rate, key, broadcast_dims=self.broadcast_dims,
+    return _dropout(inputs, self.rate, self._key(rngs), broadcast_dims=self.broadcast_dims,
                     out_sharding=jax.typeof(inputs).sharding)
 
 

@@ -391,11 +391,16 @@ ENTRIES = {
 
 def one_device_dw(kind, x, c, key, k, xspec, sizes, explicit):
   # dW as one device computes it: on an Explicit mesh one block per device's
-  # shard of the position axes (rows in the shard's order), else one sketch.
+  # shard of the position axes (rows in the shard's order); on an Auto mesh
+  # gcd(devices, x.shape[0]) contiguous blocks along the first axis, whatever
+  # the sharding.
   x, c = np.asarray(x, np.float32), np.asarray(c, np.float32)
   n_lead = x.ndim - 1
-  shards = [math.prod(sizes[a] for a in ((e,) if isinstance(e, str) else (e or ())))
-            for e in list(xspec)[:n_lead]] if explicit else [1] * n_lead
+  if explicit:
+    shards = [math.prod(sizes[a] for a in ((e,) if isinstance(e, str) else (e or ())))
+              for e in list(xspec)[:n_lead]]
+  else:
+    shards = [math.gcd(math.prod(sizes.values()), x.shape[0])] + [1] * (n_lead - 1)
   def blocks(a):
     split = []
     for i, s in enumerate(shards):

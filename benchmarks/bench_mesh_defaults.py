@@ -1,0 +1,166 @@
+"""Randomized layers at their default options on each kind of mesh: per-device memory and collectives.
+
+A 2-block pre-LN MLP (``fb.RandomizedDense(F, proj_dim_ratio=0.2)`` or
+``fb.nnx.RandomizedLinear``, no other option, 3-bit GELU; F = 4 D) takes a
+plain SGD step on x (batch, seq, D) sharded over the batch on 8 devices,
+beside the same model with flax's layers, on meshes built as users build
+them: ``jax.sharding.Mesh(devices, names)`` (``AxisType.Auto``, as flax's
+examples), ``jax.make_mesh`` (``AxisType.Explicit`` by default) and
+``jax.make_mesh(..., axis_types=Auto)``, each with and without
+``jax.set_mesh``. It prints XLA's compiled temp bytes per device and the
+all-reduces (and any other collective) of each program.
+
+Usage (from the repository root; it sets 8 CPU devices itself):
+  python -m benchmarks.bench_mesh_defaults                 # x (64, 128, 256), the issue's case
+  python -m benchmarks.bench_mesh_defaults --dim 64 --batch 32 --seq 64 --nnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+if __name__ == "__main__":  # before jax starts: the simulated devices
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+import fewbit_jax as fb
+from benchmarks.bench_sharding import collectives
+
+
+class Block(nn.Module):
+  """x + down(gelu(up(LayerNorm(x)))), flax's layers or the randomized ones (same names)."""
+  dim: int
+  fewbit: bool
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm()(x)
+    if self.fewbit:
+      up, down = (fb.RandomizedDense(n, proj_dim_ratio=0.2, name=m)
+                  for n, m in ((4 * self.dim, "up"), (self.dim, "down")))
+      return x + down(fb.gelu(up(h), bits=3))
+    up, down = nn.Dense(4 * self.dim, name="up"), nn.Dense(self.dim, name="down")
+    return x + down(jax.nn.gelu(up(h)))
+
+
+class MLP(nn.Module):
+  dim: int
+  fewbit: bool
+
+  @nn.compact
+  def __call__(self, x):
+    return Block(self.dim, self.fewbit)(Block(self.dim, self.fewbit)(x))
+
+
+def linen_step(fewbit: bool, mesh, x):
+  """(step, args before x and key): the linen model's SGD step, params replicated on `mesh`."""
+  model = MLP(x.shape[-1], fewbit)
+  params = jax.device_put(model.init(jax.random.key(0), x[:1])["params"],
+                          NamedSharding(mesh, P()))
+
+  def loss(p, x, key):
+    return jnp.mean(model.apply({"params": p}, x, rngs={"sketch": key}) ** 2)
+
+  def step(p, x, key):
+    l, g = jax.value_and_grad(loss)(p, x, key)
+    return jax.tree.map(lambda a, b: a - 0.1 * b, p, g), l
+  return step, (params,)
+
+
+class NnxMLP(nnx.Module):
+  def __init__(self, dim: int, fewbit: bool, rngs: nnx.Rngs):
+    lin = fb.nnx.RandomizedLinear if fewbit else nnx.Linear
+    self.norms = nnx.List([nnx.LayerNorm(dim, rngs=rngs) for _ in range(2)])
+    self.ups = nnx.List([lin(dim, 4 * dim, rngs=rngs) for _ in range(2)])
+    self.downs = nnx.List([lin(4 * dim, dim, rngs=rngs) for _ in range(2)])
+    self.fewbit = fewbit
+
+  def __call__(self, x):
+    act = (lambda h: fb.gelu(h, bits=3)) if self.fewbit else jax.nn.gelu
+    for norm, up, down in zip(self.norms, self.ups, self.downs):
+      x = x + down(act(up(norm(x))))
+    return x
+
+
+def nnx_step(fewbit: bool, mesh, x):
+  """The NNX model's SGD step in flax's functional loop (keys from ``fb.nnx.step_keys``)."""
+  # A separate sketch stream: the parameters are nnx.Linear's draws.
+  model = NnxMLP(x.shape[-1], fewbit, nnx.Rngs(0, sketch=1))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+
+  def step(params, rest, x, key):
+    def loss(p):
+      return jnp.mean(nnx.merge(graphdef, p, rest)(x) ** 2)
+    with fb.nnx.step_keys(key):
+      l, g = jax.value_and_grad(loss)(params)
+    return jax.tree.map(lambda a, b: a - 0.1 * b, params, g), l
+  return step, (params, rest)
+
+
+def meshes() -> dict:
+  devices = np.array(jax.devices()[:8])
+  return {
+      "Mesh(devices, names)": lambda: Mesh(devices, ("data",)),
+      "jax.make_mesh": lambda: jax.make_mesh((8,), ("data",)),
+      "jax.make_mesh Auto": lambda: jax.make_mesh((8,), ("data",),
+                                                  axis_types=(AxisType.Auto,)),
+      "Mesh 4x2 Auto": lambda: Mesh(devices.reshape(4, 2), ("data", "model")),
+  }
+
+
+def measure(make, fewbit: bool, mesh, set_mesh: bool, x, run: bool = True) -> dict:
+  """Compiles (and runs) one step: temp bytes per device, collectives, loss."""
+  step, args = make(fewbit, mesh, x)
+  x = jax.device_put(x, NamedSharding(mesh, P("data")))
+  key = jax.random.key(2)
+
+  def go():
+    c = jax.jit(step).lower(*args, x, key).compile()
+    return c, (float(c(*args, x, key)[1]) if run else None)
+  if set_mesh:
+    with jax.set_mesh(mesh):
+      c, loss = go()
+  else:
+    c, loss = go()
+  return dict(temp=c.memory_analysis().temp_size_in_bytes,
+              collectives=collectives(c.as_text()), loss=loss)
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--dim", type=int, default=256)
+  ap.add_argument("--batch", type=int, default=64)
+  ap.add_argument("--seq", type=int, default=128)
+  ap.add_argument("--nnx", action="store_true", help="the NNX model in the functional loop")
+  args = ap.parse_args(argv)
+  x = jax.random.normal(jax.random.key(1), (args.batch, args.seq, args.dim))
+  make = nnx_step if args.nnx else linen_step
+  print(f"{'nnx' if args.nnx else 'linen'} 2-block MLP, x {x.shape}, F = {4 * args.dim}, "
+        f"8 devices, batch sharded")
+  print("| mesh | axis types | jax.set_mesh | temp vanilla | temp fewbit | all-reduces "
+        "vanilla / fewbit | other collectives fewbit |")
+  print("|---|---|---|---|---|---|---|")
+  for name, mk in meshes().items():
+    for set_mesh in (False, True):
+      mesh = mk()
+      v = measure(make, False, mesh, set_mesh, x, run=False)
+      f = measure(make, True, mesh, set_mesh, x, run=False)
+      other = sum(n for op, (n, _) in f["collectives"].items() if op != "all-reduce")
+      print(f"| {name} | {','.join(str(t).split('.')[-1] for t in mesh.axis_types)} | "
+            f"{'yes' if set_mesh else 'no'} | {v['temp'] / 2**20:.1f} MiB | "
+            f"{f['temp'] / 2**20:.1f} MiB | {v['collectives']['all-reduce'][0]} / "
+            f"{f['collectives']['all-reduce'][0]} | {other} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
