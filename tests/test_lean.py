@@ -265,3 +265,38 @@ def test_dropout_errors_say_what_to_do():
     jax.jit(lambda r: dropout(x, r, key))(0.5)
   with pytest.raises(ValueError, match="do not fit an input of rank 2"):
     dropout(x, 0.5, key, broadcast_dims=(2,))
+
+
+def test_nnx_norm_below_the_input_dtype_has_flax_gradients():
+  # Issue 17, defect 1: the statistics come from the bf16 copy of x; the
+  # backward must rebuild xhat from that copy, not from the f32 input.
+  x = jnp.full((2, 4), 1.001, jnp.float32)
+  w = jnp.arange(8.0).reshape(2, 4)
+  loss = lambda m, x: jnp.sum(m(x).astype(jnp.float32) * w)
+  grads = {}
+  for name, cls in (("flax", nnx.LayerNorm), ("lean", fb.nnx.LayerNorm)):
+    m = cls(4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    gm, gx = nnx.grad(loss, argnums=(0, 1))(m, x)
+    grads[name] = (gm["scale"][...], gm["bias"][...], gx)
+  np.testing.assert_array_equal(grads["lean"][0], grads["flax"][0])  # all 0
+  np.testing.assert_array_equal(grads["lean"][1], grads["flax"][1])
+  # flax rounds two bf16 terms before adding them; exact: +-1500, +-500.
+  np.testing.assert_allclose(grads["lean"][2], grads["flax"][2], atol=16)
+  np.testing.assert_array_equal(grads["lean"][2][0], [-1504.0, -500.0, 500.0, 1504.0])
+
+
+def test_nnx_norm_keeps_the_narrower_promoted_copy():
+  x = jax.random.normal(jax.random.key(0), (8, 64))
+  m = fb.nnx.LayerNorm(64, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  rep = memory.saved_residuals(lambda x: jnp.sum(m(jnp.sin(x)).astype(jnp.float32) ** 2), x)
+  # cos(x) and the output for the square (f32), the norm's bf16 input copy.
+  assert _input_sized(rep, x) == ["bfloat16", "float32", "float32"], _input_sized(rep, x)
+
+
+@pytest.mark.parametrize("cls", ["LayerNorm", "RMSNorm"])
+def test_nnx_norm_of_no_features_has_flax_dtype(cls):
+  # flax drops a Param of no features (it is falsy), so x's dtype alone counts.
+  x = jnp.ones((5, 0), jnp.bfloat16)
+  ours = getattr(fb.nnx, cls)(0, rngs=nnx.Rngs(0))(x)
+  theirs = getattr(nnx, cls)(0, rngs=nnx.Rngs(0))(x)
+  assert ours.dtype == theirs.dtype == jnp.bfloat16 and ours.shape == (5, 0)
