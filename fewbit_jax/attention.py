@@ -1,10 +1,11 @@
 """Lean softmax and dot-product attention: exact gradients, fewer residuals.
 
 `softmax` is ``jax.nn.softmax`` (the same XLA operations, so the same output
-bitwise) whose backward keeps only its output ``y``: ``grad = y * (g -
-sum(g * y))``. The matmul that usually follows keeps ``y`` anyway, so an
-attention-like ``softmax(s, where=m) @ v`` keeps one score-sized array where
-``jax.nn.softmax(s, where=m) @ v`` keeps three (``exp``, two ``where``).
+bitwise) whose derivative needs only its output ``y``: tangent ``y * (t -
+sum(t * y))``, so reverse mode keeps ``y`` alone (named ``'softmax_output'``)
+and forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) works. The
+matmul that usually follows keeps ``y`` anyway, so ``softmax(s) @ v`` keeps
+one score-sized array.
 
 `dot_product_attention` is a drop-in for ``flax.linen.dot_product_attention``
 and ``flax.nnx.dot_product_attention`` (the same arguments, the same forward
@@ -32,10 +33,12 @@ Example:
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
@@ -60,31 +63,43 @@ _JAX_SOFTMAX = jax.nn.softmax
 # softmax
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _softmax(x, axis, where):
   return _JAX_SOFTMAX(x, axis, where)
 
 
-def _softmax_fwd(x, axis, where):
-  y = checkpoint_name(_JAX_SOFTMAX(x, axis, where), SOFTMAX_NAME)
-  return y, y
+def _softmax_ops(x, axis):
+  """jax.nn.softmax's operations (no mask), with the exponentials named."""
+  x_max = jnp.max(x, axis, initial=-jnp.inf, keepdims=True)
+  unnormalized = checkpoint_name(jnp.exp(x - lax.stop_gradient(x_max)), SOFTMAX_NAME)
+  return unnormalized / jnp.sum(unnormalized, axis, keepdims=True)
 
 
-def _softmax_bwd(axis, y, g):
-  return y * (g - jnp.sum(g * y, axis, keepdims=True)), None
-
-
-_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+@_softmax.defjvp
+def _softmax_jvp(axis, primals, tangents):
+  (x, where), (x_dot, _) = primals, tangents
+  if where is None:
+    # The derivative autodiff takes of jax.nn.softmax's operations: reverse
+    # mode keeps what jax.nn.softmax keeps (the exponentials, here named),
+    # never more, and XLA fuses the backward into the same programs.
+    return jax.jvp(lambda x: _softmax_ops(x, axis), (x,), (x_dot,))
+  # With a mask, autodiff keeps the exponentials and two masks; this
+  # tangent needs only the output y (and the mask): masked positions get 0
+  # through the where of the sum, even in a row that is NaN.
+  y = checkpoint_name(_softmax(x, axis, where), SOFTMAX_NAME)
+  return y, y * (x_dot - jnp.sum(y * x_dot, axis, where=where, keepdims=True))
 
 
 def softmax(x, axis: int | tuple[int, ...] | None = -1, where=None):
-  """``jax.nn.softmax`` whose backward keeps only the output.
+  """``jax.nn.softmax`` whose derivative keeps only the output, named.
 
   The forward is ``jax.nn.softmax``'s (bitwise, masked and fully masked rows
-  included: those are 0). The backward is ``y * (g - sum(g * y, axis))``,
-  equal to ``jax.grad`` of ``jax.nn.softmax`` up to float rounding; masked
-  entries (``y == 0``) get a zero gradient, as there. Non-float inputs go
-  to ``jax.nn.softmax``.
+  included: those are 0). The derivative is jax's, ``y * (t - sum(t * y,
+  axis, where))``: reverse mode keeps only ``y``, named ``'softmax_output'``
+  (kept by `fewbit_jax.checkpoint_policy`), never more than
+  ``jax.nn.softmax`` keeps; masked entries get a zero gradient, as there,
+  even in a row that is NaN. Forward mode works. Non-float inputs go to
+  ``jax.nn.softmax``.
 
   Args:
     x: input array.
@@ -415,10 +430,16 @@ def dot_product_attention(
                      "dropout_rng (a jax.random key); pass one, or deterministic=True.")
   if recompute_block is not None:
     length = key.shape[-3]
-    if (isinstance(recompute_block, bool) or not isinstance(recompute_block, int)
-        or recompute_block <= 0 or length % recompute_block):
-      raise ValueError(f"recompute_block must be a positive int dividing kv_length "
+    block = None
+    if not isinstance(recompute_block, (bool, np.bool_)):
+      try:  # any integer: Python's, numpy's (np.int64), a 0-d integer array
+        block = operator.index(recompute_block)
+      except TypeError:
+        pass
+    if block is None or block <= 0 or length % block:
+      raise ValueError(f"recompute_block must be a positive integer dividing kv_length "
                        f"{length}; got {recompute_block!r}.")
+    recompute_block = block
     if module is not None or einsum_dot_general is not None:
       raise ValueError(
           "recompute_block keeps no attention weights, but module= sows them (all of them) "
