@@ -94,7 +94,7 @@ class RMSNorm(nnx.RMSNorm):
 
 
 class Dropout(nnx.Dropout):
-  """``flax.nnx.Dropout`` whose backward draws the mask again instead of keeping it.
+  """``flax.nnx.Dropout`` whose backward keeps the mask packed, eight elements to a byte.
 
   The same arguments, the same rng stream (forked from ``rngs`` at
   construction, or given per call) and the same output for the same keys,
