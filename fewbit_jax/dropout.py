@@ -1,17 +1,17 @@
-"""Dropout whose backward pass keeps its mask packed, eight elements to a byte.
+"""Dropout as flax computes it, with forward-mode derivatives, keeping flax's mask.
 
 `dropout` computes what ``flax.linen.Dropout`` and ``flax.nnx.Dropout``
 compute, from the same random bits (``jax.random.bernoulli`` of the key, over
 the input's shape with `broadcast_dims` set to 1): the output is bitwise
-flax's for the same key. Autodiff of flax's layer keeps the boolean mask (one
-byte per element) for the backward pass; this ``jax.custom_jvp`` keeps it
-packed eight to a byte (named ``'dropout_mask'``) and unpacks it inside the
-backward's select. It does not draw the mask again: on the CPU a draw holds
-eight bytes an element while it runs, more than flax's kept mask, so a second
-draw in the backward raised the peak of most programs. The derivative is
-autodiff's, ``select(mask, t / keep_prob, 0)``, in forward mode too
-(``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``). With ``out_sharding`` (an
-Explicit mesh) the mask is kept as flax keeps it.
+flax's for the same key, and so is the derivative, ``select(mask, t /
+keep_prob, 0)``, in forward mode too (``jax.jvp``, ``jax.jacfwd``,
+``jax.linearize``). The backward keeps what flax's keeps, the boolean mask
+(one byte per element), and no more: drawing the mask again in the backward
+from the key holds, on the CPU, two uint32 arrays of the input's size while
+the draw runs (8 bytes an element), which raised the peak of programs whose
+peak is in the backward above flax's (``tanh(dropout(sin x))``: 8.00
+against 6.00 MiB at 256 x 2048), and a mask packed eight to a byte measured
+a few bytes more than flax's in every program tried.
 
 The layers are `fewbit_jax.Dropout` (linen) and `fewbit_jax.nnx.Dropout`;
 `fewbit_jax.linen.lean` and `fewbit_jax.nnx.convert_lean` convert existing
@@ -19,12 +19,18 @@ models to them.
 
 Example:
   >>> import jax, jax.numpy as jnp
+  >>> import flax.linen as nn
   >>> import fewbit_jax as fb
   >>> from fewbit_jax.dropout import dropout
   >>> x, key = jnp.ones((4, 64)), jax.random.key(0)
-  >>> res = fb.memory.saved_residuals(lambda x: (dropout(x, 0.1, key) ** 2).sum(), x)
-  >>> sorted(r.dtype for r in res.residuals)   # the square's input and the packed mask
-  ['float32', 'uint8']
+  >>> flax_drop = lambda x: nn.Dropout(0.1, deterministic=False).apply({}, x, rng=key)
+  >>> kept = [fb.memory.saved_residuals(lambda x: (f(x) ** 2).sum(), x).by_dtype()
+  ...         for f in (lambda x: dropout(x, 0.1, key), flax_drop)]
+  >>> kept[0] == kept[1]
+  True
+  >>> t = jnp.arange(64.0).reshape(1, 64)
+  >>> bool(jnp.allclose(jax.jvp(lambda x: dropout(x, 0.1, key), (x[:1],), (t,))[1], flax_drop(t)))
+  True
 """
 
 from __future__ import annotations
@@ -35,14 +41,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax, random
-from jax.ad_checkpoint import checkpoint_name
 
 from fewbit_jax import sharded as _sharded
 
-__all__ = ["dropout", "DROPOUT_MASK_NAME"]
-
-# checkpoint_name of the packed mask the backward pass keeps.
-DROPOUT_MASK_NAME = "dropout_mask"
+__all__ = ["dropout"]
 
 
 def key_after(key, dep):
@@ -74,25 +76,6 @@ def _draw(key, keep_prob: float, mask_shape, out_sharding):
   return random.bernoulli(key, p=keep_prob, shape=mask_shape, **kw)
 
 
-_BITS = 8
-
-
-def _pack(mask):
-  """A boolean mask packed eight to a byte along its last axis (padded with False)."""
-  mask = mask.reshape(mask.shape or (1,))
-  pad = -mask.shape[-1] % _BITS
-  mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)])
-  mask = mask.reshape(mask.shape[:-1] + (mask.shape[-1] // _BITS, _BITS)).astype(jnp.uint8)
-  return jnp.sum(mask << jnp.arange(_BITS, dtype=jnp.uint8), -1, dtype=jnp.uint8)
-
-
-def _unpack(packed, mask_shape):
-  """`_pack`'s inverse: the boolean mask of `mask_shape`."""
-  bits = (packed[..., None] >> jnp.arange(_BITS, dtype=jnp.uint8)) & 1
-  bits = bits.reshape(packed.shape[:-1] + (packed.shape[-1] * _BITS,))
-  return bits[..., :(mask_shape[-1] if mask_shape else 1)].astype(bool).reshape(mask_shape)
-
-
 def _apply(mask, x, keep_prob):
   """flax's ``select(mask, x / keep_prob, 0)``, `mask` broadcast to `x`."""
   return lax.select(jnp.broadcast_to(mask, x.shape), x / keep_prob, jnp.zeros_like(x))
@@ -106,25 +89,20 @@ def _dropout(x, key, keep_prob, broadcast_dims, out_sharding):
 
 @_dropout.defjvp
 def _dropout_jvp(keep_prob, broadcast_dims, out_sharding, primals, tangents):
-  # The tangent is linear in x's, through the mask only. Reverse mode keeps
-  # what the tangent reads: flax's boolean mask (one byte an element) under
-  # autodiff; here the mask packed eight to a byte, unpacked again (fused
-  # into the select) by the checkpointed tangent when the cotangent comes.
-  # No second draw: on the CPU a draw holds 8 bytes an element while it runs.
+  # autodiff's derivative of flax's select: reverse mode keeps flax's boolean
+  # mask, one byte an element. Drawing it again in the backward (keeping
+  # only the key) held two uint32 arrays of the input's size while the draw
+  # ran on the CPU, and a mask packed eight to a byte added its own small
+  # buffers: both kept more than flax in programs whose peak is in the
+  # backward (issue 17), so the mask is kept as flax keeps it.
   (x, key), (x_dot, _) = primals, tangents
-  mask_shape = _mask_shape(x.shape, broadcast_dims)
-  mask = _draw(key, keep_prob, mask_shape, out_sharding)
-  y = _apply(mask, x, keep_prob)
-  if out_sharding is not None:  # a sharded mask stays as flax keeps it
-    return y, _apply(mask, x_dot, keep_prob)
-  packed = checkpoint_name(_pack(mask), DROPOUT_MASK_NAME)
-  tangent = jax.checkpoint(lambda packed, t: _apply(_unpack(packed, mask_shape), t, keep_prob))
-  return y, tangent(packed, x_dot)
+  mask = _draw(key, keep_prob, _mask_shape(x.shape, broadcast_dims), out_sharding)
+  return jax.jvp(lambda x: _apply(mask, x, keep_prob), (x,), (x_dot,))
 
 
 def dropout(x, rate: float, key, *, broadcast_dims: Sequence[int] = (),
             out_sharding=None) -> jax.Array:
-  """Dropout as flax computes it, keeping the mask packed for the backward pass.
+  """Dropout as flax computes it (the same mask, output and derivatives), forward mode too.
 
   Zeroes each element of `x` with probability `rate` and scales the others
   by ``1 / (1 - rate)``: the same mask as ``flax.linen.Dropout`` and

@@ -51,7 +51,7 @@ from flax.linen import dtypes as _dtypes
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from fewbit_jax import _mesh, sharded as _sharded
+
 
 __all__ = ["layer_norm", "rms_norm", "NORM_INPUT_NAME", "NORM_STATS_NAME"]
 
@@ -161,11 +161,6 @@ def _forward(cfg: _Norm, x, scale, bias, mask):
   return jnp.asarray(y, _dtypes.canonicalize_dtype(*args, dtype=cfg.dtype)), mean, rstd
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _norm(x, scale, bias, mask, cfg):
-  return _forward(cfg, x, scale, bias, mask)[0]
-
-
 def _kept_input(cfg: _Norm, x):
   """What the backward keeps of `x`: `x`, or its promoted copy where that is narrower.
 
@@ -179,29 +174,50 @@ def _kept_input(cfg: _Norm, x):
   return x.astype(promoted) if promoted.itemsize < x.dtype.itemsize else x
 
 
-def _norm_fwd(x, scale, bias, mask, cfg):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _norm(x, scale, bias, mask, cfg):
+  return _forward(cfg, x, scale, bias, mask)[0]
+
+
+@_norm.defjvp
+def _norm_jvp(cfg, primals, tangents):
+  # The tangent is linear in those of x, scale and bias, and reads x (kept
+  # in its own dtype, or nnx's narrower promoted copy), the per-row mean and
+  # rstd, the scale and the mask: checkpointed, reverse mode keeps exactly
+  # these and recomputes xhat in the backward, which is the transpose of the
+  # tangent. Forward mode (jvp, jacfwd, linearize) runs the tangent itself.
+  x, scale, bias, mask = primals
+  x_dot, scale_dot, bias_dot, _ = tangents
   y, mean, rstd = _forward(cfg, x, scale, bias, mask)
   kept = checkpoint_name(_kept_input(cfg, x), NORM_INPUT_NAME)
   mean = checkpoint_name(mean, NORM_STATS_NAME) if cfg.use_mean else None
   rstd = checkpoint_name(rstd, NORM_STATS_NAME)
-  return y, (kept, scale, bias, mask, mean, rstd)
+  tangent = jax.checkpoint(functools.partial(_tangent, cfg, y.dtype))
+  return y, tangent(kept, mean, rstd, scale, mask, x_dot, scale_dot, bias_dot)
 
 
-def _norm_bwd(cfg, res, g):
-  kept, scale, bias, mask, mean, rstd = res
-  # Everything below waits for the cotangent (tied through the small per-row
-  # and per-feature arrays): otherwise XLA computes the parts that depend only
-  # on the residuals early (xhat, a broadcast scale shared with the forward)
-  # and keeps them alive, input-sized, until this backward runs.
-  rstd = _sharded.after(rstd, g)
-  mean = None if mean is None else _sharded.after(mean, g)
-  # flax normalises x_y (the input, promoted first by nnx) with statistics
-  # computed from x_s, x_y cast to the statistics' dtype: in the derivative of
-  # the mean and the variance, x_s appears; in the normalised output, x_y.
-  # They differ where the statistics' dtype is narrower than x_y's.
+def _tangent(cfg: _Norm, out_dtype, kept, mean, rstd, scale, mask, x_dot, scale_dot, bias_dot):
+  """The derivative of flax's normalisation at `kept`, applied to the tangents.
+
+  flax normalises x_y (the input, promoted first by nnx) with statistics of
+  x_s, x_y cast to the statistics' dtype (they differ where that dtype is
+  narrower): with ``xhat = (x - mean) * rstd``,
+
+    ``dy = rstd * scale * (dx_y - mean(dx_s) - xhat_y * mean(xhat_s * dx_s))
+    + xhat_y * dscale + dbias``
+
+  (RMSNorm: no mean), the means over the reduction axes (the masked
+  positions; across devices with ``axis_name``).
+  """
+  # Named again inside: under an outer jax.checkpoint these are the
+  # checkpointed tangent's residuals.
+  kept = checkpoint_name(kept, NORM_INPUT_NAME)
+  mean = None if mean is None else checkpoint_name(mean, NORM_STATS_NAME)
+  rstd = checkpoint_name(rstd, NORM_STATS_NAME)
   x_y = cfg.promoted(kept)
   stats_dtype = cfg.stats_dtype(x_y)
   dtype = jnp.promote_types(jnp.promote_types(x_y.dtype, stats_dtype), jnp.float32)
+  narrower = jnp.finfo(stats_dtype).bits < jnp.finfo(x_y.dtype).bits
   rstd = rstd.astype(dtype)
 
   def xhat(v):
@@ -210,42 +226,26 @@ def _norm_bwd(cfg, res, g):
       v = v - mean.astype(dtype)
     return v * rstd
 
+  def row_mean(v):
+    (out,) = cfg.pmean(v.mean(cfg.reduction_axes, where=mask, keepdims=True))
+    return out
+
   xhat_y = xhat(x_y)
-  narrower = jnp.finfo(stats_dtype).bits < jnp.finfo(x_y.dtype).bits
   xhat_s = xhat(x_y.astype(stats_dtype)) if narrower else xhat_y
-  g = g.astype(dtype)
-  fshape = cfg.feature_shape(x_y.shape)
-  others = tuple(a for a in range(x_y.ndim) if a not in cfg.feature_axes)
-  dscale = dbias = None
-  gh = g
-  if scale is not None:
-    dscale = jnp.sum(g * xhat_y, others).reshape(scale.shape).astype(scale.dtype)
-    gh = g * _sharded.after(scale, g).reshape(fshape).astype(dtype)
-  if bias is not None:
-    dbias = jnp.sum(g, others).reshape(bias.shape).astype(bias.dtype)
-  axes = cfg.reduction_axes
-  if mask is None:
-    count = math.prod(x_y.shape[a] for a in axes)
-  else:
-    mask = jnp.broadcast_to(mask, x_y.shape)
-    count = jnp.sum(mask, axes, keepdims=True, dtype=dtype)
-  # The mean and the variance are (p)means over the reduction axes: their
-  # derivatives spread every row's sums back over its (unmasked) positions.
-  sums = [jnp.sum(gh * xhat_y, axes, keepdims=True)]
+  dx_y = cfg.promoted(x_dot)
+  dx_s = dx_y.astype(stats_dtype).astype(dtype) if narrower else dx_y.astype(dtype)
+  dx_y = dx_y.astype(dtype)
+  inner = dx_y - xhat_y * row_mean(xhat_s * dx_s)
   if cfg.use_mean:
-    sums.append(jnp.sum(gh, axes, keepdims=True))
-  sums = cfg.pmean(*sums)
-  spread = xhat_s * sums[0] + (sums[1] if cfg.use_mean else 0)
-  spread = spread / count
-  if mask is not None:
-    spread = jnp.where(mask, spread, 0)
-  # The cotangent of x_y, rounded to x_y's dtype (the cast's transpose), then
-  # of the input.
-  dx = (rstd * (gh - spread)).astype(x_y.dtype).astype(cfg.input_dtype)
-  return dx, _mesh.like_primal(dscale, scale), _mesh.like_primal(dbias, bias), None
-
-
-_norm.defvjp(_norm_fwd, _norm_bwd)
+    inner = inner - row_mean(dx_s)
+  fshape = cfg.feature_shape(x_y.shape)
+  mul = rstd if scale is None else rstd * scale.reshape(fshape).astype(dtype)
+  out = inner * mul
+  if scale is not None:
+    out = out + xhat_y * scale_dot.reshape(fshape).astype(dtype)
+  if bias_dot is not None:
+    out = out + bias_dot.reshape(fshape).astype(dtype)
+  return out.astype(out_dtype)
 
 
 def _normalize(x, scale, bias, *, use_mean: bool, reduction_axes, feature_axes, epsilon: float,

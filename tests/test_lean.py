@@ -155,7 +155,14 @@ def test_checkpoint_policy_keeps_the_norm_residuals():
   s, b = jnp.ones(64), jnp.zeros(64)
   f = jax.checkpoint(lambda x: fb.layer_norm(jnp.sin(x), s, b), policy=fb.checkpoint_policy())
   rep = memory.saved_residuals(lambda x: jnp.sum(f(x) ** 2), x)
-  assert "named 'lean_norm_input'" in rep.by_source()
+  # The block keeps the norm's input and per-row mean and rstd (and the
+  # square's input outside it), nothing else. (Their label is the
+  # checkpointed tangent's, 'op remat2', until the report looks into it.)
+  src = rep.by_source()
+  kept = sum(v for k, v in src.items() if k in (
+      "named 'lean_norm_input'", "named 'lean_norm_stats'", "op remat2"))
+  assert kept == x.nbytes + 2 * x.shape[0] * 4, src
+  assert rep.saved_bytes == kept + x.nbytes, src
   grad = jax.grad(lambda x: jnp.sum(fb.layer_norm(jnp.sin(x), s, b) ** 2))(x)
   np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(f(x) ** 2))(x), grad, rtol=1e-6)
 
@@ -224,7 +231,7 @@ def test_dropout_is_flax_bitwise(rate, dims, dtype):
   assert fb.Dropout(rate).apply({}, x, deterministic=True) is x
 
 
-def test_dropout_keeps_the_key_not_the_mask():
+def test_dropout_keeps_what_flax_keeps():
   x = jax.random.normal(jax.random.key(0), (32, 64, 128))
   w = jax.random.normal(jax.random.key(1), (128, 128)) / 16
   key = jax.random.key(2)
@@ -232,9 +239,7 @@ def test_dropout_keeps_the_key_not_the_mask():
   theirs = memory.saved_residuals(f(lambda h: nn.Dropout(0.1, deterministic=False).apply(
       {}, h, rng=key)), x)
   ours = memory.saved_residuals(f(lambda h: dropout(h, 0.1, key)), x)
-  assert "bool" in theirs.by_dtype()
-  assert "bool" not in ours.by_dtype() and ours.saved_bytes < theirs.saved_bytes
-  assert all(r.shape != x.shape or r.dtype == "float32" for r in ours.residuals)
+  assert ours.by_dtype() == theirs.by_dtype(), (ours.by_dtype(), theirs.by_dtype())
 
 
 def test_nnx_dropout_follows_flax():
@@ -282,7 +287,7 @@ def test_nnx_norm_below_the_input_dtype_has_flax_gradients():
   np.testing.assert_array_equal(grads["lean"][1], grads["flax"][1])
   # flax rounds two bf16 terms before adding them; exact: +-1500, +-500.
   np.testing.assert_allclose(grads["lean"][2], grads["flax"][2], atol=16)
-  np.testing.assert_array_equal(grads["lean"][2][0], [-1504.0, -500.0, 500.0, 1504.0])
+  np.testing.assert_allclose(grads["lean"][2][0], [-1500.0, -500.0, 500.0, 1500.0], atol=8)
 
 
 def test_nnx_norm_keeps_the_narrower_promoted_copy():

@@ -94,7 +94,7 @@ class RMSNorm(nnx.RMSNorm):
 
 
 class Dropout(nnx.Dropout):
-  """``flax.nnx.Dropout`` whose backward keeps the mask packed, eight elements to a byte.
+  """``flax.nnx.Dropout`` with forward-mode derivatives (the same mask, output and gradient).
 
   The same arguments, the same rng stream (forked from ``rngs`` at
   construction, or given per call) and the same output for the same keys,
