@@ -49,7 +49,16 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes as _dtypes
 from jax import lax
+from jax import custom_derivatives
 from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
+
+from fewbit_jax import _mesh, sharded as _sharded
+
+try:  # the tracer types tell a reverse-mode linearization apart (`_linearizing`)
+  from jax._src.interpreters import partial_eval as _pe
+except ImportError:  # pragma: no cover - then the checkpointed tangent everywhere
+  _pe = None
 
 
 
@@ -179,21 +188,124 @@ def _norm(x, scale, bias, mask, cfg):
   return _forward(cfg, x, scale, bias, mask)[0]
 
 
-@_norm.defjvp
+def _linearizing(primals, tangents) -> bool:
+  """Whether JAX is linearizing this call for reverse mode (jax.grad, vjp, linearize).
+
+  There the tangents are unknown values of a partial evaluation and the
+  primals plain (or staged) arrays: the tangent can be a ``linear_call``
+  whose transpose is `_norm_bwd`, the backward tuned for XLA's memory.
+  Under an outer derivative, vmap or forward mode (the primals or tangents
+  are other tracers) it is the checkpointed `_tangent`, which JAX
+  differentiates, batches and transposes itself.
+  """
+  if _pe is None:
+    return False
+  live = [t for t in tangents if t is not None and not isinstance(t, SymbolicZero)]
+  if not live or not all(isinstance(t, _pe.JaxprTracer) and not t.pval.is_known()
+                          for t in live):
+    return False
+  staged = (jax.core.Tracer,)
+  return all(not isinstance(p, staged) or isinstance(p, _pe.DynamicJaxprTracer)
+             for p in jax.tree.leaves(primals))
+
+
 def _norm_jvp(cfg, primals, tangents):
   # The tangent is linear in those of x, scale and bias, and reads x (kept
   # in its own dtype, or nnx's narrower promoted copy), the per-row mean and
-  # rstd, the scale and the mask: checkpointed, reverse mode keeps exactly
-  # these and recomputes xhat in the backward, which is the transpose of the
-  # tangent. Forward mode (jvp, jacfwd, linearize) runs the tangent itself.
+  # rstd, the scale and the mask. Reverse mode keeps exactly these: through
+  # a linear_call whose transpose is `_norm_bwd` where JAX linearizes for
+  # it, through the checkpointed tangent (recomputing xhat in the backward)
+  # under other transformations. Forward mode runs the tangent itself.
   x, scale, bias, mask = primals
-  x_dot, scale_dot, bias_dot, _ = tangents
   y, mean, rstd = _forward(cfg, x, scale, bias, mask)
   kept = checkpoint_name(_kept_input(cfg, x), NORM_INPUT_NAME)
   mean = checkpoint_name(mean, NORM_STATS_NAME) if cfg.use_mean else None
   rstd = checkpoint_name(rstd, NORM_STATS_NAME)
+  zero = lambda t, p: None if p is None else (
+      jnp.zeros(jnp.shape(p), jax.dtypes.result_type(p)) if isinstance(t, SymbolicZero) else t)
+  if _linearizing(primals, tangents[:3]):
+    live = [t is not None and not isinstance(t, SymbolicZero) for t in tangents[:3]]
+    res = (kept, scale, bias, mask, mean, rstd)
+
+    def tangent(res, lin):
+      kept, scale, bias, mask, mean, rstd = res
+      it = iter(lin)
+      ts = [next(it) if keep else zero(t, p)
+            for keep, t, p in zip(live, tangents[:3], primals[:3])]
+      return _tangent(cfg, y.dtype, kept, mean, rstd, scale, mask, *ts)
+
+    def transpose(res, ct):
+      grads = _norm_bwd(cfg, res, ct)
+      return [g for keep, g in zip(live, grads) if keep]
+
+    lin = [t for keep, t in zip(live, tangents[:3]) if keep]
+    return y, custom_derivatives.linear_call(tangent, transpose, res, lin)
+  ts = [zero(t, p) for t, p in zip(tangents[:3], primals[:3])]
   tangent = jax.checkpoint(functools.partial(_tangent, cfg, y.dtype))
-  return y, tangent(kept, mean, rstd, scale, mask, x_dot, scale_dot, bias_dot)
+  return y, tangent(kept, mean, rstd, scale, mask, *ts)
+
+
+_norm.defjvp(_norm_jvp, symbolic_zeros=True)
+
+
+def _norm_bwd(cfg, res, g):
+  """The transpose of the tangent, written out: dx, dscale, dbias from the cotangent `g`."""
+  kept, scale, bias, mask, mean, rstd = res
+  # Everything below waits for the cotangent (tied through the small per-row
+  # and per-feature arrays): otherwise XLA computes the parts that depend only
+  # on the residuals early (xhat, a broadcast scale shared with the forward)
+  # and keeps them alive, input-sized, until this backward runs.
+  rstd = _sharded.after(rstd, g)
+  mean = None if mean is None else _sharded.after(mean, g)
+  # flax normalises x_y (the input, promoted first by nnx) with statistics
+  # computed from x_s, x_y cast to the statistics' dtype: in the derivative of
+  # the mean and the variance, x_s appears; in the normalised output, x_y.
+  # They differ where the statistics' dtype is narrower than x_y's.
+  x_y = cfg.promoted(kept)
+  stats_dtype = cfg.stats_dtype(x_y)
+  dtype = jnp.promote_types(jnp.promote_types(x_y.dtype, stats_dtype), jnp.float32)
+  rstd = rstd.astype(dtype)
+
+  def xhat(v):
+    v = v.astype(dtype)
+    if mean is not None:
+      v = v - mean.astype(dtype)
+    return v * rstd
+
+  xhat_y = xhat(x_y)
+  narrower = jnp.finfo(stats_dtype).bits < jnp.finfo(x_y.dtype).bits
+  xhat_s = xhat(x_y.astype(stats_dtype)) if narrower else xhat_y
+  g = g.astype(dtype)
+  fshape = cfg.feature_shape(x_y.shape)
+  others = tuple(a for a in range(x_y.ndim) if a not in cfg.feature_axes)
+  dscale = dbias = None
+  gh = g
+  if scale is not None:
+    dscale = jnp.sum(g * xhat_y, others).reshape(scale.shape).astype(scale.dtype)
+    gh = g * _sharded.after(scale, g).reshape(fshape).astype(dtype)
+  if bias is not None:
+    dbias = jnp.sum(g, others).reshape(bias.shape).astype(bias.dtype)
+  axes = cfg.reduction_axes
+  if mask is None:
+    count = math.prod(x_y.shape[a] for a in axes)
+  else:
+    mask = jnp.broadcast_to(mask, x_y.shape)
+    count = jnp.sum(mask, axes, keepdims=True, dtype=dtype)
+  # The mean and the variance are (p)means over the reduction axes: their
+  # derivatives spread every row's sums back over its (unmasked) positions.
+  sums = [jnp.sum(gh * xhat_y, axes, keepdims=True)]
+  if cfg.use_mean:
+    sums.append(jnp.sum(gh, axes, keepdims=True))
+  sums = cfg.pmean(*sums)
+  spread = xhat_s * sums[0] + (sums[1] if cfg.use_mean else 0)
+  spread = spread / count
+  if mask is not None:
+    spread = jnp.where(mask, spread, 0)
+  # The cotangent of x_y, rounded to x_y's dtype (the cast's transpose), then
+  # of the input.
+  dx = (rstd * (gh - spread)).astype(x_y.dtype).astype(cfg.input_dtype)
+  return dx, _mesh.like_primal(dscale, scale), _mesh.like_primal(dbias, bias)
+
 
 
 def _tangent(cfg: _Norm, out_dtype, kept, mean, rstd, scale, mask, x_dot, scale_dot, bias_dot):

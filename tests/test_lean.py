@@ -163,8 +163,10 @@ def test_checkpoint_policy_keeps_the_norm_residuals():
       "named 'lean_norm_input'", "named 'lean_norm_stats'", "op remat2"))
   assert kept == x.nbytes + 2 * x.shape[0] * 4, src
   assert rep.saved_bytes == kept + x.nbytes, src
-  grad = jax.grad(lambda x: jnp.sum(fb.layer_norm(jnp.sin(x), s, b) ** 2))(x)
-  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(f(x) ** 2))(x), grad, rtol=1e-6)
+  # (The squares' sum is constant: its gradient is rounding; cubes are not.)
+  grad = jax.grad(lambda x: jnp.sum(fb.layer_norm(jnp.sin(x), s, b) ** 3))(x)
+  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(f(x) ** 3))(x), grad, rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_axis_name_matches_flax_inside_shard_map():
