@@ -40,9 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax import custom_derivatives
 from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
 
 from fewbit_jax.dropout import key_after
+from fewbit_jax.norms import _linearizing
 
 __all__ = ["softmax", "dot_product_attention", "SOFTMAX_NAME", "PROBS_NAME", "STATS_NAME",
            "OUTPUT_NAME", "NAMES"]
@@ -199,7 +202,7 @@ def _softmax_vjp(cfg, p, dp, w_dtype):
 
 
 def _attention_core(cfg):
-  """custom_vjp of flax's attention for the settings `cfg` (q, k, v, bias, mask, rng)."""
+  """flax's attention with lean derivatives for the settings `cfg` (q, k, v, bias, mask, rng)."""
 
   def forward(q, k, v, bias, mask, rng):
     w = _logits(cfg, q, k, bias, mask)
@@ -207,8 +210,7 @@ def _attention_core(cfg):
     mult = _multiplier(cfg, rng, _dropout_shape(cfg, w.shape, k.ndim))
     return p, (x_max, total), _combine(cfg, p if mult is None else p * mult, v)
 
-  @jax.custom_vjp
-  def core(q, k, v, bias, mask, rng):
+  def outputs(q, k, v, bias, mask, rng):
     p, _, out = forward(q, k, v, bias, mask, rng)
     return (out, p) if cfg.sow else out
 
@@ -236,10 +238,66 @@ def _attention_core(cfg):
       dq, dk, dv, dbias = _bwd_probs(cfg, q, k, v, bias, mask, rng, p, g, gp)
     else:
       dq, dk, dv, dbias = _bwd_blocks(cfg, q, k, v, bias, mask, rng, stats, out, g)
-    return dq, dk, dv, dbias, None, None
+    return dq, dk, dv, dbias
 
-  core.defvjp(core_fwd, core_bwd)
+  @jax.custom_jvp
+  def core(q, k, v, bias, mask, rng):
+    return outputs(q, k, v, bias, mask, rng)
+
+  def core_jvp(primals, tangents):
+    # Forward mode: autodiff's tangent of flax's operations. Reverse mode,
+    # where JAX linearizes for it: a linear_call of that tangent whose
+    # transpose is the lean backward (`core_bwd`, keeping the probabilities
+    # or, with blocks, none); under an outer derivative or vmap the tangent
+    # checkpointed over the inputs (it recomputes the scores).
+    q, k, v, bias, mask, rng = primals
+    diff = (q, k, v, bias)
+    zero = lambda t, p: None if p is None else (
+        jnp.zeros(jnp.shape(p), jnp.result_type(p)) if isinstance(t, SymbolicZero) else t)
+    if _linearizing(primals, tangents[:4]):
+      live = [t is not None and not isinstance(t, SymbolicZero) for t in tangents[:4]]
+      y, res = core_fwd(q, k, v, bias, mask, rng)
+
+      def lin_tangent(res, lin):
+        it = iter(lin)
+        ts = [next(it) if keep else zero(t, p) for keep, t, p in zip(live, tangents[:4], diff)]
+        q, k, v, bias_kept, mask, rng, p, stats, _ = res
+        if bias_kept is None and cfg.bias_aval is not None:
+          bias_kept = jnp.zeros(*cfg.bias_aval)  # kept p: only the bias's shape matters
+        return _tangent_from(cfg, q, k, v, bias_kept, mask, rng, p, stats, *ts)
+
+      def transpose(res, ct):
+        return [g for keep, g in zip(live, core_bwd(res, ct)) if keep]
+
+      lin = [t for keep, t in zip(live, tangents[:4]) if keep]
+      return y, custom_derivatives.linear_call(lin_tangent, transpose, res, lin)
+    ts = [zero(t, p) for t, p in zip(tangents[:4], diff)]
+    y, res = core_fwd(q, k, v, bias, mask, rng)
+    return y, jax.checkpoint(functools.partial(_tangent_from, cfg))(
+        q, k, v, bias, mask, rng, res[6], res[7], *ts)
+
+  core.defjvp(core_jvp, symbolic_zeros=True)
   return core
+
+
+def _tangent_from(cfg, q, k, v, bias, mask, rng, p, stats, dq, dk, dv, dbias):
+  """The attention's tangent from its kept probabilities `p` (or, with blocks, `stats`).
+
+  Linear in (dq, dk, dv, dbias): checkpointed, reverse mode keeps what the
+  lean backward keeps (named) and transposes this; the dropout mask is drawn
+  again from `rng`.
+  """
+  w, dw = jax.jvp(lambda q, k, b: _logits(cfg, q, k, b, mask), (q, k, bias), (dq, dk, dbias))
+  if p is None:  # recompute_block: the probabilities from the per-row max and sum
+    x_max, total = stats
+    p = jnp.exp(_softmax_input(cfg, w).astype(x_max.dtype) - x_max) / total
+    p = p.astype(jnp.float32 if cfg.fp32 else cfg.dtype)
+  dw = _softmax_input(cfg, dw).astype(p.dtype)
+  dp = p * (dw - jnp.sum(p * dw, -1, keepdims=True))
+  mult = _multiplier(cfg, rng, _dropout_shape(cfg, p.shape, k.ndim))
+  pd, dpd = (p, dp) if mult is None else (p * mult, dp * mult)
+  dout = _combine(cfg, dpd, v) + _combine(cfg, pd, dv)
+  return (dout, dp) if cfg.sow else dout
 
 
 def _bwd_probs(cfg, q, k, v, bias, mask, rng, p, g, gp):
@@ -357,7 +415,8 @@ def dot_product_attention(
   which scales the scores instead of q: equal up to rounding). Gradients
   equal flax's up to rounding; the backward keeps the attention
   probabilities (named ``'attention_probs'``) and draws the dropout mask
-  again from ``dropout_rng``.
+  again from ``dropout_rng``. Forward mode (``jax.jvp``, ``jax.jacfwd``,
+  ``jax.linearize``) and derivatives of derivatives work, as flax's.
 
   Args:
     query: ``[batch..., q_length, num_heads, depth]``.
