@@ -50,10 +50,14 @@ def _err(a, ref):
 
 # (kind, input dtype, dtype, param_dtype): flax's layers take any of these.
 _DT = [jnp.float32, jnp.bfloat16]
-FAST = [(k, x, d, p) for k in ("ln", "rms") for x in _DT for d in (None, *_DT) for p in _DT]
-SLOW_GRID = [(k, x, d, p) for k in ("ln", "rms") for x in (jnp.float16,)
-             for d in (None, jnp.float16, jnp.float32, jnp.bfloat16)
-             for p in (jnp.float32, jnp.float16)]
+_ALL = [(k, x, d, p) for k in ("ln", "rms") for x in _DT for d in (None, *_DT) for p in _DT]
+# Fast: compute below, at and above the input's dtype, and bf16 parameters.
+FAST = [("ln", jnp.float32, jnp.bfloat16, jnp.float32), ("ln", jnp.bfloat16, None, jnp.float32),
+        ("ln", jnp.float32, None, jnp.bfloat16), ("rms", jnp.float32, jnp.bfloat16, jnp.float32),
+        ("rms", jnp.bfloat16, jnp.float32, jnp.bfloat16)]
+SLOW_GRID = [c for c in _ALL if c not in FAST] + [
+    (k, jnp.float16, d, p) for k in ("ln", "rms")
+    for d in (None, jnp.float16, jnp.float32, jnp.bfloat16) for p in (jnp.float32, jnp.float16)]
 # Allowed: the lean error within FACTOR of flax's, or below the dtype's own rounding.
 FACTOR = 4.0
 
@@ -200,8 +204,9 @@ def _forward_modes(ours, theirs, x, t, tol=2e-5):
         jax.vmap(jax.grad(lambda x: jnp.sum(theirs(x) ** 2)))(x[None]), 5 * tol, 5 * tol)
 
 
-NORM_FIELDS = [{}, {"use_fast_variance": False}, {"reduction_axes": (1, 2)},
-               {"dtype": jnp.bfloat16}, {"use_scale": False}]
+NORM_FIELDS = [{}, pytest.param({"use_fast_variance": False}, marks=SLOW),
+               pytest.param({"reduction_axes": (1, 2)}, marks=SLOW), {"dtype": jnp.bfloat16},
+               pytest.param({"use_scale": False}, marks=SLOW)]
 
 
 @pytest.mark.parametrize("fields", NORM_FIELDS, ids=str)
@@ -271,6 +276,7 @@ NORM_PROGRAMS = {
 # fuses flax's whole backward into recomputation from x, and the lean norm
 # keeps an input-sized array more (tanh(rms_norm(sin x)) at 1024 x 1024:
 # 8.00 against 4.01 MiB; norm(norm(x)): 20.02 against 12.04).
+_FAST_MEMORY = {("ln", "norm(x @ w) @ w"), ("ln", "pre-LN residual")}
 _KNOWN = {("ln", "float32", "norm(norm(x))"), ("rms", "float32", "norm(norm(x))"),
           ("rms", "float32", "tanh(norm(sin x))"), ("ln", "bfloat16", "tanh(norm(sin x))"),
           ("ln", "bfloat16", "norm(norm(x))")}
@@ -279,9 +285,11 @@ _KNOWN = {("ln", "float32", "norm(norm(x))"), ("rms", "float32", "norm(norm(x))"
 @pytest.mark.parametrize("program", list(NORM_PROGRAMS))
 @pytest.mark.parametrize("kind,dtype", [("ln", jnp.float32), ("rms", jnp.float32),
                                         ("ln", jnp.bfloat16)])
-def test_norm_never_keeps_more_than_flax(kind, dtype, program):
+def test_norm_never_keeps_more_than_flax(kind, dtype, program, request):
   if (kind, jnp.dtype(dtype).name, program) in _KNOWN:
     pytest.xfail("the lean norm keeps an array more where XLA fuses flax's backward")
+  if (kind, program) not in _FAST_MEMORY and not request.config.getoption("--runslow", False):
+    pytest.skip("slow: run with --runslow")
   x = jax.random.normal(jax.random.key(0), (1024, 1024)).astype(dtype)
   w = (jax.random.normal(jax.random.key(1), (1024, 1024)) / 32).astype(dtype)
   s, b = jnp.ones(1024), jnp.zeros(1024)
@@ -296,3 +304,36 @@ def test_norm_never_keeps_more_than_flax(kind, dtype, program):
   temp = {name: memory.compiled(jax.grad(functools.partial(body, cast(n))), x, w).temp
           for name, n in norms.items()}
   assert temp["lean"] <= temp["flax"], temp
+
+
+def test_converted_models_forward_mode():
+  # Every module fb.linen.lean() and convert_lean produce: jvp equals the plain model's.
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.LayerNorm()(x)
+      h = nn.MultiHeadDotProductAttention(num_heads=2, dropout_rate=0.1,
+                                          deterministic=False)(h)
+      return nn.RMSNorm()(nn.Dropout(0.2, deterministic=False)(h) + x)
+
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  t = jax.random.normal(jax.random.key(1), x.shape)
+  rngs = {"params": jax.random.key(2), "dropout": jax.random.key(3)}
+  v = Block().init(rngs, x)
+  f = lambda x: Block().apply(v, x, rngs={"dropout": jax.random.key(3)})
+  plain = jax.jvp(f, (x,), (t,))
+  with fb.linen.lean() as seen:
+    lean = jax.jvp(f, (x,), (t,))
+  assert len(seen.converted) == 4, seen.converted
+  _same(lean, plain, 1e-4, 1e-5)
+
+  model = nnx.Sequential(nnx.LayerNorm(8, rngs=nnx.Rngs(0)),
+                         nnx.Dropout(0.2, rngs=nnx.Rngs(dropout=1)),
+                         nnx.RMSNorm(8, rngs=nnx.Rngs(0)))
+  key = jax.random.key(4)
+  run = lambda m: jax.jvp(lambda x: m.layers[2](m.layers[1](m.layers[0](x), rngs=key)),
+                          (x,), (t,))
+  plain = run(model)
+  lean_model = fb.nnx.map_module(model, lambda m, path: fb.nnx.convert_lean(m))
+  assert type(lean_model.layers[0]).__module__ == "fewbit_jax.nnx._lean"
+  _same(run(lean_model), plain, 1e-5, 1e-5)
