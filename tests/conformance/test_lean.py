@@ -137,7 +137,8 @@ def test_norm_mixed_precision_against_flax_in_float64(api, case):
   _check(ours, theirs, ref, x_dtype, dtype)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.float32, marks=SLOW), jnp.bfloat16,
+                                   pytest.param(jnp.float16, marks=SLOW)])
 def test_softmax_mixed_precision_against_float64(dtype):
   x = jnp.concatenate([_rows(jnp.float32) * 3, jnp.full((1, F), 2.0)]).astype(dtype)
   where = jnp.arange(F) < 12
@@ -154,8 +155,9 @@ def test_softmax_mixed_precision_against_float64(dtype):
 
 
 @pytest.mark.parametrize("qkv,dtype,fp32", [
-    (jnp.float32, None, False), (jnp.bfloat16, None, False), (jnp.bfloat16, None, True),
-    (jnp.float32, jnp.bfloat16, False), (jnp.bfloat16, jnp.float32, False)])
+    pytest.param(jnp.float32, None, False, marks=SLOW),
+    pytest.param(jnp.bfloat16, None, False, marks=SLOW), (jnp.bfloat16, None, True),
+    (jnp.float32, jnp.bfloat16, False), pytest.param(jnp.bfloat16, jnp.float32, False, marks=SLOW)])
 def test_attention_mixed_precision_against_float64(qkv, dtype, fp32):
   q, k, v = (jax.random.normal(kk, (2, 6, 2, 4)).astype(qkv)
              for kk in jax.random.split(jax.random.key(0), 3))
@@ -228,7 +230,7 @@ def test_norm_forward_mode_linen(kind, fields):
         jax.jacfwd(lambda v: flax_cls(**fields).apply(v, x).astype(jnp.float32))(v), tol, tol)
 
 
-@pytest.mark.parametrize("kind", ["ln", "rms"])
+@pytest.mark.parametrize("kind", ["ln", pytest.param("rms", marks=SLOW)])
 def test_norm_forward_mode_functions_nnx_and_masks(kind):
   x = jax.random.normal(jax.random.key(0), (3, 8))
   t = jax.random.normal(jax.random.key(1), x.shape)
