@@ -1,10 +1,11 @@
 """Lean softmax and dot-product attention: exact gradients, fewer residuals.
 
 `softmax` is ``jax.nn.softmax`` (the same XLA operations, so the same output
-bitwise) whose backward keeps only its output ``y``: ``grad = y * (g -
-sum(g * y))``. The matmul that usually follows keeps ``y`` anyway, so an
-attention-like ``softmax(s, where=m) @ v`` keeps one score-sized array where
-``jax.nn.softmax(s, where=m) @ v`` keeps three (``exp``, two ``where``).
+bitwise) whose derivative needs only its output ``y``: tangent ``y * (t -
+sum(t * y))``, so reverse mode keeps ``y`` alone (named ``'softmax_output'``)
+and forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) works. The
+matmul that usually follows keeps ``y`` anyway, so ``softmax(s) @ v`` keeps
+one score-sized array.
 
 `dot_product_attention` is a drop-in for ``flax.linen.dot_product_attention``
 and ``flax.nnx.dot_product_attention`` (the same arguments, the same forward
@@ -32,14 +33,19 @@ Example:
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax import custom_derivatives
 from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
 
 from fewbit_jax.dropout import key_after
+from fewbit_jax.norms import _linearizing
 
 __all__ = ["softmax", "dot_product_attention", "SOFTMAX_NAME", "PROBS_NAME", "STATS_NAME",
            "OUTPUT_NAME", "NAMES"]
@@ -60,31 +66,43 @@ _JAX_SOFTMAX = jax.nn.softmax
 # softmax
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _softmax(x, axis, where):
   return _JAX_SOFTMAX(x, axis, where)
 
 
-def _softmax_fwd(x, axis, where):
-  y = checkpoint_name(_JAX_SOFTMAX(x, axis, where), SOFTMAX_NAME)
-  return y, y
+def _softmax_ops(x, axis):
+  """jax.nn.softmax's operations (no mask), with the exponentials named."""
+  x_max = jnp.max(x, axis, initial=-jnp.inf, keepdims=True)
+  unnormalized = checkpoint_name(jnp.exp(x - lax.stop_gradient(x_max)), SOFTMAX_NAME)
+  return unnormalized / jnp.sum(unnormalized, axis, keepdims=True)
 
 
-def _softmax_bwd(axis, y, g):
-  return y * (g - jnp.sum(g * y, axis, keepdims=True)), None
-
-
-_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+@_softmax.defjvp
+def _softmax_jvp(axis, primals, tangents):
+  (x, where), (x_dot, _) = primals, tangents
+  if where is None:
+    # The derivative autodiff takes of jax.nn.softmax's operations: reverse
+    # mode keeps what jax.nn.softmax keeps (the exponentials, here named),
+    # never more, and XLA fuses the backward into the same programs.
+    return jax.jvp(lambda x: _softmax_ops(x, axis), (x,), (x_dot,))
+  # With a mask, autodiff keeps the exponentials and two masks; this
+  # tangent needs only the output y (and the mask): masked positions get 0
+  # through the where of the sum, even in a row that is NaN.
+  y = checkpoint_name(_softmax(x, axis, where), SOFTMAX_NAME)
+  return y, y * (x_dot - jnp.sum(y * x_dot, axis, where=where, keepdims=True))
 
 
 def softmax(x, axis: int | tuple[int, ...] | None = -1, where=None):
-  """``jax.nn.softmax`` whose backward keeps only the output.
+  """``jax.nn.softmax`` whose derivative keeps only the output, named.
 
   The forward is ``jax.nn.softmax``'s (bitwise, masked and fully masked rows
-  included: those are 0). The backward is ``y * (g - sum(g * y, axis))``,
-  equal to ``jax.grad`` of ``jax.nn.softmax`` up to float rounding; masked
-  entries (``y == 0``) get a zero gradient, as there. Non-float inputs go
-  to ``jax.nn.softmax``.
+  included: those are 0). The derivative is jax's, ``y * (t - sum(t * y,
+  axis, where))``: reverse mode keeps only ``y``, named ``'softmax_output'``
+  (kept by `fewbit_jax.checkpoint_policy`), never more than
+  ``jax.nn.softmax`` keeps; masked entries get a zero gradient, as there,
+  even in a row that is NaN. Forward mode works. Non-float inputs go to
+  ``jax.nn.softmax``.
 
   Args:
     x: input array.
@@ -184,7 +202,7 @@ def _softmax_vjp(cfg, p, dp, w_dtype):
 
 
 def _attention_core(cfg):
-  """custom_vjp of flax's attention for the settings `cfg` (q, k, v, bias, mask, rng)."""
+  """flax's attention with lean derivatives for the settings `cfg` (q, k, v, bias, mask, rng)."""
 
   def forward(q, k, v, bias, mask, rng):
     w = _logits(cfg, q, k, bias, mask)
@@ -192,8 +210,7 @@ def _attention_core(cfg):
     mult = _multiplier(cfg, rng, _dropout_shape(cfg, w.shape, k.ndim))
     return p, (x_max, total), _combine(cfg, p if mult is None else p * mult, v)
 
-  @jax.custom_vjp
-  def core(q, k, v, bias, mask, rng):
+  def outputs(q, k, v, bias, mask, rng):
     p, _, out = forward(q, k, v, bias, mask, rng)
     return (out, p) if cfg.sow else out
 
@@ -221,10 +238,66 @@ def _attention_core(cfg):
       dq, dk, dv, dbias = _bwd_probs(cfg, q, k, v, bias, mask, rng, p, g, gp)
     else:
       dq, dk, dv, dbias = _bwd_blocks(cfg, q, k, v, bias, mask, rng, stats, out, g)
-    return dq, dk, dv, dbias, None, None
+    return dq, dk, dv, dbias
 
-  core.defvjp(core_fwd, core_bwd)
+  @jax.custom_jvp
+  def core(q, k, v, bias, mask, rng):
+    return outputs(q, k, v, bias, mask, rng)
+
+  def core_jvp(primals, tangents):
+    # Forward mode: autodiff's tangent of flax's operations. Reverse mode,
+    # where JAX linearizes for it: a linear_call of that tangent whose
+    # transpose is the lean backward (`core_bwd`, keeping the probabilities
+    # or, with blocks, none); under an outer derivative or vmap the tangent
+    # checkpointed over the inputs (it recomputes the scores).
+    q, k, v, bias, mask, rng = primals
+    diff = (q, k, v, bias)
+    zero = lambda t, p: None if p is None else (
+        jnp.zeros(jnp.shape(p), jnp.result_type(p)) if isinstance(t, SymbolicZero) else t)
+    if _linearizing(primals, tangents[:4]):
+      live = [t is not None and not isinstance(t, SymbolicZero) for t in tangents[:4]]
+      y, res = core_fwd(q, k, v, bias, mask, rng)
+
+      def lin_tangent(res, lin):
+        it = iter(lin)
+        ts = [next(it) if keep else zero(t, p) for keep, t, p in zip(live, tangents[:4], diff)]
+        q, k, v, bias_kept, mask, rng, p, stats, _ = res
+        if bias_kept is None and cfg.bias_aval is not None:
+          bias_kept = jnp.zeros(*cfg.bias_aval)  # kept p: only the bias's shape matters
+        return _tangent_from(cfg, q, k, v, bias_kept, mask, rng, p, stats, *ts)
+
+      def transpose(res, ct):
+        return [g for keep, g in zip(live, core_bwd(res, ct)) if keep]
+
+      lin = [t for keep, t in zip(live, tangents[:4]) if keep]
+      return y, custom_derivatives.linear_call(lin_tangent, transpose, res, lin)
+    ts = [zero(t, p) for t, p in zip(tangents[:4], diff)]
+    y, res = core_fwd(q, k, v, bias, mask, rng)
+    return y, jax.checkpoint(functools.partial(_tangent_from, cfg))(
+        q, k, v, bias, mask, rng, res[6], res[7], *ts)
+
+  core.defjvp(core_jvp, symbolic_zeros=True)
   return core
+
+
+def _tangent_from(cfg, q, k, v, bias, mask, rng, p, stats, dq, dk, dv, dbias):
+  """The attention's tangent from its kept probabilities `p` (or, with blocks, `stats`).
+
+  Linear in (dq, dk, dv, dbias): checkpointed, reverse mode keeps what the
+  lean backward keeps (named) and transposes this; the dropout mask is drawn
+  again from `rng`.
+  """
+  w, dw = jax.jvp(lambda q, k, b: _logits(cfg, q, k, b, mask), (q, k, bias), (dq, dk, dbias))
+  if p is None:  # recompute_block: the probabilities from the per-row max and sum
+    x_max, total = stats
+    p = jnp.exp(_softmax_input(cfg, w).astype(x_max.dtype) - x_max) / total
+    p = p.astype(jnp.float32 if cfg.fp32 else cfg.dtype)
+  dw = _softmax_input(cfg, dw).astype(p.dtype)
+  dp = p * (dw - jnp.sum(p * dw, -1, keepdims=True))
+  mult = _multiplier(cfg, rng, _dropout_shape(cfg, p.shape, k.ndim))
+  pd, dpd = (p, dp) if mult is None else (p * mult, dp * mult)
+  dout = _combine(cfg, dpd, v) + _combine(cfg, pd, dv)
+  return (dout, dp) if cfg.sow else dout
 
 
 def _bwd_probs(cfg, q, k, v, bias, mask, rng, p, g, gp):
@@ -342,7 +415,8 @@ def dot_product_attention(
   which scales the scores instead of q: equal up to rounding). Gradients
   equal flax's up to rounding; the backward keeps the attention
   probabilities (named ``'attention_probs'``) and draws the dropout mask
-  again from ``dropout_rng``.
+  again from ``dropout_rng``. Forward mode (``jax.jvp``, ``jax.jacfwd``,
+  ``jax.linearize``) and derivatives of derivatives work, as flax's.
 
   Args:
     query: ``[batch..., q_length, num_heads, depth]``.
@@ -415,10 +489,16 @@ def dot_product_attention(
                      "dropout_rng (a jax.random key); pass one, or deterministic=True.")
   if recompute_block is not None:
     length = key.shape[-3]
-    if (isinstance(recompute_block, bool) or not isinstance(recompute_block, int)
-        or recompute_block <= 0 or length % recompute_block):
-      raise ValueError(f"recompute_block must be a positive int dividing kv_length "
+    block = None
+    if not isinstance(recompute_block, (bool, np.bool_)):
+      try:  # any integer: Python's, numpy's (np.int64), a 0-d integer array
+        block = operator.index(recompute_block)
+      except TypeError:
+        pass
+    if block is None or block <= 0 or length % block:
+      raise ValueError(f"recompute_block must be a positive integer dividing kv_length "
                        f"{length}; got {recompute_block!r}.")
+    recompute_block = block
     if module is not None or einsum_dot_general is not None:
       raise ValueError(
           "recompute_block keeps no attention weights, but module= sows them (all of them) "

@@ -49,9 +49,18 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes as _dtypes
 from jax import lax
+from jax import custom_derivatives
 from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
 
 from fewbit_jax import _mesh, sharded as _sharded
+
+try:  # the tracer types tell a reverse-mode linearization apart (`_linearizing`)
+  from jax._src.interpreters import partial_eval as _pe
+except ImportError:  # pragma: no cover - then the checkpointed tangent everywhere
+  _pe = None
+
+
 
 __all__ = ["layer_norm", "rms_norm", "NORM_INPUT_NAME", "NORM_STATS_NAME"]
 
@@ -93,6 +102,7 @@ class _Norm:
   axis_name: Any
   axis_index_groups: Any
   promote_to: Any  # nnx promotes x to this dtype first; None: linen (x as it is)
+  input_dtype: Any  # the dtype of x (of its cotangent)
 
   def feature_shape(self, shape) -> list[int]:
     out = [1] * len(shape)
@@ -109,13 +119,21 @@ class _Norm:
     out = lax.pmean(jnp.stack(xs), self.axis_name, axis_index_groups=self.axis_index_groups)
     return tuple(out[i] for i in range(len(xs)))
 
+  def promoted(self, x):
+    """`x` as flax normalises it: cast to `promote_to` first (nnx), or as it is (linen)."""
+    return x if self.promote_to is None else x.astype(self.promote_to)
+
+  def stats_dtype(self, x):
+    """The dtype flax computes the statistics of (promoted) `x` in."""
+    dtype = jnp.result_type(x) if self.dtype is None else self.dtype
+    if self.force_float32_reductions:
+      dtype = jnp.promote_types(dtype, jnp.float32)
+    return jnp.dtype(dtype)
+
 
 def _stats(cfg: _Norm, x, mask):
   """flax's ``_compute_stats``: (mean, var), reduced over the reduction axes (real inputs)."""
-  dtype = jnp.result_type(x) if cfg.dtype is None else cfg.dtype
-  if cfg.force_float32_reductions:
-    dtype = jnp.promote_types(dtype, jnp.float32)
-  x = x.astype(dtype)
+  x = x.astype(cfg.stats_dtype(x))
   axes = cfg.reduction_axes
   mean = lambda *xs: cfg.pmean(*(v.mean(axes, where=mask) for v in xs))
   if not cfg.use_mean:
@@ -131,8 +149,7 @@ def _stats(cfg: _Norm, x, mask):
 
 def _forward(cfg: _Norm, x, scale, bias, mask):
   """flax's normalisation, op for op; also returns the per-row (mean, rstd) to keep."""
-  if cfg.promote_to is not None:
-    x = x.astype(cfg.promote_to)
+  x = cfg.promoted(x)
   mean, var = _stats(cfg, x, mask)
   mean = jnp.expand_dims(mean, cfg.reduction_axes)
   var = jnp.expand_dims(var, cfg.reduction_axes)
@@ -153,64 +170,194 @@ def _forward(cfg: _Norm, x, scale, bias, mask):
   return jnp.asarray(y, _dtypes.canonicalize_dtype(*args, dtype=cfg.dtype)), mean, rstd
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _kept_input(cfg: _Norm, x):
+  """What the backward keeps of `x`: `x`, or its promoted copy where that is narrower.
+
+  Both give the same values once promoted (the promotion is a cast), so the
+  backward keeps whichever has fewer bytes: a float32 input of an nnx norm
+  computing in bfloat16 keeps the bfloat16 copy its statistics came from.
+  """
+  if cfg.promote_to is None:
+    return x
+  promoted = jnp.dtype(cfg.promote_to)
+  return x.astype(promoted) if promoted.itemsize < x.dtype.itemsize else x
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _norm(x, scale, bias, mask, cfg):
   return _forward(cfg, x, scale, bias, mask)[0]
 
 
-def _norm_fwd(x, scale, bias, mask, cfg):
+def _linearizing(primals, tangents) -> bool:
+  """Whether JAX is linearizing this call for reverse mode (jax.grad, vjp, linearize).
+
+  There the tangents are unknown values of a partial evaluation and the
+  primals plain (or staged) arrays: the tangent can be a ``linear_call``
+  whose transpose is `_norm_bwd`, the backward tuned for XLA's memory.
+  Under an outer derivative, vmap or forward mode (the primals or tangents
+  are other tracers) it is the checkpointed `_tangent`, which JAX
+  differentiates, batches and transposes itself.
+  """
+  if _pe is None:
+    return False
+  live = [t for t in tangents if t is not None and not isinstance(t, SymbolicZero)]
+  if not live or not all(isinstance(t, _pe.JaxprTracer) and not t.pval.is_known()
+                          for t in live):
+    return False
+  staged = (jax.core.Tracer,)
+  return all(not isinstance(p, staged) or isinstance(p, _pe.DynamicJaxprTracer)
+             for p in jax.tree.leaves(primals))
+
+
+def _norm_jvp(cfg, primals, tangents):
+  # The tangent is linear in those of x, scale and bias, and reads x (kept
+  # in its own dtype, or nnx's narrower promoted copy), the per-row mean and
+  # rstd, the scale and the mask. Reverse mode keeps exactly these: through
+  # a linear_call whose transpose is `_norm_bwd` where JAX linearizes for
+  # it, through the checkpointed tangent (recomputing xhat in the backward)
+  # under other transformations. Forward mode runs the tangent itself.
+  x, scale, bias, mask = primals
   y, mean, rstd = _forward(cfg, x, scale, bias, mask)
-  kept = checkpoint_name(x, NORM_INPUT_NAME)
+  kept = checkpoint_name(_kept_input(cfg, x), NORM_INPUT_NAME)
   mean = checkpoint_name(mean, NORM_STATS_NAME) if cfg.use_mean else None
   rstd = checkpoint_name(rstd, NORM_STATS_NAME)
-  return y, (kept, scale, bias, mask, mean, rstd)
+  zero = lambda t, p: None if p is None else (
+      jnp.zeros(jnp.shape(p), jax.dtypes.result_type(p)) if isinstance(t, SymbolicZero) else t)
+  if _linearizing(primals, tangents[:3]):
+    live = [t is not None and not isinstance(t, SymbolicZero) for t in tangents[:3]]
+    res = (kept, scale, bias, mask, mean, rstd)
+
+    def tangent(res, lin):
+      kept, scale, bias, mask, mean, rstd = res
+      it = iter(lin)
+      ts = [next(it) if keep else zero(t, p)
+            for keep, t, p in zip(live, tangents[:3], primals[:3])]
+      return _tangent(cfg, y.dtype, kept, mean, rstd, scale, mask, *ts)
+
+    def transpose(res, ct):
+      grads = _norm_bwd(cfg, res, ct)
+      return [g for keep, g in zip(live, grads) if keep]
+
+    lin = [t for keep, t in zip(live, tangents[:3]) if keep]
+    return y, custom_derivatives.linear_call(tangent, transpose, res, lin)
+  ts = [zero(t, p) for t, p in zip(tangents[:3], primals[:3])]
+  tangent = jax.checkpoint(functools.partial(_tangent, cfg, y.dtype))
+  return y, tangent(kept, mean, rstd, scale, mask, *ts)
+
+
+_norm.defjvp(_norm_jvp, symbolic_zeros=True)
 
 
 def _norm_bwd(cfg, res, g):
-  x, scale, bias, mask, mean, rstd = res
+  """The transpose of the tangent, written out: dx, dscale, dbias from the cotangent `g`."""
+  kept, scale, bias, mask, mean, rstd = res
   # Everything below waits for the cotangent (tied through the small per-row
   # and per-feature arrays): otherwise XLA computes the parts that depend only
   # on the residuals early (xhat, a broadcast scale shared with the forward)
   # and keeps them alive, input-sized, until this backward runs.
   rstd = _sharded.after(rstd, g)
   mean = None if mean is None else _sharded.after(mean, g)
-  dtype = jnp.promote_types(rstd.dtype, jnp.float32)
+  # flax normalises x_y (the input, promoted first by nnx) with statistics
+  # computed from x_s, x_y cast to the statistics' dtype: in the derivative of
+  # the mean and the variance, x_s appears; in the normalised output, x_y.
+  # They differ where the statistics' dtype is narrower than x_y's.
+  x_y = cfg.promoted(kept)
+  stats_dtype = cfg.stats_dtype(x_y)
+  dtype = jnp.promote_types(jnp.promote_types(x_y.dtype, stats_dtype), jnp.float32)
   rstd = rstd.astype(dtype)
-  xhat = x.astype(dtype)
-  if mean is not None:
-    xhat = xhat - mean.astype(dtype)
-  xhat = xhat * rstd
+
+  def xhat(v):
+    v = v.astype(dtype)
+    if mean is not None:
+      v = v - mean.astype(dtype)
+    return v * rstd
+
+  xhat_y = xhat(x_y)
+  narrower = jnp.finfo(stats_dtype).bits < jnp.finfo(x_y.dtype).bits
+  xhat_s = xhat(x_y.astype(stats_dtype)) if narrower else xhat_y
   g = g.astype(dtype)
-  fshape = cfg.feature_shape(x.shape)
-  others = tuple(a for a in range(x.ndim) if a not in cfg.feature_axes)
+  fshape = cfg.feature_shape(x_y.shape)
+  others = tuple(a for a in range(x_y.ndim) if a not in cfg.feature_axes)
   dscale = dbias = None
   gh = g
   if scale is not None:
-    dscale = jnp.sum(g * xhat, others).reshape(scale.shape).astype(scale.dtype)
+    dscale = jnp.sum(g * xhat_y, others).reshape(scale.shape).astype(scale.dtype)
     gh = g * _sharded.after(scale, g).reshape(fshape).astype(dtype)
   if bias is not None:
     dbias = jnp.sum(g, others).reshape(bias.shape).astype(bias.dtype)
   axes = cfg.reduction_axes
   if mask is None:
-    count = math.prod(x.shape[a] for a in axes)
+    count = math.prod(x_y.shape[a] for a in axes)
   else:
-    mask = jnp.broadcast_to(mask, x.shape)
+    mask = jnp.broadcast_to(mask, x_y.shape)
     count = jnp.sum(mask, axes, keepdims=True, dtype=dtype)
   # The mean and the variance are (p)means over the reduction axes: their
   # derivatives spread every row's sums back over its (unmasked) positions.
-  sums = [jnp.sum(gh * xhat, axes, keepdims=True)]
+  sums = [jnp.sum(gh * xhat_y, axes, keepdims=True)]
   if cfg.use_mean:
     sums.append(jnp.sum(gh, axes, keepdims=True))
   sums = cfg.pmean(*sums)
-  spread = xhat * sums[0] + (sums[1] if cfg.use_mean else 0)
+  spread = xhat_s * sums[0] + (sums[1] if cfg.use_mean else 0)
   spread = spread / count
   if mask is not None:
     spread = jnp.where(mask, spread, 0)
-  dx = (rstd * (gh - spread)).astype(x.dtype)
-  return dx, _mesh.like_primal(dscale, scale), _mesh.like_primal(dbias, bias), None
+  # The cotangent of x_y, rounded to x_y's dtype (the cast's transpose), then
+  # of the input.
+  dx = (rstd * (gh - spread)).astype(x_y.dtype).astype(cfg.input_dtype)
+  return dx, _mesh.like_primal(dscale, scale), _mesh.like_primal(dbias, bias)
 
 
-_norm.defvjp(_norm_fwd, _norm_bwd)
+
+def _tangent(cfg: _Norm, out_dtype, kept, mean, rstd, scale, mask, x_dot, scale_dot, bias_dot):
+  """The derivative of flax's normalisation at `kept`, applied to the tangents.
+
+  flax normalises x_y (the input, promoted first by nnx) with statistics of
+  x_s, x_y cast to the statistics' dtype (they differ where that dtype is
+  narrower): with ``xhat = (x - mean) * rstd``,
+
+    ``dy = rstd * scale * (dx_y - mean(dx_s) - xhat_y * mean(xhat_s * dx_s))
+    + xhat_y * dscale + dbias``
+
+  (RMSNorm: no mean), the means over the reduction axes (the masked
+  positions; across devices with ``axis_name``).
+  """
+  # Named again inside: under an outer jax.checkpoint these are the
+  # checkpointed tangent's residuals.
+  kept = checkpoint_name(kept, NORM_INPUT_NAME)
+  mean = None if mean is None else checkpoint_name(mean, NORM_STATS_NAME)
+  rstd = checkpoint_name(rstd, NORM_STATS_NAME)
+  x_y = cfg.promoted(kept)
+  stats_dtype = cfg.stats_dtype(x_y)
+  dtype = jnp.promote_types(jnp.promote_types(x_y.dtype, stats_dtype), jnp.float32)
+  narrower = jnp.finfo(stats_dtype).bits < jnp.finfo(x_y.dtype).bits
+  rstd = rstd.astype(dtype)
+
+  def xhat(v):
+    v = v.astype(dtype)
+    if mean is not None:
+      v = v - mean.astype(dtype)
+    return v * rstd
+
+  def row_mean(v):
+    (out,) = cfg.pmean(v.mean(cfg.reduction_axes, where=mask, keepdims=True))
+    return out
+
+  xhat_y = xhat(x_y)
+  xhat_s = xhat(x_y.astype(stats_dtype)) if narrower else xhat_y
+  dx_y = cfg.promoted(x_dot)
+  dx_s = dx_y.astype(stats_dtype).astype(dtype) if narrower else dx_y.astype(dtype)
+  dx_y = dx_y.astype(dtype)
+  inner = dx_y - xhat_y * row_mean(xhat_s * dx_s)
+  if cfg.use_mean:
+    inner = inner - row_mean(dx_s)
+  fshape = cfg.feature_shape(x_y.shape)
+  mul = rstd if scale is None else rstd * scale.reshape(fshape).astype(dtype)
+  out = inner * mul
+  if scale is not None:
+    out = out + xhat_y * scale_dot.reshape(fshape).astype(dtype)
+  if bias_dot is not None:
+    out = out + bias_dot.reshape(fshape).astype(dtype)
+  return out.astype(out_dtype)
 
 
 def _normalize(x, scale, bias, *, use_mean: bool, reduction_axes, feature_axes, epsilon: float,
@@ -227,7 +374,7 @@ def _normalize(x, scale, bias, *, use_mean: bool, reduction_axes, feature_axes, 
   cfg = _Norm(_axes(x.ndim, reduction_axes, "reduction_axes"),
               _axes(x.ndim, feature_axes, "feature_axes"), float(epsilon), dtype, use_mean,
               bool(use_fast_variance), bool(force_float32_reductions), _hashable(axis_name),
-              _hashable(axis_index_groups), promote_to)
+              _hashable(axis_index_groups), promote_to, x.dtype)
   want = tuple(x.shape[a] for a in cfg.feature_axes)
   for label, p in (("scale", scale), ("bias", bias)):
     if p is not None and math.prod(jnp.shape(p)) != math.prod(want):

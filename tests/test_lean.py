@@ -155,9 +155,18 @@ def test_checkpoint_policy_keeps_the_norm_residuals():
   s, b = jnp.ones(64), jnp.zeros(64)
   f = jax.checkpoint(lambda x: fb.layer_norm(jnp.sin(x), s, b), policy=fb.checkpoint_policy())
   rep = memory.saved_residuals(lambda x: jnp.sum(f(x) ** 2), x)
-  assert "named 'lean_norm_input'" in rep.by_source()
-  grad = jax.grad(lambda x: jnp.sum(fb.layer_norm(jnp.sin(x), s, b) ** 2))(x)
-  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(f(x) ** 2))(x), grad, rtol=1e-6)
+  # The block keeps the norm's input and per-row mean and rstd (and the
+  # square's input outside it), nothing else. (Their label is the
+  # checkpointed tangent's, 'op remat2', until the report looks into it.)
+  src = rep.by_source()
+  kept = sum(v for k, v in src.items() if k in (
+      "named 'lean_norm_input'", "named 'lean_norm_stats'", "op remat2"))
+  assert kept == x.nbytes + 2 * x.shape[0] * 4, src
+  assert rep.saved_bytes == kept + x.nbytes, src
+  # (The squares' sum is constant: its gradient is rounding; cubes are not.)
+  grad = jax.grad(lambda x: jnp.sum(fb.layer_norm(jnp.sin(x), s, b) ** 3))(x)
+  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(f(x) ** 3))(x), grad, rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_axis_name_matches_flax_inside_shard_map():
@@ -224,7 +233,7 @@ def test_dropout_is_flax_bitwise(rate, dims, dtype):
   assert fb.Dropout(rate).apply({}, x, deterministic=True) is x
 
 
-def test_dropout_keeps_the_key_not_the_mask():
+def test_dropout_keeps_what_flax_keeps():
   x = jax.random.normal(jax.random.key(0), (32, 64, 128))
   w = jax.random.normal(jax.random.key(1), (128, 128)) / 16
   key = jax.random.key(2)
@@ -232,9 +241,7 @@ def test_dropout_keeps_the_key_not_the_mask():
   theirs = memory.saved_residuals(f(lambda h: nn.Dropout(0.1, deterministic=False).apply(
       {}, h, rng=key)), x)
   ours = memory.saved_residuals(f(lambda h: dropout(h, 0.1, key)), x)
-  assert "bool" in theirs.by_dtype()
-  assert "bool" not in ours.by_dtype() and ours.saved_bytes < theirs.saved_bytes
-  assert all(r.shape != x.shape or r.dtype == "float32" for r in ours.residuals)
+  assert ours.by_dtype() == theirs.by_dtype(), (ours.by_dtype(), theirs.by_dtype())
 
 
 def test_nnx_dropout_follows_flax():
@@ -265,3 +272,78 @@ def test_dropout_errors_say_what_to_do():
     jax.jit(lambda r: dropout(x, r, key))(0.5)
   with pytest.raises(ValueError, match="do not fit an input of rank 2"):
     dropout(x, 0.5, key, broadcast_dims=(2,))
+
+
+def test_nnx_norm_below_the_input_dtype_has_flax_gradients():
+  # Issue 17, defect 1: the statistics come from the bf16 copy of x; the
+  # backward must rebuild xhat from that copy, not from the f32 input.
+  x = jnp.full((2, 4), 1.001, jnp.float32)
+  w = jnp.arange(8.0).reshape(2, 4)
+  loss = lambda m, x: jnp.sum(m(x).astype(jnp.float32) * w)
+  grads = {}
+  for name, cls in (("flax", nnx.LayerNorm), ("lean", fb.nnx.LayerNorm)):
+    m = cls(4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    gm, gx = nnx.grad(loss, argnums=(0, 1))(m, x)
+    grads[name] = (gm["scale"][...], gm["bias"][...], gx)
+  np.testing.assert_array_equal(grads["lean"][0], grads["flax"][0])  # all 0
+  np.testing.assert_array_equal(grads["lean"][1], grads["flax"][1])
+  # flax rounds two bf16 terms before adding them; exact: +-1500, +-500.
+  np.testing.assert_allclose(grads["lean"][2], grads["flax"][2], atol=16)
+  np.testing.assert_allclose(grads["lean"][2][0], [-1500.0, -500.0, 500.0, 1500.0], atol=8)
+
+
+def test_nnx_norm_keeps_the_narrower_promoted_copy():
+  x = jax.random.normal(jax.random.key(0), (8, 64))
+  m = fb.nnx.LayerNorm(64, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  rep = memory.saved_residuals(lambda x: jnp.sum(m(jnp.sin(x)).astype(jnp.float32) ** 2), x)
+  # cos(x) and the output for the square (f32), the norm's bf16 input copy.
+  assert _input_sized(rep, x) == ["bfloat16", "float32", "float32"], _input_sized(rep, x)
+
+
+@pytest.mark.parametrize("cls", ["LayerNorm", "RMSNorm"])
+def test_nnx_norm_of_no_features_has_flax_dtype(cls):
+  # flax drops a Param of no features (it is falsy), so x's dtype alone counts.
+  x = jnp.ones((5, 0), jnp.bfloat16)
+  ours = getattr(fb.nnx, cls)(0, rngs=nnx.Rngs(0))(x)
+  theirs = getattr(nnx, cls)(0, rngs=nnx.Rngs(0))(x)
+  assert ours.dtype == theirs.dtype == jnp.bfloat16 and ours.shape == (5, 0)
+
+
+def test_dropout_forward_mode_is_flax():
+  # Issue 17, defect 5: jvp, jacfwd, linearize and jvp of grad of the lean
+  # dropout equal autodiff of flax's (the same key, the same mask).
+  x = jax.random.normal(jax.random.key(0), (4, 6))
+  t = jax.random.normal(jax.random.key(1), (4, 6))
+  rngs = {"dropout": jax.random.key(2)}
+  for kw in ({}, {"broadcast_dims": (0,)}):
+    ours = lambda x: fb.Dropout(0.3, deterministic=False, **kw).apply({}, x, rngs=rngs)
+    theirs = lambda x: nn.Dropout(0.3, deterministic=False, **kw).apply({}, x, rngs=rngs)
+    pairs = [(jax.jvp(f, (x,), (t,)) for f in (ours, theirs)),
+             (jax.jacfwd(f)(x) for f in (ours, theirs)),
+             (jax.linearize(f, x)[1](t) for f in (ours, theirs)),
+             (jax.jvp(jax.grad(lambda x: jnp.sum(f(x) ** 3)), (x,), (t,)) for f in (ours, theirs))]
+    for a, b in pairs:
+      for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(u, w, rtol=1e-6)
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(jax.jvp(lambda x: dropout(x, 0.5, key), (x,), (t,))[1],
+                                nn.Dropout(0.5, deterministic=False).apply({}, t, rng=key))
+
+
+@pytest.mark.parametrize("program", ["tanh(drop(sin x))", "sum(drop(x) * x)", "mlp"])
+def test_dropout_never_keeps_more_than_flax(program):
+  # Issue 17, defect 6: a second draw in the backward held 8 bytes an element
+  # on the CPU (8.00 / 10.00 / 26.00 MiB against flax's 6.00 / 6.00 / 24.06).
+  x = jax.random.normal(jax.random.key(0), (256, 2048))
+  w = jax.random.normal(jax.random.key(1), (2048, 512)) / 45
+  w2 = jax.random.normal(jax.random.key(2), (512, 2048)) / 22
+  rngs = {"dropout": jax.random.key(3)}
+  body = {
+      "tanh(drop(sin x))": lambda d, x: jnp.tanh(d(jnp.sin(x))).sum(),
+      "sum(drop(x) * x)": lambda d, x: (d(x) * x).sum(),
+      "mlp": lambda d, x: jnp.sum(d(jax.nn.gelu(d(jax.nn.gelu(x @ w)) @ w2)) ** 2),
+  }[program]
+  temp = {name: memory.compiled(jax.grad(lambda x: body(
+      lambda h: cls(0.3, deterministic=False).apply({}, h, rngs=rngs), x)), x).temp
+      for name, cls in (("lean", fb.Dropout), ("flax", nn.Dropout))}
+  assert temp["lean"] <= temp["flax"], temp

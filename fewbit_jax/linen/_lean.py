@@ -44,7 +44,7 @@ def _norm_call(module, x, *, mask=None, use_mean: bool):
 
 
 def _dropout_call(module, inputs, deterministic: bool | None = None, rng=None):
-  """flax's Dropout call, with the mask drawn again in the backward pass."""
+  """flax's Dropout call, through `fewbit_jax.dropout.dropout`."""
   deterministic = nn.merge_param("deterministic", module.deterministic, deterministic)
   if module.rate == 0.0 or deterministic:
     return inputs
@@ -107,7 +107,7 @@ class RMSNorm(nn.RMSNorm):
 
 
 class Dropout(nn.Dropout):
-  """``flax.linen.Dropout`` whose backward draws the mask again instead of keeping it.
+  """``flax.linen.Dropout`` with forward-mode derivatives (the same mask, output and gradient).
 
   The same fields, the same ``'dropout'`` rng collection (``rng_collection``)
   and the same output for the same rng, bitwise, with the same gradient

@@ -28,8 +28,10 @@ __all__ = ["LayerNorm", "RMSNorm", "Dropout", "convert_lean"]
 
 def _norm_call(module, x, mask, *, use_mean: bool):
   """flax's nnx LayerNorm (`use_mean`) or RMSNorm call, with the lean normalisation."""
-  scale = module.scale[...] if module.scale is not None else None
-  bias = module.bias[...] if use_mean and module.bias is not None else None
+  # flax's own test: a Param of no features is falsy, and then not applied
+  # (nor does its dtype enter the promotion).
+  scale = module.scale[...] if module.scale else None
+  bias = module.bias[...] if use_mean and module.bias else None
   promote_to = None
   if module.promote_dtype is _nnx_dtypes.promote_dtype:
     # flax casts x, scale and bias to one dtype first; the cast of x happens
@@ -93,7 +95,7 @@ class RMSNorm(nnx.RMSNorm):
 
 
 class Dropout(nnx.Dropout):
-  """``flax.nnx.Dropout`` whose backward draws the mask again instead of keeping it.
+  """``flax.nnx.Dropout`` with forward-mode derivatives (the same mask, output and gradient).
 
   The same arguments, the same rng stream (forked from ``rngs`` at
   construction, or given per call) and the same output for the same keys,
