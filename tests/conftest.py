@@ -19,27 +19,21 @@ def pytest_addoption(parser):
 def pytest_configure(config):
   config.addinivalue_line("markers", "compile_only: the test only compiles (reads memory "
                           "analysis or HLO, runs nothing): XLA's optimisations mostly off")
-  # Under pytest-xdist (`-n 2`) a test module runs on one worker, so that its
-  # module-scoped fixtures (compiled programs, a child's results) are made
-  # once, and the tests that use the 8-device child all run on one worker, so
-  # that the session starts one such child: `--dist load` (what `-n` implies)
-  # becomes `loadgroup` with a group per module and one for `on_8_devices`
-  # (pytest_collection_modifyitems).
+  # Under pytest-xdist (`-n 2`) the tests of a module run on one worker, so
+  # that its module-scoped fixtures (compiled programs, a child's results)
+  # are made once: `--dist load` (what `-n` implies) becomes `loadfile`. Each
+  # worker that runs an 8-device test keeps its own 8-device child.
   if getattr(config.option, "dist", "no") == "load":
-    config.option.dist = "loadgroup"
+    config.option.dist = "loadfile"
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-  runslow = config.getoption("--runslow")
+  if config.getoption("--runslow"):
+    return
   skip = pytest.mark.skip(reason="slow: run with --runslow")
   for item in items:
-    if "slow" in item.keywords and not runslow:
+    if "slow" in item.keywords:
       item.add_marker(skip)
-    elif "on_8_devices" in getattr(item, "fixturenames", ()):
-      item.add_marker(pytest.mark.xdist_group("8_devices"))
-    elif item.get_closest_marker("xdist_group") is None:
-      item.add_marker(pytest.mark.xdist_group(os.path.relpath(str(item.path), _ROOT)))
 
 
 @pytest.fixture(autouse=True)
