@@ -16,6 +16,17 @@ def pytest_addoption(parser):
                    help="also run tests marked slow (long benchmarks and examples)")
 
 
+def pytest_configure(config):
+  config.addinivalue_line("markers", "compile_only: the test only compiles (reads memory "
+                          "analysis or HLO, runs nothing): XLA's optimisations mostly off")
+  # Under pytest-xdist (`-n 2`) the tests of a module run on one worker, so
+  # that its module-scoped fixtures (compiled programs, a child's results)
+  # are made once: `--dist load` (what `-n` implies) becomes `loadfile`. Each
+  # worker that runs an 8-device test keeps its own 8-device child.
+  if getattr(config.option, "dist", "no") == "load":
+    config.option.dist = "loadfile"
+
+
 def pytest_collection_modifyitems(config, items):
   if config.getoption("--runslow"):
     return
@@ -23,6 +34,27 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _compile_only(request):
+  """Tests marked `compile_only` compile with XLA's optimisations mostly off.
+
+  They only read what XLA compiled (memory analysis, HLO text) and never run
+  it; ``jax_disable_most_optimizations`` skips LLVM's expensive passes (about
+  a third of a CPU compilation) and leaves buffer assignment, hence every
+  byte count and collective such a test reads, as it is.
+  """
+  if request.node.get_closest_marker("compile_only") is None:
+    yield
+    return
+  import jax
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
 
 
 def _child_env(**extra: str) -> dict[str, str]:
@@ -45,25 +77,119 @@ def child_env():
   return _child_env
 
 
+# Variables read when JAX or fewbit_jax starts: a script that sets one gets a
+# child of its own, since the shared child has started already.
+_STARTUP_ENV = ("XLA_FLAGS", "JAX_", "FEWBIT_JAX_FFI", "TF_CPP", "XLA_")
+
+
+class _DeviceChild:
+  """A `python -P tests/_device_child.py` process with 8 CPU devices, kept for the session.
+
+  Runs the scripts handed to `run` one after another; see tests/_device_child.py.
+  """
+
+  def __init__(self, startup_env: dict[str, str]):
+    import subprocess
+    import tempfile
+    flags = (startup_env.pop("XLA_FLAGS", None) or os.environ.get("XLA_FLAGS", ""))
+    env = _child_env(XLA_FLAGS=(flags + " --xla_force_host_platform_device_count=8").strip(),
+                     JAX_PLATFORMS="cpu", **startup_env)
+    fd, self.stderr = tempfile.mkstemp(prefix="fewbit_8_devices_", suffix=".stderr")
+    os.close(fd)
+    with open(self.stderr, "ab") as err:  # append: the offsets are the child's alone
+      self.proc = subprocess.Popen(
+          [sys.executable, "-P", os.path.join(_ROOT, "tests", "_device_child.py")],
+          env=env, cwd=_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+          text=True)
+
+  def _stderr_size(self) -> int:
+    return os.path.getsize(self.stderr)
+
+  def _stderr_since(self, pos: int) -> str:
+    with open(self.stderr, errors="replace") as f:
+      f.seek(pos)
+      return f.read()
+
+  def run(self, script: str, args, cwd: str, env: dict[str, str], timeout: float) -> str:
+    """The script's stdout; fails the calling test with its traceback and stderr."""
+    import json
+    import select
+    pos = self._stderr_size()
+    request = {"script": script, "args": list(args), "cwd": cwd, "env": env}
+    try:
+      self.proc.stdin.write(json.dumps(request) + "\n")
+      self.proc.stdin.flush()
+    except BrokenPipeError:
+      pass
+    ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+    line = self.proc.stdout.readline() if ready else ""
+    if not line:
+      stderr = self._stderr_since(pos)
+      self.close()
+      why = (f"did not answer within {timeout} s" if not ready else
+             f"exited with status {self.proc.returncode}")
+      pytest.fail(f"the 8-device child {why}; its stderr:\n{stderr[-4000:]}", pytrace=False)
+    answer = json.loads(line)
+    if not answer["ok"]:
+      pytest.fail(f"the 8-device script failed:\n{answer['error'][-4000:]}\n"
+                  f"stderr:\n{self._stderr_since(pos)[-4000:]}", pytrace=False)
+    return answer["stdout"]
+
+  def alive(self) -> bool:
+    return self.proc.poll() is None
+
+  def close(self) -> None:
+    import subprocess
+    if self.proc.poll() is None:
+      try:
+        self.proc.stdin.close()  # the child ends at the end of its input
+        self.proc.wait(timeout=30)
+      except (OSError, subprocess.TimeoutExpired):
+        self.proc.kill()
+        self.proc.wait()
+    if os.path.exists(self.stderr):
+      os.unlink(self.stderr)
+
+
+_CHILDREN: dict[tuple, _DeviceChild] = {}
+
+
 def _on_8_devices(script: str, *args: str, timeout: int = 900, cwd: str | None = _ROOT,
                   **extra_env: str):
-  """The JSON that a child with 8 simulated CPU devices printed last.
+  """The JSON that `script` printed last, run on 8 simulated CPU devices.
 
-  Runs ``python -P -c script *args`` with 8 CPU devices (the
-  device count is fixed when JAX starts) and `extra_env`; fails the test
-  with the child's stderr unless it exits 0.
+  Runs `script` as ``python -P -c script *args`` would, in `cwd` (None: this
+  process's working directory) with `extra_env` added to the environment, in
+  the child process with 8 CPU devices that this session shares (the device
+  count is fixed when JAX starts; one child saves an interpreter start, a JAX
+  import and the compilations the scripts share per script). Fails the test
+  with the script's traceback unless it runs through; a child that dies or
+  exceeds `timeout` seconds is replaced for the next script.
   """
   import json
-  import subprocess
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = _child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", **extra_env)
-  proc = subprocess.run([sys.executable, "-P", "-c", script, *args], env=env, cwd=cwd,
-                        capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  startup = {k: v for k, v in extra_env.items() if k.startswith(_STARTUP_ENV)}
+  key = tuple(sorted(startup.items()))
+  child = _CHILDREN.get(key)
+  if child is None or not child.alive():
+    child = _CHILDREN[key] = _DeviceChild(dict(startup))
+  rest = {k: v for k, v in extra_env.items() if k not in startup}
+  out = child.run(script, args, os.path.abspath(cwd or os.getcwd()), rest, timeout)
+  lines = out.strip().splitlines()
+  assert lines, "the 8-device script printed nothing"
+  return json.loads(lines[-1])
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  while _CHILDREN:
+    _CHILDREN.popitem()[1].close()
 
 
 @pytest.fixture(scope="session")
 def on_8_devices():
-  """`on_8_devices(script, *args, timeout=, cwd=, **env)`: the JSON a child with 8 devices prints last."""
+  """`on_8_devices(script, *args, timeout=, cwd=, **env)`: the JSON an 8-device script prints last.
+
+  Every script of the session runs in one child process with 8 CPU devices,
+  one after another, each as if it were ``python -P -c script *args``.
+  """
   return _on_8_devices

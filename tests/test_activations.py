@@ -265,6 +265,7 @@ def test_nan_and_inf():
     assert bool(jnp.all(jnp.isfinite(g))), (name, g)
 
 
+@pytest.mark.compile_only
 def test_mlp_compiled_temp_is_smaller():
   """A 3-layer GELU MLP: XLA's compiled temp bytes of a grad step."""
   k1, k2, k3, kx = jax.random.split(KEY, 4)

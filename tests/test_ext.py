@@ -1,14 +1,39 @@
 """The public face of the kernels: fewbit_jax.ext (mode, availability, paths)."""
 
+import importlib.util
+
 import pytest
 
 from fewbit_jax import _ffi, ext
+from fewbit_jax._ffi import _path
+
+
+def test_available_is_whether_the_compiled_module_imports():
+  spec = importlib.util.find_spec("fewbit_jax._xla_ext")
+  assert ext.available() == (spec is not None), ("the extension is built but did not import: "
+                                                 f"{_ffi._load.IMPORT_ERROR}")
+  assert ext.available() == ("cpu" in ext.platforms())
+
+
+def test_mode_and_path_follow_the_environment():
+  # What FEWBIT_JAX_FFI forces (unset: auto, each op its measured CPU default).
+  mode = _path._mode_from_env()  # pylint: disable=protected-access
+  assert ext.get_mode() == mode
+  per_op = {op: {"jax": "jax", "ffi": "ffi", "auto": _path.MEASURED["cpu"][op]}[mode]
+            for op in ext.OPS}
+  if not ext.available():
+    per_op = {op: "jax" for op in ext.OPS}
+  if mode == "ffi" and not ext.available():
+    with pytest.raises(RuntimeError, match="FFI kernels were required"):
+      ext.active_path("cpu")
+    return
+  assert {op: ext.active_path("cpu", op) for op in ext.OPS} == per_op
+  assert ext.active_path("cpu") == ("ffi" if "ffi" in per_op.values() else "jax")
 
 
 @pytest.mark.skipif(not ext.available(), reason="fewbit_jax._xla_ext not built")
 def test_reports_active_path():
   assert "cpu" in ext.platforms()
-  assert ext.active_path("cpu") in ("ffi", "jax")
   with ext.mode("ffi"):
     assert ext.active_path("cpu") == "ffi"
   with ext.mode("jax"):

@@ -71,8 +71,10 @@ def get_mode() -> str:
   """The current path setting ('auto', 'ffi' or 'jax').
 
   Example:
-    >>> from fewbit_jax import ext
-    >>> ext.get_mode() in ("auto", "ffi", "jax")
+    >>> import os
+    >>> from fewbit_jax import ext       # FEWBIT_JAX_FFI unless set_mode changed it
+    >>> raw = os.environ.get("FEWBIT_JAX_FFI", "auto").strip().lower()
+    >>> ext.get_mode() == {"1": "ffi", "0": "jax", "": "auto"}.get(raw, raw)
     True
   """
   return _mode

@@ -1,0 +1,33 @@
+"""The README's install and test commands, pyproject.toml and .ci/run agree."""
+
+import os
+import re
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(*path):
+  with open(os.path.join(_ROOT, *path), encoding="utf-8") as f:
+    return f.read()
+
+
+def _two_commands() -> list[str]:
+  section = _read("README.md").split("## Two commands", 1)[1].split("\n## ", 1)[0]
+  return re.findall(r"```bash\n(.*?)\n```", section, re.S)
+
+
+def test_the_test_extra_and_the_test_group_list_the_same_requirements():
+  tomllib = pytest.importorskip("tomllib")
+  meta = tomllib.loads(_read("pyproject.toml"))
+  assert meta["project"]["optional-dependencies"]["test"] == meta["dependency-groups"]["test"]
+
+
+def test_ci_runs_the_readme_commands():
+  first, test = _two_commands()
+  assert first.startswith("pip install . && ")
+  ci = [line.strip() for line in _read(".ci", "run").splitlines()]
+  assert "pip install ." in ci  # the first command's install (built once)
+  assert test in ci, f".ci/run does not run the README's test command {test!r}"
+  assert "--group test" in test and "-n " in test
