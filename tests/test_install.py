@@ -27,7 +27,13 @@ def test_the_test_extra_and_the_test_group_list_the_same_requirements():
 def test_ci_runs_the_readme_commands():
   first, test = _two_commands()
   assert first.startswith("pip install . && ")
+  # The test command installs the package itself, so it works alone on a fresh machine.
+  assert test.startswith('pip install ".[test]" && pytest'), test
+  assert "-n " in test
   ci = [line.strip() for line in _read(".ci", "run").splitlines()]
-  assert "pip install ." in ci  # the first command's install (built once)
   assert test in ci, f".ci/run does not run the README's test command {test!r}"
-  assert "--group test" in test and "-n " in test
+
+
+def test_readme_names_the_group_install_that_skips_the_rebuild():
+  section = _read("README.md").split("## Two commands", 1)[1].split("\n## ", 1)[0]
+  assert "pip install --group test" in section
