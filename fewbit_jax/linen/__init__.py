@@ -17,7 +17,7 @@ activations called inline::
 
 `LayerNorm`, `RMSNorm` and `Dropout` are drop-ins for flax's with exact
 gradients and a leaner backward (the norm keeps its input and per-row
-statistics, dropout no mask); `lean` runs an existing model's flax norms and
+statistics, dropout flax's mask and no more); `lean` runs an existing model's flax norms and
 dropout as these, as `intercept` does for dense layers.
 
 `convert` does all of it as one context (and rematerialises the repeated

@@ -27,7 +27,7 @@ layer derives its own key from it.
 
 `LayerNorm`, `RMSNorm` and `Dropout` are drop-ins for flax's with exact
 gradients and a leaner backward (the norm keeps its input and per-row
-statistics, dropout no mask); `convert_lean` turns flax's into them for
+statistics, dropout flax's mask and no more); `convert_lean` turns flax's into them for
 `map_module`, keeping the same Variables.
 
 `convert` does all of it in one call (and rematerialises the repeated
