@@ -300,13 +300,14 @@ RESIDUAL_CASES = (
 )
 
 
-def decoder_residuals(full: bool, top: int = 6) -> list[str]:
+def decoder_residuals(full: bool, top: int = 8) -> list[str]:
   """The largest arrays the converted decoder's backward still keeps, with the fused loss.
 
   For each of `RESIDUAL_CASES` (``fb.nnx.convert`` options), by
   ``fb.memory.saved_residuals`` of `benchmarks.decoder.fused_loss_fn`
   (jaxpr level: before XLA's buffer reuse): one line per array, largest
-  first (size, shape, op or name, source line), and the total by origin.
+  first, the same array of every layer on one line (total size, count x
+  shape, op or name, source line).
   """
   cfg, batch, seq = decoder_config(full)
   tokens = dec.make_tokens(cfg, batch, seq)
@@ -319,12 +320,17 @@ def decoder_residuals(full: bool, top: int = 6) -> list[str]:
       with fb.nnx.step_keys(key):
         return dec.fused_loss_fn(nnx.merge(graphdef, p, rest), tokens)
     report = fb.memory.saved_residuals(loss, params, jax.random.key(1))
-    kept = sorted((r for r in report.residuals if r.origin != "argument"),
-                  key=lambda r: -r.nbytes)  # (the parameters are held anyway)
-    lines.append(f"{title} ({options}): kept in all {report.saved_bytes / MiB:.1f} MiB")
-    for r in kept[:top]:
+    groups: dict[tuple, list] = {}  # the same array in every layer: one line, counted
+    for r in report.residuals:
+      if r.origin == "argument":
+        continue  # the parameters and tokens, held anyway
       where = r.source.split("/")[-1] if r.source else "-"
-      lines.append(f"  {r.nbytes / MiB:7.1f} MiB  {r.dtype}{list(r.shape)}  {r.origin}  {where}")
+      groups.setdefault((r.origin, where, r.dtype, tuple(r.shape)), []).append(r.nbytes)
+    lines.append(f"{title} ({options}): kept in all {report.saved_bytes / MiB:.1f} MiB")
+    for (origin, where, dtype, shape), sizes in sorted(groups.items(),
+                                                      key=lambda kv: -sum(kv[1]))[:top]:
+      lines.append(f"  {sum(sizes) / MiB:7.1f} MiB  {len(sizes)} x {dtype}{list(shape)}  "
+                   f"{origin}  {where}")
   return lines
 
 
