@@ -30,7 +30,7 @@ from fewbit_jax.nnx._convert import convert_linear, map_module
 from fewbit_jax.nnx._layers import RandomizedLinear
 from fewbit_jax.nnx._lean import convert_lean
 
-__all__ = ["convert", "conversion"]
+__all__ = ["convert", "conversion", "recognise_gated"]
 
 _MARK = "__fewbit_convert__"  # the class attribute of the subclasses made here
 
