@@ -6,7 +6,9 @@ grouped-query attention with rotary position embeddings and a causal mask
 applied with ``jnp.where``, a gated GELU MLP written inline
 (``nnx.gelu(gate_proj(x)) * up_proj(x)``), the layers in an ``nnx.List``,
 an embedding table tied to the output logits. Nothing in it knows
-fewbit_jax: the benchmarks convert it with `fewbit_jax.nnx.convert`.
+fewbit_jax: the benchmarks convert it with `fewbit_jax.nnx.convert`. The
+one change for the fused loss head: ``model(tokens, return_hidden=True)``
+returns the last hidden state instead of the logits (`fused_loss_fn`).
 
 ``remat_policy`` wraps each layer's call in ``nnx.remat`` with that policy
 (a user's one line of ``jax.checkpoint``), for the rows of JAX's policies.
@@ -32,7 +34,7 @@ import optax
 from flax import nnx
 
 __all__ = ["DecoderConfig", "RMSNorm", "Attention", "FeedForward", "Block", "Decoder",
-           "apply_rope", "loss_fn", "make_tokens"]
+           "apply_rope", "loss_fn", "fused_loss_fn", "make_tokens"]
 
 K_MASK = -2.3819763e38  # gemma's large negative for masked logits
 
@@ -157,7 +159,14 @@ class Decoder(nnx.Module):
     self.remat = remat or remat_policy is not None
     self.remat_policy = remat_policy
 
-  def __call__(self, tokens):
+  def __call__(self, tokens, *, return_hidden: bool = False):
+    """The logits ``[B, L, V]``; with ``return_hidden=True`` the last hidden state ``[B, L, D]``.
+
+    The hidden state is what a fused loss head takes
+    (``fb.linear_softmax_cross_entropy(h, model.embedder.embedding, labels,
+    kernel_layout="vd")``, `fused_loss_fn`): the one change a model that
+    returns logits needs.
+    """
     b, l = tokens.shape
     x = self.embedder(tokens) * jnp.sqrt(float(self.cfg.embed_dim))
     positions = jnp.broadcast_to(jnp.arange(l), (b, l))
@@ -168,6 +177,8 @@ class Decoder(nnx.Module):
       else:
         x = layer(x, positions, mask)
     x = self.final_norm(x)
+    if return_hidden:
+      return x
     return self.embedder.attend(x)
 
 
@@ -175,6 +186,21 @@ def loss_fn(model: Decoder, tokens):
   """Next-token cross-entropy, mean over the batch."""
   logits = model(tokens[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def fused_loss_fn(model: Decoder, tokens, block_size: int | None = None):
+  """`loss_fn` with the fused loss head: no logits, no transposed embedding table.
+
+  The model returns its last hidden state and
+  `fewbit_jax.linear_softmax_cross_entropy` computes the loss from it and
+  the tied ``[V, D]`` embedding table (``kernel_layout="vd"``), blocks of
+  the vocabulary at a time (``block_size`` columns; None: the op's default).
+  Equal to `loss_fn` up to float rounding.
+  """
+  import fewbit_jax as fb  # the benchmark's converted rows only; the model knows nothing of it
+  hidden = model(tokens[:, :-1], return_hidden=True)
+  return fb.linear_softmax_cross_entropy(hidden, model.embedder.embedding[...], tokens[:, 1:],
+                                         kernel_layout="vd", block_size=block_size).mean()
 
 
 def make_tokens(cfg: DecoderConfig, batch: int, seq: int, seed: int = 0):

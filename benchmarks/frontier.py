@@ -15,6 +15,18 @@ gated GELU MLP, vocabulary 32k) and the RoBERTa encoder of
 * approximate: the same with ``exact=False`` (3-bit activations, randomized
   dense layers at 20%).
 
+The JAX rows keep the model's loss as users write it (optax's cross-entropy
+of the tied logits). The decoder's library rows but the first of each
+family compute it with the fused loss head instead: the model returns its
+last hidden state (``return_hidden=True``, the one change) and
+``fb.linear_softmax_cross_entropy(h, embedding, labels, kernel_layout="vd")``
+gives the loss with no logits and no transposed table
+(`benchmarks.decoder.fused_loss_fn`); ``gated=False`` rows leave the gated
+MLP to the activation patch instead of `fewbit_jax.gated`. XLA's
+``cost_analysis`` counts a loop's body once, so the flops of the fused rows
+are those of the same step with the vocabulary in one block plus the
+backward's recomputation of the logits (`fused_head_recompute_flops`).
+
 Columns: the compiled temp memory of ``jax.value_and_grad`` of the loss
 (``memory_analysis().temp_size_in_bytes``), the saving against vanilla, the
 flops as a ratio to vanilla (``cost_analysis()``), the gradient's error
@@ -120,9 +132,31 @@ def _rel_error(reference, grads) -> float:
 
 @dataclasses.dataclass
 class Case:
-  """A configuration ready to run: ``run()`` gives grads; ``compiled`` its executable."""
+  """A configuration ready to run: ``run()`` gives grads; ``compiled`` its executable.
+
+  ``flops_compiled``, ``flops_extra``: where ``compiled`` loops (the fused
+  loss head scans over vocabulary blocks, and XLA's ``cost_analysis``
+  counts a loop's body once, not once per trip), the flops are those of
+  ``flops_compiled`` (the same step with the vocabulary in one block) plus
+  ``flops_extra`` (see `fused_head_recompute_flops`); None: ``compiled``'s own.
+  """
   compiled: object
   run: Callable[[], object]
+  flops_compiled: object = None
+  flops_extra: float = 0.0
+
+
+def fused_head_recompute_flops(tokens: int, dim: int, vocab: int) -> float:
+  """The flops the fused loss head's backward spends recomputing the logits: ``2 N D V``.
+
+  With the vocabulary in one block, XLA's CSE merges that recomputation
+  with the forward's logits (the same dot of the same operands), so the
+  one-block step's ``cost_analysis`` misses it; blocked, the backward does
+  it. (On a head alone, N 256, D 64, V 4096: one block counts 3.06 x 2NDV,
+  blocks of V/2 and V/4 count 2.03 and 1.02, the loop's body once: so the
+  blocked head is 3 x 2.03 - 2 x 1.02 = 4.06 x 2NDV = one block + 2NDV.)
+  """
+  return 2.0 * tokens * dim * vocab
 
 
 # --------------------------------------------------------------------------
@@ -138,11 +172,11 @@ def decoder_config(full) -> tuple[dec.DecoderConfig, int, int]:
                            num_kv_heads=1, head_dim=128), 4, 256
 
 
-def _decoder_functional(model, tokens) -> Case:
+def _decoder_functional(model, tokens, loss_fn=dec.loss_fn) -> Case:
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss(params, rest, tokens):
-    return dec.loss_fn(nnx.merge(graphdef, params, rest), tokens)
+    return loss_fn(nnx.merge(graphdef, params, rest), tokens)
 
   def step(params, rest, tokens, key):
     with fb.nnx.step_keys(key):
@@ -153,9 +187,9 @@ def _decoder_functional(model, tokens) -> Case:
   return Case(compiled, lambda: nnx.to_pure_dict(compiled(params, rest, tokens, key)[1]))
 
 
-def _decoder_nnx_jit(model, tokens) -> Case:
+def _decoder_nnx_jit(model, tokens, loss_fn=dec.loss_fn) -> Case:
   def step(model, tokens):
-    return nnx.value_and_grad(dec.loss_fn)(model, tokens)
+    return nnx.value_and_grad(loss_fn)(model, tokens)
 
   jitted = nnx.jit(step)
   compiled = jitted.lower(model, tokens).compile()
@@ -174,16 +208,29 @@ def decoder_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
         lambda p: _decoder_functional(model(remat_policy=getattr(CP, p)), tokens), p)))
   for exact in (True, False):
     family = "exact" if exact else "approximate"
-    for policy in (None, "lean", *JAX_POLICIES):
-      def build(exact=exact, policy=policy):
-        converted = fb.nnx.convert(model(), exact=exact, remat=policy is not None,
-                                   policy=policy, rngs=nnx.Rngs(sketch=0))
-        if policy is not None and not exact:
-          return _decoder_nnx_jit(converted, tokens)
-        return _decoder_functional(converted, tokens)
-      name = f"fb.nnx.convert(exact={exact}" + (
-          ")" if policy is None else f", remat=True, policy={SHORT[policy]})")
-      rows.append((family, name, build))
+    # The conversion as before (optax's loss on the logits, the gated MLP not
+    # recognised), the fused loss head, the gated MLP recognised, then remat.
+    variants = [(None, dec.loss_fn, False), (None, dec.fused_loss_fn, False)]
+    variants += [(policy, dec.fused_loss_fn, True) for policy in (None, "lean", *JAX_POLICIES)]
+    for policy, loss_fn, gated in variants:
+      def build(exact=exact, policy=policy, loss_fn=loss_fn, gated=gated):
+        def case(loss_fn):
+          converted = fb.nnx.convert(model(), exact=exact, remat=policy is not None,
+                                     policy=policy, gated=gated, rngs=nnx.Rngs(sketch=0))
+          if policy is not None and not exact:
+            return _decoder_nnx_jit(converted, tokens, loss_fn)
+          return _decoder_functional(converted, tokens, loss_fn)
+        out = case(loss_fn)
+        if loss_fn is dec.fused_loss_fn:  # the flops with the vocabulary in one block
+          whole = functools.partial(dec.fused_loss_fn, block_size=cfg.vocab_size)
+          out.flops_compiled = case(whole).compiled
+          out.flops_extra = fused_head_recompute_flops(batch * seq, cfg.embed_dim,
+                                                       cfg.vocab_size)
+        return out
+      opts = "" if gated else ", gated=False"
+      opts += "" if policy is None else f", remat=True, policy={SHORT[policy]}"
+      head = "fused loss" if loss_fn is dec.fused_loss_fn else "optax loss"
+      rows.append((family, f"fb.nnx.convert(exact={exact}{opts}) + {head}", build))
   return rows
 
 
@@ -246,25 +293,85 @@ def roberta_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
   return rows
 
 
-def decoder_residuals(full: bool, top: int = 4) -> list[str]:
-  """The largest arrays the decoder's backward still keeps after the exact conversion with remat.
+RESIDUAL_CASES = (
+    ("exact, no remat", dict(exact=True)),
+    ("exact, remat nothing", dict(exact=True, remat=True, policy="nothing_saveable")),
+    ("approximate, no remat", dict(exact=False)),
+)
 
-  ``fb.nnx.convert(exact=True, remat=True, policy='nothing_saveable')``, by
-  ``fb.memory.saved_residuals``: one line per array (size, shape, op, source line).
+
+def decoder_residuals(full: bool, top: int = 8) -> list[str]:
+  """The largest arrays the converted decoder's backward still keeps, with the fused loss.
+
+  For each of `RESIDUAL_CASES` (``fb.nnx.convert`` options), by
+  ``fb.memory.saved_residuals`` of `benchmarks.decoder.fused_loss_fn`
+  (jaxpr level: before XLA's buffer reuse): one line per array, largest
+  first, the same array of every layer on one line (total size, count x
+  shape, op or name, source line).
   """
   cfg, batch, seq = decoder_config(full)
   tokens = dec.make_tokens(cfg, batch, seq)
-  model = fb.nnx.convert(dec.Decoder(cfg, rngs=nnx.Rngs(0)), remat=True,
-                         policy="nothing_saveable")
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  report = fb.memory.saved_residuals(
-      lambda p: dec.loss_fn(nnx.merge(graphdef, p, rest), tokens), params)
-  kept = sorted((r for r in report.residuals if r.source), key=lambda r: -r.nbytes)
-  lines = [f"kept in all: {report.saved_bytes / MiB:.1f} MiB"]
-  for r in kept[:top]:
-    lines.append(f"  {r.nbytes / MiB:7.1f} MiB  {r.dtype}{list(r.shape)}  {r.origin}  "
-                 f"{r.source.split('/')[-1]}")
+  lines = []
+  for title, options in RESIDUAL_CASES:
+    model = fb.nnx.convert(dec.Decoder(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(sketch=0),
+                           **options)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    def loss(p, key):
+      with fb.nnx.step_keys(key):
+        return dec.fused_loss_fn(nnx.merge(graphdef, p, rest), tokens)
+    report = fb.memory.saved_residuals(loss, params, jax.random.key(1))
+    groups: dict[tuple, list] = {}  # the same array in every layer: one line, counted
+    for r in report.residuals:
+      if r.origin == "argument":
+        continue  # the parameters and tokens, held anyway
+      where = r.source.split("/")[-1] if r.source else "-"
+      groups.setdefault((r.origin, where, r.dtype, tuple(r.shape)), []).append(r.nbytes)
+    lines.append(f"{title} ({options}): kept in all {report.saved_bytes / MiB:.1f} MiB")
+    for (origin, where, dtype, shape), sizes in sorted(groups.items(),
+                                                      key=lambda kv: -sum(kv[1]))[:top]:
+      lines.append(f"  {sum(sizes) / MiB:7.1f} MiB  {len(sizes)} x {dtype}{list(shape)}  "
+                   f"{origin}  {where}")
   return lines
+
+
+def mlp_rows(batch: int = 4, seq: int = 256, dim: int = 512, hidden: int = 2048):
+  """(treatment, bytes kept) for the decoder's MLP alone (`benchmarks.decoder.FeedForward`).
+
+  By ``fb.memory.saved_residuals`` of ``mlp(x).sum()`` with respect to the
+  MLP's parameters and x, f32 ``[batch, seq, dim]``: as written (autodiff),
+  with the exact GELU patch alone (what the conversion did before it
+  recognised the gated MLP), and recognised by ``fb.nnx.convert`` (exact,
+  and approximate: 3 bits with randomized projections).
+  """
+  cfg = dec.DecoderConfig(embed_dim=dim, hidden_dim=hidden)
+  x = jax.random.normal(jax.random.key(0), (batch, seq, dim))
+
+  def kept(mlp, patch=None) -> int:
+    graphdef, params, rest = nnx.split(mlp, nnx.Param, ...)
+
+    def f(p, x, key):
+      ctx = fb.patch_activations(warn_unused=False, **patch) if patch else _nothing()
+      with ctx, fb.nnx.step_keys(key):
+        return nnx.merge(graphdef, p, rest)(x).sum()
+    return fb.memory.saved_residuals(f, params, x, jax.random.key(1)).saved_bytes
+
+  class Holder(nnx.Module):  # convert wants a model; the MLP is its only child
+    def __init__(self):
+      self.mlp = dec.FeedForward(cfg, rngs=nnx.Rngs(0))
+
+  def converted(**kw):
+    return fb.nnx.convert(Holder(), activations=False, rngs=nnx.Rngs(sketch=0), **kw).mlp
+
+  exact_gelu = {"gelu": "exact"}
+  return [
+      ("as written (autodiff)", kept(dec.FeedForward(cfg, rngs=nnx.Rngs(0)))),
+      ("exact GELU patch only (gated=False)",
+       kept(converted(exact=True, gated=False), exact_gelu)),
+      ("recognised: fb.gated exact", kept(converted(exact=True))),
+      ("approximate, gated=False: 3-bit GELU, randomized 20%",
+       kept(converted(exact=False, gated=False), {"gelu": 3})),
+      ("approximate, recognised: fb.gated, randomized 20%", kept(converted(exact=False))),
+  ]
 
 
 # --------------------------------------------------------------------------
@@ -316,7 +423,7 @@ def measure(rows, *, timing: bool, repeats: int, log) -> list[Row]:
   for family, name, build in rows:
     case = build()
     mem = case.compiled.memory_analysis().temp_size_in_bytes
-    row = Row(family, name, mem, _flops(case.compiled))
+    row = Row(family, name, mem, _flops(case.flops_compiled or case.compiled) + case.flops_extra)
     grads = case.run()
     if vanilla_case is None:
       vanilla_case, reference = case, grads
@@ -328,6 +435,38 @@ def measure(rows, *, timing: bool, repeats: int, log) -> list[Row]:
     out.append(row)
     log(format_row(row))
   return out
+
+
+# The decoder's goals (issues of the frontier and the decoder ops): (goal,
+# families, no remat only, flops bound, target saving).
+DECODER_GOALS = (
+    ("exact, no remat", ("exact",), True, None, 0.45),
+    ("everything, no remat", ("exact", "approximate"), True, None, 0.65),
+    ("exact, flops <= 1.02x", ("exact",), False, 1.02, 0.60),
+    ("approximate, flops <= 1.02x", ("exact", "approximate"), False, 1.02, 0.72),
+    ("any configuration, flops <= 1.35x", ("jax", "exact", "approximate"), False, 1.35, 0.80),
+)
+
+
+def goal_table(rows: list[Row]) -> list[str]:
+  """The decoder goals: the best saving of the rows each goal admits, against its target.
+
+  "no remat" admits the rows without ``remat=True``/``nnx.remat``; the
+  approximate goals admit exact rows too (an exact configuration is one
+  the approximate family may use).
+  """
+  lines = ["| goal | target | reached | by | flops |", "|---|---|---|---|---|"]
+  for goal, families, no_remat, bound, target in DECODER_GOALS:
+    ok = [r for r in rows if r.family in families and (not no_remat or "remat" not in r.name)
+          and (bound is None or r.flops_ratio <= bound)]
+    best = max(ok, key=lambda r: r.saving, default=None)
+    if best is None:
+      lines.append(f"| {goal} | >= {target:.0%} | - | no row | - |")
+      continue
+    verdict = "met" if best.saving >= target else f"missed by {target - best.saving:.1%}"
+    lines.append(f"| {goal} | >= {target:.0%} | {best.saving:.1%} ({verdict}) | {best.name} | "
+                 f"{best.flops_ratio:.3f}x |")
+  return lines
 
 
 def format_header(timing: bool) -> str:
@@ -394,6 +533,8 @@ def main(argv=None) -> None:
   parser.add_argument("--json", help="write the rows here")
   parser.add_argument("--residuals", action="store_true",
                       help="also: the largest arrays the converted decoder still keeps")
+  parser.add_argument("--mlp", action="store_true",
+                      help="also: what the decoder's gated MLP keeps, recognised or not")
   parser.add_argument("--norms", action="store_true",
                       help="also: what a norm keeps, recognised or recomputed")
   args = parser.parse_args(argv)
@@ -420,11 +561,21 @@ def main(argv=None) -> None:
       fam = [r for r in rows if r.family == family] + ([rows[0]] if family != "jax" else [])
       log(f"  {family}: " + "; ".join(f"{r.name}: {r.saving:.1%} at {r.flops_ratio:.3f}x"
                                        for r in frontier(fam)))
+  if "decoder" in results:
+    log("\ndecoder goals (best saving among the rows each goal admits)")
+    for line in goal_table(results["decoder"]):
+      log(line)
   if args.residuals:
-    log("\ndecoder, fb.nnx.convert(exact=True, remat=True, policy='nothing_saveable'): the "
-        "largest arrays its backward keeps (fb.memory.saved_residuals)")
+    log("\ndecoder with the fused loss, converted: the largest arrays its backward keeps "
+        "(fb.memory.saved_residuals, jaxpr level)")
     for line in decoder_residuals(size):
       log(line)
+  if args.mlp:
+    log("\nthe decoder's gated MLP alone, f32 x [4, 256, 512], FFN 2048: what its backward "
+        "keeps (fb.memory.saved_residuals)")
+    log("| MLP | kept MiB |\n|---|---|")
+    for name, nbytes in mlp_rows():
+      log(f"| {name} | {nbytes / MiB:.2f} |")
   if args.norms:
     log("\nnorms: what the backward keeps for h = 2x; norm(h) @ W, f32 [8, 256, 512] "
         "(fb.memory.saved_residuals)")

@@ -28,12 +28,26 @@ __all__ = ["activation_choices", "resolve_policy", "is_cheap_class", "is_library
 CHEAP_NAME = re.compile(r"norm", re.IGNORECASE)
 
 # Recognisers of whole sub-blocks that the library has a lean op for, applied
-# by the conversions before anything else: ``(module, path) -> module`` (NNX)
-# returning a replacement holding the same Variables, or the module itself.
-# The gated MLP (``act(gate_proj(x)) * up_proj(x)``, `fewbit_jax.gated`)
-# registers its recogniser here; until then the gate's activation is reached
-# by the activation patch and its projections by the dense conversion.
+# by the NNX conversion before anything else: ``(module, path, *, exact, bits)
+# -> module`` returning a replacement holding the same Variables, or the
+# module itself (``fewbit_jax.nnx._one_call`` registers the gated MLP's,
+# ``act(gate_proj(x)) * up_proj(x)`` -> `fewbit_jax.gated`).
 RECOGNISERS: dict[str, tp.Callable[..., tp.Any]] = {}
+
+# The attribute names of a gated MLP's three projections (gate, up, down):
+# Gemma/Hugging Face, Llama's w1/w3/w2, T5's wi_0/wi_1/wo, and plain ones.
+GATED_NAMES: tuple[tuple[str, str, str], ...] = (
+    ("gate_proj", "up_proj", "down_proj"),
+    ("w1", "w3", "w2"),
+    ("wi_0", "wi_1", "wo"),
+    ("w_gate", "w_up", "w_down"),
+    ("gate", "up", "down"),
+)
+
+# The activations a gated MLP is tried with, in order: (name for fb.gated,
+# approximate). GELU's tanh and erf forms differ by ~1e-3, far above rounding.
+GATED_ACTIVATIONS: tuple[tuple[str, bool | None], ...] = (
+    ("gelu", True), ("gelu", False), ("silu", None), ("relu", None))
 
 
 def activation_choices(exact: bool, bits: int) -> dict[str, int | str]:
@@ -157,8 +171,9 @@ class Conversion:
   ``linear``: layers made randomized; ``lean``: flax norms, dropout and
   attention made lean; ``cheap``: the model's own cheap modules recomputed
   in the backward pass; ``blocks``: the blocks rematerialised with
-  ``policy``; ``activations``: the activation patch applied while the model
-  is traced.
+  ``policy``; ``gated``: gated MLPs whose call became `fewbit_jax.gated`
+  (path: activation); ``activations``: the activation patch applied while
+  the model is traced.
 
   Example:
     >>> from fewbit_jax._one_call import Conversion
@@ -169,6 +184,7 @@ class Conversion:
   lean: list[str] = dataclasses.field(default_factory=list)
   cheap: list[str] = dataclasses.field(default_factory=list)
   blocks: list[str] = dataclasses.field(default_factory=list)
+  gated: list[str] = dataclasses.field(default_factory=list)
   activations: dict = dataclasses.field(default_factory=dict)
   policy: str | None = None
 
@@ -176,4 +192,5 @@ class Conversion:
     def short(xs):
       return xs if len(xs) <= 6 else xs[:3] + [f"... {len(xs) - 3} more"]
     return (f"Conversion(linear={short(self.linear)}, lean={short(self.lean)}, "
-            f"cheap={short(self.cheap)}, blocks={short(self.blocks)}, policy={self.policy})")
+            f"cheap={short(self.cheap)}, gated={short(self.gated)}, blocks={short(self.blocks)}, "
+            f"policy={self.policy})")

@@ -162,6 +162,116 @@ def test_nnx_cheap_module_keeps_less_than_its_autodiff():
 
 
 # --------------------------------------------------------------------------
+# The gated MLP, recognised by structure and verified by tracing.
+
+class LlamaMLP(nnx.Module):
+  """Llama's names (w1 gate, w3 up, w2 down), SiLU, zero-initialised as gemma's."""
+
+  def __init__(self, rngs, act=nnx.silu, zeros=True):
+    init = nnx.initializers.zeros_init() if zeros else nnx.initializers.lecun_normal()
+    self.w1 = nnx.Linear(16, 48, use_bias=False, kernel_init=init, rngs=rngs)
+    self.w3 = nnx.Linear(16, 48, use_bias=False, kernel_init=init, rngs=rngs)
+    self.w2 = nnx.Linear(48, 16, use_bias=False, kernel_init=init, rngs=rngs)
+    self.act = act
+
+  def __call__(self, x):
+    return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
+class LooksGated(LlamaMLP):
+  """The same three projections, but not the gated form: a sum, not a product."""
+
+  def __call__(self, x):
+    return self.w2(nnx.silu(self.w1(x)) + self.w3(x))
+
+
+class Holder(nnx.Module):
+  def __init__(self, mlp):
+    self.mlp = mlp
+
+
+def _mlp_grads(mlp, x):
+  graphdef, params = nnx.split(mlp, nnx.Param)
+  f = lambda p, x: (nnx.merge(graphdef, p)(x) ** 2).sum()
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
+
+
+@pytest.mark.parametrize("act, name", [(nnx.silu, "silu"),
+                                       (functools.partial(jax.nn.gelu, approximate=False),
+                                        "gelu (approximate=False)")])
+def test_gated_mlp_recognised_same_params_forward_and_gradients(act, name):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  reference = LlamaMLP(nnx.Rngs(0), act, zeros=False)
+  (value, grads) = _mlp_grads(reference, x)
+  holder = Holder(LlamaMLP(nnx.Rngs(0), act, zeros=False))
+  kernel = holder.mlp.w1.kernel
+  fb.nnx.convert(holder, exact=True)
+  assert fb.nnx.conversion(holder).gated == [f"/mlp: {name}"]
+  assert isinstance(holder.mlp, LlamaMLP) and holder.mlp.w1.kernel is kernel  # same Variables
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(reference, nnx.Param)),
+               nnx.to_pure_dict(nnx.state(holder.mlp, nnx.Param)))
+  np.testing.assert_array_equal(holder.mlp(x), reference(x))  # the forward, bitwise
+  value2, grads2 = _mlp_grads(holder.mlp, x)
+  np.testing.assert_allclose(value2, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), grads,
+               grads2)
+  # The product now keeps gate and up only (fb.gated's names).
+  graphdef, params = nnx.split(holder.mlp, nnx.Param)
+  report = fb.memory.saved_residuals(lambda p: nnx.merge(graphdef, p)(x).sum(), params)
+  assert {"named 'gated_gate'", "named 'gated_up'"} <= set(report.by_source())
+
+
+def test_gated_mlp_zero_initialised_decided_on_random_parameters():
+  # gemma's FeedForward starts from zero kernels: every activation would match on
+  # them; the probe's random parameters tell tanh GELU from erf GELU from SiLU.
+  holder = Holder(LlamaMLP(nnx.Rngs(0), nnx.gelu, zeros=True))
+  fb.nnx.convert(holder, exact=True, activations=False)
+  assert fb.nnx.conversion(holder).gated == ["/mlp: gelu (approximate=True)"]
+
+
+def test_gated_lookalike_and_gated_false_left_alone():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  holder = Holder(LooksGated(nnx.Rngs(0), zeros=False))
+  y = holder.mlp(x)
+  cls = type(holder.mlp)
+  fb.nnx.convert(holder, exact=True, activations=False)
+  assert fb.nnx.conversion(holder).gated == [] and type(holder.mlp) is cls
+  np.testing.assert_array_equal(holder.mlp(x), y)
+  off = Holder(LlamaMLP(nnx.Rngs(0), zeros=False))
+  fb.nnx.convert(off, exact=True, gated=False)
+  assert fb.nnx.conversion(off).gated == [] and type(off.mlp) is LlamaMLP
+
+
+def test_gated_approximate_exact_product_with_randomized_down():
+  model = fb.nnx.convert(_model(), exact=False, rngs=nnx.Rngs(sketch=1))
+  done = fb.nnx.conversion(model)
+  assert done.gated == ["/layers/0/mlp: gelu (approximate=True)",
+                        "/layers/1/mlp: gelu (approximate=True)"]
+  assert "/layers/0/mlp/down_proj" in done.linear
+
+
+def test_decoder_fused_loss_equal_and_keeps_less_than_optax():
+  """The one change (return the hidden state) and fb.linear_softmax_cross_entropy."""
+  # 128 tokens x 8192 logits: more than the op's default block (2**19 logits).
+  cfg = D.DecoderConfig.tiny(vocab_size=8192, num_layers=1)
+  tokens = D.make_tokens(cfg, 2, 64)
+  model = D.Decoder(cfg, rngs=nnx.Rngs(0))
+  assert model(tokens, return_hidden=True).shape == (2, 65, cfg.embed_dim)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  results = {}
+  for name, loss_fn in (("optax", D.loss_fn), ("fused", D.fused_loss_fn)):
+    f = lambda p: loss_fn(nnx.merge(graphdef, p, rest), tokens)
+    compiled = jax.jit(jax.value_and_grad(f)).lower(params).compile()
+    results[name] = compiled.memory_analysis().temp_size_in_bytes, compiled(params)
+  (optax_temp, (loss, grads)), (fused_temp, (loss2, grads2)) = results["optax"], results["fused"]
+  np.testing.assert_allclose(loss2, loss, rtol=1e-5)
+  assert _rel(grads, grads2) < 1e-5
+  # The logits [2, 64, 8192] are 4 MiB (their exp kept by optax's loss), the
+  # transposed table [32, 8192] 1 MiB.
+  assert fused_temp < optax_temp - 4 * 2**20
+
+
+# --------------------------------------------------------------------------
 # linen, in the style of flax's lm1b example.
 
 class MlpBlock(nn.Module):

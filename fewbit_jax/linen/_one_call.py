@@ -116,6 +116,12 @@ def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None
   As every interception, it acts while the model is *traced*: trace (jit)
   the step inside the context.
 
+  Unlike the NNX conversion it does not recognise gated MLPs (a compact
+  module's layers exist only while it runs): their activation is patched
+  (step 5); `fewbit_jax.linen.GatedMLP` is the drop-in. The loss is the
+  model's own: for a large vocabulary, return the last hidden state and
+  compute the loss with `fewbit_jax.linear_softmax_cross_entropy`.
+
   Args:
     exact: True (default): no gradient changes beyond float rounding. False:
       few-bit activations and randomized dense layers at their defaults.

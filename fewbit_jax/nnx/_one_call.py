@@ -15,6 +15,7 @@ original one.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import typing as tp
 
@@ -24,11 +25,12 @@ from flax import nnx
 
 from fewbit_jax import _one_call
 from fewbit_jax import patch as _patch
+from fewbit_jax.gated import gated as _gated
 from fewbit_jax.nnx._convert import convert_linear, map_module
 from fewbit_jax.nnx._layers import RandomizedLinear
 from fewbit_jax.nnx._lean import convert_lean
 
-__all__ = ["convert", "conversion"]
+__all__ = ["convert", "conversion", "recognise_gated"]
 
 _MARK = "__fewbit_convert__"  # the class attribute of the subclasses made here
 
@@ -107,6 +109,164 @@ def _give_call(module, kind: str, make_call, extra: dict | None = None):
   module.__class__ = type(cls.__name__, (cls,), namespace)
 
 
+# --------------------------------------------------------------------------
+# The gated MLP: act(gate(x)) * up(x) -> down, recognised and verified.
+
+_GATED_ATTR = "__fewbit_gated__"  # class attribute: (names, activation, approximate)
+
+
+def _gated_names(module) -> tuple[str, str, str] | None:
+  """The (gate, up, down) attribute names if `module`'s only child modules are those three."""
+  children = {k for k, v in vars(module).items() if isinstance(v, nnx.Module)}
+  for names in _one_call.GATED_NAMES:
+    if children == set(names) and all(_has_kernel(getattr(module, n)) for n in names):
+      return names
+  return None
+
+
+def _in_features(layer) -> int | None:
+  n = getattr(layer, "in_features", None)
+  if isinstance(n, int):
+    return n
+  kernel = getattr(layer, "kernel", None)
+  if isinstance(kernel, nnx.Param) and np.ndim(kernel.get_value()) == 2:
+    return int(np.shape(kernel.get_value())[0])
+  return None
+
+
+def _one_argument(call) -> bool:
+  """Whether ``call(self, x)`` takes exactly one argument besides self."""
+  try:
+    params = list(inspect.signature(call).parameters.values())[1:]
+  except (TypeError, ValueError):
+    return False
+  return (len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)
+          and params[0].default is inspect.Parameter.empty)
+
+
+def _gated_form(module, names, activation, approximate, x):
+  g, u, d = (getattr(module, n) for n in names)
+  return d(_gated(g(x), u(x), activation, approximate=approximate))
+
+
+def _verify_gated(module, names) -> tuple[str, bool | None] | None:
+  """The activation for which `module`'s call equals the gated form, or None.
+
+  Traced once, on a copy of the module whose parameters are replaced by
+  random ones (so zero-initialised layers, as in gemma, decide nothing) and
+  a random probe input: the module's own call against
+  ``down(gated(gate(x), up(x), act))`` for each activation of
+  `fewbit_jax._one_call.GATED_ACTIVATIONS`. A call that fails, adds state
+  (a ``sow``), or matches none leaves the module alone.
+  """
+  n_in = _in_features(getattr(module, names[0]))
+  if n_in is None or not _one_argument(type(module).__call__):
+    return None
+  graphdef, state = nnx.split(module)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(20240607), len(leaves) + 1)
+  leaves = [jax.random.normal(k, np.shape(v), v.dtype) * 0.5
+            if jax.numpy.issubdtype(getattr(v, "dtype", np.int32), jax.numpy.floating) else v
+            for k, v in zip(keys[1:], leaves)]
+  probe_state = jax.tree.unflatten(treedef, leaves)
+  x = jax.random.normal(keys[0], (2, 3, n_in), jax.numpy.float32)
+
+  def own(state, x):
+    m = nnx.merge(graphdef, state)
+    y = m(x)
+    return y, nnx.state(m)
+
+  try:
+    ref, after = own(probe_state, x)
+  except Exception:  # noqa: BLE001 (a module the probe cannot call is simply not converted)
+    return None
+  if jax.tree.structure(after) != jax.tree.structure(probe_state):
+    return None  # its call adds or changes state (sow...): not only the gated form
+  if not isinstance(ref, jax.Array) or not jax.numpy.issubdtype(ref.dtype, jax.numpy.floating):
+    return None
+  ref = np.asarray(ref, np.float32)
+  scale = float(np.max(np.abs(ref))) or 1.0
+  for activation, approximate in _one_call.GATED_ACTIVATIONS:
+    try:
+      y = _gated_form(nnx.merge(graphdef, probe_state), names, activation, approximate, x)
+    except Exception:  # noqa: BLE001
+      return None
+    y = np.asarray(y, np.float32)
+    if y.shape == ref.shape and np.allclose(y, ref, rtol=1e-5, atol=1e-6 * scale):
+      return activation, approximate
+  return None
+
+
+def _gated_call(names, activation, approximate, exact: bool, bits: int):
+  """``__call__`` computing the MLP with `fewbit_jax.gated`.
+
+  Exact mode when `exact`; otherwise `bits`-bit codes, except with a
+  randomized down projection: that keeps a sketch of the product instead of
+  the product, which the few-bit backward needs (``h / up``), so exact mode
+  keeps less there (and is exact).
+  """
+  g, u, d = names
+
+  def __call__(self, x):
+    down = getattr(self, d)
+    few = None if exact or isinstance(down, RandomizedLinear) else bits
+    h = _gated(getattr(self, g)(x), getattr(self, u)(x), activation, approximate=approximate,
+               bits=few)
+    return down(h)
+
+  return __call__
+
+
+def recognise_gated(module, path: str, *, exact: bool = True, bits: int = 3):
+  """Gives a gated MLP module the call ``down(fb.gated(gate(x), up(x), act))``.
+
+  A module is a candidate when its only child modules are three
+  projections named as in `fewbit_jax._one_call.GATED_NAMES`
+  (``gate_proj/up_proj/down_proj``, Llama's ``w1/w3/w2``...) and its call
+  takes one argument; it is converted only if, traced once on random
+  parameters and a random input, its output equals the gated form for one
+  of GELU (tanh or erf), SiLU or ReLU. The module keeps its Variables (and
+  its class, as a subclass); anything else is returned unchanged.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from fewbit_jax.nnx._one_call import recognise_gated
+    >>> class MLP(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.w1, self.w3 = nnx.Linear(4, 8, rngs=rngs), nnx.Linear(4, 8, rngs=rngs)
+    ...     self.w2 = nnx.Linear(8, 4, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.w2(nnx.silu(self.w1(x)) * self.w3(x))
+    >>> mlp = MLP(nnx.Rngs(0))
+    >>> y = mlp(jnp.ones((2, 4)))
+    >>> mlp = recognise_gated(mlp, "/mlp")
+    >>> type(mlp).__fewbit_gated__[1]
+    'silu'
+    >>> bool(jnp.all(mlp(jnp.ones((2, 4))) == y))
+    True
+  """
+  if not isinstance(module, nnx.Module) or _one_call.is_library_class(type(module)):
+    return module
+  if _GATED_ATTR in vars(type(module)):
+    return module
+  names = _gated_names(module)
+  if names is None:
+    return module
+  found = _verify_gated(module, names)
+  if found is None:
+    return module
+  activation, approximate = found
+  _give_call(module, "gated",
+             lambda call: _gated_call(names, activation, approximate, exact, bits),
+             {_GATED_ATTR: (names, activation, approximate)})
+  return module
+
+
+_one_call.RECOGNISERS.setdefault("gated_mlp", recognise_gated)
+
+
 def _has_kernel(module) -> bool:
   """Whether `module` holds a parameter of rank >= 2 (a matmul's) anywhere inside."""
   for _, value in nnx.iter_graph(module):
@@ -167,7 +327,7 @@ def conversion(model) -> _one_call.Conversion | None:
 
 def convert(model, *, exact: bool = True, remat: bool = False, policy=None, blocks=None,
             cheap=True, bits: int = 3, proj_dim_ratio: float = 0.2, rngs=None,
-            activations: bool = True, **linear_options):
+            activations: bool = True, gated: bool = True, **linear_options):
   """Applies every technique of the library to an NNX model written without it.
 
   In place, keeping the model's ``Variable`` objects (parameters, rng
@@ -190,12 +350,24 @@ def convert(model, *, exact: bool = True, remat: bool = False, policy=None, bloc
      is traced (`fewbit_jax.patch_activations`): in exact mode with an exact
      gradient, otherwise few-bit with `bits` bits.
 
-  Steps 3 to 5 give the module a subclass of its own class with the same
-  attributes, so ``isinstance`` and ``nnx.split``/``nnx.merge`` keep
-  working; just call ``model(x)`` inside the jitted step. A gated MLP
-  written inline is reached by step 5 (the activation) and step 1 (its
-  projections); a recogniser of the whole pattern plugs into
-  ``fewbit_jax._one_call.RECOGNISERS``.
+  0. ``gated=True``: gated MLPs, modules holding just three projections
+     named ``gate_proj/up_proj/down_proj`` (or Llama's ``w1/w3/w2``, see
+     `fewbit_jax._one_call.GATED_NAMES`) whose call is
+     ``down(act(gate(x)) * up(x))``, compute the product with
+     `fewbit_jax.gated` (exact mode; ``exact=False``: `bits`-bit codes,
+     except where the down projection is randomized, which makes exact mode
+     the leaner one). The pattern is verified by tracing the module once on
+     random parameters and a random input against the gated form with GELU
+     (tanh or erf), SiLU and ReLU: a module that only looks gated is left
+     alone.
+
+  Steps 0 and 3 to 5 give the module a subclass of its own class with the
+  same attributes, so ``isinstance`` and ``nnx.split``/``nnx.merge`` keep
+  working; just call ``model(x)`` inside the jitted step.
+
+  The loss is the model's own: no conversion changes it. For a tied or
+  large-vocabulary output layer, return the last hidden state and compute
+  the loss with `fewbit_jax.linear_softmax_cross_entropy` (no logits kept).
 
   Args:
     model: an NNX module.
@@ -215,6 +387,7 @@ def convert(model, *, exact: bool = True, remat: bool = False, policy=None, bloc
     rngs: where the randomized layers' sketch streams come from (as for
       `convert_linear`).
     activations: patch inline activations and softmax (default True).
+    gated: recognise gated MLPs (step 0; default True).
     **linear_options: more options of the randomized layers (``sketch=``...).
 
   Returns:
@@ -270,6 +443,20 @@ def convert(model, *, exact: bool = True, remat: bool = False, policy=None, bloc
                                  "lean" if policy is None else getattr(policy, "__name__",
                                                                        repr(policy))))
 
+  # 0. recognisers of whole sub-blocks (the gated MLP), verified on the
+  # original layers; the calls they give look their layers up when called, so
+  # the randomized layers of step 1 are used.
+  for name, recognise in _one_call.RECOGNISERS.items():
+    if name == "gated_mlp" and not gated:
+      continue
+    model = map_module(model, lambda m, path: recognise(m, path, exact=exact, bits=bits))
+  for path, m in _modules(model).items():
+    found = getattr(type(m), _GATED_ATTR, None)
+    if found is not None:
+      _, act, approx = found
+      record.gated.append(f"{_path_str(path)}: {act}"
+                          + ("" if approx is None else f" (approximate={approx})"))
+
   # 1. dense layers (approximate mode).
   if not exact:
     def to_randomized(m, path):
@@ -279,10 +466,6 @@ def convert(model, *, exact: bool = True, remat: bool = False, policy=None, bloc
         record.linear.append(path)
       return new
     model = map_module(model, to_randomized)
-
-  # Recognisers of whole sub-blocks (the gated MLP's plugs in here).
-  for recognise in _one_call.RECOGNISERS.values():
-    model = map_module(model, lambda m, path: recognise(m, path, exact=exact, bits=bits))
 
   # 2. flax's norms, dropout and attention.
   def to_lean(m, path):
