@@ -48,9 +48,8 @@ Usage::
 The NNX rows are measured in flax's functional loop (``nnx.split`` /
 ``nnx.merge`` inside ``jax.value_and_grad``, sketch keys by
 ``fb.nnx.step_keys``), except the approximate rows with remat, measured
-under ``nnx.jit`` (their functional loop does not run yet: a
-``TraceContextError`` of the randomized layers' rng counters inside
-``nnx.remat``).
+under ``nnx.jit`` (the same program: the functional loop, which now runs
+them too, differs only in where the sketch keys come from).
 """
 
 from __future__ import annotations
