@@ -48,8 +48,8 @@ Usage::
 The NNX rows are measured in flax's functional loop (``nnx.split`` /
 ``nnx.merge`` inside ``jax.value_and_grad``, sketch keys by
 ``fb.nnx.step_keys``), except the approximate rows with remat, measured
-under ``nnx.jit`` (the same program: the functional loop, which now runs
-them too, differs only in where the sketch keys come from).
+under ``nnx.jit`` (the functional loop runs them too since the layers'
+key streams pass ``nnx.remat``; these rows were measured before that).
 """
 
 from __future__ import annotations
