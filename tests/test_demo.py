@@ -31,7 +31,6 @@ def test_every_variant_saves_and_both_saves_most(rows):
   assert max(total["3-bit GELU"], total["randomized dense 0.2"]) < total["vanilla"]
   # Lean exact residuals save on their own and on top of both approximations.
   assert total["lean (exact)"] < total["vanilla"] and total["both + lean"] < total["both"]
-  assert total["lean (exact)"] < total["both"]  # the README says so
   for _, r in rows:
     assert r["time"] > 0 and r["temp"] <= r["total"]
 

@@ -92,8 +92,10 @@ def test_lean_parts_compiled_saving():
   # XLA merges the lean backward's mask draws and recomputations with the
   # forward's and keeps their results (random bits, dropout multipliers, a
   # broadcast scale) from the forward to the backward. Measured: per norm 1.85
-  # input-sized arrays fewer (0.66 before), per dropout 2.0 (0 before), per
-  # attention 2.5 score-sized arrays (1.5 before).
+  # input-sized arrays fewer (0.66 before), per attention 2.5 score-sized
+  # arrays (1.5 before). fb.Dropout keeps flax's boolean mask (drawing it again
+  # in the backward raised the peak of programs whose peak is in the
+  # backward), so it keeps exactly what flax's does.
   import fewbit_jax as fb
   cfg = roberta.RobertaConfig.tiny(hidden_size=64, intermediate_size=128, num_layers=2,
                                    max_position_embeddings=130)
@@ -103,9 +105,9 @@ def test_lean_parts_compiled_saving():
   vanilla = temp({})
   hidden = batch * seq * cfg.hidden_size * 4
   scores = batch * cfg.num_heads * seq * seq * 4
-  norms = dropouts = 2 * cfg.num_layers + 1  # two per layer, one after the embeddings
+  norms = 2 * cfg.num_layers + 1  # two per layer, one after the embeddings
   assert vanilla - temp(dict(layer_norm=fb.LayerNorm)) > 1.5 * norms * hidden
-  assert vanilla - temp(dict(dropout=fb.Dropout)) > 1.5 * dropouts * hidden
+  assert temp(dict(dropout=fb.Dropout)) <= vanilla
   assert (vanilla - temp(dict(attention=memory_table.lean_attention))
           > 2.0 * cfg.num_layers * scores)
 
