@@ -248,6 +248,27 @@ def _norm_jvp(cfg, primals, tangents):
 _norm.defjvp(_norm_jvp, symbolic_zeros=True)
 
 
+def _normaliser(cfg, kept, mean, rstd):
+  """flax's normalisation of `kept`: (x_y, statistics dtype, compute dtype, rstd in it, xhat).
+
+  x_y is the array flax normalises (nnx's promoted copy of the input); the
+  compute dtype holds both it and the statistics, at least float32;
+  ``xhat(v) = (v - mean) * rstd`` in that dtype (no mean for RMSNorm).
+  """
+  x_y = cfg.promoted(kept)
+  stats_dtype = cfg.stats_dtype(x_y)
+  dtype = jnp.promote_types(jnp.promote_types(x_y.dtype, stats_dtype), jnp.float32)
+  rstd = rstd.astype(dtype)
+
+  def xhat(v):
+    v = v.astype(dtype)
+    if mean is not None:
+      v = v - mean.astype(dtype)
+    return v * rstd
+
+  return x_y, stats_dtype, dtype, rstd, xhat
+
+
 def _norm_bwd(cfg, res, g):
   """The transpose of the tangent, written out: dx, dscale, dbias from the cotangent `g`."""
   kept, scale, bias, mask, mean, rstd = res
@@ -261,16 +282,7 @@ def _norm_bwd(cfg, res, g):
   # computed from x_s, x_y cast to the statistics' dtype: in the derivative of
   # the mean and the variance, x_s appears; in the normalised output, x_y.
   # They differ where the statistics' dtype is narrower than x_y's.
-  x_y = cfg.promoted(kept)
-  stats_dtype = cfg.stats_dtype(x_y)
-  dtype = jnp.promote_types(jnp.promote_types(x_y.dtype, stats_dtype), jnp.float32)
-  rstd = rstd.astype(dtype)
-
-  def xhat(v):
-    v = v.astype(dtype)
-    if mean is not None:
-      v = v - mean.astype(dtype)
-    return v * rstd
+  x_y, stats_dtype, dtype, rstd, xhat = _normaliser(cfg, kept, mean, rstd)
 
   xhat_y = xhat(x_y)
   narrower = jnp.finfo(stats_dtype).bits < jnp.finfo(x_y.dtype).bits
@@ -326,17 +338,8 @@ def _tangent(cfg: _Norm, out_dtype, kept, mean, rstd, scale, mask, x_dot, scale_
   kept = checkpoint_name(kept, NORM_INPUT_NAME)
   mean = None if mean is None else checkpoint_name(mean, NORM_STATS_NAME)
   rstd = checkpoint_name(rstd, NORM_STATS_NAME)
-  x_y = cfg.promoted(kept)
-  stats_dtype = cfg.stats_dtype(x_y)
-  dtype = jnp.promote_types(jnp.promote_types(x_y.dtype, stats_dtype), jnp.float32)
+  x_y, stats_dtype, dtype, rstd, xhat = _normaliser(cfg, kept, mean, rstd)
   narrower = jnp.finfo(stats_dtype).bits < jnp.finfo(x_y.dtype).bits
-  rstd = rstd.astype(dtype)
-
-  def xhat(v):
-    v = v.astype(dtype)
-    if mean is not None:
-      v = v - mean.astype(dtype)
-    return v * rstd
 
   def row_mean(v):
     (out,) = cfg.pmean(v.mean(cfg.reduction_axes, where=mask, keepdims=True))
