@@ -71,24 +71,13 @@ def _softmax(x, axis, where):
   return _JAX_SOFTMAX(x, axis, where)
 
 
-def _softmax_ops(x, axis):
-  """jax.nn.softmax's operations (no mask), with the exponentials named."""
-  x_max = jnp.max(x, axis, initial=-jnp.inf, keepdims=True)
-  unnormalized = checkpoint_name(jnp.exp(x - lax.stop_gradient(x_max)), SOFTMAX_NAME)
-  return unnormalized / jnp.sum(unnormalized, axis, keepdims=True)
-
-
 @_softmax.defjvp
 def _softmax_jvp(axis, primals, tangents):
   (x, where), (x_dot, _) = primals, tangents
-  if where is None:
-    # The derivative autodiff takes of jax.nn.softmax's operations: reverse
-    # mode keeps what jax.nn.softmax keeps (the exponentials, here named),
-    # never more, and XLA fuses the backward into the same programs.
-    return jax.jvp(lambda x: _softmax_ops(x, axis), (x,), (x_dot,))
-  # With a mask, autodiff keeps the exponentials and two masks; this
-  # tangent needs only the output y (and the mask): masked positions get 0
-  # through the where of the sum, even in a row that is NaN.
+  # jax's tangent, written with the output y only: reverse mode keeps y
+  # (and the mask) where autodiff of jax.nn.softmax keeps the exponentials
+  # (and two masks) and the matmul that follows keeps y as well. Masked
+  # positions get 0 through the where of the sum, even in a row that is NaN.
   y = checkpoint_name(_softmax(x, axis, where), SOFTMAX_NAME)
   return y, y * (x_dot - jnp.sum(y * x_dot, axis, where=where, keepdims=True))
 
@@ -99,10 +88,16 @@ def softmax(x, axis: int | tuple[int, ...] | None = -1, where=None):
   The forward is ``jax.nn.softmax``'s (bitwise, masked and fully masked rows
   included: those are 0). The derivative is jax's, ``y * (t - sum(t * y,
   axis, where))``: reverse mode keeps only ``y``, named ``'softmax_output'``
-  (kept by `fewbit_jax.checkpoint_policy`), never more than
-  ``jax.nn.softmax`` keeps; masked entries get a zero gradient, as there,
-  even in a row that is NaN. Forward mode works. Non-float inputs go to
-  ``jax.nn.softmax``.
+  (kept by `fewbit_jax.checkpoint_policy`). Autodiff of ``jax.nn.softmax``
+  keeps its exponentials, and the matmul of attention keeps ``y`` too:
+  ``softmax(s) @ v`` keeps one score-sized array here, two there. The one
+  program shape measured to keep more is a softmax of the step's own
+  argument whose output meets that argument elementwise (``sum(softmax(s) *
+  s)`` with ``s`` the argument), where XLA recomputes autodiff's
+  exponentials from ``s`` and keeps nothing while this keeps ``y``
+  (tests/test_attention.py lists the programs). Masked entries get a zero
+  gradient, as there, even in a row that is NaN. Forward mode works.
+  Non-float inputs go to ``jax.nn.softmax``.
 
   Args:
     x: input array.

@@ -1,17 +1,18 @@
-"""Dropout as flax computes it, with forward-mode derivatives, keeping flax's mask.
+"""Dropout as flax computes it, with forward-mode derivatives, keeping no mask.
 
 `dropout` computes what ``flax.linen.Dropout`` and ``flax.nnx.Dropout``
 compute, from the same random bits (``jax.random.bernoulli`` of the key, over
 the input's shape with `broadcast_dims` set to 1): the output is bitwise
 flax's for the same key, and so is the derivative, ``select(mask, t /
 keep_prob, 0)``, in forward mode too (``jax.jvp``, ``jax.jacfwd``,
-``jax.linearize``). The backward keeps what flax's keeps, the boolean mask
-(one byte per element), and no more: drawing the mask again in the backward
-from the key holds, on the CPU, two uint32 arrays of the input's size while
-the draw runs (8 bytes an element), which raised the peak of programs whose
-peak is in the backward above flax's (``tanh(dropout(sin x))``: 8.00
-against 6.00 MiB at 256 x 2048), and a mask packed eight to a byte measured
-a few bytes more than flax's in every program tried.
+``jax.linearize``). Where JAX differentiates it for reverse mode, the
+backward keeps only the key, not flax's boolean mask (one byte an element),
+and draws the mask again when the cotangent arrives. On the CPU, whose
+threefry lowering holds two ``uint32`` arrays of the mask's size while a
+draw runs (8 bytes an element, more than the mask it replaces), the backward
+draws the same bits a block of rows at a time (`REDRAW_BLOCK` elements);
+other platforms fuse the draw and run it whole. Bitwise the same mask: a
+test compares it with ``jax.random.bernoulli``'s for every shape tried.
 
 The layers are `fewbit_jax.Dropout` (linen) and `fewbit_jax.nnx.Dropout`;
 `fewbit_jax.linen.lean` and `fewbit_jax.nnx.convert_lean` convert existing
@@ -22,13 +23,13 @@ Example:
   >>> import flax.linen as nn
   >>> import fewbit_jax as fb
   >>> from fewbit_jax.dropout import dropout
-  >>> x, key = jnp.ones((4, 64)), jax.random.key(0)
+  >>> x, key = jnp.ones((256, 512)), jax.random.key(0)     # more than REDRAW_BLOCK elements
   >>> flax_drop = lambda x: nn.Dropout(0.1, deterministic=False).apply({}, x, rng=key)
   >>> kept = [fb.memory.saved_residuals(lambda x: (f(x) ** 2).sum(), x).by_dtype()
   ...         for f in (lambda x: dropout(x, 0.1, key), flax_drop)]
-  >>> kept[0] == kept[1]
-  True
-  >>> t = jnp.arange(64.0).reshape(1, 64)
+  >>> "bool" in kept[0], "bool" in kept[1]       # flax keeps its mask, dropout the key
+  (False, True)
+  >>> t = jnp.arange(512.0).reshape(1, 512)
   >>> bool(jnp.allclose(jax.jvp(lambda x: dropout(x, 0.1, key), (x[:1],), (t,))[1], flax_drop(t)))
   True
 """
@@ -38,13 +39,22 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import math
+
 import jax
 import jax.numpy as jnp
-from jax import lax, random
+import numpy as np
+from jax import custom_derivatives, lax, random
+from jax.extend.random import threefry2x32_p
 
 from fewbit_jax import sharded as _sharded
+from fewbit_jax.norms import _linearizing
 
-__all__ = ["dropout"]
+__all__ = ["dropout", "REDRAW_BLOCK"]
+
+# Mask elements the CPU backward draws at once (a block of whole rows of the
+# mask, at least one): two uint32 arrays of this size are what the draw holds.
+REDRAW_BLOCK = 1 << 16
 
 
 def key_after(key, dep):
@@ -81,22 +91,114 @@ def _apply(mask, x, keep_prob):
   return lax.select(jnp.broadcast_to(mask, x.shape), x / keep_prob, jnp.zeros_like(x))
 
 
+def _threefry_words(key):
+  """The two uint32 words of a threefry2x32 key (typed or raw), or None for other generators."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if str(random.key_impl(key)) != "threefry2x32":
+      return None
+    return random.key_data(key)
+  if jax.config.jax_default_prng_impl != "threefry2x32" or key.shape != (2,):
+    return None
+  return key
+
+
+def _bernoulli_flat(words, keep_prob: float, start, size: int):
+  """``jax.random.bernoulli(key, keep_prob, shape)`` at flat positions start, ..., start + size - 1.
+
+  jax's partitionable threefry draws element i from the counter (0, i):
+  bits = threefry2x32(key, (0, i)) xored, uniform = bits >> 9 as the mantissa
+  of [1, 2) minus 1, and the mask uniform < keep_prob (in float32).
+  """
+  lo = lax.iota(jnp.uint32, size) + start.astype(jnp.uint32)
+  b1, b2 = threefry2x32_p.bind(words[0], words[1], jnp.zeros_like(lo), lo)
+  mantissa = ((b1 ^ b2) >> np.uint32(9)) | np.uint32(0x3F800000)
+  uniform = lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+  return uniform < np.float32(keep_prob)
+
+
+def _in_blocks(words, x, keep_prob, mask_shape):
+  """`_apply` of flax's mask drawn a block of rows at a time (the CPU's draw).
+
+  The rows are those of the mask's first axis that is not broadcast (the
+  mask is 1 before it, so its flat position is row * inner).
+  """
+  axis = next(a for a, n in enumerate(mask_shape) if n > 1)
+  rows = mask_shape[axis]
+  inner = math.prod(mask_shape[axis + 1:])
+  per = max(1, min(rows, REDRAW_BLOCK // inner))
+  while rows % per:  # the largest block of whole rows that divides them
+    per -= 1
+  block_shape = mask_shape[:axis] + (per,) + mask_shape[axis + 1:]
+
+  def body(i, x):  # in place: block i of x becomes its output
+    start = i * per
+    mask = _bernoulli_flat(words, keep_prob, start * inner, per * inner).reshape(block_shape)
+    xs = lax.dynamic_slice_in_dim(x, start, per, axis)
+    return lax.dynamic_update_slice_in_dim(x, _apply(mask, xs, keep_prob), start, axis)
+
+  return lax.fori_loop(0, rows // per, body, x)
+
+
+def _trivially_placed(out_sharding) -> bool:
+  """No sharding given, or one on a mesh of one device (nothing to keep in step)."""
+  if out_sharding is None:
+    return True
+  mesh = getattr(out_sharding, "mesh", None)
+  return mesh is not None and (mesh.empty or mesh.size == 1)
+
+
+def _redraws(key, mask_shape, out_sharding) -> bool:
+  """Whether the backward draws the mask again (keeping the key) rather than keep flax's.
+
+  It does for masks of more than `REDRAW_BLOCK` elements from threefry keys
+  on one device; smaller masks, other generators, 64-bit mode and sharded
+  masks keep flax's boolean mask.
+  """
+  size = math.prod(mask_shape)
+  return (REDRAW_BLOCK < size < 2 ** 32 and _threefry_words(key) is not None
+          and not jax.config.jax_enable_x64 and _trivially_placed(out_sharding))
+
+
+def _masked(key, x, keep_prob, mask_shape, out_sharding, after=None):
+  """``_apply(flax's mask, x, keep_prob)``, the mask drawn from `key` (once `after` is computed).
+
+  On the CPU a block of rows at a time: XLA would otherwise hold the draw's
+  two uint32 arrays (8 bytes an element) and, in a backward pass, fuse the
+  forward's select into its consumers, keeping those bits alive instead of
+  the output. Elsewhere the draw is one fused computation.
+  """
+  def whole(key, x):
+    if after is not None:
+      key = key_after(key, after)
+    return _apply(_draw(key, keep_prob, mask_shape, out_sharding), x, keep_prob)
+
+  words = _threefry_words(key)
+  return lax.platform_dependent(
+      key, x, cpu=lambda key, x: _in_blocks(words, x, keep_prob, mask_shape), default=whole)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _dropout(x, key, keep_prob, broadcast_dims, out_sharding):
-  mask = _draw(key, keep_prob, _mask_shape(x.shape, broadcast_dims), out_sharding)
-  return _apply(mask, x, keep_prob)
+  mask_shape = _mask_shape(x.shape, broadcast_dims)
+  if _redraws(key, mask_shape, out_sharding):
+    return _masked(key, x, keep_prob, mask_shape, out_sharding)
+  return _apply(_draw(key, keep_prob, mask_shape, out_sharding), x, keep_prob)
 
 
 @_dropout.defjvp
 def _dropout_jvp(keep_prob, broadcast_dims, out_sharding, primals, tangents):
-  # autodiff's derivative of flax's select: reverse mode keeps flax's boolean
-  # mask, one byte an element. Drawing it again in the backward (keeping
-  # only the key) held two uint32 arrays of the input's size while the draw
-  # ran on the CPU, and a mask packed eight to a byte added its own small
-  # buffers: both kept more than flax in programs whose peak is in the
-  # backward (issue 17), so the mask is kept as flax keeps it.
+  # The tangent is select(mask, t / keep_prob, 0). Where JAX linearizes for
+  # reverse mode it is a linear_call whose transpose draws the mask again
+  # from the key (kept instead of the mask) when the cotangent arrives;
+  # under forward mode, vmap or an outer derivative, autodiff of flax's select.
   (x, key), (x_dot, _) = primals, tangents
-  mask = _draw(key, keep_prob, _mask_shape(x.shape, broadcast_dims), out_sharding)
+  mask_shape = _mask_shape(x.shape, broadcast_dims)
+  if _redraws(key, mask_shape, out_sharding) and _linearizing((x,), (x_dot,)):
+    y = _masked(key, x, keep_prob, mask_shape, out_sharding)
+    tangent = lambda key, t: _masked(key, t, keep_prob, mask_shape, out_sharding)
+    transpose = lambda key, ct: _masked(key, ct, keep_prob, mask_shape, out_sharding, after=ct)
+    return y, custom_derivatives.linear_call(tangent, transpose, key, x_dot)
+  mask = _draw(key, keep_prob, mask_shape, out_sharding)
   return jax.jvp(lambda x: _apply(mask, x, keep_prob), (x,), (x_dot,))
 
 
