@@ -43,7 +43,7 @@ import optax
 from jax._src.ad_checkpoint import saved_residuals
 
 import fewbit_jax.activations as fba
-from fewbit_jax import ext, rng, sketch
+from fewbit_jax import ext, _rng as rng, sketch
 from fewbit_jax.dense import randomized_dense
 from fewbit_jax.linen import RandomizedDense
 

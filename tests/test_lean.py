@@ -17,7 +17,7 @@ from flax import nnx
 
 import fewbit_jax as fb
 from fewbit_jax import memory
-from fewbit_jax.dropout import dropout
+from fewbit_jax import dropout
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 # Relative to the largest gradient entry: a bf16/f16 dx is rounded once.

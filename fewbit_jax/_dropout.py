@@ -21,7 +21,7 @@ Example:
   >>> import jax, jax.numpy as jnp
   >>> import flax.linen as nn
   >>> import fewbit_jax as fb
-  >>> from fewbit_jax.dropout import dropout
+  >>> from fewbit_jax import dropout
   >>> x, key = jnp.ones((4, 64)), jax.random.key(0)
   >>> flax_drop = lambda x: nn.Dropout(0.1, deterministic=False).apply({}, x, rng=key)
   >>> kept = [fb.memory.saved_residuals(lambda x: (f(x) ** 2).sum(), x).by_dtype()
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax, random
 
-from fewbit_jax import sharded as _sharded
+from fewbit_jax import _sharded
 
 __all__ = ["dropout"]
 
@@ -129,7 +129,7 @@ def dropout(x, rate: float, key, *, broadcast_dims: Sequence[int] = (),
   Example:
     >>> import jax, jax.numpy as jnp
     >>> import flax.linen as nn
-    >>> from fewbit_jax.dropout import dropout
+    >>> from fewbit_jax import dropout
     >>> x, key = jnp.arange(1.0, 9.0), jax.random.key(1)
     >>> y = nn.Dropout(0.5, deterministic=False).apply({}, x, rng=key)
     >>> bool(jnp.all(dropout(x, 0.5, key) == y))
