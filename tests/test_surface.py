@@ -40,11 +40,6 @@ ALLOWED_UNDOCUMENTED = {
 
 # Where jax._src is imported, and why no public API serves.
 ALLOWED_JAX_SRC = {
-    # source_info_util.summarize (an operation's file:line), core.Literal
-    # (residuals that are literals) and api_util.debug_info (argument names)
-    # have no public equivalent; jax.ad_checkpoint.print_saved_residuals
-    # only prints them.
-    "fewbit_jax/memory.py",
     # partial_eval's tracer types tell a reverse-mode linearization apart.
     "fewbit_jax/norms.py",
     # ad / partial_eval for the projection's custom rules (being refactored).
