@@ -267,8 +267,9 @@ def _resolve(var, jaxpr, producers) -> tuple:
       return "op", name, _summarize(eqn.source_info), _scope(eqn.source_info)
     found = _resolve(inner.outvars[eqn.outvars.index(var)], inner,
                      {v: e for e in inner.eqns for v in e.outvars})
-    if found[0] != "input":
+    if found[0] != "input":  # inner scopes are relative to the call's
       kind, label, src, scope = found
+      scope = "/".join(p for p in (_scope(eqn.source_info), scope) if p)
       return kind, label, src or _summarize(eqn.source_info), scope
     var = eqn.invars[found[1]]  # passed straight through: the caller's value
 
