@@ -28,8 +28,14 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import flax.linen as nn
+
+try:  # the `demo` extra: the main job trains with optax's AdamW
+  import optax
+except ImportError as e:  # pragma: no cover - depends on the install
+  raise ImportError("fewbit-jax bench trains with optax.adamw, which the library itself does "
+                    "not need: install it with pip install \"fewbit-jax[demo]\" (or pip "
+                    "install optax).") from e
 
 import fewbit_jax as fb
 from fewbit_jax.linen import RandomizedDense
