@@ -141,14 +141,6 @@ def make_step(model: nn.Module, tx: optax.GradientTransformation):
   return step
 
 
-def compiled_memory(compiled) -> tuple[int, int]:
-  """(total, temp) bytes: arguments + outputs - aliased + temporaries."""
-  m = compiled.memory_analysis()
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-           + m.temp_size_in_bytes)
-  return int(total), int(m.temp_size_in_bytes)
-
-
 def measure(cfg: Config, variant: dict, *, time_steps: int = 0, seed: int = 0) -> dict:
   """{'total', 'temp'} compiled bytes of one variant's step, and 'time', 'loss' if timed."""
   variant = dict(variant)
@@ -163,8 +155,8 @@ def measure(cfg: Config, variant: dict, *, time_steps: int = 0, seed: int = 0) -
   step = make_step(model, tx)
   with _lean(lean):
     compiled = step.lower(params, opt_state, tokens, labels, key).compile()
-  total, temp = compiled_memory(compiled)
-  out = {"total": total, "temp": temp}
+  m = fb.memory.CompiledMemory.of(compiled)  # argument + output - alias + temp
+  out = {"total": m.total, "temp": m.temp}
   if time_steps:
     params = model.init({"params": key, "sketch": key}, tokens)["params"]
     opt_state = tx.init(params)

@@ -150,7 +150,7 @@ def _stats(cfg: _Norm, x, mask):
   return mu, var
 
 
-def _forward(cfg: _Norm, x, scale, bias, mask):
+def _norm_forward(cfg: _Norm, x, scale, bias, mask):
   """flax's normalisation, op for op; also returns the per-row (mean, rstd) to keep."""
   x = cfg.promoted(x)
   mean, var = _stats(cfg, x, mask)
@@ -188,7 +188,7 @@ def _kept_input(cfg: _Norm, x):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _norm(x, scale, bias, mask, cfg):
-  return _forward(cfg, x, scale, bias, mask)[0]
+  return _norm_forward(cfg, x, scale, bias, mask)[0]
 
 
 def linearizing(primals, tangents) -> bool:
@@ -221,7 +221,7 @@ def _norm_jvp(cfg, primals, tangents):
   # it, through the checkpointed tangent (recomputing xhat in the backward)
   # under other transformations. Forward mode runs the tangent itself.
   x, scale, bias, mask = primals
-  y, mean, rstd = _forward(cfg, x, scale, bias, mask)
+  y, mean, rstd = _norm_forward(cfg, x, scale, bias, mask)
   kept = checkpoint_name(_kept_input(cfg, x), NORM_INPUT_NAME)
   mean = checkpoint_name(mean, NORM_STATS_NAME) if cfg.use_mean else None
   rstd = checkpoint_name(rstd, NORM_STATS_NAME)
