@@ -244,3 +244,20 @@ def test_jax_internals_only_where_allowed():
         found.add(rel)
   extra = sorted(found - ALLOWED_JAX_SRC)
   assert not extra, f"jax._src used outside the kernel package: {extra}"
+
+
+def test_every_name_the_readme_promises_exists():
+  import re
+  import fewbit_jax as fb
+  text = (ROOT / "README.md").read_text()
+  names = set(re.findall(r"\bfb\.([A-Za-z_][\w.]*[A-Za-z_0-9])", text))
+  assert "memory.saved_residuals" in names and "dropout" in names
+  missing = []
+  for name in sorted(names):
+    obj = fb
+    for part in name.split("."):
+      if not hasattr(obj, part):
+        missing.append(name)
+        break
+      obj = getattr(obj, part)
+  assert not missing, f"README names what fewbit_jax lacks: {missing}"
