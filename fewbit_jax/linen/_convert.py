@@ -56,7 +56,7 @@ class Interception:
 
 
 def module_path(module: nn.Module) -> str:
-  """The module's path in its model: ``"/"`` and its parents' names and its own, joined by ``"/"``."""
+  """The module's path in its model: its parents' names and its own, each after a ``"/"``."""
   return "/" + "/".join(str(p) for p in module.path)
 
 
