@@ -19,13 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax._src.ad_checkpoint import saved_residuals
 
 import fewbit_jax as fb
 
 
 def residual_bytes(f, x) -> int:
-  return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, _ in saved_residuals(f, x))
+  return fb.memory.saved_residuals(f, x).total_bytes
 
 
 def mlp_params(key, dims):
@@ -87,7 +86,7 @@ def main():
   base = None
   for name, act in acts.items():
     g = jax.jit(jax.grad(functools.partial(mlp_loss, act)))
-    t = g.lower(params, xb, yb).compile().memory_analysis().temp_size_in_bytes
+    t = fb.memory.compiled(g, params, xb, yb).temp
     if name == "jax.nn.gelu (exact)":
       base = t
     rel = "" if name.startswith("jax.nn.relu") else f"{t / base:.3f}"

@@ -26,8 +26,9 @@ nothing), ``jax.checkpoint`` keeping matmul outputs (jax's
 model, and few-bit with ``fb.checkpoint_policy()`` (keep only codes and
 sketches). On CPU XLA's ``cse_barrier_expander`` pass undoes every remat
 (it merges the recomputation back into the forward pass), so the script
-disables that pass, as ``benchmarks/memory_table.py`` does; GPU and TPU
-pipelines keep the barriers.
+compiles these steps without that pass (``fewbit_jax.memory.KEEP_REMAT``),
+as ``benchmarks/memory_table.py`` does; GPU and TPU pipelines keep the
+barriers.
 
 Usage (from the repository root):
   python -m benchmarks.bench_convert                 # conversion table
@@ -45,33 +46,18 @@ import statistics
 import sys
 import time
 
-KEEP_REMAT_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-
-def keep_remat_on_cpu() -> bool:
-  """Adds KEEP_REMAT_FLAG to XLA_FLAGS; False if JAX's backends already started."""
-  if "jax" in sys.modules:
-    from jax._src import xla_bridge
-    if xla_bridge.backends_are_initialized():
-      return KEEP_REMAT_FLAG in os.environ.get("XLA_FLAGS", "")
-  flags = os.environ.get("XLA_FLAGS", "")
-  if KEEP_REMAT_FLAG not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {KEEP_REMAT_FLAG}".strip()
-  return True
-
-
-import flax.linen as nn  # noqa: E402  (after the flag can be set)
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-import fewbit_jax as fb  # noqa: E402
-import fewbit_jax.linen  # noqa: E402,F401
-import fewbit_jax.nnx  # noqa: E402,F401
-from fewbit_jax import memory  # noqa: E402
-from fewbit_jax.patch import patch_activations  # noqa: E402
-from fewbit_jax.remat import checkpoint_policy  # noqa: E402
+import fewbit_jax as fb
+import fewbit_jax.linen  # noqa: F401
+import fewbit_jax.nnx  # noqa: F401
+from fewbit_jax import memory
+from fewbit_jax.patch import patch_activations
+from fewbit_jax.remat import checkpoint_policy
 
 MiB = 2.0 ** 20
 
@@ -344,19 +330,25 @@ def remat_step(cfg: Config, fewbit: bool, remat: str | None, ratio: float = 0.2,
   return jax.jit(step), params, (x, y, jax.random.key(1)), model
 
 
+def keep_remat_options() -> dict:
+  """The CPU's CSE barrier pass off (`fewbit_jax.memory.KEEP_REMAT`); nothing elsewhere."""
+  return memory.compiler_options(keep_remat=jax.devices()[0].platform == "cpu")
+
+
 def remat_table(cfg: Config, repeats: int, log=lambda s: None) -> list[dict]:
   """Compiled temp/total bytes and median step time of each REMAT_ROWS entry."""
   rows, runners = [], {}
   for name, fewbit, remat in REMAT_ROWS:
     step, params_shape, (x, y, key), model = remat_step(cfg, fewbit, remat)
-    m = memory.compiled(step, params_shape, x, y, key)
+    exe = step.lower(params_shape, x, y, key).compile(keep_remat_options())
+    m = memory.CompiledMemory.of(exe)
     rows.append(dict(name=name, temp=m.temp, total=m.total))
     log(f"compiled {name}: temp {m.temp / MiB:.1f} MiB")
     if repeats:
       params = model.init(jax.random.key(0), x)["params"]
-      jax.block_until_ready(step(params, x, y, key))
-      runners[name] = lambda step=step, params=params: jax.block_until_ready(
-          step(params, x, y, key))
+      jax.block_until_ready(exe(params, x, y, key))
+      runners[name] = lambda exe=exe, params=params: jax.block_until_ready(
+          exe(params, x, y, key))
   if repeats:
     times = {n: [] for n in runners}
     for _ in range(repeats):  # interleaved, so load hits every row alike
@@ -418,9 +410,6 @@ def main(argv=None) -> None:
   p.add_argument("--tiny", action="store_true", help="a tiny model (smoke tests)")
   p.add_argument("--json", help="also write the results to this file")
   args = p.parse_args(argv)
-  if args.remat and not keep_remat_on_cpu():
-    print(f"warning: JAX started before {KEEP_REMAT_FLAG} could be set; on CPU the "
-          "remat rows will show no saving.", file=sys.stderr)
   base = Config.tiny() if args.tiny else Config()
   cfg = dataclasses.replace(base, layers=args.layers if not args.tiny else base.layers,
                             batch=args.batch if not args.tiny else base.batch,
@@ -435,7 +424,8 @@ def main(argv=None) -> None:
     print(format_remat(rows))
     if args.repeats:
       print(f"\nstep time: median of {args.repeats} interleaved runs of the jitted gradient "
-            f"step, ratio to vanilla ({rows[0]['time'] * 1e3:.0f} ms). XLA_FLAGS="
+            f"step, ratio to vanilla ({rows[0]['time'] * 1e3:.0f} ms). Compiled with "
+            f"{keep_remat_options() or 'default options'}; XLA_FLAGS="
             f"{os.environ.get('XLA_FLAGS', '')}")
     results = rows
   else:

@@ -40,21 +40,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax._src.ad_checkpoint import saved_residuals
 
 import fewbit_jax.activations as fba
-from fewbit_jax import ext, rng, sketch
+from fewbit_jax import _rng as rng, ext, memory, sketch
 from fewbit_jax.dense import randomized_dense
 from fewbit_jax.linen import RandomizedDense
 
 MiB = 2.0 ** 20
 KINDS = sketch.KINDS
-# LLVM's optimisation level changes no buffer: memory-only compiles skip it.
-MEMORY_ONLY = {"xla_backend_optimization_level": 0}
 
 
 def _compiler_options(memory_only: bool) -> dict:
-  return MEMORY_ONLY if memory_only and jax.devices()[0].platform == "cpu" else {}
+  """LLVM's optimisation level changes no buffer: memory-only compiles skip it."""
+  on_cpu = jax.devices()[0].platform == "cpu"
+  return memory.compiler_options(memory_only=memory_only and on_cpu)
 
 
 # --- 1. residuals --------------------------------------------------------------
@@ -72,9 +71,9 @@ def residual_bytes(kind, ratio, b, n, m, dtype) -> int:
     return randomized_dense(x, w, bias, key, proj_dim_ratio=ratio,
                             sketch=kind).astype(jnp.float32).sum()
 
-  res = saved_residuals(f, w, bias, x)
-  return sum(math.prod(a.shape) * a.dtype.itemsize for a, why in res
-             if why not in ("from the argument w", "from the argument bias"))
+  res = memory.saved_residuals(f, w, bias, x)
+  return sum(r.nbytes for r in res.residuals
+             if not (r.kind == "argument" and r.label in ("w", "bias")))
 
 
 def table_residuals(args):
@@ -138,9 +137,8 @@ def step_temp(kind, ratio, batch, width, layers, activation) -> int:
   step, init = make_step(kind, ratio, width, layers, activation)
   x = jax.ShapeDtypeStruct((batch, width), jnp.float32)
   params, opt_state = jax.eval_shape(init, x)
-  compiled = step.lower(params, opt_state, x, x, jax.random.key(0)).compile(
-      _compiler_options(memory_only=True))
-  return compiled.memory_analysis().temp_size_in_bytes
+  return memory.compiled(step, params, opt_state, x, x, jax.random.key(0),
+                         compiler_options=_compiler_options(memory_only=True)).temp
 
 
 def table_memory(args):

@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fewbit_jax import ext, rng
+from fewbit_jax import ext, _rng as rng
 from fewbit_jax._ffi import _sketch_op
 
 

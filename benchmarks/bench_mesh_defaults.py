@@ -33,7 +33,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 import fewbit_jax as fb
-from benchmarks.bench_sharding import collectives
+from fewbit_jax import memory
+from fewbit_jax.memory import collectives
 
 
 class Block(nn.Module):
@@ -132,8 +133,7 @@ def measure(make, fewbit: bool, mesh, set_mesh: bool, x, run: bool = True) -> di
       c, loss = go()
   else:
     c, loss = go()
-  return dict(temp=c.memory_analysis().temp_size_in_bytes,
-              collectives=collectives(c.as_text()), loss=loss)
+  return dict(temp=memory.CompiledMemory.of(c).temp, collectives=collectives(c), loss=loss)
 
 
 def main(argv=None) -> None:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 import fewbit_jax as fb
-from fewbit_jax import ext
+from fewbit_jax import ext, memory
 from fewbit_jax._ffi import _load
 from benchmarks.bench_ext import median_times, traced
 
@@ -101,8 +101,7 @@ def measure(loss, args, argnums, runs: int) -> dict:
   temp = {}
   for path in PATHS:
     with ext.mode(path):
-      compiled = make().lower(*args).compile()
-    temp[path] = int(compiled.memory_analysis().temp_size_in_bytes)
+      temp[path] = memory.compiled(make(), *args).temp
   times = median_times({p: traced(make, p) for p in PATHS}, args, runs)
   return {p: (temp[p], times[p]) for p in PATHS}
 

@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import math
 import os
-import re
 
 if __name__ == "__main__":  # before jax starts: the simulated devices
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -47,12 +46,10 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import fewbit_jax as fb
-from fewbit_jax import ext
+from fewbit_jax import ext, memory
+from fewbit_jax.memory import COLLECTIVES, collectives
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 LAYOUTS = {"single": (1, 1), "dp": (8, 1), "tp": (1, 8), "dp+tp": (4, 2)}
-_DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "u32": 4, "s32": 4, "u8": 1, "s8": 1,
-                "pred": 1, "f64": 8, "u64": 8, "s64": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,23 +142,6 @@ def loss_fn(params, x, key, cfg: Config, fewbit: bool, explicit: bool, dp: bool,
 
 # --- measuring -------------------------------------------------------------------------
 
-def collectives(hlo: str) -> dict:
-  """{op: [count, bytes]} of the collective ops in compiled HLO text (async pairs once)."""
-  out = {op: [0, 0] for op in COLLECTIVES}
-  for line in hlo.splitlines():
-    m = re.search(r"= (.*?) (%s)(-start)?\(" % "|".join(COLLECTIVES), line)
-    if not m:
-      continue
-    shapes = re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))
-    nbytes = sum(_DTYPE_BYTES.get(dt, 4) * math.prod(int(v) for v in dims.split(",") if v)
-                 for dt, dims in shapes)
-    if m.group(3):  # an async start returns (operand, result, ...): count the result once
-      nbytes //= 2
-    out[m.group(2)][0] += 1
-    out[m.group(2)][1] += nbytes
-  return out
-
-
 def mesh_for(layout: str, axis_type):
   dp, tp = LAYOUTS[layout]
   return jax.make_mesh((dp, tp), ("data", "model"), axis_types=(axis_type, axis_type),
@@ -203,12 +183,11 @@ def measure(cfg: Config, layout: str, axis_type=AxisType.Auto, fewbit: bool = Tr
     step = step_fn(cfg, fewbit, explicit, dp, tp)
     compiled = step.lower(params, x, key).compile(compiler_options)
     result = compiled(params, x, key) if run else None
-  ma = compiled.memory_analysis()
+  m = memory.CompiledMemory.of(compiled)
   return dict(
-      temp=ma.temp_size_in_bytes,
-      total=(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-             + ma.temp_size_in_bytes),
-      collectives=collectives(compiled.as_text()),
+      temp=m.temp,
+      total=m.total,
+      collectives=collectives(compiled),
       result=None if result is None else jax.device_get(result))
 
 
@@ -217,7 +196,7 @@ def _fmt_coll(c: dict) -> str:
   return ", ".join(parts) or "none"
 
 
-_FAST = {"xla_backend_optimization_level": 0}  # LLVM's level assigns the same buffers
+_FAST = memory.MEMORY_ONLY  # LLVM's level assigns the same buffers
 
 
 def main(argv=None) -> None:

@@ -421,7 +421,7 @@ def measure(rows, *, timing: bool, repeats: int, log) -> list[Row]:
   vanilla_case = reference = None
   for family, name, build in rows:
     case = build()
-    mem = case.compiled.memory_analysis().temp_size_in_bytes
+    mem = fb.memory.CompiledMemory.of(case.compiled).temp
     row = Row(family, name, mem, _flops(case.flops_compiled or case.compiled) + case.flops_extra)
     grads = case.run()
     if vanilla_case is None:

@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -48,26 +49,25 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import roberta
+from fewbit_jax import memory
 
 GiB = 2.0 ** 30
 
 # XLA's CPU pipeline expands optimization barriers before its last CSE pass,
 # which merges jax.checkpoint's recomputation back into the forward pass and
 # so undoes every remat (remat of each layer saved 4% instead of 73%); the
-# GPU and TPU pipelines keep the barriers. On CPU we compile without that pass,
-# so the remat rows show what they do on an accelerator; programs without
-# jax.checkpoint have no barriers and do not change.
-KEEP_REMAT = {"xla_disable_hlo_passes": "cse_barrier_expander"}
-# LLVM's optimisation level changes no buffer: memory-only compiles skip it
-# (the same analysis, two to three times faster).
-MEMORY_ONLY = {"xla_backend_optimization_level": 0}
+# GPU and TPU pipelines keep the barriers. On CPU we compile without that pass
+# (fb.memory.KEEP_REMAT), so the remat rows show what they do on an
+# accelerator; programs without jax.checkpoint have no barriers and do not
+# change. Memory-only compiles skip LLVM's optimisation (fb.memory.MEMORY_ONLY:
+# the same analysis, two to three times faster).
 
 
 def compiler_options(memory_only: bool) -> dict:
   """Compile options for the CPU measurements (none on other platforms)."""
   if jax.devices()[0].platform != "cpu":
     return {}
-  return {**KEEP_REMAT, **(MEMORY_ONLY if memory_only else {})}
+  return memory.compiler_options(keep_remat=True, memory_only=memory_only)
 
 
 # --------------------------------------------------------------------------
@@ -211,13 +211,10 @@ def compiled_memory(row: Row, cfg: roberta.RobertaConfig, batch: int, seq: int) 
   step = roberta.make_train_step(model, tx)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   t0 = time.perf_counter()
-  ma = step.lower(params, opt_state, roberta.batch_shapes(batch, seq), key).compile(
-      compiler_options(memory_only=True)).memory_analysis()
-  out = dict(argument=ma.argument_size_in_bytes, output=ma.output_size_in_bytes,
-             alias=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes,
-             compile_s=time.perf_counter() - t0)
-  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  return out
+  m = memory.compiled(step, params, opt_state, roberta.batch_shapes(batch, seq), key,
+                      compiler_options=compiler_options(memory_only=True))
+  return dict(argument=m.argument, output=m.output, alias=m.alias, temp=m.temp, total=m.total,
+              compile_s=time.perf_counter() - t0)
 
 
 def residuals_per_layer(row: Row, cfg: roberta.RobertaConfig, batch: int, seq: int) -> int:
@@ -228,9 +225,43 @@ def residuals_per_layer(row: Row, cfg: roberta.RobertaConfig, batch: int, seq: i
   as a middle layer's, feeds another layer (arrays count in the layer that
   makes them).
   """
-  from benchmarks import residuals
   two = dataclasses.replace(cfg, num_layers=2)
-  return residuals.totals(residuals.step_residuals(row, two, batch, seq)).get("layer_0", 0)
+  return totals(step_residuals(row, two, batch, seq)).get("layer_0", 0)
+
+
+def step_residuals(row: Row, cfg: roberta.RobertaConfig, batch: int,
+                   seq: int) -> memory.ResidualReport:
+  """The residuals of the loss of the row's training step, with their keepers."""
+  model, _ = build(row, cfg)
+  params, _ = roberta.init_shapes(model, optax.adamw(1e-3))
+
+  def loss(params, data, key):
+    k_drop, k_sketch = jax.random.split(key)
+    logits = model.apply({"params": params}, data["input_ids"], data["attention_mask"],
+                         deterministic=False, rngs={"dropout": k_drop, "sketch": k_sketch})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, data["labels"]).mean()
+
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  return memory.residual_keepers(loss, params, roberta.batch_shapes(batch, seq), key)
+
+
+def layer_of(scope: str) -> str:
+  """'layer_3/attention' -> 'layer_3'; 'outside layers' for embeddings and head."""
+  m = re.match(r"layer_(\d+)", scope)
+  return f"layer_{m.group(1)}" if m else "outside layers"
+
+
+def totals(report: memory.ResidualReport) -> dict[str, int]:
+  """Bytes of live residuals per layer ('outside layers': embeddings and head).
+
+  Arguments are left out, and so are residuals that no backward op reads
+  (zeros that JAX's partial evaluation saves for a select): XLA removes them.
+  """
+  out: dict[str, int] = {}
+  for r in report.residuals:
+    if r.kind != "argument" and r.keepers:
+      out[layer_of(r.scope)] = out.get(layer_of(r.scope), 0) + r.nbytes
+  return out
 
 
 def _runner(row: Row, cfg: roberta.RobertaConfig, batch: int, seq: int, optimize: bool):

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fewbit_jax import memory
+
 __all__ = ["RobertaConfig", "RobertaClassifier", "exact_gelu", "init_shapes", "make_batch", "batch_shapes", "make_train_step"]
 
 Array = jax.Array
@@ -284,7 +286,7 @@ def init_params(model: RobertaClassifier, tx: optax.GradientTransformation, key:
   init = jax.jit(lambda k: model.init({"params": k, "sketch": k, "dropout": k}, ids,
                                       jnp.ones_like(ids))["params"])
   # It runs once: compiled without LLVM optimisation (faster than op by op too).
-  params = init.lower(key).compile({"xla_backend_optimization_level": 0})(key)
+  params = init.lower(key).compile(memory.MEMORY_ONLY)(key)
   return params, tx.init(params)
 
 

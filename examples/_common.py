@@ -7,6 +7,8 @@ import os
 import jax
 import numpy as np
 
+from fewbit_jax import memory
+
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 
 
@@ -32,9 +34,7 @@ def compile_with_memory(jitted, *args):
   the returned executable so the step is compiled only once.
   """
   compiled = jitted.lower(*args).compile()
-  ma = compiled.memory_analysis()
-  return compiled, (ma.argument_size_in_bytes + ma.output_size_in_bytes
-                    - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
+  return compiled, memory.CompiledMemory.of(compiled).total
 
 
 def smooth(values, window: int) -> np.ndarray:

@@ -101,7 +101,7 @@ def worker(args) -> dict:
   from flax import nnx
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-  from benchmarks.bench_sharding import collectives
+  from fewbit_jax.memory import collectives
   from examples import char_gpt
   import fewbit_jax as fb
 

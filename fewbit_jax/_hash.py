@@ -1,11 +1,11 @@
-"""The entries of the random sketches, from `fewbit_jax.rng`'s counter hash.
+"""The entries of the random sketches, from `fewbit_jax._rng`'s counter hash.
 
 The one definition of every random number a sketch draws (see
 `fewbit_jax.sketch` for the sketches themselves): the pure-JAX loops of
 `fewbit_jax.sketch.project`, `fewbit_jax.sketch.sketch_matrix` and the pure
 lowering of the FFI sketch op all call these, and ``xla_ext/codes.h`` holds
 their C++ twins. Row and column numbers are uint32 counters; ``(k0, k1)`` are
-the key words (`fewbit_jax.rng.key_words`).
+the key words (`fewbit_jax._rng.key_words`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fewbit_jax import rng
+from fewbit_jax import _rng as rng
 
 # Counter `b` of hash4 behind each per-row draw.
 BUCKET = 0    # countsketch: the column of row i

@@ -7,7 +7,7 @@ or beside the matmul (adding its temporaries to the peak). Tying a value to
 the data of another array, by adding a 0 or multiplying by a 1 computed from
 that array's first element, orders the computation without changing a bit
 (``optimization_barrier`` does not survive the CPU pipeline). The sharded
-version of `after` is `fewbit_jax.sharded.after`.
+version of `after` is `fewbit_jax._sharded.after`.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from jax import lax
 from jax._src.interpreters import ad as _ad, partial_eval as _pe
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fewbit_jax import _order, _mesh, sharded as _sharded, sketch as _sketch
+from fewbit_jax import _order, _mesh, _sharded, sketch as _sketch
 
 # checkpoint_name of the kept sketch S^T x, for jax.checkpoint policies such
 # as jax.checkpoint_policies.save_only_these_names(SKETCH_NAME).

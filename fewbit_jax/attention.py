@@ -44,8 +44,8 @@ from jax import custom_derivatives
 from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
-from fewbit_jax.dropout import key_after
-from fewbit_jax.norms import _linearizing
+from fewbit_jax._dropout import key_after
+from fewbit_jax.norms import linearizing as _linearizing
 
 __all__ = ["softmax", "dot_product_attention", "SOFTMAX_NAME", "PROBS_NAME", "STATS_NAME",
            "OUTPUT_NAME", "NAMES"]

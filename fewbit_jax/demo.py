@@ -28,15 +28,24 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import flax.linen as nn
+
+try:  # the `demo` extra: the main job trains with optax's AdamW
+  import optax
+except ImportError as e:  # pragma: no cover - depends on the install
+  raise ImportError("fewbit-jax bench trains with optax.adamw, which the library itself does "
+                    "not need: install it with pip install \"fewbit-jax[demo]\" (or pip "
+                    "install optax).") from e
 
 import fewbit_jax as fb
 from fewbit_jax.linen import RandomizedDense
 
+__all__ = ["Config", "FULL", "Encoder", "variants", "measure", "run", "format_table", "main"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+  """Sizes of the demonstration's encoder and batch (the defaults: the small main job)."""
   layers: int = 2
   hidden: int = 256
   heads: int = 4
@@ -47,10 +56,12 @@ class Config:
   classes: int = 2
 
 
+# RoBERTa-base sizes, for ``--full``.
 FULL = Config(layers=12, hidden=768, heads=12, ffn=3072, vocab=50265, seq=128, batch=128)
 
 
 class Block(nn.Module):
+  """One post-LayerNorm encoder block: fused QKV attention, then the FFN."""
   cfg: Config
   dense: Callable[..., nn.Module]
   activation: Callable
@@ -70,6 +81,7 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
+  """A BERT-style encoder classifier whose dense layers and activation are injected."""
   cfg: Config
   dense: Callable[..., nn.Module] = nn.Dense
   activation: Callable = functools.partial(jax.nn.gelu, approximate=False)
@@ -129,15 +141,8 @@ def make_step(model: nn.Module, tx: optax.GradientTransformation):
   return step
 
 
-def compiled_memory(compiled) -> tuple[int, int]:
-  """(total, temp) bytes: arguments + outputs - aliased + temporaries."""
-  m = compiled.memory_analysis()
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-           + m.temp_size_in_bytes)
-  return int(total), int(m.temp_size_in_bytes)
-
-
 def measure(cfg: Config, variant: dict, *, time_steps: int = 0, seed: int = 0) -> dict:
+  """{'total', 'temp'} compiled bytes of one variant's step, and 'time', 'loss' if timed."""
   variant = dict(variant)
   lean = variant.pop("lean", False)
   model = Encoder(cfg, **variant)
@@ -150,8 +155,8 @@ def measure(cfg: Config, variant: dict, *, time_steps: int = 0, seed: int = 0) -
   step = make_step(model, tx)
   with _lean(lean):
     compiled = step.lower(params, opt_state, tokens, labels, key).compile()
-  total, temp = compiled_memory(compiled)
-  out = {"total": total, "temp": temp}
+  m = fb.memory.CompiledMemory.of(compiled)  # argument + output - alias + temp
+  out = {"total": m.total, "temp": m.temp}
   if time_steps:
     params = model.init({"params": key, "sketch": key}, tokens)["params"]
     opt_state = tx.init(params)
@@ -168,6 +173,7 @@ def measure(cfg: Config, variant: dict, *, time_steps: int = 0, seed: int = 0) -
 
 
 def run(cfg: Config, *, time_steps: int, log=print) -> list[tuple[str, dict]]:
+  """(variant name, `measure`'s dict) for every variant, one sketch block per sequence."""
   rows = []
   vs = variants(blocks=cfg.batch)  # one sketch per sequence: see RandomizedDense
   for i, (name, v) in enumerate(vs.items()):
@@ -177,6 +183,7 @@ def run(cfg: Config, *, time_steps: int, log=print) -> list[tuple[str, dict]]:
 
 
 def format_table(cfg: Config, rows) -> str:
+  """The Markdown table the main job prints (the README's rows)."""
   base = rows[0][1]
   gib = 2.0 ** 30
   lines = [f"config: {cfg}", "",
@@ -193,6 +200,7 @@ def format_table(cfg: Config, rows) -> str:
 
 
 def main(args=None) -> int:
+  """``fewbit-jax bench [--full]``: print the table."""
   full = bool(getattr(args, "full", False))
   cfg = FULL if full else Config()
   paths = ", ".join(f"{op} {fb.ext.active_path(op=op)}" for op in fb.ext.OPS)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fewbit_jax import _projection, rng, sketch as _sketch
+from fewbit_jax import _projection, _rng as rng, sketch as _sketch
 from fewbit_jax._projection import SKETCH_NAME
 
 __all__ = ["randomized_dense", "projection_dim", "sketch_blocks_default", "SKETCH_NAME"]

@@ -51,7 +51,7 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-from fewbit_jax import _projection, rng, sketch as _sketch
+from fewbit_jax import _projection, _rng as rng, sketch as _sketch
 from fewbit_jax._projection import SKETCH_NAME, check_array as _check_array
 from fewbit_jax.dense import projection_dim
 

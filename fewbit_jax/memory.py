@@ -18,6 +18,14 @@ Two reports, each printable (``print(report)``) and a plain dict
   and ``total = argument + output - alias + temp``. On CPU it is exact and
   needs no run; ``peak_memory_in_bytes`` is reported as XLA gives it, but on
   CPU it excludes temps, so compare ``temp`` and ``total``.
+  `CompiledMemory.of` reads the same from an executable compiled elsewhere,
+  and `compiler_options` gives the XLA options the benchmarks compile with:
+  ``KEEP_REMAT`` (the CPU's CSE barrier pass off, so that a remat's
+  recomputation is not merged back) and ``MEMORY_ONLY`` (LLVM's lowest
+  optimisation level: the same buffers, compiled faster, for memory alone).
+* `collectives` counts the collective operations (and their bytes) in a
+  compiled program, `residual_keepers` says which modules' backward reads
+  each residual.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -38,14 +46,33 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
+import math
 import os
+import re
 from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.extend import core as _jex_core
+from jax.extend import source_info_util as _source_info
 
-__all__ = ["Residual", "ResidualReport", "saved_residuals", "CompiledMemory", "compiled",
-           "format_bytes"]
+__all__ = ["Residual", "ResidualReport", "saved_residuals", "residual_keepers", "CompiledMemory",
+           "compiled", "compiler_options", "KEEP_REMAT", "MEMORY_ONLY", "collectives",
+           "COLLECTIVES", "format_bytes"]
+
+# XLA options for one compile (``.compile(compiler_options)``, or `compiled`'s
+# `compiler_options`): on the CPU, XLA's ``cse_barrier_expander`` pass merges
+# every ``jax.checkpoint`` recomputation back into the forward pass, so a
+# remat'ed step measures as the plain one unless the pass is off (the flag
+# ``XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander`` does the same
+# for a whole process). GPUs keep the recomputation without it.
+KEEP_REMAT = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+# LLVM's lowest optimisation level: XLA assigns the same buffers (the same
+# memory analysis) and compiles faster; for programs measured, not timed.
+MEMORY_ONLY = {"xla_backend_optimization_level": 0}
+# The collective operations `collectives` counts, as HLO names them.
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 def format_bytes(n: float) -> str:
@@ -92,6 +119,7 @@ class Residual:
   source: str  # 'file.py:line (function)' of the operation, '' for arguments
   scope: str  # JAX name stack of the operation (module path under Flax)
   count: int = 1  # times the jaxpr lists this array as a residual
+  keepers: tuple[str, ...] = ()  # scopes whose backward reads it (`residual_keepers` only)
 
   @property
   def origin(self) -> str:
@@ -195,8 +223,7 @@ def _nbytes(aval) -> int:
 
 
 def _summarize(source_info) -> str:
-  from jax._src import source_info_util
-  src = source_info_util.summarize(source_info)
+  src = _source_info.summarize(source_info)
   return src.replace(os.getcwd() + os.sep, "")
 
 
@@ -221,9 +248,8 @@ _CALLS = ("jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint")
 def _resolve(var, jaxpr, producers) -> tuple:
   """Who made `var` in `jaxpr`: ('input', i) for its i-th input, or
   (kind, label, source, scope), looking into jit and checkpoint calls."""
-  from jax._src import core
   while True:
-    if isinstance(var, core.Literal):
+    if isinstance(var, _jex_core.Literal):
       return "literal", "", "", ""
     if var in jaxpr.invars:
       return "input", jaxpr.invars.index(var)
@@ -241,8 +267,9 @@ def _resolve(var, jaxpr, producers) -> tuple:
       return "op", name, _summarize(eqn.source_info), _scope(eqn.source_info)
     found = _resolve(inner.outvars[eqn.outvars.index(var)], inner,
                      {v: e for e in inner.eqns for v in e.outvars})
-    if found[0] != "input":
+    if found[0] != "input":  # inner scopes are relative to the call's
       kind, label, src, scope = found
+      scope = "/".join(p for p in (_scope(eqn.source_info), scope) if p)
       return kind, label, src or _summarize(eqn.source_info), scope
     var = eqn.invars[found[1]]  # passed straight through: the caller's value
 
@@ -280,46 +307,112 @@ def saved_residuals(f: Callable, *args, **kwargs) -> ResidualReport:
     residuals kept for the backward pass: 4.00 KiB (+ 0 B of arguments and constants, alive anyway)
     ...
   """
-  leaves, tree = jax.tree.flatten((args, kwargs))
+  return _report(f, args, kwargs, keepers=False)
+
+
+def residual_keepers(f: Callable, *args, **kwargs) -> ResidualReport:
+  """`saved_residuals`, with each residual's `Residual.keepers` filled in.
+
+  The keepers of a residual are the scopes (Flax module paths below the
+  model, or ``jax.named_scope`` names below the outermost, as
+  `Residual.scope`; ``'(top)'`` outside them) of the backward
+  operations that read it: an array stays alive while any of them still
+  needs it, so a layer that stops keeping its input saves memory only if no
+  other keeper reads the same array. A residual that no operation reads has
+  no keepers (XLA drops it). It traces the backward pass too, so it takes
+  about twice as long as `saved_residuals`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import memory
+    >>> def f(x):                  # as a Flax model's modules name their scopes
+    ...   with jax.named_scope("model"):
+    ...     with jax.named_scope("act"):
+    ...       y = jnp.sin(x)
+    ...     with jax.named_scope("square"):
+    ...       return (y * y).sum()
+    >>> rep = memory.residual_keepers(f, jnp.ones(4))
+    >>> sorted((r.origin, r.scope, r.keepers) for r in rep.residuals)   # sin(x) kept for y * y
+    [('op cos', 'act', ('act',)), ('op sin', 'act', ('square',))]
+  """
+  return _report(f, args, kwargs, keepers=True)
+
+
+def _arg_names(f: Callable, args, kwargs) -> list[str]:
+  """A label per array leaf of (args, kwargs): ``'x'``, ``"params['dense']['kernel']"``."""
   try:
-    from jax._src import api_util
-    names = api_util.debug_info("saved_residuals", f, args, kwargs).arg_names
-  except Exception:  # the names are only labels
-    names = None
-  names = tuple(names) if names and len(names) == len(leaves) else tuple(
-      f"#{i}" for i in range(len(leaves)))
+    params = list(inspect.signature(f).parameters.values())
+  except (TypeError, ValueError):  # no signature: labels by position
+    params = []
+  positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  var = next((p.name for p in params if p.kind == p.VAR_POSITIONAL), "args")
+  names = []
+  for path, _ in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]:
+    if path[0].idx == 0:
+      i = path[1].idx
+      head = positional[i] if i < len(positional) else f"{var}[{i - len(positional)}]"
+    else:
+      head = str(path[1].key)
+    names.append(head + jax.tree_util.keystr(tuple(path[2:])))
+  return names
+
+
+def _keepers(vjp_shape, out_shape, res_vars) -> list[set]:
+  """For each residual, the scopes of the backward operations that read it."""
+  vjp_tree = jax.tree.structure(vjp_shape)
+  res = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in res_vars]
+  ct = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), out_shape)
+  bwd = jax.make_jaxpr(lambda res, ct: jax.tree.unflatten(vjp_tree, res)(ct))(res, ct).jaxpr
+  index = {v: i for i, v in enumerate(bwd.invars[:len(res_vars)])}
+  out = [set() for _ in res_vars]
+  for eqn in bwd.eqns:
+    for v in eqn.invars:
+      if not isinstance(v, _jex_core.Literal) and v in index:
+        out[index[v]].add(_scope(eqn.source_info) or "(top)")
+  return out
+
+
+def _report(f: Callable, args, kwargs, keepers: bool) -> ResidualReport:
+  leaves, tree = jax.tree.flatten((args, kwargs))
+  names = _arg_names(f, args, kwargs)
+  if len(names) != len(leaves):  # the names are only labels
+    names = [f"#{i}" for i in range(len(leaves))]
 
   def flat(*xs):
     a, kw = jax.tree.unflatten(tree, xs)
     return f(*a, **kw)
 
-  closed, (_, vjp_shape) = jax.make_jaxpr(lambda *xs: jax.vjp(flat, *xs),
-                                          return_shape=True)(*leaves)
+  closed, (out_shape, vjp_shape) = jax.make_jaxpr(lambda *xs: jax.vjp(flat, *xs),
+                                                  return_shape=True)(*leaves)
   jaxpr = closed.jaxpr
   n_res = jax.tree.structure(vjp_shape).num_leaves
   res_vars = jaxpr.outvars[len(jaxpr.outvars) - n_res:]
   producers = {v: e for e in jaxpr.eqns for v in e.outvars}
 
-  from jax._src import core
+  read_by = _keepers(vjp_shape, out_shape, res_vars) if keepers else None
   counts: dict[Any, int] = collections.Counter()
+  kept_by: dict[Any, set] = collections.defaultdict(set)
   order: list[Any] = []
   literals = []
-  for v in res_vars:
-    if isinstance(v, core.Literal):
+  for i, v in enumerate(res_vars):
+    if isinstance(v, _jex_core.Literal):
       literals.append(v)
       continue
     if v not in counts:
       order.append(v)
     counts[v] += 1
+    if read_by is not None:
+      kept_by[v] |= read_by[i]
   out = []
   for v in order + literals:
     found = _resolve(v, jaxpr, producers)
     kind, label, src, scope = (("argument", names[found[1]], "", "") if found[0] == "input"
                                else found)
     aval = v.aval
+    literal = isinstance(v, _jex_core.Literal)
     out.append(Residual(tuple(int(d) for d in aval.shape), str(aval.dtype), _nbytes(aval),
-                        kind, label, src, scope,
-                        1 if isinstance(v, core.Literal) else counts[v]))
+                        kind, label, src, scope, 1 if literal else counts[v],
+                        () if literal else tuple(sorted(kept_by[v]))))
   out.sort(key=lambda r: -r.nbytes)
   return ResidualReport(tuple(out))
 
@@ -352,8 +445,34 @@ class CompiledMemory:
   peak: int | None  # XLA's peak_memory_in_bytes (on CPU it excludes temps)
   platform: str
 
+  @classmethod
+  def of(cls, executable) -> "CompiledMemory":
+    """The memory of an executable compiled elsewhere (``jax.jit(f).lower(...).compile()``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fewbit_jax import memory
+      >>> exe = jax.jit(jnp.sin).lower(jnp.ones(256)).compile(memory.MEMORY_ONLY)
+      >>> memory.CompiledMemory.of(exe).argument
+      1024
+    """
+    ma = executable.memory_analysis()
+    if ma is None:
+      raise RuntimeError("this backend gives no compiled memory analysis "
+                         f"({jax.default_backend()}); use a CPU, GPU or TPU backend.")
+    peak = getattr(ma, "peak_memory_in_bytes", None)
+    try:
+      platform = executable.runtime_executable().devices()[0].platform
+    except Exception:  # an executable without devices: the default backend's
+      platform = jax.default_backend()
+    return cls(int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
+               int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes),
+               int(ma.generated_code_size_in_bytes), None if peak is None else int(peak),
+               platform)
+
   @property
   def total(self) -> int:
+    """``argument + output - alias + temp``."""
     return self.argument + self.output - self.alias + self.temp
 
   def as_dict(self) -> dict[str, Any]:
@@ -368,13 +487,38 @@ class CompiledMemory:
             + " + ".join(parts[:2]) + f" - {parts[2]} + {parts[3]}")
 
 
-def compiled(f: Callable, *args, **kwargs) -> CompiledMemory:
+def compiler_options(*, keep_remat: bool = False, memory_only: bool = False) -> dict:
+  """XLA options for one compile: `KEEP_REMAT`, `MEMORY_ONLY`, both or neither.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import memory
+    >>> opts = memory.compiler_options(keep_remat=True, memory_only=True)
+    >>> sorted(opts)
+    ['xla_backend_optimization_level', 'xla_disable_hlo_passes']
+    >>> f = jax.jit(jax.grad(lambda x: jax.checkpoint(jnp.sin)(x).sum()))
+    >>> exe = f.lower(jnp.ones(8)).compile(opts)    # as jax takes them
+    >>> memory.compiled(f, jnp.ones(8), compiler_options=opts).temp >= 0
+    True
+  """
+  out = {}
+  if keep_remat:
+    out.update(KEEP_REMAT)
+  if memory_only:
+    out.update(MEMORY_ONLY)
+  return out
+
+
+def compiled(f: Callable, *args, compiler_options: dict | None = None,
+             **kwargs) -> CompiledMemory:
   """XLA's compiled memory of ``jax.jit(f)(*args, **kwargs)``, without running it.
 
   Args:
     f: a function, or an already jitted one (``jax.jit(f, donate_argnums=...)``,
       ``nnx.jit(f)``: anything with ``.lower``), whose options are kept.
     *args, **kwargs: arrays or ``jax.ShapeDtypeStruct``s (pytrees).
+    compiler_options: XLA options for this compile (`compiler_options`,
+      `KEEP_REMAT`, `MEMORY_ONLY`); not passed to `f`.
 
   Returns:
     A `CompiledMemory`: ``print`` it, or use ``.temp``, ``.total``,
@@ -395,18 +539,46 @@ def compiled(f: Callable, *args, **kwargs) -> CompiledMemory:
     if not callable(f):
       raise TypeError(f"compiled needs a function; got {type(f).__name__}")
     lower = jax.jit(f).lower
-  lowered = lower(*args, **kwargs)
-  exe = lowered.compile()
-  ma = exe.memory_analysis()
-  if ma is None:
-    raise RuntimeError("this backend gives no compiled memory analysis "
-                       f"({jax.default_backend()}); use a CPU, GPU or TPU backend.")
-  peak = getattr(ma, "peak_memory_in_bytes", None)
-  try:
-    platform = exe.runtime_executable().devices()[0].platform  # type: ignore[union-attr]
-  except Exception:
-    platform = jax.default_backend()
-  return CompiledMemory(int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
-                        int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes),
-                        int(ma.generated_code_size_in_bytes),
-                        None if peak is None else int(peak), platform)
+  return CompiledMemory.of(lower(*args, **kwargs).compile(compiler_options))
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                "c128": 16}
+
+
+def collectives(program) -> dict[str, tuple[int, int]]:
+  """{op: (count, bytes)} of the collective operations in a compiled program.
+
+  Args:
+    program: an executable (``jax.jit(f).lower(...).compile()``) or its HLO
+      text (``.as_text()``).
+
+  Returns:
+    For each of `COLLECTIVES`, how many the program runs and the bytes of
+    their results (an asynchronous start/done pair counts once).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import memory
+    >>> exe = jax.jit(lambda x: x * 2).lower(jnp.ones(4)).compile()
+    >>> memory.collectives(exe)["all-reduce"]    # one device: none
+    (0, 0)
+    >>> memory.collectives("%r = f32[8,4] all-reduce(f32[8,4] %x), to_apply=%add")["all-reduce"]
+    (1, 128)
+  """
+  text = program if isinstance(program, str) else program.as_text()
+  out = {op: [0, 0] for op in COLLECTIVES}
+  pattern = re.compile(r"= (.*?) (%s)(-start)?\(" % "|".join(COLLECTIVES))
+  for line in text.splitlines():
+    m = pattern.search(line)
+    if not m:
+      continue
+    shapes = re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))
+    nbytes = sum(_DTYPE_BYTES.get(dt, 4) * math.prod(int(v) for v in dims.split(",") if v)
+                 for dt, dims in shapes)
+    if m.group(3):  # an async start returns (operand, result, ...): the result once
+      nbytes //= 2
+    out[m.group(2)][0] += 1
+    out[m.group(2)][1] += nbytes
+  return {op: (n, b) for op, (n, b) in out.items()}

@@ -53,9 +53,9 @@ from jax import custom_derivatives
 from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
-from fewbit_jax import _mesh, sharded as _sharded
+from fewbit_jax import _mesh, _sharded
 
-try:  # the tracer types tell a reverse-mode linearization apart (`_linearizing`)
+try:  # the tracer types tell a reverse-mode linearization apart (`linearizing`)
   from jax._src.interpreters import partial_eval as _pe
 except ImportError:  # pragma: no cover - then the checkpointed tangent everywhere
   _pe = None
@@ -70,8 +70,11 @@ NORM_INPUT_NAME = "lean_norm_input"
 NORM_STATS_NAME = "lean_norm_stats"
 
 
-def _axes(rank: int, axes, what: str) -> tuple[int, ...]:
-  """Sorted, deduplicated, non-negative axes (flax's canonical form), checked against `rank`."""
+def canonical_axes(rank: int, axes, what: str) -> tuple[int, ...]:
+  """Sorted, deduplicated, non-negative axes (flax's canonical form), checked against `rank`.
+
+  Shared with the lean layers; not part of the API (not in ``__all__``).
+  """
   if not isinstance(axes, Iterable):
     axes = (axes,)
   axes = tuple(axes)
@@ -147,7 +150,7 @@ def _stats(cfg: _Norm, x, mask):
   return mu, var
 
 
-def _forward(cfg: _Norm, x, scale, bias, mask):
+def _norm_forward(cfg: _Norm, x, scale, bias, mask):
   """flax's normalisation, op for op; also returns the per-row (mean, rstd) to keep."""
   x = cfg.promoted(x)
   mean, var = _stats(cfg, x, mask)
@@ -185,10 +188,10 @@ def _kept_input(cfg: _Norm, x):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _norm(x, scale, bias, mask, cfg):
-  return _forward(cfg, x, scale, bias, mask)[0]
+  return _norm_forward(cfg, x, scale, bias, mask)[0]
 
 
-def _linearizing(primals, tangents) -> bool:
+def linearizing(primals, tangents) -> bool:
   """Whether JAX is linearizing this call for reverse mode (jax.grad, vjp, linearize).
 
   There the tangents are unknown values of a partial evaluation and the
@@ -196,7 +199,8 @@ def _linearizing(primals, tangents) -> bool:
   whose transpose is `_norm_bwd`, the backward tuned for XLA's memory.
   Under an outer derivative, vmap or forward mode (the primals or tangents
   are other tracers) it is the checkpointed `_tangent`, which JAX
-  differentiates, batches and transposes itself.
+  differentiates, batches and transposes itself. `fewbit_jax.attention`
+  asks the same; not part of the API (not in ``__all__``).
   """
   if _pe is None:
     return False
@@ -217,13 +221,13 @@ def _norm_jvp(cfg, primals, tangents):
   # it, through the checkpointed tangent (recomputing xhat in the backward)
   # under other transformations. Forward mode runs the tangent itself.
   x, scale, bias, mask = primals
-  y, mean, rstd = _forward(cfg, x, scale, bias, mask)
+  y, mean, rstd = _norm_forward(cfg, x, scale, bias, mask)
   kept = checkpoint_name(_kept_input(cfg, x), NORM_INPUT_NAME)
   mean = checkpoint_name(mean, NORM_STATS_NAME) if cfg.use_mean else None
   rstd = checkpoint_name(rstd, NORM_STATS_NAME)
   zero = lambda t, p: None if p is None else (
       jnp.zeros(jnp.shape(p), jax.dtypes.result_type(p)) if isinstance(t, SymbolicZero) else t)
-  if _linearizing(primals, tangents[:3]):
+  if linearizing(primals, tangents[:3]):
     live = [t is not None and not isinstance(t, SymbolicZero) for t in tangents[:3]]
     res = (kept, scale, bias, mask, mean, rstd)
 
@@ -363,10 +367,14 @@ def _tangent(cfg: _Norm, out_dtype, kept, mean, rstd, scale, mask, x_dot, scale_
   return out.astype(out_dtype)
 
 
-def _normalize(x, scale, bias, *, use_mean: bool, reduction_axes, feature_axes, epsilon: float,
+def normalize(x, scale, bias, *, use_mean: bool, reduction_axes, feature_axes, epsilon: float,
                dtype, use_fast_variance: bool, force_float32_reductions: bool, axis_name,
                axis_index_groups, mask, promote_to=None, name: str):
-  """Checks the arguments and runs the lean normalisation."""
+  """Checks the arguments and runs the lean normalisation (every field of flax's two layers).
+
+  `layer_norm` (``use_mean=True``), `rms_norm` and the linen and NNX layers
+  call it; not part of the API (not in ``__all__``).
+  """
   x = jnp.asarray(x)
   if jnp.iscomplexobj(x) or not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"{name} takes a real floating-point input; got {x.dtype}. Use flax's "
@@ -374,8 +382,9 @@ def _normalize(x, scale, bias, *, use_mean: bool, reduction_axes, feature_axes, 
   if axis_name is None and axis_index_groups is not None:
     raise ValueError(f"{name}: axis_index_groups {axis_index_groups!r} without an axis_name; "
                      "give the axis_name of the devices the groups divide.")
-  cfg = _Norm(_axes(x.ndim, reduction_axes, "reduction_axes"),
-              _axes(x.ndim, feature_axes, "feature_axes"), float(epsilon), dtype, use_mean,
+  cfg = _Norm(canonical_axes(x.ndim, reduction_axes, "reduction_axes"),
+              canonical_axes(x.ndim, feature_axes, "feature_axes"), float(epsilon), dtype,
+              use_mean,
               bool(use_fast_variance), bool(force_float32_reductions), _hashable(axis_name),
               _hashable(axis_index_groups), promote_to, x.dtype)
   want = tuple(x.shape[a] for a in cfg.feature_axes)
@@ -441,7 +450,7 @@ def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, feature_axes=-1,
     >>> g.dtype, g.shape
     (dtype(bfloat16), (2, 8))
   """
-  return _normalize(x, scale, bias, use_mean=True, reduction_axes=reduction_axes,
+  return normalize(x, scale, bias, use_mean=True, reduction_axes=reduction_axes,
                     feature_axes=feature_axes, epsilon=epsilon, dtype=dtype,
                     use_fast_variance=use_fast_variance,
                     force_float32_reductions=force_float32_reductions, axis_name=axis_name,
@@ -480,7 +489,7 @@ def rms_norm(x, scale=None, *, reduction_axes=-1, feature_axes=-1, epsilon: floa
     >>> bool(jnp.all(fb.rms_norm(x, jnp.ones(8)) == y))
     True
   """
-  return _normalize(x, scale, None, use_mean=False, reduction_axes=reduction_axes,
+  return normalize(x, scale, None, use_mean=False, reduction_axes=reduction_axes,
                     feature_axes=feature_axes, epsilon=epsilon, dtype=dtype,
                     use_fast_variance=use_fast_variance,
                     force_float32_reductions=force_float32_reductions, axis_name=axis_name,

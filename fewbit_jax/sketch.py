@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fewbit_jax import _hash, _order, ext, rng
+from fewbit_jax import _hash, _order, _rng as rng, ext
 
 __all__ = ["KINDS", "check_kind", "project", "project_blocks", "block_keys", "sketch_matrix",
            "estimate_variance"]

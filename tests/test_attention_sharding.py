@@ -22,7 +22,6 @@ _SCRIPT = textwrap.dedent(r"""
   import flax.linen as nn
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
   import fewbit_jax as fb
-  from benchmarks import bench_sharding as bs
 
   assert jax.device_count() == 8, jax.devices()
   ks = jax.random.split(jax.random.key(0), 6)
@@ -30,7 +29,7 @@ _SCRIPT = textwrap.dedent(r"""
   mask = (jnp.arange(32)[None, None, None] < jnp.arange(20, 28)[:, None, None, None])
   scores = jax.random.normal(ks[5], (8, 8, 32, 32))
   qkv_spec, mask_spec, score_spec = P("data", None, "model"), P("data"), P("data", "model")
-  fast = {"xla_backend_optimization_level": 0}
+  fast = fb.memory.MEMORY_ONLY
 
   def attention_grads(fn, **kw):
     def loss(q, k, v, mask, key):
@@ -72,7 +71,7 @@ _SCRIPT = textwrap.dedent(r"""
       grads = grads if isinstance(grads, tuple) else (grads,)
       one_grads = one_grads if isinstance(one_grads, tuple) else (one_grads,)
       out[f"{mesh_name} {name}"] = dict(
-          collectives=bs.collectives(compiled.as_text()),
+          collectives=fb.memory.collectives(compiled),
           loss=[float(loss), float(one_loss)],
           grad_err=max(float(jnp.abs(a - b).max() / jnp.abs(b).max())
                        for a, b in zip(grads, one_grads)),

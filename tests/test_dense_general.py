@@ -121,7 +121,7 @@ _GENERAL_SCRIPT = textwrap.dedent(r"""
   import json
   import jax, jax.numpy as jnp
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-  from benchmarks.bench_sharding import collectives
+  from fewbit_jax.memory import collectives
   from fewbit_jax.dense_general import randomized_einsum
 
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))

@@ -5,15 +5,15 @@ import importlib
 
 import pytest
 
-MODULES = ["fewbit_jax", "fewbit_jax.codes", "fewbit_jax.rng", "fewbit_jax.tables",
+MODULES = ["fewbit_jax", "fewbit_jax.codes", "fewbit_jax._rng", "fewbit_jax.tables",
            "fewbit_jax.sketch", "fewbit_jax.dense", "fewbit_jax.dense_general",
            "fewbit_jax.linen", "fewbit_jax.linen._layers", "fewbit_jax.linen._convert",
            "fewbit_jax.nnx", "fewbit_jax.nnx._layers", "fewbit_jax.nnx._convert",
            "fewbit_jax._options", "fewbit_jax._sketch_stream", "fewbit_jax.patch",
-           "fewbit_jax.remat", "fewbit_jax.attention", "fewbit_jax.norms", "fewbit_jax.dropout",
+           "fewbit_jax.remat", "fewbit_jax.attention", "fewbit_jax.norms", "fewbit_jax._dropout",
            "fewbit_jax.linen._lean", "fewbit_jax.nnx._lean",
            "fewbit_jax.activations", "fewbit_jax.ext", "fewbit_jax.memory",
-           "fewbit_jax.sharded", "fewbit_jax.losses", "fewbit_jax.gated",
+           "fewbit_jax._sharded", "fewbit_jax.losses", "fewbit_jax.gated",
            "fewbit_jax.linen._gated", "fewbit_jax.nnx._gated",
            "fewbit_jax._one_call", "fewbit_jax.nnx._one_call", "fewbit_jax.linen._one_call"]
 

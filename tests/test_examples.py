@@ -145,7 +145,7 @@ def test_residual_report_names_who_keeps_what():
   ffn = (b, s, cfg.intermediate_size)
 
   def ffn_arrays(res, module):
-    return [r for r in res if r.module == module and r.shape == ffn and r.keepers]
+    return [r for r in res.residuals if r.scope == module and r.shape == ffn and r.keepers]
 
   vanilla = residuals.step_residuals(ROWS["vanilla"], cfg, b, s)
   fewbit = residuals.step_residuals(ROWS["3-bit GELU"], cfg, b, s)
@@ -154,10 +154,11 @@ def test_residual_report_names_who_keeps_what():
   # packed codes instead (its output is still kept for the next dense).
   assert len(ffn_arrays(vanilla, "layer_0/activation")) >= 3
   assert len(ffn_arrays(fewbit, "layer_0/activation")) <= 1
-  codes = [r for r in fewbit if r.dtype == "uint32" and r.module.startswith("layer_0")]
+  codes = [r for r in fewbit.residuals if r.dtype == "uint32" and r.scope.startswith("layer_0")]
   assert codes and all(r.keepers == ("layer_0/activation",) for r in codes)
   # The randomized output dense keeps a sketch, not the GELU output.
-  kept_for_output = [r for r in rand if any(k.startswith("layer_0/output") for k in r.keepers)
+  kept_for_output = [r for r in rand.residuals
+                     if any(k.startswith("layer_0/output") for k in r.keepers)
                      and r.shape == ffn]
   assert not kept_for_output
   t = residuals.totals
@@ -168,7 +169,7 @@ def test_residual_report_names_who_keeps_what():
   # Remat of each layer keeps its inputs, the dropout key among them.
   remat = residuals.step_residuals(ROWS["jax.checkpoint(each layer)"], cfg, b, s)
   assert t(remat).get("layer_0", 0) < t(vanilla)["layer_0"] / 4
-  assert any(r.dtype.startswith("key") and r.nbytes == 8 for r in remat)
+  assert any(r.dtype.startswith("key") and r.nbytes == 8 for r in remat.residuals)
 
 
 # --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ _SCRIPT = textwrap.dedent(r"""
   import json, re
   import jax, jax.numpy as jnp, numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from fewbit_jax import ext, rng
+  from fewbit_jax import ext, _rng as rng
   from fewbit_jax._ffi import _sketch_op
 
   assert jax.device_count() == 8, jax.devices()

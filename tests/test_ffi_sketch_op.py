@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fewbit_jax import _hash, ext, rng
+from fewbit_jax import _hash, ext, _rng as rng
 from fewbit_jax._ffi import _sketch_op
 
 pytestmark = pytest.mark.skipif(not ext.available(), reason="fewbit_jax._xla_ext not built")

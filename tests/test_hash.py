@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fewbit_jax import _hash, ext, rng, sketch
+from fewbit_jax import _hash, ext, _rng as rng, sketch
 from fewbit_jax._ffi import _sketch_op
 
 KEY = (jnp.uint32(0x12345678), jnp.uint32(0x9ABCDEF0))

@@ -17,7 +17,7 @@ from flax import nnx
 
 import fewbit_jax as fb
 from fewbit_jax import memory
-from fewbit_jax.dropout import dropout
+from fewbit_jax import dropout
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 # Relative to the largest gradient entry: a bf16/f16 dx is rounded once.
@@ -259,7 +259,7 @@ def test_dropout_keeps_the_key_not_the_mask():
 def test_dropout_blockwise_draw_is_flax_bitwise(shape, dims, rate):
   # Large masks are drawn (on the CPU, a block of rows at a time) and drawn
   # again in the backward from the key: the same bits as jax.random.bernoulli.
-  import fewbit_jax.dropout as fb_dropout
+  from fewbit_jax import _dropout as fb_dropout
   x = jax.random.normal(jax.random.key(0), shape)
   ct = jax.random.normal(jax.random.key(1), shape)
   key = jax.random.key(5)

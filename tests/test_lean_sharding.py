@@ -31,7 +31,6 @@ _SCRIPT = textwrap.dedent(r"""
   import jax, jax.numpy as jnp
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
   import fewbit_jax as fb
-  from benchmarks import bench_sharding as bs
 
   assert jax.device_count() == 8, jax.devices()
   x = jax.random.normal(jax.random.key(0), (16, 8, 64)) * 2 + 0.5
@@ -72,8 +71,9 @@ _SCRIPT = textwrap.dedent(r"""
     mesh_name, layout, name = case.split("-")
     r = results[case] = {}
     try:
-      dp, tp = bs.LAYOUTS[layout]
-      mesh = bs.mesh_for(layout, getattr(AxisType, mesh_name))
+      dp, tp = {"dp": (8, 1), "tp": (1, 8), "dp+tp": (4, 2)}[layout]
+      axis_type = getattr(AxisType, mesh_name)
+      mesh = jax.make_mesh((dp, tp), ("data", "model"), axis_types=(axis_type, axis_type))
       spec = P("data" if dp > 1 else None, None, "model" if tp > 1 else None)
       lean, theirs = ops()[name]
       with jax.set_mesh(mesh):
@@ -89,8 +89,8 @@ _SCRIPT = textwrap.dedent(r"""
                    str(NamedSharding(mesh, spec).spec)]
       r["same_sharding"] = out[0].sharding.is_equivalent_to(xs.sharding, 3) and \
           out[1].sharding.is_equivalent_to(xs.sharding, 3)
-      r["collectives"] = {"lean": bs.collectives(fl.as_text()),
-                          "flax": bs.collectives(ft.as_text())}
+      r["collectives"] = {"lean": fb.memory.collectives(fl),
+                          "flax": fb.memory.collectives(ft)}
     except Exception as e:
       import traceback
       r["error"] = traceback.format_exc()[-3000:]

@@ -1,4 +1,4 @@
-"""fewbit_jax.sharded on one device: the shard-by-shard sketch and ordering.
+"""fewbit_jax._sharded on one device: the shard-by-shard sketch and ordering.
 
 On 8 devices (meshes of both axis types, data and tensor parallelism) they
 are exercised through the randomized layers in tests/test_sharding.py.
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fewbit_jax import ext, sharded, sketch
+from fewbit_jax import _mesh, _sharded as sharded, ext, sketch
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +40,7 @@ def test_project_blocks_without_a_mesh_is_the_plain_one(kind):
 
 def test_type_helpers_without_a_mesh():
   a = jnp.ones((8, 3))
-  assert sharded.explicit_spec(a) is None
-  assert sharded.type_mesh(a, None) is None
+  assert _mesh.explicit_spec(a) is None
+  assert _mesh.type_mesh(a, None) is None
   assert sharded.reshape(a, (2, 4, 3), ("data", None, None)).shape == (2, 4, 3)
   np.testing.assert_array_equal(sharded.after(a, jnp.zeros((0,))), a)

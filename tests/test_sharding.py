@@ -21,7 +21,7 @@ The device count is fixed when JAX starts, so those run in one subprocess.
 The last test trains the example GPT over two processes joined by
 ``jax.distributed`` (examples/distributed_lm.py). The first tests check the
 blocked layer on one device; the block-diagonal sketch itself is tested in
-tests/test_sketch.py, `fewbit_jax.sharded` in tests/test_sharded.py and the
+tests/test_sketch.py, `fewbit_jax._sharded` in tests/test_sharded.py and the
 General and Einsum layers on 8 devices in tests/test_dense_general.py.
 """
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fewbit_jax import ext, rng, sketch
+from fewbit_jax import ext, _rng as rng, sketch
 
 KINDS = sketch.KINDS
 

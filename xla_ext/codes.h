@@ -6,8 +6,8 @@
 //
 //   code_of        fewbit_jax/codes.py:compute_codes
 //   plane layout   fewbit_jax/codes.py:pack / unpack
-//   mix32, hash4   fewbit_jax/rng.py:mix32 / hash4
-//   uniform01, gaussian   fewbit_jax/rng.py:uniform01 / gaussian
+//   mix32, hash4   fewbit_jax/_rng.py:mix32 / hash4
+//   uniform01, gaussian   fewbit_jax/_rng.py:uniform01 / gaussian
 //   sketch entries        fewbit_jax/_hash.py:entry / bucket / sign / rows_matrix
 //                         (gaussian, rademacher, countsketch; the hash counters too)
 //   dtype rounding        XLA's f32 -> bf16 / f16 conversion (round to nearest even)

@@ -1,7 +1,7 @@
 // The XLA FFI handlers of fewbit-jax, written once for every platform: each
 // handler checks its operands, picks the kernel for their dtype and calls the
 // platform's launch of it (cpu.cc, cuda.cu). module.cc hands the symbols to
-// Python; ext.py registers them under the target names below.
+// Python; fewbit_jax/_ffi/_load.py registers them under the target names below.
 //
 // Targets (the same operands, attributes and results on every platform):
 //
@@ -19,7 +19,7 @@
 //                          group g with S's rows numbered row0[g] + r; kind
 //                          is gaussian, rademacher or countsketch. x has no
 //                          group axis so that XLA can hand the kernel the
-//                          very array a matmul reads (see fewbit_jax/ext.py).
+//                          very array a matmul reads (see fewbit_jax/_ffi/_sketch_op.py).
 //
 // W = ceil(n / 32). All sizes and offsets are int64.
 #pragma once

@@ -1,7 +1,8 @@
 // The nanobind module fewbit_jax._xla_ext: hands the FFI handlers to Python.
 //
-// registrations() returns {platform: {target name: capsule}}; ext.py passes
-// each capsule to jax.ffi.register_ffi_target for its platform.
+// registrations() returns {platform: {target name: capsule}};
+// fewbit_jax/_ffi/_load.py passes each capsule to
+// jax.ffi.register_ffi_target for its platform.
 #include <array>
 #include <iterator>
 

@@ -55,7 +55,8 @@ class Interception:
     return f"Interception(converted={self.converted}, skipped={self.skipped})"
 
 
-def _module_path(module: nn.Module) -> str:
+def module_path(module: nn.Module) -> str:
+  """The module's path in its model: its parents' names and its own, each after a ``"/"``."""
   return "/" + "/".join(str(p) for p in module.path)
 
 
@@ -73,7 +74,7 @@ def _promoted(module: nn.Module, inputs):
 
 def _sketch_key(module: nn.Module, collection: str):
   return _sketch_stream.linen_key(
-      module, collection, f"fewbit_jax.linen.intercept (at {_module_path(module)})")
+      module, collection, f"fewbit_jax.linen.intercept (at {module_path(module)})")
 
 
 def _dense_call(module: nn.Dense, inputs, options: dict, collection: str):
@@ -111,7 +112,7 @@ def _dense_general_refusal(module: nn.DenseGeneral) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Rule:
+class Rule:
   """How an interception (`intercept`, `fewbit_jax.linen.lean`) runs one linen class."""
   call: Callable  # (module, next_fun, args, kwargs) -> output
   refusal: Callable  # (module, args, kwargs) -> why the call must stay plain, or None
@@ -122,7 +123,7 @@ class _Rule:
 def _inputs_only(call: Callable, options: dict, collection: str, module, next_fun, args, kwargs):
   del next_fun
   if len(args) != 1 or kwargs:
-    raise TypeError(f"{type(module).__name__} at {_module_path(module)} was called with "
+    raise TypeError(f"{type(module).__name__} at {module_path(module)} was called with "
                     f"{len(args)} positional and {sorted(kwargs)} keyword arguments; it takes "
                     "inputs only.")
   return call(module, args[0], options, collection)
@@ -134,14 +135,14 @@ def _has_kernel(module: nn.Module) -> bool:
 
 # The exact classes converted (a subclass may compute something else).
 _RULES = {
-    nn.Dense: _Rule(_dense_call, lambda m, a, k: _dense_refusal(m), ready=_has_kernel),
-    nn.DenseGeneral: _Rule(_dense_general_call, lambda m, a, k: _dense_general_refusal(m),
+    nn.Dense: Rule(_dense_call, lambda m, a, k: _dense_refusal(m), ready=_has_kernel),
+    nn.DenseGeneral: Rule(_dense_general_call, lambda m, a, k: _dense_general_refusal(m),
                            general=True, ready=_has_kernel),
 }
 
 
 @contextlib.contextmanager
-def _intercepting(rules: dict, pattern: str | None, warn_unused: bool, what: str, kinds: str,
+def intercepting(rules: dict, pattern: str | None, warn_unused: bool, what: str, kinds: str,
                   classes: str):
   """Runs the calls of `rules`' classes whose path matches `pattern` by their rule while inside.
 
@@ -158,7 +159,7 @@ def _intercepting(rules: dict, pattern: str | None, warn_unused: bool, what: str
     rule = rules.get(type(module))
     if rule is None or context.method_name != "__call__":
       return next_fun(*args, **kwargs)
-    path = _module_path(module)
+    path = module_path(module)
     seen.append(path)
     if regex is not None and not regex.search(path):
       return next_fun(*args, **kwargs)
@@ -257,7 +258,7 @@ def intercept(pattern: str | None = None, *, proj_dim_ratio: float | None = 0.2,
   rules = {kind: dataclasses.replace(rule, call=functools.partial(
                _inputs_only, rule.call, options, rng_collection))
            for kind, rule in _RULES.items() if general or not rule.general}
-  with _intercepting(rules, pattern, warn_unused, "intercept", "dense layers",
+  with intercepting(rules, pattern, warn_unused, "intercept", "dense layers",
                     "nn.Dense") as record:
     yield record
 

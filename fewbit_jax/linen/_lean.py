@@ -1,7 +1,8 @@
 """Lean linen layers (`LayerNorm`, `RMSNorm`, `Dropout`) and `lean`, which converts existing ones.
 
 Each layer is a subclass of flax's with the same fields and parameters whose
-call runs the lean function (`fewbit_jax.norms`, `fewbit_jax.dropout`); the
+call runs the lean function (`fewbit_jax.layer_norm`,
+`fewbit_jax.rms_norm`, `fewbit_jax.dropout`); the
 computation is a plain function of the module (`_CALLS`), so `lean` runs
 flax's own layers of an existing model through the very same code.
 """
@@ -16,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from fewbit_jax import norms as _norms
-from fewbit_jax.dropout import dropout as _dropout
-from fewbit_jax.linen._convert import _intercepting, _Rule
+from fewbit_jax._dropout import dropout
+from fewbit_jax.linen._convert import intercepting, Rule
 
 __all__ = ["LayerNorm", "RMSNorm", "Dropout", "lean"]
 
@@ -25,7 +26,7 @@ __all__ = ["LayerNorm", "RMSNorm", "Dropout", "lean"]
 def _norm_call(module, x, *, mask=None, use_mean: bool):
   """flax's LayerNorm (`use_mean`) or RMSNorm call, with the lean normalisation."""
   x = jnp.asarray(x)
-  axes = _norms._axes(x.ndim, module.feature_axes, "feature_axes")
+  axes = _norms.canonical_axes(x.ndim, module.feature_axes, "feature_axes")
   shape = [x.shape[a] for a in axes]
 
   def param(name, init):
@@ -34,7 +35,7 @@ def _norm_call(module, x, *, mask=None, use_mean: bool):
 
   scale = param("scale", module.scale_init) if module.use_scale else None
   bias = param("bias", module.bias_init) if use_mean and module.use_bias else None
-  return _norms._normalize(
+  return _norms.normalize(
       x, scale, bias, use_mean=use_mean, reduction_axes=module.reduction_axes,
       feature_axes=module.feature_axes, epsilon=module.epsilon, dtype=module.dtype,
       use_fast_variance=module.use_fast_variance,
@@ -44,7 +45,7 @@ def _norm_call(module, x, *, mask=None, use_mean: bool):
 
 
 def _dropout_call(module, inputs, deterministic: bool | None = None, rng=None):
-  """flax's Dropout call, through `fewbit_jax.dropout.dropout`."""
+  """flax's Dropout call, through `fewbit_jax.dropout`."""
   deterministic = nn.merge_param("deterministic", module.deterministic, deterministic)
   if module.rate == 0.0 or deterministic:
     return inputs
@@ -55,7 +56,7 @@ def _dropout_call(module, inputs, deterministic: bool | None = None, rng=None):
   # The mask takes the input's sharding, as nnx.Dropout's: the same bits, and
   # under an Explicit mesh no select of a replicated mask with a sharded input
   # (which flax's linen Dropout refuses).
-  return _dropout(inputs, module.rate, rng, broadcast_dims=module.broadcast_dims,
+  return dropout(inputs, module.rate, rng, broadcast_dims=module.broadcast_dims,
                   out_sharding=jax.typeof(inputs).sharding)
 
 
@@ -130,7 +131,7 @@ class Dropout(nn.Dropout):
 
 
 def _calls(fn):
-  """A `_Rule` call running ``fn(module, *args, **kwargs)`` instead of the layer's own."""
+  """A `Rule` call running ``fn(module, *args, **kwargs)`` instead of the layer's own."""
   return lambda module, next_fun, args, kwargs: fn(module, *args, **kwargs)
 
 
@@ -157,15 +158,15 @@ def _attention_rule(lean_fn):
       return "it has its own attention_fn"
     return None
 
-  return _Rule(call, refusal)
+  return Rule(call, refusal)
 
 
 # flax class -> how `lean` runs it: the exact classes (a subclass may compute
 # something else).
 _RULES = {
-    nn.LayerNorm: _Rule(_calls(functools.partial(_norm_call, use_mean=True)), _norm_refusal),
-    nn.RMSNorm: _Rule(_calls(functools.partial(_norm_call, use_mean=False)), _norm_refusal),
-    nn.Dropout: _Rule(_calls(_dropout_call), lambda m, a, k: None),
+    nn.LayerNorm: Rule(_calls(functools.partial(_norm_call, use_mean=True)), _norm_refusal),
+    nn.RMSNorm: Rule(_calls(functools.partial(_norm_call, use_mean=False)), _norm_refusal),
+    nn.Dropout: Rule(_calls(_dropout_call), lambda m, a, k: None),
 }
 
 
@@ -226,6 +227,6 @@ def lean(pattern: str | None = None, *, warn_unused: bool = True):
     >>> bool(jnp.all(y == model.apply(v, x, rngs=rngs)))
     True
   """
-  with _intercepting(_rules(), pattern, warn_unused, "lean", "norm or dropout layers",
+  with intercepting(_rules(), pattern, warn_unused, "lean", "norm or dropout layers",
                      "nn.LayerNorm, nn.RMSNorm or nn.Dropout") as record:
     yield record

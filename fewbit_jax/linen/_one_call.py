@@ -20,7 +20,7 @@ import numpy as np
 
 from fewbit_jax import _one_call
 from fewbit_jax import patch as _patch
-from fewbit_jax.linen._convert import _module_path, intercept
+from fewbit_jax.linen._convert import module_path, intercept
 from fewbit_jax.linen._lean import lean
 
 __all__ = ["convert"]
@@ -189,7 +189,7 @@ def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None
   def kind_of(module: nn.Module) -> str | None:
     if module.is_initializing():
       return None
-    path = _module_path(module)
+    path = module_path(module)
     if remat and not getattr(_local, "depth", 0):
       if block_regex is not None:
         if block_regex.search(path):
@@ -217,7 +217,7 @@ def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None
     kind = kind_of(module)
     if kind is None:
       return next_fun(*args, **kwargs)
-    path = _module_path(module)
+    path = module_path(module)
     seen = record.blocks if kind == "block" else record.cheap
     if path not in seen:
       seen.append(path)

@@ -122,7 +122,7 @@ def map_module(model, fn: tp.Callable[[nnx.Module, str], tp.Any], pattern: str |
   return out
 
 
-def _with_params(old, build: tp.Callable[[], nnx.Module], stream: nnx.RngStream | None,
+def with_params(old, build: tp.Callable[[], nnx.Module], stream: nnx.RngStream | None,
                  names: tuple[str, ...] = ("kernel", "bias")):
   """``build()`` holding `old`'s very objects named `names` (its Params), initialising nothing.
 
@@ -156,7 +156,8 @@ def _with_params(old, build: tp.Callable[[], nnx.Module], stream: nnx.RngStream 
 _NUMERICS = ("dtype", "param_dtype", "precision", "promote_dtype", "preferred_element_type")
 
 
-def _read(module, *names: str) -> dict:
+def read(module, *names: str) -> dict:
+  """{name: module.name} for `names`: the constructor arguments a twin copies."""
   return {name: getattr(module, name) for name in names}
 
 
@@ -211,16 +212,16 @@ class _Rule:
 _RULES = {
     nnx.Linear: _Rule(
         RandomizedLinear,
-        lambda m: ((m.in_features, m.out_features), _read(m, "use_bias", *_NUMERICS)),
+        lambda m: ((m.in_features, m.out_features), read(m, "use_bias", *_NUMERICS)),
         _linear_refusal, general=False, takes_ctor=True),
     nnx.LinearGeneral: _Rule(
         RandomizedLinearGeneral,
-        lambda m: ((m.in_features, m.out_features), _read(m, "axis", "use_bias", *_NUMERICS)),
+        lambda m: ((m.in_features, m.out_features), read(m, "axis", "use_bias", *_NUMERICS)),
         _linear_general_refusal, general=True),
     nnx.Einsum: _Rule(
         RandomizedEinsum,
         lambda m: ((m.einsum_str, tuple(m.kernel.shape),
-                    None if m.bias is None else tuple(m.bias.shape)), _read(m, *_NUMERICS)),
+                    None if m.bias is None else tuple(m.bias.shape)), read(m, *_NUMERICS)),
         _einsum_refusal, general=True),
 }
 _OURS = tuple(rule.randomized for rule in _RULES.values())
@@ -297,7 +298,7 @@ def convert_linear(module, ctor: tp.Callable[..., nnx.Module] | None = None, *,
     SketchOptions.among(kwargs)
   build = lambda: ctor(*args, rngs=nnx.Rngs(0), **kwargs)
   stream = _sketch_stream.nnx_source(rngs, options.get("rng_collection", "sketch"))
-  return _with_params(module, build, stream)
+  return with_params(module, build, stream)
 
 
 def convert_activations(module, **bits):

@@ -1,7 +1,8 @@
 """Lean NNX layers (`LayerNorm`, `RMSNorm`, `Dropout`) and `convert_lean`, which converts existing ones.
 
 Each layer is a subclass of flax's with the same arguments and ``Variable``s
-whose call runs the lean function (`fewbit_jax.norms`, `fewbit_jax.dropout`);
+whose call runs the lean function (`fewbit_jax.layer_norm`,
+`fewbit_jax.rms_norm`, `fewbit_jax.dropout`);
 `convert_lean` turns flax's layers into them by a table, keeping the very
 same ``Param`` and rng stream objects.
 """
@@ -20,8 +21,8 @@ from flax.nnx.module import first_from
 
 from fewbit_jax import _sketch_stream
 from fewbit_jax import norms as _norms
-from fewbit_jax.dropout import dropout as _dropout
-from fewbit_jax.nnx._convert import _read, _with_params
+from fewbit_jax._dropout import dropout
+from fewbit_jax.nnx._convert import read, with_params
 
 __all__ = ["LayerNorm", "RMSNorm", "Dropout", "convert_lean"]
 
@@ -42,7 +43,7 @@ def _norm_call(module, x, mask, *, use_mean: bool):
     x, scale, bias = module.promote_dtype((x, scale, bias), dtype=module.dtype)
   else:
     x, scale = module.promote_dtype((x, scale), dtype=module.dtype)
-  return _norms._normalize(
+  return _norms.normalize(
       x, scale, bias, use_mean=use_mean, reduction_axes=module.reduction_axes,
       feature_axes=module.feature_axes, epsilon=module.epsilon, dtype=module.dtype,
       use_fast_variance=module.use_fast_variance, force_float32_reductions=True,
@@ -173,7 +174,7 @@ class Dropout(nnx.Dropout):
       return inputs
     if self.rate == 1.0:
       return jnp.zeros_like(inputs)
-    return _dropout(inputs, self.rate, self._key(rngs), broadcast_dims=self.broadcast_dims,
+    return dropout(inputs, self.rate, self._key(rngs), broadcast_dims=self.broadcast_dims,
                     out_sharding=jax.typeof(inputs).sharding)
 
 
@@ -193,10 +194,10 @@ class _Twin:
 # flax class -> its lean twin: the exact classes (a subclass may compute
 # something else).
 _TWINS = {
-    nnx.LayerNorm: _Twin(LayerNorm, lambda m: ((m.num_features,), _read(m, "use_bias", *_NORM)),
+    nnx.LayerNorm: _Twin(LayerNorm, lambda m: ((m.num_features,), read(m, "use_bias", *_NORM)),
                          ("scale", "bias")),
-    nnx.RMSNorm: _Twin(RMSNorm, lambda m: ((m.num_features,), _read(m, *_NORM)), ("scale",)),
-    nnx.Dropout: _Twin(Dropout, lambda m: ((m.rate,), _read(
+    nnx.RMSNorm: _Twin(RMSNorm, lambda m: ((m.num_features,), read(m, *_NORM)), ("scale",)),
+    nnx.Dropout: _Twin(Dropout, lambda m: ((m.rate,), read(
         m, "broadcast_dims", "deterministic", "rng_collection")), ("rngs",), params=False),
 }
 
@@ -227,7 +228,7 @@ def _to_twin(twin: _Twin, module):
     build = lambda: twin.lean(*args, **kwargs, rngs=nnx.Rngs(0))
   else:
     build = lambda: twin.lean(*args, **kwargs)
-  return _with_params(module, build, None, twin.state)
+  return with_params(module, build, None, twin.state)
 
 
 def convert_lean(module):

@@ -256,7 +256,7 @@ def test_dropout_forward_mode_functional_and_nnx():
   x = jax.random.normal(jax.random.key(0), (3, 8))
   t = jax.random.normal(jax.random.key(1), x.shape)
   key = jax.random.key(2)
-  _forward_modes(lambda x: fb.dropout.dropout(x, 0.3, key),
+  _forward_modes(lambda x: fb.dropout(x, 0.3, key),
                  lambda x: nn.Dropout(0.3, deterministic=False).apply({}, x, rng=key), x, t)
   ours, theirs = (c(0.3, rngs=nnx.Rngs(dropout=0)) for c in (fb.nnx.Dropout, nnx.Dropout))
   _forward_modes(lambda x: ours(x, rngs=key), lambda x: theirs(x, rngs=key), x, t)

@@ -37,7 +37,7 @@ from hypothesis import given, settings, strategies as st
 from jax import lax
 
 import fewbit_jax as fb
-from fewbit_jax import ext, rng, sketch
+from fewbit_jax import ext, _rng as rng, sketch
 from fewbit_jax.dense import projection_dim, randomized_dense
 from fewbit_jax.dense_general import randomized_dot_general, randomized_einsum
 
@@ -358,7 +358,7 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from flax import nnx
 import fewbit_jax as fb
-from fewbit_jax import ext, rng, sketch
+from fewbit_jax import ext, _rng as rng, sketch
 from fewbit_jax.dense import randomized_dense, projection_dim
 from fewbit_jax.dense_general import randomized_dot_general, randomized_einsum
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fewbit_jax import codes, ext, rng
+from fewbit_jax import codes, ext, _rng as rng
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "gpu" or "cuda" not in ext.platforms(),

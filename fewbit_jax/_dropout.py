@@ -22,7 +22,7 @@ Example:
   >>> import jax, jax.numpy as jnp
   >>> import flax.linen as nn
   >>> import fewbit_jax as fb
-  >>> from fewbit_jax.dropout import dropout
+  >>> from fewbit_jax import dropout
   >>> x, key = jnp.ones((256, 512)), jax.random.key(0)     # more than REDRAW_BLOCK elements
   >>> flax_drop = lambda x: nn.Dropout(0.1, deterministic=False).apply({}, x, rng=key)
   >>> kept = [fb.memory.saved_residuals(lambda x: (f(x) ** 2).sum(), x).by_dtype()
@@ -37,9 +37,8 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Sequence
-
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +46,8 @@ import numpy as np
 from jax import custom_derivatives, lax, random
 from jax.extend.random import threefry2x32_p
 
-from fewbit_jax import sharded as _sharded
-from fewbit_jax.norms import _linearizing
+from fewbit_jax import _sharded
+from fewbit_jax.norms import linearizing as _linearizing
 
 __all__ = ["dropout", "REDRAW_BLOCK"]
 
@@ -231,7 +230,7 @@ def dropout(x, rate: float, key, *, broadcast_dims: Sequence[int] = (),
   Example:
     >>> import jax, jax.numpy as jnp
     >>> import flax.linen as nn
-    >>> from fewbit_jax.dropout import dropout
+    >>> from fewbit_jax import dropout
     >>> x, key = jnp.arange(1.0, 9.0), jax.random.key(1)
     >>> y = nn.Dropout(0.5, deterministic=False).apply({}, x, rng=key)
     >>> bool(jnp.all(dropout(x, 0.5, key) == y))

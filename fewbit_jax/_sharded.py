@@ -35,7 +35,7 @@ device (up to float32 summation order when rows are sharded).
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> from fewbit_jax import sharded, sketch
+  >>> from fewbit_jax import _sharded as sharded, sketch
   >>> x = jnp.ones((2, 4, 3))
   >>> keys = sketch.block_keys(jax.random.key(0), 2)
   >>> sharded.project_blocks("gaussian", x, keys, 2).shape
@@ -55,41 +55,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fewbit_jax import _order, _mesh, sketch as _sketch
 
-__all__ = ["project_blocks", "after", "explicit_spec", "type_mesh", "reshape", "to_blocks"]
+__all__ = ["project_blocks", "after", "reshape", "to_blocks"]
 
 _ROW_KINDS = ("gaussian", "rademacher", "countsketch")  # row slices of S add up
-
-
-_axes, _entry = _mesh.axes, _mesh.entry
-
-
-def explicit_spec(a) -> tuple | None:
-  """The PartitionSpec entries of `a`'s type over its Explicit mesh axes, or None.
-
-  None when `a`'s type carries no Explicit axis (no mesh, or an Auto one).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from fewbit_jax import sharded
-    >>> sharded.explicit_spec(jnp.ones((4, 3))) is None      # not on a mesh
-    True
-  """
-  return _mesh.explicit_spec(a)
-
-
-def type_mesh(*arrays):
-  """The (abstract) mesh of the first of `arrays` whose type has Explicit axes, or None.
-
-  Shardings are built on it rather than on the context mesh, so that arrays
-  typed on an Explicit mesh work with or without ``jax.set_mesh``.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from fewbit_jax import sharded
-    >>> sharded.type_mesh(jnp.ones(3), None) is None
-    True
-  """
-  return _mesh.type_mesh(*arrays)
 
 
 def reshape(a, shape, spec=None):
@@ -100,12 +68,12 @@ def reshape(a, shape, spec=None):
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from fewbit_jax import sharded
+    >>> from fewbit_jax import _sharded as sharded
     >>> sharded.reshape(jnp.ones((8, 3)), (2, 4, 3), ("data", None, None)).shape
     (2, 4, 3)
   """
   shape = tuple(int(d) for d in shape)
-  mesh = type_mesh(a)
+  mesh = _mesh.type_mesh(a)
   if spec is None or mesh is None:
     return a.reshape(shape)
   return lax.reshape(a, shape, out_sharding=NamedSharding(mesh, P(*spec)))
@@ -125,14 +93,14 @@ def to_blocks(a, n_batch: int, spec, blocks: int):
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from fewbit_jax import sharded
+    >>> from fewbit_jax import _sharded as sharded
     >>> sharded.to_blocks(jnp.ones((4, 6, 3)), 2, (None, None, None), 2).shape
     (2, 12, 3)
   """
   spec = tuple(spec)
   shape = a.shape
   feat = tuple(shape[n_batch:])
-  mesh = type_mesh(a)
+  mesh = _mesh.type_mesh(a)
   if mesh is None:
     return a.reshape(blocks, -1, math.prod(feat))
   sizes = _mesh.sizes(mesh)
@@ -158,7 +126,7 @@ def to_blocks(a, n_batch: int, spec, blocks: int):
   perm = (*front, *rest, *range(nf, nf + len(feat)))
   if perm != tuple(range(a.ndim)):
     a = jnp.transpose(a, perm)
-  c_entry = _entry(tuple(ax for i in front for ax in _axes(split_spec[i])))
+  c_entry = _mesh.entry(tuple(ax for i in front for ax in _mesh.axes(split_spec[i])))
   rows = math.prod(split[i] for i in rest)
   out = (blocks, rows * d // blocks, math.prod(feat))
   return lax.reshape(a, out, out_sharding=NamedSharding(
@@ -189,14 +157,14 @@ def _plan(kind, shape, spec, mesh_shape):
   only for the kinds whose row slices add up.
   """
   spec = tuple(spec) + (None,) * (3 - len(tuple(spec)))
-  c_axes, r_axes, n_axes = (_axes(e) for e in spec)
+  c_axes, r_axes, n_axes = (_mesh.axes(e) for e in spec)
   if not _divides(mesh_shape, c_axes, shape[0]):
     c_axes = ()
   if not _divides(mesh_shape, n_axes, shape[2]):
     n_axes = ()
   if kind not in _ROW_KINDS or not _divides(mesh_shape, r_axes, shape[1]):
     r_axes = ()
-  c, r, n = _entry(c_axes), _entry(r_axes), _entry(n_axes)
+  c, r, n = _mesh.entry(c_axes), _mesh.entry(r_axes), _mesh.entry(n_axes)
   return P(c, r, n), P(c, None), P(c, None, n), r_axes
 
 
@@ -258,7 +226,7 @@ def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *,
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from fewbit_jax import sharded, sketch
+    >>> from fewbit_jax import _sharded as sharded, sketch
     >>> keys = sketch.block_keys(jax.random.key(0), 2)
     >>> sharded.project_blocks("gaussian", jnp.ones((2, 4, 3)), keys, 2).shape
     (2, 2, 3)
@@ -267,7 +235,7 @@ def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *,
   if x3d.ndim != 3:
     raise ValueError(f"project_blocks expects a 3-D array (C, R, N); got shape {x3d.shape}.")
   keys = jnp.asarray(keys, jnp.uint32)
-  spec = explicit_spec(x3d)
+  spec = _mesh.explicit_spec(x3d)
   if spec is not None and any(e is not None for e in spec):
     mesh = jax.typeof(x3d).sharding.mesh
     shape = _mesh.sizes(mesh)
@@ -333,15 +301,15 @@ def after(a: jax.Array, dep: jax.Array) -> jax.Array:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from fewbit_jax import sharded
+    >>> from fewbit_jax import _sharded as sharded
     >>> sharded.after(jnp.arange(3.0), jnp.ones((2, 2))).tolist()
     [0.0, 1.0, 2.0]
   """
   if dep.size == 0:
     return a
-  a_spec, d_spec = explicit_spec(a), explicit_spec(dep)
+  a_spec, d_spec = _mesh.explicit_spec(a), _mesh.explicit_spec(dep)
   if a_spec is not None or d_spec is not None:
-    mesh = type_mesh(a, dep)
+    mesh = _mesh.type_mesh(a, dep)
     manual = _mesh.explicit_axes(mesh)
     a_spec = a_spec or (None,) * a.ndim
     d_spec = d_spec or (None,) * dep.ndim

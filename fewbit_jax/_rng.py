@@ -8,7 +8,7 @@ numbers. ``xla_ext/codes.h`` holds the C++ twin of each function here.
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from fewbit_jax import rng
+  >>> from fewbit_jax import _rng as rng
   >>> int(rng.hash4(jnp.uint32(1), jnp.uint32(2), jnp.uint32(3), jnp.uint32(4)))
   2545114071
 """
@@ -30,7 +30,7 @@ def mix32(x: jax.Array) -> jax.Array:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from fewbit_jax import rng
+    >>> from fewbit_jax import _rng as rng
     >>> int(rng.mix32(jnp.uint32(1)))
     1753845952
   """
@@ -47,7 +47,7 @@ def hash4(k0, k1, a, b) -> jax.Array:
   """Hash of a key (k0, k1) and counters (a, b) to uniform uint32 bits.
 
   Example:
-    >>> from fewbit_jax import rng
+    >>> from fewbit_jax import _rng as rng
     >>> int(rng.hash4(1, 2, 3, 4))
     2545114071
   """
@@ -64,7 +64,7 @@ def key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   Example:
     >>> import jax
-    >>> from fewbit_jax import rng
+    >>> from fewbit_jax import _rng as rng
     >>> [int(w) for w in rng.key_words(jax.random.key(0))]
     [0, 0]
   """
@@ -94,7 +94,7 @@ def sketch_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   Example:
     >>> import jax
-    >>> from fewbit_jax import rng
+    >>> from fewbit_jax import _rng as rng
     >>> a = [int(w) for w in rng.sketch_words(jax.numpy.array([0, 7], "uint32"))]
     >>> b = [int(w) for w in rng.sketch_words(jax.numpy.array([1, 7], "uint32"))]
     >>> a[0] != b[0] and a[1] != b[1]
@@ -114,7 +114,7 @@ def uniform01(bits: jax.Array, dtype=jnp.float32) -> jax.Array:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from fewbit_jax import rng
+    >>> from fewbit_jax import _rng as rng
     >>> rng.uniform01(jnp.array([0, 0xFFFFFFFF], jnp.uint32)).tolist()
     [5.960464477539063e-08, 1.0]
   """
@@ -128,7 +128,7 @@ def gaussian(k0, k1, a, b) -> jax.Array:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from fewbit_jax import rng
+    >>> from fewbit_jax import _rng as rng
     >>> rows, cols = jnp.arange(3, dtype=jnp.uint32)[:, None], jnp.arange(4, dtype=jnp.uint32)
     >>> rng.gaussian(1, 2, rows, cols).shape      # S[i, j] for a key (1, 2)
     (3, 4)
