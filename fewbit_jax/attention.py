@@ -15,6 +15,11 @@ probabilities, and no dropout mask: the mask is drawn again from
 With ``recompute_block=B`` it keeps no score-sized array at all: the backward
 recomputes the scores ``B`` keys at a time from q, k and the per-row max and
 sum of the softmax (flash-attention style, in pure JAX), for long sequences.
+For decoders it takes grouped-query key/value heads (never repeated),
+``is_causal`` and ``local_window_size`` masks made from iota inside the
+computation (never kept), a boolean mask kept at its own shape and a logit
+``soft_cap``; with those, ``recompute_block`` also runs the forward in tiles
+and skips the tiles the masks cover wholly (`tile_fraction`).
 
 Kept arrays carry ``jax.ad_checkpoint.checkpoint_name`` names (`NAMES`) that
 `fewbit_jax.checkpoint_policy` keeps.
@@ -397,7 +402,7 @@ def tile_fraction(t: int, s: int, block: int, *, is_causal: bool = False,
     >>> fb.attention.tile_fraction(1024, 1024, 128, is_causal=True)  # (8 + 1) / (2 * 8)
     0.5625
     >>> fb.attention.tile_fraction(1024, 1024, 128, local_window_size=(256, 0))
-    0.3359375
+    0.328125
   """
   cfg = _Config(causal=is_causal, window=_window(local_window_size), block=block,
                 q_block=block if t % block == 0 else t)
@@ -441,9 +446,10 @@ def _forward_tiles(cfg, q, k, v, bias, mask, mult):
   bq, bk = cfg.q_block, cfg.block
   ti, tj = _live_tiles(cfg, t, s)
   sdtype = jnp.promote_types(jnp.float32 if cfg.fp32 else q.dtype, jnp.float32)
-  rows = q.shape[:-3] + (q.shape[-2], t, 1)
-  init = (jnp.full(rows, -jnp.inf, sdtype), jnp.zeros(rows, sdtype),
-          jnp.zeros(q.shape[:-1] + (v.shape[-1],), sdtype))
+  # The carries made from q keep its sharding (an Explicit mesh's types).
+  rows = jnp.zeros_like(jnp.swapaxes(q[..., :1], -2, -3), sdtype)    # [..., h, q, 1]
+  init = (rows - jnp.inf, rows,
+          jnp.zeros_like(q[..., :1], sdtype) + jnp.zeros((v.shape[-1],), sdtype))
 
   def body(n, carry):
     x_max, total, acc = carry
@@ -662,10 +668,23 @@ def dot_product_attention(
   again from ``dropout_rng``. Forward mode (``jax.jvp``, ``jax.jacfwd``,
   ``jax.linearize``) and derivatives of derivatives work, as flax's.
 
+  For decoders, the arguments ``jax.nn.dot_product_attention`` has and one
+  more: key/value with fewer heads than the query (grouped-query and
+  multi-query attention: ``kv_heads`` divides ``num_heads``, query head
+  ``n`` uses key/value head ``n // (num_heads / kv_heads)``, as
+  ``jax.nn``'s), computed on the query heads grouped, never on k and v
+  repeated; ``is_causal`` and ``local_window_size``, whose masks are
+  generated from iota inside the computation, never kept; a ``soft_cap``
+  on the scores (Gemma 2). A boolean ``mask`` is kept at its own shape
+  (``[batch, 1, q_length, kv_length]``, ``[q_length, kv_length]``, ...),
+  never broadcast to the scores'. So the backward keeps the probabilities
+  and no mask, or with ``recompute_block`` nothing of the scores' size.
+
   Args:
     query: ``[batch..., q_length, num_heads, depth]``.
-    key: ``[batch..., kv_length, num_heads, depth]``.
-    value: ``[batch..., kv_length, num_heads, v_depth]``.
+    key: ``[batch..., kv_length, kv_heads, depth]``, ``kv_heads`` dividing
+      ``num_heads`` (grouped-query attention; 1: multi-query).
+    value: ``[batch..., kv_length, kv_heads, v_depth]``.
     bias: added to the scores, broadcastable to ``[batch..., num_heads,
       q_length, kv_length]``; differentiable.
     mask: scores where it is False (0) are masked; broadcastable as bias.
@@ -684,20 +703,38 @@ def dot_product_attention(
       module-made einsum cannot be differentiated by hand); must be None.
     promote_dtype: nnx's ``promote_dtype((q, k, v), dtype=)`` (default:
       flax's promotion).
-    is_causal: also mask keys after each query, as nnx does.
+    is_causal: also mask keys after each query (key ``j > i`` for query
+      ``i``), as nnx and ``jax.nn`` do.
     recompute_block: None keeps the probabilities. An int ``B`` dividing
-      kv_length keeps none: the backward recomputes the scores ``B`` keys at
-      a time from q, k and the per-row max and sum of the softmax (named
+      kv_length keeps none: the backward recomputes the scores in tiles of
+      ``B`` keys (by ``B`` queries where ``B`` divides q_length, else all
+      of them) from q, k and the per-row max and sum of the softmax (named
       ``'attention_stats'``), with the output (``'attention_output'``), for
-      long sequences; it draws the full dropout mask (booleans) once.
+      long sequences; it draws the full dropout mask (booleans) once. With
+      any of ``is_causal``, ``local_window_size``, ``soft_cap`` or fewer
+      key/value heads the forward runs in those tiles too (online softmax,
+      as flash attention: no score-sized array at all, equal to the untiled
+      forward up to rounding), and the tiles those masks cover wholly are
+      skipped in both: `tile_fraction` gives the share of the score flops
+      left (causal: ``(n + 1) / 2n`` for ``n`` blocks). Otherwise the
+      forward is flax's operations (bitwise), its scores not kept.
+    local_window_size: ``(left, right)`` (or one int for both): query ``i``
+      sees keys ``i - left`` to ``i + right`` only, as
+      ``jax.nn.dot_product_attention``'s; with ``is_causal``, a sliding
+      window of ``left`` keys back.
+    soft_cap: a positive number: the scaled ``q.k`` scores ``s`` become
+      ``soft_cap * tanh(s / soft_cap)`` before bias and mask (Gemma 2's
+      ``attn_logits_soft_cap``); None: no cap.
 
   Returns:
     ``[batch..., q_length, num_heads, v_depth]``.
 
   Raises:
-    ValueError: mismatched shapes, grouped-query attention, dropout without
-      a ``dropout_rng``, a ``recompute_block`` that does not divide
-      kv_length or is combined with ``module`` or ``einsum_dot_general``.
+    ValueError: mismatched shapes (key/value heads not dividing the query
+      heads, a mask or bias that does not broadcast to the scores), dropout
+      without a ``dropout_rng``, a ``recompute_block`` that does not divide
+      kv_length or is combined with ``module`` or ``einsum_dot_general``, a
+      ``local_window_size`` or ``soft_cap`` that is not one.
     NotImplementedError: ``qk_attn_weights_einsum``/``attn_weights_value_einsum``.
 
   Example:
@@ -715,6 +752,23 @@ def dot_product_attention(
     >>> bool(jnp.allclose(g, jax.jit(jax.grad(vanilla))(q), atol=1e-5))
     True
     >>> layer = nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=fb.dot_product_attention)
+
+    A decoder's attention: 4 query heads sharing 2 key/value heads, causal
+    with a sliding window of 3 keys back, a padding mask ``[batch, 1, 1,
+    kv_length]``, against ``jax.nn.dot_product_attention``:
+
+    >>> q = jax.random.normal(jax.random.key(2), (2, 8, 4, 16))
+    >>> k, v = jax.random.normal(jax.random.key(3), (2, 2, 8, 2, 16))
+    >>> pad = (jnp.arange(8) < jnp.array([[8], [6]]))[:, None, None]
+    >>> kw = dict(is_causal=True, local_window_size=(3, 0))
+    >>> out = fb.dot_product_attention(q, k, v, mask=pad, **kw)
+    >>> ref = jax.nn.dot_product_attention(q, k, v, mask=pad, implementation="xla", **kw)
+    >>> bool(jnp.allclose(out, ref, atol=1e-5))
+    True
+    >>> capped = lambda q: fb.dot_product_attention(q, k, v, is_causal=True, soft_cap=30.0,
+    ...                                             recompute_block=4).sum()
+    >>> jax.grad(capped)(q).shape          # tiles of 4 x 4, 3 of the 4 computed
+    (2, 8, 4, 16)
   """
   if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
     raise NotImplementedError(
