@@ -707,3 +707,20 @@ def test_decoder_attention_errors():
   for bad in (0.0, -1.0, float("inf"), "30", True):
     with pytest.raises(ValueError, match="soft_cap must be a positive finite number"):
       fb.dot_product_attention(q, k, v, soft_cap=bad)
+
+
+def test_blocked_rows_with_no_visible_key_are_flax_s():
+  # Queries past the keys' end see nothing through a causal window (no
+  # tile at all for the last query block): flax's answer, uniform over the
+  # keys (as without blocks), not NaN; and cross-attention lengths.
+  ks = jax.random.split(jax.random.key(4), 4)
+  q, ct = (jax.random.normal(kk, (B, 16, DN, DH)) for kk in ks[:2])
+  k, v = (jax.random.normal(kk, (B, 8, 2, DH)) for kk in ks[2:])
+  kw = dict(is_causal=True, local_window_size=(2, 0), soft_cap=9.0)
+  run = lambda block: _out_and_grads(lambda q, k, v: fb.dot_product_attention(
+      q, k, v, recompute_block=block, **kw), ct)(q, k, v)
+  (out, g), (ref, g_ref) = run(4), run(None)
+  assert np.isfinite(np.asarray(out)).all()
+  _close(out, ref, jnp.float32, "forward")
+  for name, a, b in zip("qkv", g, g_ref):
+    _close(a, b, jnp.float32, f"d{name}")
