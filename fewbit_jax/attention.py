@@ -52,8 +52,8 @@ from jax.custom_derivatives import SymbolicZero
 from fewbit_jax.dropout import key_after
 from fewbit_jax.norms import _linearizing
 
-__all__ = ["softmax", "dot_product_attention", "tile_fraction", "SOFTMAX_NAME", "PROBS_NAME", "STATS_NAME",
-           "OUTPUT_NAME", "NAMES"]
+__all__ = ["softmax", "dot_product_attention", "tile_fraction", "SOFTMAX_NAME", "PROBS_NAME",
+           "STATS_NAME", "OUTPUT_NAME", "NAMES"]
 
 # checkpoint_name names of the kept arrays.
 SOFTMAX_NAME = "softmax_output"        # fb.softmax's output
@@ -404,9 +404,15 @@ def tile_fraction(t: int, s: int, block: int, *, is_causal: bool = False,
     >>> fb.attention.tile_fraction(1024, 1024, 128, local_window_size=(256, 0))
     0.328125
   """
-  cfg = _Config(causal=is_causal, window=_window(local_window_size), block=block,
-                q_block=block if t % block == 0 else t)
+  window = _window(local_window_size)
+  cfg = _Config(causal=is_causal, window=window, block=block,
+                q_block=_query_block(t, block, is_causal or window is not None))
   return len(_live_tiles(cfg, t, s)[0]) / ((t // cfg.q_block) * (s // block))
+
+
+def _query_block(t, block, skips):
+  """Queries per tile: `block` where masks can skip tiles and it divides `t`, else all."""
+  return block if skips and t % block == 0 else t
 
 
 def _tile(x, qs, bq, t, ks, bk, s):
@@ -706,17 +712,17 @@ def dot_product_attention(
     is_causal: also mask keys after each query (key ``j > i`` for query
       ``i``), as nnx and ``jax.nn`` do.
     recompute_block: None keeps the probabilities. An int ``B`` dividing
-      kv_length keeps none: the backward recomputes the scores in tiles of
-      ``B`` keys (by ``B`` queries where ``B`` divides q_length, else all
-      of them) from q, k and the per-row max and sum of the softmax (named
-      ``'attention_stats'``), with the output (``'attention_output'``), for
-      long sequences; it draws the full dropout mask (booleans) once. With
-      any of ``is_causal``, ``local_window_size``, ``soft_cap`` or fewer
-      key/value heads the forward runs in those tiles too (online softmax,
-      as flash attention: no score-sized array at all, equal to the untiled
-      forward up to rounding), and the tiles those masks cover wholly are
-      skipped in both: `tile_fraction` gives the share of the score flops
-      left (causal: ``(n + 1) / 2n`` for ``n`` blocks). Otherwise the
+      kv_length keeps none: the backward recomputes the scores in tiles of ``B``
+      keys (by ``B`` queries with is_causal / local_window_size where ``B``
+      divides q_length, else all of them) from q, k and the per-row max and sum
+      of the softmax (named ``'attention_stats'``), with the output
+      (``'attention_output'``), for long sequences; it draws the full dropout
+      mask (booleans) once. With any of ``is_causal``, ``local_window_size``,
+      ``soft_cap`` or fewer key/value heads the forward runs in those tiles too
+      (online softmax, as flash attention: no score-sized array at all, equal to
+      the untiled forward up to rounding), and the tiles those masks cover
+      wholly are skipped in both: `tile_fraction` gives the share of the score
+      flops left (causal: ``(n + 1) / 2n`` for ``n`` blocks). Otherwise the
       forward is flax's operations (bitwise), its scores not kept.
     local_window_size: ``(left, right)`` (or one int for both): query ``i``
       sees keys ``i - left`` to ``i + right`` only, as
@@ -823,8 +829,8 @@ def dot_product_attention(
       bias_aval=None if bias is None else (bias.shape, bias.dtype),
       groups=query.shape[-2] // key.shape[-2], causal=bool(is_causal), window=window,
       soft_cap=soft_cap,
-      q_block=None if recompute_block is None else (
-          recompute_block if query.shape[-3] % recompute_block == 0 else query.shape[-3]),
+      q_block=None if recompute_block is None else _query_block(
+          query.shape[-3], recompute_block, bool(is_causal) or window is not None),
       tiled=recompute_block is not None and (
           bool(is_causal) or window is not None or soft_cap is not None
           or query.shape[-2] != key.shape[-2]))
