@@ -10,6 +10,7 @@ The 8-device sharding test is in tests/test_attention_sharding.py.
 from __future__ import annotations
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -425,8 +426,8 @@ def test_attention_errors():
       fb.dot_product_attention(q, k, v, recompute_block=bad)
   with pytest.raises(ValueError, match="module= sows"):
     fb.dot_product_attention(q, k, v, recompute_block=8, module=nnx.Dropout(0.1))
-  with pytest.raises(ValueError, match="Grouped-query"):
-    fb.dot_product_attention(q, k[..., :1, :], v[..., :1, :])
+  with pytest.raises(ValueError, match="must divide the query heads"):
+    fb.dot_product_attention(q, k[..., :2, :], v[..., :2, :])
   with pytest.raises(ValueError, match="same rank"):
     fb.dot_product_attention(q, k[0], v)
   with pytest.raises(NotImplementedError, match="einsum_dot_general instead"):
@@ -454,3 +455,304 @@ def test_attention_forward_mode_is_flax(block):
         jax.jvp(jax.grad(loss(theirs), (0, 1)), (q, bias), (t, tb)))
   close(jax.vmap(jax.grad(loss(ours)), (0, None))(q[None], bias),
         jax.vmap(jax.grad(loss(theirs)), (0, None))(q[None], bias))
+
+
+# --- decoder attention: grouped-query heads, causal / window / boolean masks, soft-cap ----
+
+DN, DT, DH = 4, 16, 8          # query heads, length, depth of the decoder cases
+
+
+def _decoder_inputs(dtype, kv_heads, length=DT, batch=B):
+  ks = jax.random.split(jax.random.key(11), 4)
+  q = jax.random.normal(ks[0], (batch, length, DN, DH)) * 2
+  k, v = (jax.random.normal(kk, (batch, length, kv_heads, DH)) for kk in ks[1:3])
+  ct = jax.random.normal(ks[3], q.shape)
+  return tuple(x.astype(dtype) for x in (q, k, v, ct))
+
+
+def _position_mask(t, s, causal, window):
+  """The [t, s] mask that is_causal / local_window_size mean (jax.nn's)."""
+  qpos, kpos = np.arange(t)[:, None], np.arange(s)[None]
+  keep = np.ones((t, s), bool)
+  if causal:
+    keep &= kpos <= qpos
+  if window is not None:
+    left, right = (window, window) if isinstance(window, int) else window
+    keep &= (qpos <= kpos + left) & (qpos >= kpos - right)
+  return jnp.asarray(keep)
+
+
+def _einsum_attention(q, k, v, mask=None, soft_cap=None):
+  """Attention as gemma / llama code writes it: k, v repeated, einsum, where, softmax."""
+  groups = q.shape[-2] // k.shape[-2]
+  k, v = jnp.repeat(k, groups, axis=-2), jnp.repeat(v, groups, axis=-2)
+  w = jnp.einsum("btnh,bsnh->bnts", q * (q.shape[-1] ** -0.5), k)
+  if soft_cap is not None:
+    w = jnp.tanh(w / soft_cap) * soft_cap
+  if mask is not None:
+    w = jnp.where(mask, w, jnp.finfo(w.dtype).min)
+  p = jax.nn.softmax(w, axis=-1)
+
+  return jnp.einsum("bnts,bsnh->btnh", p, v)
+
+
+def _padding_mask(length):
+  """A [B, 1, T, S] boolean mask: padded keys at the end of row 1, no row fully masked."""
+  lengths = jnp.array([length, length - 5])
+  return jnp.broadcast_to((jnp.arange(length)[None] < lengths[:, None])[:, None, None],
+                          (B, 1, length, length))
+
+
+# (kv heads, mask, is_causal, window, soft_cap): mask is None, "bts" ([B, 1, T, S]) or "ts".
+DECODER_CASES = [
+    (2, None, True, None, None),            # GQA, causal
+    (1, None, True, None, 5.0),             # MQA, causal, soft-cap
+    (2, "bts", True, (3, 0), None),         # GQA, padding + causal + sliding window
+    (1, "ts", False, (2, 1), 3.0),          # MQA, a [T, S] mask, two-sided window, soft-cap
+    (2, "bts", False, None, 4.0),           # GQA, padding, soft-cap
+    (DN, None, True, 4, None),              # all heads, causal + window
+]
+
+
+def _decoder_call(case, block):
+  kv, mask_kind, causal, window, cap = case
+  def call(q, k, v, fn=fb.dot_product_attention):
+    mask = {None: None, "bts": _padding_mask(q.shape[1]),
+            "ts": _position_mask(q.shape[1], q.shape[1], True, None)}[mask_kind]
+    return fn(q, k, v, mask=mask, is_causal=causal, local_window_size=window, soft_cap=cap,
+              recompute_block=block)
+  def reference(q, k, v):
+    mask = {None: None, "bts": _padding_mask(q.shape[1]),
+            "ts": _position_mask(q.shape[1], q.shape[1], True, None)}[mask_kind]
+    full = _position_mask(q.shape[1], k.shape[1], causal, window)
+    full = full if mask is None else jnp.logical_and(mask, full)
+    if cap is None and q.dtype == jnp.float32:  # jax.nn's causal / window, k, v not repeated
+      return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else (
+          mask if mask.ndim == 4 else mask[None, None]), is_causal=causal,
+          local_window_size=window, implementation="xla")
+    return _einsum_attention(q, k, v, full, cap)
+  return call, reference
+
+
+def _out_and_grads(f, ct):
+  """jit(q, k, v -> (f's output, its gradients for the cotangent ct)): one compile."""
+  def run(q, k, v):
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(ct.astype(out.dtype))
+  return jax.jit(run)
+
+
+def _case_id(c):
+  return f"kv{c[0]}-{c[1]}-causal{c[2]}-window{c[3]}-cap{c[4]}".replace(" ", "")
+
+
+# Every case in float32; in bfloat16 half of them by default, all with --runslow.
+@pytest.mark.parametrize("case,dtype", [
+    pytest.param(c, d, id=f"{_case_id(c)}-{d.__name__}",
+                 marks=SLOW if d == jnp.bfloat16 and i % 2 else ())
+    for d in (jnp.float32, jnp.bfloat16) for i, c in enumerate(DECODER_CASES)])
+def test_decoder_attention_matches_jax_nn(case, dtype):
+  # float32: against jax.nn.dot_product_attention's own is_causal /
+  # local_window_size (k, v not repeated), or the einsum way with a soft-cap.
+  # bfloat16: as close to the float32 result as the einsum way in bfloat16
+  # (2x), or within 4e-2 (a few bfloat16 roundings of the largest entry).
+  q, k, v, ct = _decoder_inputs(dtype, case[0])
+  _, reference = _decoder_call(case, None)
+  ref_out, ref_g = _out_and_grads(reference, ct)(q, k, v)
+  if dtype == jnp.float32:
+    exact_out, exact_g = ref_out, ref_g
+  else:
+    exact_out, exact_g = _out_and_grads(reference, ct)(
+        *[x.astype(jnp.float32) for x in (q, k, v)])
+  def close(a, b, e, what):
+    if dtype == jnp.float32:
+      _close(a, b, dtype, what)
+    else:
+      err, ref_err = _err(a, e), _err(b, e)
+      assert err <= max(2 * ref_err, 4e-2), (
+          f"{what}: {err:.3g} against float32, vanilla's {ref_err:.3g}")
+  for block in (None, 4):
+    call, _ = _decoder_call(case, block)
+    out, g = _out_and_grads(call, ct)(q, k, v)
+    assert out.dtype == dtype and out.shape == q.shape
+    close(out, ref_out, exact_out, f"{case} forward, block {block}")
+    for name, a, b, e, x in zip("qkv", g, ref_g, exact_g, (q, k, v)):
+      assert a.shape == x.shape and a.dtype == x.dtype
+      close(a, b, e, f"{case} d{name}, block {block}")
+
+
+def test_decoder_attention_equals_repeated_heads():
+  # Grouped heads are the query heads of repeated k, v: the same forward
+  # (the same products) and gradients, dk and dv summed over each group.
+  q, k, v, ct = _decoder_inputs(jnp.float32, 2)
+  for block in (None, 8):
+    kw = dict(is_causal=True, soft_cap=7.0, recompute_block=block)
+    def loss(q, k, v, groups):
+      k, v = jnp.repeat(k, groups, axis=-2), jnp.repeat(v, groups, axis=-2)
+      return (fb.dot_product_attention(q, k, v, **kw) * ct).sum()
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    g, g_rep = grads(q, k, v, 1), grads(q, k, v, DN // 2)
+    for a, b in zip(g, g_rep):
+      _close(a, b, jnp.float32, f"block {block}")
+
+
+def test_causal_mask_forms_agree_and_old_is_causal_is_bitwise():
+  q, k, v, _ = _decoder_inputs(jnp.float32, DN)
+  causal = _position_mask(DT, DT, True, None)
+  pad = _padding_mask(DT)
+  # is_causal, a [T, S] mask and a [B, 1, T, S] mask: the same numbers.
+  a = fb.dot_product_attention(q, k, v, is_causal=True)
+  b = fb.dot_product_attention(q, k, v, mask=causal)
+  c = fb.dot_product_attention(q, k, v, mask=jnp.broadcast_to(causal, (B, 1, DT, DT)))
+  _bitwise(a, b), _bitwise(a, c)
+  # is_causal with a mask: nnx's forward, bitwise, as before.
+  kw = dict(mask=pad, dropout_rng=jax.random.key(0), dropout_rate=0.1, is_causal=True)
+  _bitwise(fb.dot_product_attention(q, k, v, **kw), nnx.dot_product_attention(q, k, v, **kw))
+  # A window given as one int is (int, int).
+  _bitwise(fb.dot_product_attention(q, k, v, local_window_size=3),
+           fb.dot_product_attention(q, k, v, local_window_size=(3, 3)))
+
+
+@pytest.mark.parametrize("block", [None, 4])
+def test_decoder_attention_with_dropout_bias_and_fp32_softmax(block):
+  # The decoder options compose with flax's: dropout (the same mask as
+  # without blocks), a bias, a float32 softmax of bfloat16 inputs.
+  q, k, v, ct = _decoder_inputs(jnp.bfloat16, 2)
+  bias = jax.random.normal(jax.random.key(5), (1, DN, DT, DT)).astype(jnp.bfloat16)
+  kw = dict(bias=bias, is_causal=True, local_window_size=(5, 0), soft_cap=6.0,
+            dropout_rng=jax.random.key(2), dropout_rate=0.2, force_fp32_for_softmax=True)
+  def loss(q, k, v, bias, block, dtype=jnp.bfloat16):
+    args = [x.astype(dtype) for x in (q, k, v)]
+    out = fb.dot_product_attention(*args, **dict(kw, bias=bias.astype(dtype)),
+                                   recompute_block=block)
+    return (out.astype(jnp.float32) * ct.astype(jnp.float32)).sum()
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnums=(4, 5))
+  g = grads(q, k, v, bias, block)
+  g_full = grads(q, k, v, bias, None)                # no blocks: the lean path
+  g_exact = grads(q, k, v, bias, None, jnp.float32)  # float32
+  for a, b, e in zip(g, g_full, g_exact):
+    assert a.dtype == jnp.bfloat16
+    _close(a, b, jnp.bfloat16, f"block {block}", e)
+
+
+def test_decoder_attention_keeps_no_mask_and_no_scores_with_blocks():
+  q, k, v, _ = _decoder_inputs(jnp.float32, 2, length=64)
+  n_scores = B * DN * 64 * 64
+  pad = _padding_mask(64)
+  for mask, kw in ((None, dict(is_causal=True, soft_cap=5.0)),
+                   (pad, dict(is_causal=True, local_window_size=(16, 0))),
+                   (pad[0, 0], dict())):
+    for block in (None, 16):
+      f = lambda q, k, v: fb.dot_product_attention(q, k, v, mask=mask, recompute_block=block,
+                                                   **kw).sum()
+      rep = memory.saved_residuals(f, q, k, v)
+      made = [r for r in rep.residuals if r.kind not in ("argument", "constant", "literal")]
+      # No mask at all (the causal / window one comes from iota, a given
+      # one is kept as given: an argument), and the probabilities or nothing.
+      assert not [r for r in made if r.dtype == "bool"], rep.by_source()
+      big = [(r.origin, r.dtype) for r in _score_sized(rep, n_scores // DN)]
+      want = [] if block else [(f"named '{attention.PROBS_NAME}'", "float32")]
+      assert big == want, (kw, block, rep.by_source())
+
+
+def test_decoder_attention_compiled_memory():
+  # Compiled temp of jit(grad): less than jax.nn.dot_product_attention's
+  # and the einsum way's (both materialise the mask at the scores' size or
+  # repeat k, v); with blocks, less than one float32 score-sized array.
+  q, k, v, _ = _decoder_inputs(jnp.float32, 2, length=256, batch=2)
+  scores = 2 * DN * 256 * 256 * 4
+  pad = _padding_mask(256)
+  causal = _position_mask(256, 256, True, (64, 0))
+  loss = lambda f: jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2))
+  temp = lambda f: memory.compiled(loss(f), q, k, v).temp
+  kw = dict(is_causal=True, local_window_size=(64, 0))
+  jax_nn = temp(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=pad, implementation="xla", **kw))
+  einsum = temp(lambda q, k, v: _einsum_attention(q, k, v, jnp.logical_and(pad, causal)))
+  lean = temp(lambda q, k, v: fb.dot_product_attention(q, k, v, mask=pad, **kw))
+  blocks = temp(lambda q, k, v: fb.dot_product_attention(q, k, v, mask=pad, recompute_block=64,
+                                                         **kw))
+  assert lean < min(jax_nn, einsum), (lean, jax_nn, einsum)
+  assert blocks < scores / 2, (blocks, scores)
+
+
+def test_tile_fraction_counts_the_skipped_tiles():
+  assert attention.tile_fraction(64, 64, 16) == 1.0
+  assert attention.tile_fraction(64, 64, 16, is_causal=True) == 10 / 16
+  assert attention.tile_fraction(64, 64, 16, local_window_size=(16, 0)) == 7 / 16
+  assert attention.tile_fraction(64, 64, 16, is_causal=True, local_window_size=(100, 100)) \
+      == 10 / 16
+  # The compiled forward and backward loops run exactly these tiles (XLA's
+  # trip counts; its cost analysis counts a loop body once).
+  q, k, v, _ = _decoder_inputs(jnp.float32, 2, length=64)
+  def trips(**kw):
+    g = jax.grad(lambda q: fb.dot_product_attention(q, k, v, recompute_block=16, **kw).sum())
+    text = jax.jit(g).lower(q).compile().as_text()
+    return sorted(int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', text))
+  assert trips(soft_cap=50.0) == [4, 4]        # nothing to skip: all queries per tile
+  assert trips(is_causal=True) == [10, 10]
+  assert trips(is_causal=True, local_window_size=(16, 0)) == [7, 7]
+
+
+@pytest.mark.parametrize("block", [None, 4])
+def test_decoder_attention_transforms(block):
+  # jit, vmap, scan, jax.checkpoint, forward mode (jvp, linearize, jvp of grad).
+  q, k, v, ct = _decoder_inputs(jnp.float32, 2)
+  kw = dict(is_causal=True, local_window_size=(4, 0), soft_cap=5.0, mask=_padding_mask(DT)[0])
+  ours = lambda q, k, v: fb.dot_product_attention(q, k, v, recompute_block=block, **kw)
+  full = jnp.logical_and(kw["mask"], _position_mask(DT, DT, True, (4, 0)))
+  theirs = lambda q, k, v: _einsum_attention(q, k, v, full, 5.0)
+  close = lambda a, b: [np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-5)
+                        for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)) * ct)
+  t = (q * 0.2, k * 0.5, v * 0.3)
+
+  def everything(f):
+    grads = jax.grad(loss(f), (0, 1, 2))(q, k, v)
+    # vmap over an extra batch axis (a per-example call).
+    per = jax.vmap(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q[None], k[None], v[None])))))
+    # scan over two layers, each checkpointed.
+    step = lambda x, _: (jax.checkpoint(lambda x: f(x, k, v))(x), None)
+    stack = jax.grad(lambda q: jnp.sum(jnp.sin(jax.lax.scan(step, q, None, length=2)[0])))(q)
+    # Forward mode: jvp, linearize, jvp of grad.
+    return (grads, per(q, k, v), stack, jax.jvp(f, (q, k, v), t),
+            jax.linearize(f, q, k, v)[1](*t), jax.jvp(jax.grad(loss(f)), (q, k, v), t))
+
+  close(jax.jit(everything, static_argnums=0)(ours), jax.jit(everything, static_argnums=0)(theirs))
+
+
+def test_decoder_attention_errors():
+  q, k, v, _ = _decoder_inputs(jnp.float32, 2)
+  with pytest.raises(ValueError, match=r"key/value heads \(3\) must divide the query heads \(4\)"):
+    fb.dot_product_attention(q, k[..., :1, :].repeat(3, -2), v[..., :1, :].repeat(3, -2))
+  with pytest.raises(ValueError, match="key and value must have the same number of heads"):
+    fb.dot_product_attention(q, k, v[..., :1, :])
+  with pytest.raises(ValueError, match=r"mask of shape \(16, 15\) does not broadcast"):
+    fb.dot_product_attention(q, k, v, mask=jnp.ones((DT, DT - 1), bool))
+  with pytest.raises(ValueError, match=r"mask of shape \(2, 2, 16, 16\) does not broadcast"):
+    fb.dot_product_attention(q, k, v, mask=jnp.ones((B, 2, DT, DT), bool))
+  with pytest.raises(ValueError, match=r"bias of shape \(3, 1, 16, 16\) does not broadcast"):
+    fb.dot_product_attention(q, k, v, bias=jnp.ones((3, 1, DT, DT)))
+  for bad in ((1, 2, 3), (-1, 0), "4", 2.5, (True, 1)):
+    with pytest.raises(ValueError, match="local_window_size"):
+      fb.dot_product_attention(q, k, v, local_window_size=bad)
+  for bad in (0.0, -1.0, float("inf"), "30", True):
+    with pytest.raises(ValueError, match="soft_cap must be a positive finite number"):
+      fb.dot_product_attention(q, k, v, soft_cap=bad)
+
+
+def test_blocked_rows_with_no_visible_key_are_flax_s():
+  # Queries past the keys' end see nothing through a causal window (no
+  # tile at all for the last query block): flax's answer, uniform over the
+  # keys (as without blocks), not NaN; and cross-attention lengths.
+  ks = jax.random.split(jax.random.key(4), 4)
+  q, ct = (jax.random.normal(kk, (B, 16, DN, DH)) for kk in ks[:2])
+  k, v = (jax.random.normal(kk, (B, 8, 2, DH)) for kk in ks[2:])
+  kw = dict(is_causal=True, local_window_size=(2, 0), soft_cap=9.0)
+  run = lambda block: _out_and_grads(lambda q, k, v: fb.dot_product_attention(
+      q, k, v, recompute_block=block, **kw), ct)(q, k, v)
+  (out, g), (ref, g_ref) = run(4), run(None)
+  assert np.isfinite(np.asarray(out)).all()
+  _close(out, ref, jnp.float32, "forward")
+  for name, a, b in zip("qkv", g, g_ref):
+    _close(a, b, jnp.float32, f"d{name}")
