@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from fewbit_jax.dense import _check_blocks_arg, projection_dim
+from fewbit_jax._projection import check_blocks_arg
+from fewbit_jax.dense import projection_dim
 from fewbit_jax.sketch import check_kind
 
 __all__ = ["SketchOptions", "check_no_dot_general"]
@@ -50,7 +51,7 @@ class SketchOptions:
     check_kind(self.sketch)
     projection_dim(1, proj_dim_ratio=self.proj_dim_ratio, proj_dim=self.proj_dim,
                    proj_dim_min=self.proj_dim_min, proj_dim_max=self.proj_dim_max)
-    _check_blocks_arg(self.sketch_blocks)
+    check_blocks_arg(self.sketch_blocks)
 
   @classmethod
   def of(cls, layer: Any) -> SketchOptions:

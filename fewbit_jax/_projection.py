@@ -4,9 +4,11 @@
 and `randomized_einsum` are all ``y = x2d @ W2d (+ bias)`` once x's axes are
 grouped into B positions (its batch axes) and N features (its contracted
 axes) and the kernel's into N and M (its feature axes). `Spec` says, for one
-call, how: the op that computes y, the axes, the sketch and its blocks. The
-core keeps ``S^T x2d`` for the weight gradient ``(S^T x2d)^T (S^T g2d)``;
-``dx`` and ``db`` are the exact transposes of the forward.
+call, how: the op that computes y, the axes, the sketch and its blocks. One
+planner, `plan`, makes it at the layer's entry (every layer goes through
+`randomized`), and the core (`project`) only reads it. The core keeps
+``S^T x2d`` for the weight gradient ``(S^T x2d)^T (S^T g2d)``; ``dx`` and
+``db`` are the exact transposes of the forward.
 
 Blocks (`resolve_blocks`): C == 0 is one sketch of all B rows
 (`fewbit_jax.sketch.project`); C >= 1 cuts the rows into C blocks, each with
@@ -29,7 +31,7 @@ from jax import lax
 from jax._src.interpreters import ad as _ad, partial_eval as _pe
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fewbit_jax import _order, _mesh, _sharded, sketch as _sketch
+from fewbit_jax import _order, _mesh, _rng as rng, _sharded, sketch as _sketch
 
 # checkpoint_name of the kept sketch S^T x, for jax.checkpoint policies such
 # as jax.checkpoint_policies.save_only_these_names(SKETCH_NAME).
@@ -166,13 +168,13 @@ def resolve_blocks(x, sketch_blocks, batch_axes) -> tuple[int, bool]:
   return math.prod(sizes[a] for a in names), True
 
 
-def check_blocks_fit(x, c: int, per_shard: bool, spec: "Spec") -> None:
-  """ValueError unless C blocks cut x's B positions (its batch axes) evenly."""
-  n = spec.n_batch
-  b = math.prod(x.shape[a] for a in spec.x_perm[:n])
+def check_blocks_fit(x, c: int, per_shard: bool, batch_axes: tuple[int, ...]) -> None:
+  """ValueError unless C blocks cut x's B positions (its `batch_axes`) evenly."""
+  n = len(batch_axes)
+  b = math.prod(x.shape[a] for a in batch_axes)
   if _mesh.explicit_spec(x) is not None:
     # Explicit types: blocks follow the devices' shards (`sharded.to_blocks`).
-    d = device_blocks(x, spec.x_perm[:n])
+    d = device_blocks(x, batch_axes)
     if c % d or (b // d) % (c // d):
       raise ValueError(f"sketch_blocks gives {c} blocks for x typed on an Explicit mesh "
                        f"({jax.typeof(x)}), whose batch axes are cut into {d} shards: the "
@@ -180,10 +182,10 @@ def check_blocks_fit(x, c: int, per_shard: bool, spec: "Spec") -> None:
                        f"multiple of {d} dividing {b}). Leave sketch_blocks=None: one block "
                        "per shard.")
     return
-  if c > 1 and spec.x_perm[:n] != tuple(range(n)):
+  if c > 1 and tuple(batch_axes) != tuple(range(n)):
     raise ValueError(f"sketch_blocks gives {c} blocks: the blocks cut the positions along x's "
                      f"leading axes, but this projection's batch axes are x's axes "
-                     f"{spec.x_perm[:n]} of {x.shape}. Use sketch_blocks=1 (one sketch) for it.")
+                     f"{tuple(batch_axes)} of {x.shape}. Use sketch_blocks=1 (one sketch) for it.")
   if b % c or (per_shard and x.ndim > 1 and x.shape[0] % c):
     what = (f"x's first axis ({x.shape[0]})" if per_shard else f"the B={b} leading positions")
     raise ValueError(f"sketch_blocks gives {c} blocks, which do not divide {what} of x "
@@ -192,6 +194,13 @@ def check_blocks_fit(x, c: int, per_shard: bool, spec: "Spec") -> None:
 
 
 # --- the core ------------------------------------------------------------------------
+
+def n_batch(x_perm, g_perm, k_perm) -> int:
+  """How many of x's axes are batch axes (the first ones of `x_perm`)."""
+  # x_perm = batch + contracted, k_perm = contracted + features and
+  # g_perm = batch + features, so len(x) + len(k) - len(g) = 2 * contracted.
+  return len(x_perm) - (len(x_perm) + len(k_perm) - len(g_perm)) // 2
+
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
@@ -211,12 +220,13 @@ class Spec:
   # x and of the cotangent g, each with its axes in x_perm / g_perm order;
   # None for x of no Explicit mesh.
   layout: tuple | None = None
+  # Nothing to sketch: zero positions or a zero-size kernel (dW is empty or
+  # zero), or a forward-mode / transpose trace (`_exact_trace`): the plain layer.
+  plain: bool = False
 
   @property
   def n_batch(self) -> int:
-    # x_perm = batch + contracted, k_perm = contracted + features and
-    # g_perm = batch + features, so len(x) + len(k) - len(g) = 2 * contracted.
-    return len(self.x_perm) - (len(self.x_perm) + len(self.k_perm) - len(self.g_perm)) // 2
+    return n_batch(self.x_perm, self.g_perm, self.k_perm)
 
   def forward(self, x, kernel, bias=None):
     return _forward(self.op, self.arg, x, kernel, bias, self.precision,
@@ -351,21 +361,16 @@ def _exact_trace(*arrays) -> bool:
   return False
 
 
-def project(x, kernel, bias, key_words, spec: Spec, c: int, layout=None):
-  """`spec.forward(x, kernel, bias)` whose kernel gradient is sketched, with C blocks.
+def project(x, kernel, bias, key_words, spec: Spec):
+  """`spec.forward(x, kernel, bias)` with its kernel gradient sketched as `spec` (`plan`) says.
 
-  `spec.k` is the sketch size over all B positions; C == 0: one sketch;
-  `key_words` uint32 (2,); `layout` as `Spec.layout` (`block_layout`).
-  Under forward mode and ``jax.linear_transpose`` it is the plain layer,
-  whose derivatives there are exact (`_exact_trace`).
+  `key_words` uint32 (2,). ``spec.blocks == 0``: one sketch of ``spec.k``
+  columns; C blocks: each its own key (`fewbit_jax.sketch.block_keys`) and
+  ``spec.k`` columns. A `plain` spec is the plain layer.
   """
-  if _exact_trace(x, kernel, bias):
+  if spec.plain:
     return spec.forward(x, kernel, bias)
-  if c:
-    keys = _sketch.block_keys(key_words, c)
-    spec = dataclasses.replace(spec, k=-(-spec.k // c), blocks=c, layout=layout)
-  else:
-    keys = key_words
+  keys = _sketch.block_keys(key_words, spec.blocks) if spec.blocks else key_words
   return _project(x, kernel, bias, keys, spec)
 
 
@@ -377,22 +382,137 @@ def _unpermute(pspec, perm) -> tuple:
   return tuple(out)
 
 
-def block_layout(x, kernel, bias, spec: Spec) -> tuple | None:
+def block_layout(x, kernel, bias, forward, x_perm, g_perm, n: int) -> tuple | None:
   """`Spec.layout` for x typed on an Explicit mesh: x's and g's specs in perm order.
 
-  g's batch axes take x's sharding (its blocks must hold x's blocks' rows);
-  its feature axes y's, less the mesh axes the batch axes use.
+  g's batch axes (the first `n` of `g_perm`) take x's sharding (its blocks
+  must hold x's blocks' rows); its feature axes y's, less the mesh axes the
+  batch axes use. ``forward(x, kernel, bias)`` is the layer's output.
   """
   x_spec = _mesh.explicit_spec(x)
   if x_spec is None:
     return None
-  n = spec.n_batch
-  y_aval = jax.eval_shape(lambda x, w, b: spec.forward(x, w, b), x, kernel, bias)
+  y_aval = jax.eval_shape(forward, x, kernel, bias)
   explicit = _mesh.explicit_axes(jax.typeof(x).sharding.mesh)
   y_spec = tuple(_mesh.entry(tuple(a for a in _mesh.axes(e) if a in explicit))
                  for e in _mesh.padded(y_aval.sharding.spec, len(y_aval.shape)))
-  x_pspec = tuple(x_spec[a] for a in spec.x_perm)
+  x_pspec = tuple(x_spec[a] for a in x_perm)
   used = {a for e in x_pspec[:n] for a in _mesh.axes(e)}
   features = tuple(_mesh.entry(tuple(a for a in _mesh.axes(y_spec[i]) if a not in used))
-                   for i in spec.g_perm[n:])
+                   for i in g_perm[n:])
   return x_pspec, x_pspec[:n] + features
+
+
+# --- the planner ---------------------------------------------------------------------
+
+def _real(v, name) -> float | None:
+  """`v` as a Python float if it is one real number (a numpy or concrete 0-d jax one too)."""
+  if isinstance(v, (bool, np.bool_)):
+    return None
+  if isinstance(v, (numbers.Real, np.floating, np.integer)):
+    return float(v)
+  dtype = getattr(v, "dtype", None)
+  if dtype is None or np.ndim(v) != 0 or not (jnp.issubdtype(dtype, jnp.floating)
+                                               or jnp.issubdtype(dtype, jnp.integer)):
+    return None
+  if isinstance(v, jax.core.Tracer):
+    raise TypeError(f"{name} is a traced value ({jax.typeof(v)}): the sketch size fixes the "
+                    "shapes of the program, so it must be known when the function is traced. "
+                    "Pass a Python float (or a concrete array), not a jit argument.")
+  return float(v)
+
+
+def projection_dim(b: int, *, proj_dim_ratio=None, proj_dim=None, proj_dim_min=None,
+                   proj_dim_max=None) -> int:
+  """The sketch size k for B rows.
+
+  ``k = proj_dim`` if given (it takes precedence over the ratio), else
+  ``ceil(proj_dim_ratio * B)``; then clamped to ``[proj_dim_min, proj_dim_max]``
+  and to ``[1, B]``.
+
+  Raises:
+    ValueError: if neither `proj_dim_ratio` nor `proj_dim` is given, the ratio
+      is not in (0, 1], a size is not a positive int, or min > max.
+
+  Example:
+    >>> from fewbit_jax.dense import projection_dim
+    >>> projection_dim(1000, proj_dim_ratio=0.2), projection_dim(1000, proj_dim=64)
+    (200, 64)
+    >>> projection_dim(1000, proj_dim_ratio=0.01, proj_dim_min=32)
+    32
+  """
+  if proj_dim_ratio is None and proj_dim is None:
+    raise ValueError("randomized dense needs a sketch size: pass proj_dim_ratio "
+                     "(a fraction in (0, 1] of the B leading positions, e.g. 0.2) or "
+                     "proj_dim (a number of rows >= 1).")
+  if proj_dim_ratio is not None:
+    ratio = _real(proj_dim_ratio, "proj_dim_ratio")
+    if ratio is None or not 0.0 < ratio <= 1.0:
+      raise ValueError(f"proj_dim_ratio={proj_dim_ratio!r} must be a number in (0, 1]: "
+                       "the fraction of the B leading positions kept, e.g. 0.2. For "
+                       "a fixed size use proj_dim instead.")
+  for name, v in (("proj_dim", proj_dim), ("proj_dim_min", proj_dim_min),
+                  ("proj_dim_max", proj_dim_max)):
+    if v is not None and (not is_int(v) or v < 1):
+      raise ValueError(f"{name}={v!r} must be an int >= 1 (a number of sketch rows), or None.")
+  if proj_dim_min is not None and proj_dim_max is not None and proj_dim_min > proj_dim_max:
+    raise ValueError(f"proj_dim_min={proj_dim_min} is larger than proj_dim_max="
+                     f"{proj_dim_max}; pass min <= max.")
+  if proj_dim is not None:
+    k = int(proj_dim)
+  else:
+    k = math.ceil(ratio * b)
+  if proj_dim_min is not None:
+    k = max(k, int(proj_dim_min))
+  if proj_dim_max is not None:
+    k = min(k, int(proj_dim_max))
+  return max(1, min(k, b))
+
+
+def plan(op, arg, x, kernel, bias, x_perm, g_perm, k_perm, *, proj_dim_ratio=None,
+         proj_dim=None, proj_dim_min=None, proj_dim_max=None, sketch="gaussian",
+         precision=None, preferred_element_type=None, out_sharding=None,
+         sketch_blocks=None) -> Spec:
+  """The `Spec` of one randomized projection: everything static, decided once.
+
+  check_kind -> projection_dim -> resolve_blocks -> check_blocks_fit ->
+  block_layout, for ``y = op(x, kernel) (+ bias)`` with x's axes `x_perm`
+  (batch, then contracted), the output's `g_perm` and the kernel's `k_perm`.
+  The options are those of `fewbit_jax.dense.randomized_dense`. Every
+  argument is validated whatever the shapes; where there is nothing to
+  sketch (zero positions, a zero-size kernel) or the trace is forward mode
+  (`_exact_trace`) the spec is `plain` and has no blocks.
+  """
+  kind = _sketch.check_kind(sketch)
+  x_perm, g_perm, k_perm = tuple(x_perm), tuple(g_perm), tuple(k_perm)
+  batch_axes = x_perm[:n_batch(x_perm, g_perm, k_perm)]
+  b = math.prod(x.shape[a] for a in batch_axes)
+  k = projection_dim(b, proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim,
+                     proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max)
+  c, per_shard = resolve_blocks(x, sketch_blocks, batch_axes)
+  empty = b == 0 or kernel.size == 0  # nothing to sketch: dW is empty or zero
+  layout = None
+  if empty:
+    c = 0
+  elif c:  # c == 0: no mesh, no blocks asked for: one sketch of the (B, N) rows
+    check_blocks_fit(x, c, per_shard, batch_axes)
+    forward = functools.partial(_forward, op, arg, precision=precision,
+                                pet=preferred_element_type, out_sharding=out_sharding)
+    layout = block_layout(x, kernel, bias, forward, x_perm, g_perm, len(batch_axes))
+  return Spec(op, arg, precision, preferred_element_type, out_sharding, x_perm, g_perm, k_perm,
+              k=-(-k // c) if c else k, kind=kind, blocks=c, layout=layout,
+              plain=empty or _exact_trace(x, kernel, bias))
+
+
+def randomized(op, arg, x, kernel, bias, key, x_perm, g_perm, k_perm, **options):
+  """``op(x, kernel) (+ bias)`` with a sketched kernel gradient: every randomized layer's body.
+
+  Promotes the arrays to one dtype (as flax does), plans (`plan`), reads the
+  key's words and calls the core (`project`).
+  """
+  dtype = jnp.result_type(*(a for a in (x, kernel, bias) if a is not None))
+  x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
+  bias = None if bias is None else jnp.asarray(bias, dtype)
+  spec = plan(op, arg, x, kernel, bias, x_perm, g_perm, k_perm, **options)
+  k0, k1 = rng.key_words(key)
+  return project(x, kernel, bias, jnp.stack([k0, k1]), spec)

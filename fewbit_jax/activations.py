@@ -55,6 +55,7 @@ Example:
 from __future__ import annotations
 
 import __future__
+import dataclasses
 import functools
 import linecache
 from typing import Any, Callable
@@ -65,8 +66,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from fewbit_jax import _registry
-from fewbit_jax import ext
 from fewbit_jax import tables as _tables
+from fewbit_jax._ffi import _codes_op
 from fewbit_jax.codes import check_bits
 
 _RECORDS = _registry.ACTIVATIONS
@@ -99,28 +100,6 @@ def _check_input(x: Any, name: str) -> jax.Array:
 
 
 # --------------------------------------------------------------------------
-# The codes: the only calls into the kernels (fewbit_jax.ext).
-
-
-def _keep_codes(x: jax.Array, bits: int, borders: np.ndarray | None,
-                predicate: Callable | None) -> jax.Array:
-  """Packed codes of x: its interval among `borders`, or the bit of `predicate(x)`."""
-  if predicate is not None:
-    return ext.pack(predicate(x).astype(jnp.uint8), 1)
-  return ext.quantize_pack(x, borders, bits)
-
-
-def _apply_codes(packed: jax.Array, levels: np.ndarray, g: jax.Array, bits: int) -> jax.Array:
-  """``levels[code] * g``, in g's dtype (0 where the level is 0, whatever g).
-
-  The float64 levels are rounded to g's dtype here, once, as jax rounds a
-  Python float constant (``negative_slope * x``): float64 cotangents get
-  float64 levels.
-  """
-  return ext.unpack_scale(packed, jnp.asarray(levels.astype(g.dtype)), g, bits)
-
-
-# --------------------------------------------------------------------------
 # Second derivatives: the codes cannot give them.
 
 
@@ -147,13 +126,34 @@ def _codes_input_jvp(name, primals, tangents):
 
 
 # --------------------------------------------------------------------------
-# The custom_vjp core, cached per forward and code table.
+# The plan of one call, and the one custom_vjp core that reads it.
 
 
-@functools.lru_cache(maxsize=None)
-def _core(fn: Callable, bits: int, levels: tuple, borders: tuple | None = None,
-          predicate: Callable | None = None, name: str = "activation") -> Callable:
-  """custom_vjp of `fn` keeping b-bit codes: against `borders`, or `predicate`'s bit.
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Everything static about one few-bit call, decided once at the entry.
+
+  The core's static (nondiff) argument: its forward, backward and the code
+  kernels' calls read it and decide nothing.
+  """
+  name: str  # for error messages
+  fn: Callable  # the forward, x -> y
+  levels: tuple  # the 2**bits float64 levels of f'
+  borders: tuple | None  # continuous: the 2**bits - 1 ascending borders (float32 codes)
+  predicate: Callable | None  # piecewise-linear: x -> the bit of f' (then borders is None)
+  codes: _codes_op.CodesPlan  # bits, kernel or pure path for x's platform, word layout
+
+
+def _plan(name: str, fn: Callable, x: jax.Array, bits: int, levels: tuple,
+          borders: tuple | None = None, predicate: Callable | None = None) -> _Plan:
+  """The `_Plan` of ``fn(x)`` keeping `bits`-bit codes (`bits` already validated)."""
+  y = jax.eval_shape(fn, x)  # the cotangent's type: its dtype picks unpack_scale's path
+  return _Plan(name, fn, levels, borders, predicate, _codes_op.plan(x, bits, g=y))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _few_bit(plan: _Plan, x: jax.Array) -> jax.Array:
+  """``plan.fn(x)``, keeping for its backward only the packed b-bit codes of x.
 
   Codes against borders (continuous activations) refuse a second derivative
   (`_codes_input`). A predicate's bit (piecewise-linear ones) has a zero
@@ -161,23 +161,30 @@ def _core(fn: Callable, bits: int, levels: tuple, borders: tuple | None = None,
   there a second derivative is 0, as ``jax.hessian`` of the ``jax.nn``
   function gives.
   """
-  b = None if borders is None else np.asarray(borders, np.float32)
-  l = np.asarray(levels, np.float64)
+  return plan.fn(x)
 
-  @jax.custom_vjp
-  def f(x):
-    return fn(x)
 
-  def f_fwd(x):
-    xc = x if predicate is not None else _codes_input(x, name)
-    packed = checkpoint_name(_keep_codes(xc, bits, b, predicate), CODES_NAME)
-    return fn(x), packed
+def _few_bit_fwd(plan: _Plan, x: jax.Array):
+  if plan.predicate is not None:
+    packed = _codes_op.pack_planned(plan.predicate(x).astype(jnp.uint8), plan.codes)
+  else:
+    borders = jnp.asarray(np.asarray(plan.borders, np.float32))
+    packed = _codes_op.quantize_pack_planned(_codes_input(x, plan.name), borders, plan.codes)
+  return plan.fn(x), checkpoint_name(packed, CODES_NAME)
 
-  def f_bwd(packed, g):
-    return (_apply_codes(packed, l, g, bits),)
 
-  f.defvjp(f_fwd, f_bwd)
-  return f
+def _few_bit_bwd(plan: _Plan, packed: jax.Array, g: jax.Array):
+  """``levels[code] * g``, in g's dtype (0 where the level is 0, whatever g).
+
+  The float64 levels are rounded to g's dtype here, once, as jax rounds a
+  Python float constant (``negative_slope * x``): float64 cotangents get
+  float64 levels.
+  """
+  levels = jnp.asarray(np.asarray(plan.levels, np.float64).astype(g.dtype))
+  return (_codes_op.unpack_scale_planned(packed, levels, g, plan.codes),)
+
+
+_few_bit.defvjp(_few_bit_fwd, _few_bit_bwd)
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,13 +259,14 @@ def _piecewise(rec: _registry.Activation, x, params: dict, bits, exact=False) ->
   key = tuple(params.items())
   if _check_exact(exact, rec.name, bits):
     return _exact_core(_forward(rec.name, key))(_check_input(x, rec.name))
-  if bits is not None and check_bits(bits) != 1:
+  if bits is not None and check_bits(bits) != 1:  # bits' one validation
     raise ValueError(f"{rec.name} is piecewise linear: its 1-bit gradient is exact, so bits "
                      f"must be 1 (or left out); got bits={bits!r}")
   x = _check_input(x, rec.name)
-  levels = tuple(rec.levels_for(params))
-  return _core(_forward(rec.name, key), 1, levels, predicate=_predicate(rec.name, key),
-               name=rec.name)(x)
+  fn = _forward(rec.name, key)
+  plan = _plan(rec.name, fn, x, 1, tuple(rec.levels_for(params)),
+               predicate=_predicate(rec.name, key))
+  return _few_bit(plan, x)
 
 
 def _continuous(rec: _registry.Activation, x, params: dict, bits, borders=None,
@@ -268,12 +276,11 @@ def _continuous(rec: _registry.Activation, x, params: dict, bits, borders=None,
     return _exact_core(_forward(rec.name, key))(_check_input(x, rec.name))
   if borders is not None or levels is not None:
     bs, ls, nbits = _user_table(borders, levels, bits)
-  else:
-    nbits = check_bits(_DEFAULT_BITS if bits is None else bits)
-    t = _tables.table(rec.name, nbits, **params)
-    bs, ls = tuple(t.borders.tolist()), tuple(t.levels.tolist())
+  else:  # the table validates bits, once
+    t = _tables.table(rec.name, _DEFAULT_BITS if bits is None else bits, **params)
+    bs, ls, nbits = tuple(t.borders.tolist()), tuple(t.levels.tolist()), t.bits
   x = _check_input(x, rec.name)
-  return _core(_forward(rec.name, key), nbits, ls, bs, name=rec.name)(x)
+  return _few_bit(_plan(rec.name, _forward(rec.name, key), x, nbits, ls, bs), x)
 
 
 _PUBLIC: dict[str, Callable] = {}
@@ -458,11 +465,12 @@ def fewbit(fn: Callable, bits: int = _DEFAULT_BITS, *, weight: Callable | None =
       _fewbit_tables[key] = _tables.optimal_table(deriv, nbits, weight=weight, name=label)
     t = _fewbit_tables[key]
     bs, ls = tuple(t.borders.tolist()), tuple(t.levels.tolist())
-  if not exact:
-    core = _core(fn, nbits, ls, bs, name=label)
 
   def wrapped(x):
-    return core(_check_input(x, label))
+    x = _check_input(x, label)
+    if exact:
+      return core(x)
+    return _few_bit(_plan(label, fn, x, nbits, ls, bs), x)
 
   wrapped.__name__ = f"fewbit({label}, {'exact=True' if exact else f'bits={nbits}'})"
   wrapped.__doc__ = fn.__doc__

@@ -34,85 +34,15 @@ Linear Layers", arXiv 2201.13195.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from fewbit_jax import _projection, _rng as rng, sketch as _sketch
+from fewbit_jax import _projection
 from fewbit_jax._projection import SKETCH_NAME
 
 __all__ = ["randomized_dense", "projection_dim", "sketch_blocks_default", "SKETCH_NAME"]
 
-# Kept under their old names for the flax layers.
-_check_blocks_arg = _projection.check_blocks_arg
-_forward = _projection.dense_forward
-
-
-def _real(v, name) -> float | None:
-  """`v` as a Python float if it is one real number (a numpy or concrete 0-d jax one too)."""
-  if isinstance(v, (bool, np.bool_)):
-    return None
-  if isinstance(v, (numbers.Real, np.floating, np.integer)):
-    return float(v)
-  dtype = getattr(v, "dtype", None)
-  if dtype is None or np.ndim(v) != 0 or not (jnp.issubdtype(dtype, jnp.floating)
-                                               or jnp.issubdtype(dtype, jnp.integer)):
-    return None
-  if isinstance(v, jax.core.Tracer):
-    raise TypeError(f"{name} is a traced value ({jax.typeof(v)}): the sketch size fixes the "
-                    "shapes of the program, so it must be known when the function is traced. "
-                    "Pass a Python float (or a concrete array), not a jit argument.")
-  return float(v)
-
-
-def projection_dim(b: int, *, proj_dim_ratio=None, proj_dim=None, proj_dim_min=None,
-                   proj_dim_max=None) -> int:
-  """The sketch size k for B rows.
-
-  ``k = proj_dim`` if given (it takes precedence over the ratio), else
-  ``ceil(proj_dim_ratio * B)``; then clamped to ``[proj_dim_min, proj_dim_max]``
-  and to ``[1, B]``.
-
-  Raises:
-    ValueError: if neither `proj_dim_ratio` nor `proj_dim` is given, the ratio
-      is not in (0, 1], a size is not a positive int, or min > max.
-
-  Example:
-    >>> from fewbit_jax.dense import projection_dim
-    >>> projection_dim(1000, proj_dim_ratio=0.2), projection_dim(1000, proj_dim=64)
-    (200, 64)
-    >>> projection_dim(1000, proj_dim_ratio=0.01, proj_dim_min=32)
-    32
-  """
-  if proj_dim_ratio is None and proj_dim is None:
-    raise ValueError("randomized dense needs a sketch size: pass proj_dim_ratio "
-                     "(a fraction in (0, 1] of the B leading positions, e.g. 0.2) or "
-                     "proj_dim (a number of rows >= 1).")
-  if proj_dim_ratio is not None:
-    ratio = _real(proj_dim_ratio, "proj_dim_ratio")
-    if ratio is None or not 0.0 < ratio <= 1.0:
-      raise ValueError(f"proj_dim_ratio={proj_dim_ratio!r} must be a number in (0, 1]: "
-                       "the fraction of the B leading positions kept, e.g. 0.2. For "
-                       "a fixed size use proj_dim instead.")
-  for name, v in (("proj_dim", proj_dim), ("proj_dim_min", proj_dim_min),
-                  ("proj_dim_max", proj_dim_max)):
-    if v is not None and (not _projection.is_int(v) or v < 1):
-      raise ValueError(f"{name}={v!r} must be an int >= 1 (a number of sketch rows), or None.")
-  if proj_dim_min is not None and proj_dim_max is not None and proj_dim_min > proj_dim_max:
-    raise ValueError(f"proj_dim_min={proj_dim_min} is larger than proj_dim_max="
-                     f"{proj_dim_max}; pass min <= max.")
-  if proj_dim is not None:
-    k = int(proj_dim)
-  else:
-    k = math.ceil(ratio * b)
-  if proj_dim_min is not None:
-    k = max(k, int(proj_dim_min))
-  if proj_dim_max is not None:
-    k = min(k, int(proj_dim_max))
-  return max(1, min(k, b))
+projection_dim = _projection.projection_dim
 
 
 # --- block-diagonal sketches -------------------------------------------------------
@@ -162,7 +92,9 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
     kernel's dtype; unbiased since ``E[S S^T] = I``;
   * ``dx = g W^T`` and ``db = sum(g)``: exact.
 
-  Use a fresh key every step. Under ``jax.vmap`` each mapped example gets its
+  It is `fewbit_jax.dense_general.randomized_dot_general` over x's last axis
+  plus the bias: the same planner and core, so the same sketch for the same
+  key. Use a fresh key every step. Under ``jax.vmap`` each mapped example gets its
   own sketch over its own leading positions.
 
   Sharded inputs (see the module docstring): with C = `sketch_blocks` blocks
@@ -229,7 +161,6 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
     >>> dw.shape
     (32, 4)
   """
-  kind = _sketch.check_kind(sketch)
   _projection.check_array("x", x)
   _projection.check_array("kernel", kernel)
   if bias is not None:
@@ -242,22 +173,12 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
   if bias is not None and bias.shape != (kernel.shape[1],):
     raise ValueError(f"bias must have shape ({kernel.shape[1]},) to match kernel "
                      f"{kernel.shape}; got {bias.shape}. Pass None for no bias.")
-  b = math.prod(x.shape[:-1])
-  k = projection_dim(b, proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim,
-                     proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max)
-  k0, k1 = rng.key_words(key)
-  dtype = jnp.result_type(*(a for a in (x, kernel, bias) if a is not None))
-  x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
-  bias = None if bias is None else jnp.asarray(bias, dtype)
+  # randomized_dot_general over x's last axis, plus the bias: one planner, one core.
   lead = tuple(range(x.ndim))
-  c, per_shard = _projection.resolve_blocks(x, sketch_blocks, lead[:-1])
-  spec = _projection.Spec("dot_general", _projection.dense_dims(x.ndim), precision,
-                          preferred_element_type, out_sharding, lead, lead, (0, 1), k, kind)
   with jax.named_scope("randomized_dense"):
-    if b == 0 or kernel.size == 0:  # nothing to sketch; dW is empty or zero
-      return spec.forward(x, kernel, bias)
-    layout = None
-    if c:  # c == 0: no mesh, no blocks asked for: one sketch of the (B, N) rows
-      _projection.check_blocks_fit(x, c, per_shard, spec)
-      layout = _projection.block_layout(x, kernel, bias, spec)
-    return _projection.project(x, kernel, bias, jnp.stack([k0, k1]), spec, c, layout)
+    return _projection.randomized(
+        "dot_general", _projection.dense_dims(x.ndim), x, kernel, bias, key, lead, lead, (0, 1),
+        proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim, proj_dim_min=proj_dim_min,
+        proj_dim_max=proj_dim_max, sketch=sketch, precision=precision,
+        preferred_element_type=preferred_element_type, out_sharding=out_sharding,
+        sketch_blocks=sketch_blocks)

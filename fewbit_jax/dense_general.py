@@ -44,42 +44,13 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import string
 from typing import Sequence
 
-import jax.numpy as jnp
-
-from fewbit_jax import _projection, _rng as rng, sketch as _sketch
+from fewbit_jax import _projection
 from fewbit_jax._projection import SKETCH_NAME, check_array as _check_array
-from fewbit_jax.dense import projection_dim
 
 __all__ = ["randomized_dot_general", "randomized_einsum", "SKETCH_NAME"]
-
-
-def _apply(op, arg, x, kernel, key, x_perm, g_perm, k_perm, *, proj_dim_ratio, proj_dim,
-           proj_dim_min, proj_dim_max, sketch, precision, preferred_element_type,
-           out_sharding, sketch_blocks=None):
-  kind = _sketch.check_kind(sketch)
-  spec = _projection.Spec(op, arg, precision, preferred_element_type, out_sharding,
-                          tuple(x_perm), tuple(g_perm), tuple(k_perm), 0, kind)
-  b = math.prod(x.shape[a] for a in x_perm[:spec.n_batch])
-  k = projection_dim(b, proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim,
-                     proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max)
-  spec = dataclasses.replace(spec, k=k)
-  c, layout = 0, None
-  dtype = jnp.result_type(x, kernel)
-  x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
-  if b:
-    c, per_shard = _projection.resolve_blocks(x, sketch_blocks, spec.x_perm[:spec.n_batch])
-    if c:
-      _projection.check_blocks_fit(x, c, per_shard, spec)
-      layout = _projection.block_layout(x, kernel, None, spec)
-  if b == 0:
-    return spec.forward(x, kernel)
-  k0, k1 = rng.key_words(key)
-  return _projection.project(x, kernel, None, jnp.stack([k0, k1]), spec, c, layout)
 
 
 def _canon_axes(axes: Sequence[int], ndim: int, what: str) -> tuple[int, ...]:
@@ -163,12 +134,12 @@ def randomized_dot_general(x, kernel, key, dimension_numbers, *, proj_dim_ratio=
   x_free = tuple(a for a in range(x.ndim) if a not in xc)
   k_free = tuple(a for a in range(kernel.ndim) if a not in kc)
   dims = ((xc, kc), ((), ()))
-  return _apply("dot_general", dims, x, kernel, key, x_free + xc,
-                tuple(range(len(x_free) + len(k_free))), kc + k_free,
-                proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim, proj_dim_min=proj_dim_min,
-                proj_dim_max=proj_dim_max, sketch=sketch, precision=precision,
-                preferred_element_type=preferred_element_type, out_sharding=out_sharding,
-                sketch_blocks=sketch_blocks)
+  return _projection.randomized(
+      "dot_general", dims, x, kernel, None, key, x_free + xc,
+      tuple(range(len(x_free) + len(k_free))), kc + k_free, proj_dim_ratio=proj_dim_ratio,
+      proj_dim=proj_dim, proj_dim_min=proj_dim_min, proj_dim_max=proj_dim_max, sketch=sketch,
+      precision=precision, preferred_element_type=preferred_element_type,
+      out_sharding=out_sharding, sketch_blocks=sketch_blocks)
 
 
 def _parse_einsum(subscripts: str, x_ndim: int, k_ndim: int) -> tuple[str, str, str]:
@@ -269,8 +240,9 @@ def randomized_einsum(subscripts: str, x, kernel, key, *, proj_dim_ratio=None, p
   x_perm = tuple(xs.index(c) for c in batch + contract)
   g_perm = tuple(out.index(c) for c in batch + feature)
   k_perm = tuple(ks.index(c) for c in contract + feature)
-  return _apply("einsum", subscripts, x, kernel, key, x_perm, g_perm, k_perm,
-                proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim, proj_dim_min=proj_dim_min,
-                proj_dim_max=proj_dim_max, sketch=sketch, precision=precision,
-                preferred_element_type=preferred_element_type, out_sharding=out_sharding,
-                sketch_blocks=sketch_blocks)
+  return _projection.randomized(
+      "einsum", subscripts, x, kernel, None, key, x_perm, g_perm, k_perm,
+      proj_dim_ratio=proj_dim_ratio, proj_dim=proj_dim, proj_dim_min=proj_dim_min,
+      proj_dim_max=proj_dim_max, sketch=sketch, precision=precision,
+      preferred_element_type=preferred_element_type, out_sharding=out_sharding,
+      sketch_blocks=sketch_blocks)

@@ -157,3 +157,45 @@ def test_general_layers_sketch_per_data_shard(on_8_devices):
   assert out["blocks"] == out["vanilla"], out
   assert out["vanilla"]["all-reduce"][0] == 1
   assert out["rel_err"] < 1e-5, out
+
+
+# One planner (`fewbit_jax._projection.plan`) behind randomized_dense and
+# randomized_dot_general / randomized_einsum: their zero-size cases agree.
+# Each case: the plain layer's output, a zero or empty kernel gradient, an
+# exact dx, and the arguments (key, sketch, sketch_blocks) validated all the same.
+_ZERO_CASES = {"zero positions": ((0, 8), (8, 5)), "zero-size kernel": ((4, 3, 8), (8, 0)),
+               "zero features in": ((4, 0), (0, 3))}
+
+
+@pytest.mark.parametrize("case", sorted(_ZERO_CASES))
+def test_zero_size_cases_agree_across_layers(case):
+  xs, ws = _ZERO_CASES[case]
+  x, w = _normal(xs, 0), _normal(ws, 1)
+  key = jax.random.key(2)
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  layers = {
+      "dense": lambda x, w, **kw: randomized_dense(x, w, None, key, proj_dim_ratio=0.5, **kw),
+      "dot_general": lambda x, w, **kw: randomized_dot_general(x, w, key, dims,
+                                                               proj_dim_ratio=0.5, **kw),
+      "einsum": lambda x, w, **kw: randomized_einsum("...d,df->...f", x, w, key,
+                                                     proj_dim_ratio=0.5, **kw),
+  }
+  plain = jax.lax.dot_general(x, w, dims)
+  for name, f in layers.items():
+    np.testing.assert_array_equal(f(x, w), plain, err_msg=name)
+    dx, dw = jax.grad(lambda x, w: f(x, w).sum(), (0, 1))(x, w)
+    assert dw.shape == w.shape, name
+    np.testing.assert_array_equal(dw, jnp.zeros_like(w), err_msg=name)  # sums of no terms
+    np.testing.assert_array_equal(dx, jnp.broadcast_to(w.sum(1), x.shape), err_msg=name)
+    # Nothing to sketch, but a bad argument is an error as it is for any shape.
+    with pytest.raises(ValueError, match="unknown sketch"):
+      f(x, w, sketch="nope")
+    with pytest.raises(ValueError, match="must be None"):
+      f(x, w, sketch_blocks=0)
+    with pytest.raises(ValueError, match="mesh axes"):
+      f(x, w, sketch_blocks="data")
+  bad_key = lambda: randomized_dot_general(x, w, jnp.zeros(3, jnp.uint32), dims, proj_dim=1)
+  with pytest.raises(TypeError, match="one PRNG key"):
+    bad_key()
+  with pytest.raises(TypeError, match="one PRNG key"):
+    randomized_dense(x, w, None, jnp.zeros(3, jnp.uint32), proj_dim=1)

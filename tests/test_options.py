@@ -9,7 +9,8 @@ from flax import nnx
 
 import fewbit_jax as fb
 from fewbit_jax._options import SketchOptions, check_no_dot_general
-from fewbit_jax.dense import _check_blocks_arg, projection_dim
+from fewbit_jax._projection import check_blocks_arg
+from fewbit_jax.dense import projection_dim
 from fewbit_jax.sketch import check_kind
 
 NAMES = [f.name for f in dataclasses.fields(SketchOptions)]
@@ -46,7 +47,7 @@ def _validators_error(options: dict) -> str:
     check_kind(o["sketch"])
     projection_dim(1, proj_dim_ratio=o["proj_dim_ratio"], proj_dim=o["proj_dim"],
                    proj_dim_min=o["proj_dim_min"], proj_dim_max=o["proj_dim_max"])
-    _check_blocks_arg(o["sketch_blocks"])
+    check_blocks_arg(o["sketch_blocks"])
   return str(e.value)
 
 

@@ -39,18 +39,22 @@ def test_resolve_blocks():
     assert resolve(x, "data") == (1, True)
 
 
+def _batch_axes(spec):
+  return spec.x_perm[:spec.n_batch]
+
+
 def test_check_blocks_fit():
   x = jnp.ones((6, 4, 3))
-  _projection.check_blocks_fit(x, 3, False, _spec())
+  _projection.check_blocks_fit(x, 3, False, _batch_axes(_spec()))
   with pytest.raises(ValueError, match="do not divide the B=24 leading positions"):
-    _projection.check_blocks_fit(x, 5, False, _spec())
+    _projection.check_blocks_fit(x, 5, False, _batch_axes(_spec()))
   with pytest.raises(ValueError, match=r"do not divide x's first axis \(6\)"):
-    _projection.check_blocks_fit(x, 4, True, _spec())
+    _projection.check_blocks_fit(x, 4, True, _batch_axes(_spec()))
   moved = _projection.Spec("einsum", "tbd,df->btf", None, None, None, (1, 0, 2), (0, 1, 2),
                            (0, 1))
   with pytest.raises(ValueError, match="leading axes"):
-    _projection.check_blocks_fit(x, 2, False, moved)
-  _projection.check_blocks_fit(x, 1, False, moved)  # one block: any axes
+    _projection.check_blocks_fit(x, 2, False, _batch_axes(moved))
+  _projection.check_blocks_fit(x, 1, False, _batch_axes(moved))  # one block: any axes
 
 
 def test_spec_shapes():
@@ -66,12 +70,12 @@ def test_core_forward_is_the_spec_forward(c):
   x = jax.random.normal(jax.random.key(0), (4, 8, 6))
   w = jax.random.normal(jax.random.key(1), (6, 5))
   b = jax.random.normal(jax.random.key(2), (5,))
-  spec = _spec(k=4, kind="countsketch")
+  spec = _spec(k=-(-4 // c) if c else 4, kind="countsketch", blocks=c)  # k = 4 in all
   words = jnp.array([1, 2], jnp.uint32)
-  y = _projection.project(x, w, b, words, spec, c)
+  y = _projection.project(x, w, b, words, spec)
   np.testing.assert_array_equal(y, spec.forward(x, w, b))
   np.testing.assert_array_equal(y, _projection.dense_forward(x, w, b, None, None, None))
-  dx, db = jax.grad(lambda x, b: _projection.project(x, w, b, words, spec, c).sum(),
+  dx, db = jax.grad(lambda x, b: _projection.project(x, w, b, words, spec).sum(),
                     argnums=(0, 1))(x, b)
   np.testing.assert_allclose(dx, jnp.broadcast_to(w.sum(1), x.shape), rtol=1e-6)
   np.testing.assert_array_equal(db, jnp.full(5, 32.0))

@@ -26,6 +26,7 @@ works).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -35,7 +36,7 @@ from jax.interpreters import ad
 
 from fewbit_jax import _mesh
 from fewbit_jax import codes as _codes
-from fewbit_jax._ffi import _path, _prim
+from fewbit_jax._ffi import _load, _path, _prim
 
 
 def _codes_aval(x, bits, *others):
@@ -171,12 +172,33 @@ def _check_borders(borders, bits: int) -> jax.Array:
   return borders
 
 
+# ---------------------------------------------------------------------------
+# The plan: everything static about the codes of one array, decided once.
+
+@dataclasses.dataclass(frozen=True)
+class CodesPlan:
+  """How the codes of one array are made and read: decided once, from its type.
+
+  Made by `plan` where an op starts (an activation's entry, or each of the
+  public functions below); `pack_planned`, `quantize_pack_planned` and
+  `unpack_scale_planned` read it and decide nothing. Hashable, so it can be
+  a ``custom_vjp``'s static argument.
+  """
+  bits: int  # 1..8, validated
+  shape: tuple  # the array's shape (a scalar's codes are those of shape (1,))
+  codes_kernel: bool  # quantize_pack / pack by the kernel (else the pure-JAX code)
+  scale_kernel: bool  # unpack_scale by the kernel (the cotangent's dtype permitting)
+  codes_dtype: object  # the dtype x is compared in by the kernel (x's, or float32)
+  words: int | None  # the word view (`_words`) of the codes, or None
+  scale_words: int | None  # that of the cotangent
+
+
 def _multi_device() -> bool:
   """Whether arrays may be sharded: more than one device."""
   return jax.device_count() > 1
 
 
-def _words(a) -> int | None:
+def _words(a, multi_device: bool) -> int | None:
   """The number W of 32-element words to call a code kernel on, or None.
 
   An array (..., n) with n a multiple of 32 is handed to the kernels as
@@ -185,13 +207,33 @@ def _words(a) -> int | None:
   docstring). None where n is not a multiple of 32, where W = 1 (the plain
   call is the same), where a type sharded over Explicit mesh axes would cut
   words (the shards of n are not multiples of 32), and on one device, where
-  nothing is sharded and the plain call saves the transposes.
+  nothing is sharded and the plain call saves the transposes (`multi_device`
+  false).
   """
   n = a.shape[-1] if a.ndim else 1
-  if n % _codes.WORD_BITS or n <= _codes.WORD_BITS or not _multi_device():
+  if n % _codes.WORD_BITS or n <= _codes.WORD_BITS or not multi_device:
     return None
   words = n // _codes.WORD_BITS
   return None if words % _mesh.last_axis_shards(a) else words
+
+
+def plan(x, bits: int, *, g=None) -> CodesPlan:
+  """The `CodesPlan` of the codes of `x` at `bits` (an int in 1..8, validated by the caller).
+
+  `g` is the type of the cotangent that `unpack_scale` will scale (x's
+  where left out). The path is the one `fewbit_jax._ffi._path` gives for the
+  platform the array lives on (`fewbit_jax._ffi._load.platform_of`).
+  """
+  g = x if g is None else g
+  kernel = _path.path("codes", _load.platform_of(x)) == "ffi"
+  codes_kernel = kernel and x.size > 0
+  scale_kernel = kernel and g.size > 0 and g.dtype in _prim.KERNEL_DTYPES
+  dtype = x.dtype if x.dtype in (*_prim.KERNEL_DTYPES, jnp.float64) else jnp.dtype(jnp.float32)
+  multi = (codes_kernel or scale_kernel) and _multi_device()
+  return CodesPlan(
+      bits=bits, shape=tuple(x.shape), codes_kernel=codes_kernel, scale_kernel=scale_kernel,
+      codes_dtype=jnp.dtype(dtype), words=_words(x, multi) if codes_kernel and x.ndim else None,
+      scale_words=_words(g, multi) if scale_kernel and g.ndim else None)
 
 
 # XLA's batch partitioner gives every operand of a batch-partitionable call the
@@ -219,20 +261,68 @@ def _bind_lifted(prim, main, *tables, bits):
   return out.reshape(out.shape[ndim - main.ndim:])
 
 
-def _bind_codes(prim, a, *tables, bits):
+def _bind_codes(prim, a, words, *tables, bits):
   """The packed codes (..., bits, W) of a (..., n) from a code kernel.
 
-  Through the word view of `_words` where it applies: the kernel's
+  Through the word view of `_words` (`words`, None for none): the kernel's
   (..., W, bits, 1) result is transposed to the canonical layout. The codes
   are bits / 32 of a's elements, so the transpose is a small copy.
   """
-  words = _words(a)
   if words is None:
     return _bind_lifted(prim, a, *tables, bits=bits)
   lead = a.shape[:-1]
   out = _bind_lifted(prim, a.reshape(*lead, words, _codes.WORD_BITS), *tables, bits=bits)
   return jnp.swapaxes(out.reshape(*lead, words, bits), -1, -2)
 
+
+def pack_planned(codes: jax.Array, p: CodesPlan) -> jax.Array:
+  """`pack` by plan `p` (of an array of the codes' shape)."""
+  if not p.codes_kernel:
+    return _codes.pack(codes, p.bits)
+  c = codes.reshape(1) if codes.ndim == 0 else codes
+  return _bind_codes(_pack_p, c.astype(jnp.uint8), p.words, bits=p.bits)
+
+
+def quantize_pack_planned(x: jax.Array, borders: jax.Array, p: CodesPlan) -> jax.Array:
+  """`quantize_pack` by plan `p`; `borders` float32 of shape ``(2**bits - 1,)``."""
+  if not p.codes_kernel:
+    return _codes.pack(_codes.compute_codes(x, borders, p.bits), p.bits)
+  x = x.astype(p.codes_dtype) if x.dtype != p.codes_dtype else x  # what compute_codes does
+  x = x.reshape(1) if x.ndim == 0 else x
+  return _bind_codes(_quantize_pack_p, jax.lax.stop_gradient(x), p.words,
+                     jax.lax.stop_gradient(borders), bits=p.bits)
+
+
+def unpack_scale_planned(packed: jax.Array, levels: jax.Array, g: jax.Array,
+                         p: CodesPlan) -> jax.Array:
+  """`unpack_scale` by plan `p`; `levels` of shape ``(2**bits,)``."""
+  bits = p.bits
+  if not p.scale_kernel:
+    return _unpack_scale_pure(packed, levels, g, bits=bits)
+  # Rounding to g's dtype first makes the float32 table hold exactly the
+  # values the pure path multiplies by.
+  lv = levels.astype(g.dtype).astype(jnp.float32)
+  g1 = g.reshape(1) if g.ndim == 0 else g
+  words = p.scale_words
+  if words is None:
+    return _unpack_scale_lifted(packed, lv, g1, bits).reshape(g.shape)
+  # The word view of `_bind_codes`: codes (..., W, bits, 1), g (..., W, 32).
+  lead = g.shape[:-1]
+  pw = jnp.swapaxes(packed, -1, -2).reshape(*lead, words, bits, 1)
+  gw = g.reshape(*lead, words, _codes.WORD_BITS)
+  return _unpack_scale_lifted(pw, lv, gw, bits).reshape(g.shape)
+
+
+def _unpack_scale_lifted(packed, levels, g, bits):
+  """The kernel's unpack_scale with g as the batch operand (see `_bind_lifted`)."""
+  ndim = max(g.ndim, _MIN_BATCH_AXES + 1)
+  out = _unpack_scale_p.bind(_lift(packed, packed.ndim + ndim - g.ndim), levels, _lift(g, ndim),
+                             bits=bits)
+  return out.reshape(g.shape)
+
+
+# ---------------------------------------------------------------------------
+# The public functions (`fewbit_jax.ext`): each plans its own call.
 
 def pack(codes: jax.Array, bits: int) -> jax.Array:
   """Packs integer codes (..., n) into bit planes (..., bits, ceil(n/32)).
@@ -247,10 +337,7 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
   """
   bits = _codes.check_bits(bits)
   codes = jnp.asarray(codes)
-  if _path.path("codes") == "jax" or codes.size == 0:
-    return _codes.pack(codes, bits)
-  c = codes.reshape(1) if codes.ndim == 0 else codes
-  return _bind_codes(_pack_p, c.astype(jnp.uint8), bits=bits)
+  return pack_planned(codes, plan(codes, bits))
 
 
 def quantize_pack(x: jax.Array, borders: jax.Array, bits: int) -> jax.Array:
@@ -275,13 +362,7 @@ def quantize_pack(x: jax.Array, borders: jax.Array, bits: int) -> jax.Array:
   bits = _codes.check_bits(bits)
   borders = _check_borders(borders, bits)
   x = jnp.asarray(x)
-  if _path.path("codes") == "jax" or x.size == 0:
-    return _codes.pack(_codes.compute_codes(x, borders, bits), bits)
-  if x.dtype not in (*_prim.KERNEL_DTYPES, jnp.float64):
-    x = x.astype(jnp.float32)  # what compute_codes does
-  x = x.reshape(1) if x.ndim == 0 else x
-  return _bind_codes(_quantize_pack_p, jax.lax.stop_gradient(x), jax.lax.stop_gradient(borders),
-                     bits=bits)
+  return quantize_pack_planned(x, borders, plan(x, bits))
 
 
 def unpack_scale(packed: jax.Array, levels: jax.Array, g: jax.Array, bits: int) -> jax.Array:
@@ -315,26 +396,4 @@ def unpack_scale(packed: jax.Array, levels: jax.Array, g: jax.Array, bits: int) 
                      f"cotangent of shape {g.shape} at bits={bits}")
   if levels.shape != (2**bits,):
     raise ValueError(f"levels must have shape ({2**bits},) for bits={bits}; got {levels.shape}")
-  if _path.path("codes") == "jax" or g.size == 0 or g.dtype not in _prim.KERNEL_DTYPES:
-    return _unpack_scale_pure(packed, levels, g, bits=bits)
-  # Rounding to g's dtype first makes the float32 table hold exactly the
-  # values the pure path multiplies by.
-  lv = levels.astype(g.dtype).astype(jnp.float32)
-  g1 = g.reshape(1) if g.ndim == 0 else g
-  words = _words(g1)
-  if words is None:
-    return _unpack_scale_lifted(packed, lv, g1, bits).reshape(g.shape)
-  # The word view of `_bind_codes`: codes (..., W, bits, 1), g (..., W, 32).
-  lead = g.shape[:-1]
-  pw = jnp.swapaxes(packed, -1, -2).reshape(*lead, words, bits, 1)
-  gw = g.reshape(*lead, words, _codes.WORD_BITS)
-  return _unpack_scale_lifted(pw, lv, gw, bits).reshape(g.shape)
-
-
-def _unpack_scale_lifted(packed, levels, g, bits):
-  """The kernel's unpack_scale with g as the batch operand (see `_bind_lifted`)."""
-  ndim = max(g.ndim, _MIN_BATCH_AXES + 1)
-  out = _unpack_scale_p.bind(_lift(packed, packed.ndim + ndim - g.ndim), levels, _lift(g, ndim),
-                             bits=bits)
-  return out.reshape(g.shape)
-
+  return unpack_scale_planned(packed, levels, g, plan(g, bits))

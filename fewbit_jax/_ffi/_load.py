@@ -73,6 +73,26 @@ def canonical(platform: str | None = None) -> str:
   return "rocm" if "rocm" in version else "cuda"
 
 
+def platform_of(a) -> str:
+  """The canonical platform ('cpu', 'cuda', ...) of the devices array `a` lives on.
+
+  A concrete array names its devices; a traced one those of the mesh its type
+  carries where that mesh knows them; else (a trace not yet placed) the
+  default device's platform, where ``jax.jit`` runs it.
+  """
+  if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
+    try:
+      return canonical(next(iter(a.devices())).platform)
+    except (RuntimeError, StopIteration):  # pragma: no cover - a deleted array
+      pass
+  mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+  devices = getattr(mesh, "_internal_device_list", None)
+  if devices:
+    return canonical(devices[0].platform)
+  device = jax.config.jax_default_device
+  return canonical(device if isinstance(device, str) else getattr(device, "platform", None))
+
+
 def why_missing(platform: str) -> str:
   """Why there are no kernels for `platform`, for error messages."""
   if _xla_ext is None:

@@ -13,7 +13,8 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 
 from fewbit_jax import _sketch_stream
 from fewbit_jax._options import SketchOptions, check_no_dot_general
-from fewbit_jax.dense import _forward, randomized_dense
+from fewbit_jax._projection import dense_forward
+from fewbit_jax.dense import randomized_dense
 
 __all__ = ["RandomizedDense"]
 
@@ -126,7 +127,7 @@ class RandomizedDense(nn.Module):
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     deterministic = bool(deterministic if deterministic is not None else self.deterministic)
     if deterministic or self.is_initializing():
-      return _forward(inputs, kernel, bias, self.precision, None, None)
+      return dense_forward(inputs, kernel, bias, self.precision, None, None)
     key = _sketch_stream.linen_key(self, self.rng_collection, type(self).__name__)
     return randomized_dense(inputs, kernel, bias, key, precision=self.precision,
                             **SketchOptions.of(self).kwargs())

@@ -23,7 +23,8 @@ from jax import lax
 
 from fewbit_jax import _sketch_stream
 from fewbit_jax._options import SketchOptions, check_no_dot_general
-from fewbit_jax.dense import _forward, randomized_dense
+from fewbit_jax._projection import dense_forward
+from fewbit_jax.dense import randomized_dense
 from fewbit_jax.dense_general import randomized_dot_general, randomized_einsum
 
 __all__ = ["RandomizedLinear", "RandomizedLinearGeneral", "RandomizedEinsum"]
@@ -232,7 +233,7 @@ class RandomizedLinear(_Randomized, nnx.Module):
     """
     inputs, kernel, bias = self._promoted(inputs)
     if self._plain(deterministic):
-      return _forward(inputs, kernel, bias, self.precision, self.preferred_element_type,
+      return dense_forward(inputs, kernel, bias, self.precision, self.preferred_element_type,
                       out_sharding)
     key, kernel = self._key(rngs, kernel)
     return self._randomized(randomized_dense, inputs, kernel, bias, key,
