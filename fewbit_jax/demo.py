@@ -1,8 +1,10 @@
 """The main demonstration: memory and time of a small transformer training step.
 
-``python -m fewbit_jax bench`` builds a small BERT-style encoder classifier
-(defaults: 2 layers, hidden 256, 4 heads, FFN 1024, exact GELU, batch 32 x
-sequence 128), trains it with ``optax.adamw``, and prints for six variants
+``python -m fewbit_jax bench`` builds the benchmarks' RoBERTa classifier
+(`fewbit_jax._models.roberta`, the one definition the memory table measures
+at roberta-base sizes) small and without dropout (defaults: 2 layers, hidden
+256, 4 heads, FFN 1024, exact GELU, batch 32 x sequence 128, padded as a GLUE
+batch is), trains it with ``optax.adamw``, and prints for six variants
 (vanilla; 3-bit GELU; randomized dense at ratio 0.2 in every dense layer of the
 blocks, one sketch block per sequence; both; lean exact residuals with
 exact-mode GELU; both with lean):
@@ -23,10 +25,9 @@ import dataclasses
 import functools
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
@@ -38,9 +39,10 @@ except ImportError as e:  # pragma: no cover - depends on the install
                     "install optax).") from e
 
 import fewbit_jax as fb
+from fewbit_jax._models.roberta import RobertaClassifier, RobertaConfig, make_batch
 from fewbit_jax.linen import RandomizedDense
 
-__all__ = ["Config", "FULL", "Encoder", "variants", "measure", "run", "format_table", "main"]
+__all__ = ["Config", "FULL", "encoder", "variants", "measure", "run", "format_table", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,47 +62,35 @@ class Config:
 FULL = Config(layers=12, hidden=768, heads=12, ffn=3072, vocab=50265, seq=128, batch=128)
 
 
-class Block(nn.Module):
-  """One post-LayerNorm encoder block: fused QKV attention, then the FFN."""
-  cfg: Config
-  dense: Callable[..., nn.Module]
-  activation: Callable
+def encoder(cfg: Config, **fields) -> RobertaClassifier:
+  """The demonstration's model: the benchmarks' RoBERTa classifier at `cfg`'s sizes.
 
-  @nn.compact
-  def __call__(self, x):
-    c = self.cfg
-    b, s, _ = x.shape
-    hd = c.hidden // c.heads
-    qkv = self.dense(3 * c.hidden, name="qkv")(x).reshape(b, s, 3, c.heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd), axis=-1)
-    o = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, s, c.hidden)
-    x = nn.LayerNorm(name="ln1")(x + self.dense(c.hidden, name="out")(o))
-    h = self.activation(self.dense(c.ffn, name="up")(x))
-    return nn.LayerNorm(name="ln2")(x + self.dense(c.hidden, name="down")(h))
+  The one definition of `fewbit_jax._models.roberta` (post-LayerNorm encoder,
+  exact GELU, learned positions, a tanh head on the first token), with no
+  dropout: every variant computes the same function, so the table compares
+  only what each keeps. `fields` are the classifier's (``activation``,
+  ``dense``, ...); ``dense`` replaces the blocks' dense layers, the head
+  stays ``nn.Dense``.
 
-
-class Encoder(nn.Module):
-  """A BERT-style encoder classifier whose dense layers and activation are injected."""
-  cfg: Config
-  dense: Callable[..., nn.Module] = nn.Dense
-  activation: Callable = functools.partial(jax.nn.gelu, approximate=False)
-
-  @nn.compact
-  def __call__(self, tokens):
-    c = self.cfg
-    x = nn.Embed(c.vocab, c.hidden, name="tok")(tokens)
-    x = x + self.param("pos", nn.initializers.normal(0.02), (c.seq, c.hidden))
-    for i in range(c.layers):
-      x = Block(c, self.dense, self.activation, name=f"block{i}")(x)
-    return nn.Dense(c.classes, name="head")(x[:, 0])
+  Example:
+    >>> from fewbit_jax import demo
+    >>> cfg = demo.Config(layers=1, hidden=32, heads=2, ffn=64, vocab=50, seq=8, batch=2)
+    >>> m = demo.encoder(cfg)
+    >>> (m.cfg.num_layers, m.cfg.hidden_size, m.cfg.dropout_rate)
+    (1, 32, 0.0)
+  """
+  rcfg = RobertaConfig(vocab_size=cfg.vocab, hidden_size=cfg.hidden, num_layers=cfg.layers,
+                       num_heads=cfg.heads, intermediate_size=cfg.ffn,
+                       max_position_embeddings=cfg.seq + 2, dropout_rate=0.0,
+                       num_labels=cfg.classes)
+  return RobertaClassifier(rcfg, **{"head_dense": nn.Dense, **fields})
 
 
 def variants(ratio: float = 0.2, bits: int = 3,
              blocks: int | None = None) -> dict[str, dict[str, Any]]:
   """The variants; the randomized layers take `blocks` sketch blocks.
 
-  A variant is the `Encoder`'s fields, and ``lean=True`` to trace the step
+  A variant is `encoder`'s fields, and ``lean=True`` to trace the step
   inside ``fb.linen.lean()`` and ``fb.patch_activations(softmax=True)``: the
   unedited model's LayerNorms and inline softmax run their lean twins (the
   same output, exact gradients, less kept).
@@ -128,13 +118,14 @@ def _lean(on: bool):
 
 
 def make_step(model: nn.Module, tx: optax.GradientTransformation):
-  def loss_fn(params, tokens, labels, key):
-    logits = model.apply({"params": params}, tokens, rngs={"sketch": key})
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  def loss_fn(params, batch, key):
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         rngs={"sketch": key})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
   @jax.jit
-  def step(params, opt_state, tokens, labels, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, labels, key)
+  def step(params, opt_state, batch, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -145,26 +136,25 @@ def measure(cfg: Config, variant: dict, *, time_steps: int = 0, seed: int = 0) -
   """{'total', 'temp'} compiled bytes of one variant's step, and 'time', 'loss' if timed."""
   variant = dict(variant)
   lean = variant.pop("lean", False)
-  model = Encoder(cfg, **variant)
+  model = encoder(cfg, **variant)
   key = jax.random.key(seed)
-  tokens = jax.random.randint(key, (cfg.batch, cfg.seq), 0, cfg.vocab)
-  labels = jnp.arange(cfg.batch) % cfg.classes
-  params = jax.eval_shape(lambda: model.init({"params": key, "sketch": key}, tokens)["params"])
+  batch = make_batch(model.cfg, cfg.batch, cfg.seq, key)  # padded rows, as a GLUE batch
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  params = jax.eval_shape(lambda: model.init({"params": key, "sketch": key}, ids, mask)["params"])
   tx = optax.adamw(1e-4)
   opt_state = jax.eval_shape(tx.init, params)
   step = make_step(model, tx)
   with _lean(lean):
-    compiled = step.lower(params, opt_state, tokens, labels, key).compile()
+    compiled = step.lower(params, opt_state, batch, key).compile()
   m = fb.memory.CompiledMemory.of(compiled)  # argument + output - alias + temp
   out = {"total": m.total, "temp": m.temp}
   if time_steps:
-    params = model.init({"params": key, "sketch": key}, tokens)["params"]
+    params = model.init({"params": key, "sketch": key}, ids, mask)["params"]
     opt_state = tx.init(params)
     times = []
     for i in range(time_steps + 1):
       t0 = time.perf_counter()
-      params, opt_state, loss = compiled(params, opt_state, tokens, labels,
-                                         jax.random.fold_in(key, i))
+      params, opt_state, loss = compiled(params, opt_state, batch, jax.random.fold_in(key, i))
       loss.block_until_ready()
       times.append(time.perf_counter() - t0)
     out["time"] = float(np.median(times[1:]))

@@ -4,6 +4,12 @@ The fast tests use tiny sizes and a few steps each; they check that every
 script runs end to end and that what it measures points the right way
 (losses fall, few-bit memory is below vanilla). The slow ones rerun the
 documented configurations and check the numbers the README reports.
+
+The benchmark modules imported here (memory_table, residuals) are the subject
+of their tests: their functions (a row's compiled memory, the table, the
+figure, the residual report) are what is checked, faster in this process
+than through their command lines. The model they measure is imported from
+where it is defined, `fewbit_jax._models.roberta`.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import memory_table, residuals, roberta
+from benchmarks import memory_table, residuals
+from fewbit_jax._models import roberta
 from examples import char_gpt, mlp_digits, plot_activations
 
 ROWS = {r.name: r for r in memory_table.ROWS}

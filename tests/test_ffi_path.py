@@ -127,6 +127,8 @@ def test_env_var_sets_every_op(env, want, child_env):
 
 
 def test_bench_paths_rule():
+  # The subject is the benchmark's own rule (it writes _path.MEASURED), so the
+  # benchmark module is imported here, not a model of it.
   from benchmarks import bench_paths  # pylint: disable=g-import-not-at-top
   mib = 2**20
   assert bench_paths.choose(10 * mib, 12 * mib, 1.5) == "ffi"     # memory first

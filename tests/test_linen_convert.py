@@ -11,9 +11,9 @@ from fewbit_jax import memory
 from fewbit_jax.activations import CODES_NAME
 from fewbit_jax.patch import patch_activations
 
-from benchmarks import bench_convert as bc
+from fewbit_jax._models import plain as models
 
-CFG = bc.Config.tiny()
+CFG = models.Config.tiny()
 
 
 def _codes_bytes(f, *args):
@@ -21,16 +21,17 @@ def _codes_bytes(f, *args):
 
 
 # --------------------------------------------------------------------------
-# Whole transformers (the models of benchmarks/bench_convert.py)
+# Whole transformers (fewbit_jax._models.plain: benchmarks/bench_convert.py converts them)
 
 @pytest.fixture(scope="module")
 def linen_setup():
-  model = bc.LinenTransformer(CFG)
-  x, t = bc.data(CFG)
+  model = models.LinenTransformer(CFG)
+  x, t = models.data(CFG)
   variables = model.init(jax.random.key(0), x)
-  loss = lambda p, x, t, key: bc.mse(model.apply({"params": p}, x, rngs={"sketch": key}), t)
+  loss = lambda p, x, t, key: models.mse(model.apply({"params": p}, x, rngs={"sketch": key}),
+                                         t)
   step = jax.jit(jax.grad(loss))
-  grads = bc._kernels({"params": step(variables["params"], x, t, jax.random.key(1))})
+  grads = models.kernels({"params": step(variables["params"], x, t, jax.random.key(1))})
   temp = memory.compiled(jax.grad(loss), variables["params"], x, t, jax.random.key(1)).temp
   return dict(model=model, x=x, t=t, variables=variables, loss=loss, grads=grads, temp=temp,
               y=jax.jit(model.apply)(variables, x))
@@ -39,26 +40,27 @@ def linen_setup():
 def test_linen_transformer_intercepted(linen_setup):
   s = linen_setup
   model, x, t, params, loss = s["model"], s["x"], s["t"], s["variables"]["params"], s["loss"]
-  with bc.fb.linen.intercept(bc.LINEN_BLOCKS, proj_dim_ratio=0.5, warn_unused=False):
+  with fb.linen.intercept(models.LINEN_BLOCKS, proj_dim_ratio=0.5, warn_unused=False):
     inside = model.init(jax.random.key(0), x)  # parameters are untouched by interception
   assert jax.tree.structure(inside) == jax.tree.structure(s["variables"])
   assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(inside),
                                                     jax.tree.leaves(s["variables"])))
 
   def converted(*args):
-    with patch_activations(gelu=3), bc.fb.linen.intercept(bc.LINEN_BLOCKS,
+    with patch_activations(gelu=3), fb.linen.intercept(models.LINEN_BLOCKS,
                                                            proj_dim_ratio=0.5) as seen:
       out = jax.grad(loss)(*args)
     assert len(seen.converted) == 6 * CFG.layers and "/head" not in seen.converted
     return out
 
   def apply(v, x, key):
-    with patch_activations(gelu=3), bc.fb.linen.intercept(proj_dim_ratio=0.5):
+    with patch_activations(gelu=3), fb.linen.intercept(proj_dim_ratio=0.5):
       return model.apply(v, x, rngs={"sketch": key})
   assert bool(jnp.all(jax.jit(apply)(s["variables"], x, jax.random.key(2)) == s["y"]))
   step = jax.jit(converted)
-  samples = [bc._kernels({"params": step(params, x, t, jax.random.key(i))}) for i in range(8)]
-  cos = bc._cosines(s["grads"], samples)
+  samples = [models.kernels({"params": step(params, x, t, jax.random.key(i))})
+             for i in range(8)]
+  cos = models.cosines(s["grads"], samples)
   print("\nlinen per-layer cosine (1 step, mean of 8):",
         {k: (round(a, 3), round(b, 3)) for k, (a, b) in cos.items()})
   for path, (one, mean) in cos.items():
@@ -70,13 +72,13 @@ def test_linen_transformer_intercepted(linen_setup):
 def test_linen_intercept_errors(linen_setup):
   s = linen_setup
   with pytest.raises(ValueError, match="'sketch' rng stream"):
-    with bc.fb.linen.intercept(warn_unused=False):
+    with fb.linen.intercept(warn_unused=False):
       jax.eval_shape(s["model"].apply, s["variables"], s["x"])
   with pytest.warns(UserWarning, match="matched none of the dense layers called: /Block_0/down"):
-    with bc.fb.linen.intercept("/Blok_"):
+    with fb.linen.intercept("/Blok_"):
       jax.eval_shape(s["model"].apply, s["variables"], s["x"])
   with pytest.raises(ValueError, match="unknown sketch"):
-    with bc.fb.linen.intercept(sketch="gauss"):
+    with fb.linen.intercept(sketch="gauss"):
       pass
 
 
@@ -115,9 +117,9 @@ def test_linen_dense_general_and_swap_activations():
   assert _codes_bytes(lambda x: swapped.apply(v, x).sum(), x) > 0
 
   loss = lambda p, key: (net.apply({"params": p}, x, rngs={"sketch": key}) ** 2).sum()
-  g0 = bc._kernels({"params": jax.jit(jax.grad(loss))(v["params"], jax.random.key(0))})
+  g0 = models.kernels({"params": jax.jit(jax.grad(loss))(v["params"], jax.random.key(0))})
   with fb.linen.intercept(proj_dim_ratio=1.0, sketch="dct") as seen:
-    g1 = bc._kernels({"params": jax.jit(jax.grad(loss))(v["params"], jax.random.key(0))})
+    g1 = models.kernels({"params": jax.jit(jax.grad(loss))(v["params"], jax.random.key(0))})
   assert sorted(set(seen.converted)) == [f"/mlps_{i}/{n}" for i in range(2)
                                          for n in ("heads", "merge", "out")]
   for path, want in g0.items():

@@ -10,7 +10,8 @@ with flax's layers. The few-bit step must keep less per device (compiled
 temp bytes) and hold no collective beyond vanilla's (count and bytes of
 each kind), and its loss must be vanilla's. All of it runs in one child
 process (the device count is fixed when JAX starts). The models and the
-measurement are benchmarks/bench_mesh_defaults.py's, at a smaller size.
+measurement are benchmarks/bench_mesh_defaults.py's (`fewbit_jax._models.mesh_mlp`),
+at a smaller size.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 _SCRIPT = textwrap.dedent(r"""
   import json, sys
   import jax
-  from benchmarks import bench_mesh_defaults as bm
+  from fewbit_jax._models import mesh_mlp as bm
 
   assert jax.device_count() == 8, jax.devices()
   d, batch, seq = (int(a) for a in sys.argv[1:4])

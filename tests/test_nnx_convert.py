@@ -16,9 +16,9 @@ from fewbit_jax import memory
 from fewbit_jax.activations import CODES_NAME
 from fewbit_jax.patch import patch_activations
 
-from benchmarks import bench_convert as bc
+from fewbit_jax._models import plain as models
 
-CFG = bc.Config.tiny()
+CFG = models.Config.tiny()
 
 
 def _codes_bytes(f, *args):
@@ -26,18 +26,18 @@ def _codes_bytes(f, *args):
 
 
 # --------------------------------------------------------------------------
-# A whole transformer (the model of benchmarks/bench_convert.py)
+# A whole transformer (fewbit_jax._models.plain: benchmarks/bench_convert.py converts it)
 
 def _nnx_model(seed=0):
-  return bc.NnxTransformer(CFG, rngs=nnx.Rngs(seed))
+  return models.NnxTransformer(CFG, rngs=nnx.Rngs(seed))
 
 
 @pytest.fixture(scope="module")
 def nnx_vanilla():
   model = _nnx_model()
-  x, y = bc.data(CFG)
-  grads = bc._kernels(nnx.jit(bc.nnx_grads)(model, x, y))
-  temp = memory.compiled(nnx.jit(bc.nnx_grads), model, x, y).temp
+  x, y = models.data(CFG)
+  grads = models.kernels(nnx.jit(models.nnx_grads)(model, x, y))
+  temp = memory.compiled(nnx.jit(models.nnx_grads), model, x, y).temp
   return dict(y=nnx.jit(lambda m, x: m(x))(model, x), grads=grads, temp=temp, x=x, t=y)
 
 
@@ -47,7 +47,7 @@ def test_nnx_transformer_converted_in_place(nnx_vanilla):
   params = nnx.state(model, nnx.Param)
   objects = [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
   optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)  # state made before
-  out = bc.convert_nnx(model, ratio=0.5)
+  out = models.convert_nnx(model, ratio=0.5)
   assert out is model
   kinds = {p: type(m).__name__ for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
   assert sum(k == "RandomizedLinear" for k in kinds.values()) == 6 * CFG.layers
@@ -61,9 +61,9 @@ def test_nnx_transformer_converted_in_place(nnx_vanilla):
   patch = patch_activations(gelu=3)
   y = nnx.jit(patch(lambda m, x: m(x)))(model, x)
   assert bool(jnp.all(y == nnx_vanilla["y"]))  # forward bitwise unchanged
-  grads_fn = nnx.jit(patch(bc.nnx_grads))
-  samples = [bc._kernels(grads_fn(model, x, t)) for _ in range(8)]  # fresh sketch per call
-  cos = bc._cosines(nnx_vanilla["grads"], samples)
+  grads_fn = nnx.jit(patch(models.nnx_grads))
+  samples = [models.kernels(grads_fn(model, x, t)) for _ in range(8)]  # fresh sketch per call
+  cos = models.cosines(nnx_vanilla["grads"], samples)
   print("\nNNX per-layer cosine (1 step, mean of 8):",
         {k: (round(a, 3), round(b, 3)) for k, (a, b) in cos.items()})
   assert cos["/head"][0] > 0.999  # exact layer; only the GELU codes upstream differ
@@ -194,7 +194,7 @@ def test_linear_general_and_einsum_converted():
   fwd = nnx.jit(lambda m: m(x))
   y0 = fwd(model)
   grads = nnx.jit(lambda m: nnx.grad(lambda m: m(x).sum())(m))
-  g0 = bc._kernels(grads(model))
+  g0 = models.kernels(grads(model))
   objects = [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
   with pytest.warns(UserWarning, match="batch axes"):
     fb.nnx.map_module(model, lambda m, p: fb.nnx.convert_linear(
@@ -205,6 +205,6 @@ def test_linear_general_and_einsum_converted():
   assert type(model.batched) is nnx.LinearGeneral
   assert [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)] == objects
   assert bool(jnp.all(fwd(model) == y0))
-  g1 = bc._kernels(grads(model))
+  g1 = models.kernels(grads(model))
   for path in ("/qkv", "/out", "/proj"):  # exact at k = B with an orthogonal sketch
     np.testing.assert_allclose(g1[path], g0[path], rtol=1e-4, atol=1e-5, err_msg=path)

@@ -7,6 +7,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 import fewbit_jax as fb
 from fewbit_jax import memory
+from fewbit_jax._models import plain as models
 from fewbit_jax.activations import CODES_NAME
 from fewbit_jax.dense import SKETCH_NAME, randomized_dense
 from fewbit_jax.remat import checkpoint_policy
@@ -88,12 +89,11 @@ def test_policy_beats_plain_remat_and_fewbit_alone_in_compiled_temp():
   # XLA's CPU pipeline undoes remat unless its CSE barrier pass is off (see
   # fewbit_jax.remat): off for these compiles alone (fb.memory.KEEP_REMAT),
   # which measures as XLA_FLAGS set before JAX starts does.
-  from benchmarks import bench_convert as bc  # the rows of its remat table
-  cfg = bc.Config.tiny()
+  cfg = models.Config.tiny()  # the rows of benchmarks/bench_convert.py's remat table
   temp = {}
-  for name, fewbit, remat in bc.REMAT_ROWS:
+  for name, fewbit, remat in models.REMAT_ROWS:
     if name in _ROWS:
-      step, params, args, _ = bc.remat_step(cfg, fewbit, remat)
+      step, params, args, _ = models.remat_step(cfg, fewbit, remat)
       temp[name] = memory.compiled(step, params, *args, compiler_options=memory.KEEP_REMAT).temp
   ours = temp["few-bit + fb.checkpoint_policy()"]
   assert ours < temp["few-bit (3-bit GELU + randomized 20%)"]

@@ -1,10 +1,10 @@
 """Sharded and multi-process training with every fewbit feature on.
 
-The transformer stack of ``benchmarks/bench_sharding.py`` (few-bit GELU and
-randomized dense layers) is differentiated on 8 simulated CPU devices, data
-parallel, tensor parallel and both, under ``AxisType.Auto`` and
-``AxisType.Explicit`` meshes, on the FFI kernels (where built) and on the
-pure-JAX path. For each it checks that
+The transformer stack of ``benchmarks/bench_sharding.py``
+(`fewbit_jax._models.sharded`: few-bit GELU and randomized dense layers) is
+differentiated on 8 simulated CPU devices, data parallel, tensor parallel and
+both, under ``AxisType.Auto`` and ``AxisType.Explicit`` meshes, on the FFI
+kernels (where built) and on the pure-JAX path. For each it checks that
 
 * the loss and the gradients equal those of one device running the same
   block-diagonal sketch (up to float32 summation order), and the few-bit
@@ -124,7 +124,7 @@ _SCRIPT = textwrap.dedent(r"""
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
   import fewbit_jax as fb
   from fewbit_jax import ext
-  from benchmarks import bench_sharding as bs
+  from fewbit_jax._models import sharded as bs
 
   assert jax.device_count() == 8, jax.devices()
   cases = [c.split("-", 2) for c in json.loads(sys.argv[1])]
