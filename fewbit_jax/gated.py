@@ -130,7 +130,13 @@ def _fwd(plan: _Plan, gate, up):
 
 def _bwd(plan: _Plan, res, g):
   if plan.bits is None:
-    gate, up = res
+    # The barrier keeps XLA from merging the recomputed act(gate) and act'(gate)
+    # with the forward's act(gate) (common-subexpression elimination), which
+    # would keep act(gate) and its intermediates (the tanh GELU's tanh) from the
+    # forward pass: two more hidden-sized arrays than gate and up. With the
+    # cotangent inside it, the recomputation cannot be scheduled before the
+    # backward reaches this op (it would then be held instead).
+    gate, up, g = jax.lax.optimization_barrier((*res, g))
     a, da = _act_and_derivative(plan, gate)
     g32 = g.astype(a.dtype)
     return (g32 * up.astype(a.dtype) * da).astype(gate.dtype), (g32 * a).astype(up.dtype)
