@@ -25,6 +25,22 @@ With ``z = x @ kernel`` (soft-capped, ``z = cap * tanh(z / cap)``, when
 Products accumulate in float32 whatever the input dtype (bfloat16 inputs
 stay bfloat16 in the matmuls).
 
+A reduced loss (``reduction="sum"`` or ``"mean"``) has one number as its
+cotangent, so by default (``gradient="forward"``) its gradients are formed
+in the forward pass and kept: the tokens are walked in blocks of
+``token_block_size`` against the whole (local) vocabulary; each block's
+logits give its loss, its ``softmax - target`` (the log-sum-exp of a token
+needs all of its row, so blocking the tokens, not the vocabulary, lets one
+pass form the exact ``dz``), its rows of ``dx`` and its share of
+``dkernel`` (a float32 sum over blocks). The backward only scales the two by
+the cotangent. The matmuls are optax's three (the logits, ``dx``,
+``dkernel``), where the recompute mode pays a fourth, and the residuals are
+the two gradients (``x``'s and the kernel's sizes, named `GRAD_NAME`) and
+one float32 loss per token. A block of the vocabulary cannot be finished
+before the token's whole row is seen (``dz`` needs ``1 / sum exp``, which
+rescales ``dx`` but not ``dkernel``'s sum over tokens), hence the token
+blocks; their logits, ``token_block_size x V`` float32, are the transient.
+
 Sharded inputs: on an ``AxisType.Explicit`` mesh the function reads how
 ``x``'s tokens and ``kernel``'s vocabulary are sharded from their types and
 runs each device on its own shard (``jax.shard_map``): a vocabulary-sharded
@@ -523,6 +539,20 @@ def linear_softmax_cross_entropy(x, kernel, labels, *, kernel_layout: str = "dv"
   (``a`` = label_smoothing, as optax's ``smooth_labels``; ``c`` = z_loss;
   ``w`` the token's weight, 0 where ignored).
 
+  Two ways to the gradients: ``gradient="recompute"`` (the default for the
+  per-token loss) keeps the per-token log-sum-exp and recomputes the logits
+  in the backward, a block of ``block_size`` vocabulary columns at a time
+  (four matmuls of ``2 N D V`` flops where optax has three; the least
+  memory: the gradients are written straight into their outputs).
+  ``gradient="forward"`` (the default for ``reduction="sum"``/``"mean"``,
+  and only for those: it needs one cotangent for the whole loss) forms the
+  gradients in the forward pass, ``token_block_size`` tokens at a time
+  against the whole vocabulary, and keeps them until the backward scales
+  them by the cotangent: optax's three matmuls, and ``x``'s and the
+  kernel's sizes kept in float32 for the kernel (`GRAD_NAME`), no logits.
+  For a reduced loss, reduce here rather than after: ``reduction="mean"``
+  rather than ``.mean()`` of the per-token loss.
+
   Args:
     x: the last hidden state, (..., D), floating point (bfloat16 stays
       bfloat16 in the matmuls; sums are float32).
@@ -542,9 +572,19 @@ def linear_softmax_cross_entropy(x, kernel, labels, *, kernel_layout: str = "dv"
       gradient.
     ignore_index: tokens whose label equals it have loss 0 and no gradient
       (e.g. -100, or the padding id).
-    block_size: vocabulary columns per block (default: about 2**19 logits
-      per block, 128 to 8192 columns). It need not divide V: the remainder
-      is one last, smaller block.
+    reduction: ``"none"`` (default): the per-token loss, x's leading shape;
+      ``"sum"``: the weighted sum over tokens, one float32 number;
+      ``"mean"``: that sum divided by the sum of the weights (the number of
+      tokens not ignored when no weights are given; 0 when every token is
+      ignored).
+    gradient: ``"recompute"`` or ``"forward"`` (see above); None: ``"forward"``
+      for a reduced loss, ``"recompute"`` for the per-token loss.
+    block_size: vocabulary columns per block of the recompute mode (default:
+      about 2**19 logits per block, 128 to 8192 columns). It need not divide
+      V: the remainder is one last, smaller block.
+    token_block_size: tokens per block of the forward mode (default: about
+      2**20 logits per block, at least one token). It need not divide the
+      tokens.
     precision: ``lax.dot_general`` precision of the matmuls.
     token_axis, vocab_axis: under an ``AxisType.Auto`` mesh (``jax.set_mesh``),
       the mesh axis name(s) over which x's first axis and the kernel's
@@ -553,7 +593,8 @@ def linear_softmax_cross_entropy(x, kernel, labels, *, kernel_layout: str = "dv"
       ``AxisType.Explicit`` mesh both are read from the arrays' types.
 
   Returns:
-    The per-token loss, shape (...), float32 (float64 for float64 inputs).
+    The per-token loss, shape (...), float32 (float64 for float64 inputs);
+    with ``reduction="sum"``/``"mean"`` one number of that dtype.
 
   Raises:
     TypeError: for non-float x or kernel, or non-integer labels.
@@ -575,6 +616,13 @@ def linear_softmax_cross_entropy(x, kernel, labels, *, kernel_layout: str = "dv"
     ...     x, t, labels, kernel_layout="vd", ignore_index=-100).mean(), (0, 1))(x, table)
     >>> dt.shape
     (50, 16)
+    >>> mean = lambda x, t: fb.linear_softmax_cross_entropy(  # gradients in the forward pass
+    ...     x, t, labels, kernel_layout="vd", ignore_index=-100, reduction="mean")
+    >>> bool(jnp.allclose(mean(x, table), ref[keep].mean(), atol=1e-5))
+    True
+    >>> dx2, dt2 = jax.grad(mean, (0, 1))(x, table)
+    >>> bool(jnp.allclose(dt2, dt * 4 / 3, atol=1e-6))   # .mean() above counted the ignored token
+    True
   """
   x, kernel, labels = jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(labels)
   _check(x, kernel, labels, kernel_layout)
