@@ -188,18 +188,28 @@ def loss_fn(model: Decoder, tokens):
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-def fused_loss_fn(model: Decoder, tokens, block_size: int | None = None):
+def fused_loss_fn(model: Decoder, tokens, block_size: int | None = None,
+                  gradient: str = "recompute", token_block_size: int | None = None):
   """`loss_fn` with the fused loss head: no logits, no transposed embedding table.
 
   The model returns its last hidden state and
   `fewbit_jax.linear_softmax_cross_entropy` computes the loss from it and
-  the tied ``[V, D]`` embedding table (``kernel_layout="vd"``), blocks of
-  the vocabulary at a time (``block_size`` columns; None: the op's default).
+  the tied ``[V, D]`` embedding table (``kernel_layout="vd"``). With
+  ``gradient="recompute"`` the per-token loss is averaged here and the
+  backward recomputes the logits, ``block_size`` vocabulary columns at a
+  time; with ``gradient="forward"`` the op returns the mean itself
+  (``reduction="mean"``) and forms its gradients in the forward pass,
+  ``token_block_size`` tokens at a time (None: the op's defaults).
   Equal to `loss_fn` up to float rounding.
   """
   import fewbit_jax as fb  # the benchmark's converted rows only; the model knows nothing of it
   hidden = model(tokens[:, :-1], return_hidden=True)
-  return fb.linear_softmax_cross_entropy(hidden, model.embedder.embedding[...], tokens[:, 1:],
+  table = model.embedder.embedding[...]
+  if gradient == "forward":
+    return fb.linear_softmax_cross_entropy(hidden, table, tokens[:, 1:], kernel_layout="vd",
+                                           reduction="mean", gradient="forward",
+                                           token_block_size=token_block_size)
+  return fb.linear_softmax_cross_entropy(hidden, table, tokens[:, 1:],
                                          kernel_layout="vd", block_size=block_size).mean()
 
 

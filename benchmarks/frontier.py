@@ -21,11 +21,16 @@ family compute it with the fused loss head instead: the model returns its
 last hidden state (``return_hidden=True``, the one change) and
 ``fb.linear_softmax_cross_entropy(h, embedding, labels, kernel_layout="vd")``
 gives the loss with no logits and no transposed table
-(`benchmarks.decoder.fused_loss_fn`); ``gated=False`` rows leave the gated
+(`benchmarks.decoder.fused_loss_fn`): either per token, the backward
+recomputing the logits ("fused loss"), or reduced to the mean with the
+gradients formed in the forward pass (``gradient="forward"``, "grad in
+fwd": optax's flops); ``gated=False`` rows leave the gated
 MLP to the activation patch instead of `fewbit_jax.gated`. XLA's
 ``cost_analysis`` counts a loop's body once, so the flops of the fused rows
 are those of the same step with the vocabulary in one block plus the
-backward's recomputation of the logits (`fused_head_recompute_flops`).
+backward's recomputation of the logits (`fused_head_recompute_flops`), and
+of the "grad in fwd" rows those of the same step with the tokens in one
+block (no loop, nothing recomputed).
 
 Columns: the compiled temp memory of ``jax.value_and_grad`` of the loss
 (``memory_analysis().temp_size_in_bytes``), the saving against vanilla, the
@@ -205,12 +210,17 @@ def decoder_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
   for p in JAX_POLICIES:
     rows.append(("jax", f"nnx.remat {SHORT[p]}", functools.partial(
         lambda p: _decoder_functional(model(remat_policy=getattr(CP, p)), tokens), p)))
+  fused = dec.fused_loss_fn  # the backward recomputes the logits
+  fused_fwd = functools.partial(dec.fused_loss_fn, gradient="forward")  # gradients in the forward
   for exact in (True, False):
     family = "exact" if exact else "approximate"
-    # The conversion as before (optax's loss on the logits, the gated MLP not
-    # recognised), the fused loss head, the gated MLP recognised, then remat.
-    variants = [(None, dec.loss_fn, False), (None, dec.fused_loss_fn, False)]
-    variants += [(policy, dec.fused_loss_fn, True) for policy in (None, "lean", *JAX_POLICIES)]
+    # The conversion with optax's loss on the logits, the fused loss head
+    # (recompute, then gradient in the forward pass), the gated MLP left to
+    # the activation patch or recognised, then remat under each policy.
+    variants = [(None, dec.loss_fn, False), (None, fused, False), (None, fused, True),
+                (None, fused_fwd, False), (None, fused_fwd, True)]
+    variants += [(policy, fused, True) for policy in ("lean", "nothing_saveable")]
+    variants += [(policy, fused_fwd, True) for policy in ("lean", *JAX_POLICIES)]
     for policy, loss_fn, gated in variants:
       def build(exact=exact, policy=policy, loss_fn=loss_fn, gated=gated):
         def case(loss_fn):
@@ -220,15 +230,19 @@ def decoder_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
             return _decoder_nnx_jit(converted, tokens, loss_fn)
           return _decoder_functional(converted, tokens, loss_fn)
         out = case(loss_fn)
-        if loss_fn is dec.fused_loss_fn:  # the flops with the vocabulary in one block
+        if loss_fn is fused:  # the flops with the vocabulary in one block
           whole = functools.partial(dec.fused_loss_fn, block_size=cfg.vocab_size)
           out.flops_compiled = case(whole).compiled
           out.flops_extra = fused_head_recompute_flops(batch * seq, cfg.embed_dim,
                                                        cfg.vocab_size)
+        elif loss_fn is fused_fwd:  # the flops with the tokens in one block: no loop
+          whole = functools.partial(fused_fwd, token_block_size=batch * seq)
+          out.flops_compiled = case(whole).compiled
         return out
       opts = "" if gated else ", gated=False"
       opts += "" if policy is None else f", remat=True, policy={SHORT[policy]}"
-      head = "fused loss" if loss_fn is dec.fused_loss_fn else "optax loss"
+      head = {fused: "fused loss", fused_fwd: "fused loss (grad in fwd)"}.get(loss_fn,
+                                                                          "optax loss")
       rows.append((family, f"fb.nnx.convert(exact={exact}{opts}) + {head}", build))
   return rows
 
@@ -294,6 +308,8 @@ def roberta_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
 
 RESIDUAL_CASES = (
     ("exact, no remat", dict(exact=True)),
+    ("exact, remat dots_no_batch", dict(exact=True, remat=True,
+                                        policy="dots_with_no_batch_dims_saveable")),
     ("exact, remat nothing", dict(exact=True, remat=True, policy="nothing_saveable")),
     ("approximate, no remat", dict(exact=False)),
 )
@@ -301,6 +317,9 @@ RESIDUAL_CASES = (
 
 def decoder_residuals(full: bool, top: int = 8) -> list[str]:
   """The largest arrays the converted decoder's backward still keeps, with the fused loss.
+
+  The loss forms its gradients in the forward pass (``gradient="forward"``,
+  the rows at flops <= 1.02x).
 
   For each of `RESIDUAL_CASES` (``fb.nnx.convert`` options), by
   ``fb.memory.saved_residuals`` of `benchmarks.decoder.fused_loss_fn`
@@ -317,7 +336,7 @@ def decoder_residuals(full: bool, top: int = 8) -> list[str]:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     def loss(p, key):
       with fb.nnx.step_keys(key):
-        return dec.fused_loss_fn(nnx.merge(graphdef, p, rest), tokens)
+        return dec.fused_loss_fn(nnx.merge(graphdef, p, rest), tokens, gradient="forward")
     report = fb.memory.saved_residuals(loss, params, jax.random.key(1))
     groups: dict[tuple, list] = {}  # the same array in every layer: one line, counted
     for r in report.residuals:

@@ -17,7 +17,10 @@ and keeps, by mode (``H`` = one hidden-sized array in the input dtype):
 * exact (default): ``gate`` and ``up`` (2 H); ``act`` and ``act'`` are
   recomputed from ``gate`` in the backward with jax's own derivative, in
   float32 for bfloat16/float16 inputs (differentiable again: a grad of a
-  grad works).
+  grad works). The recomputation sits behind an optimization barrier that
+  holds the cotangent too, so that XLA neither merges it with the forward's
+  ``act(gate)`` (which would keep ``act(gate)`` and the tanh GELU's tanh from
+  the forward pass) nor runs it before the backward reaches the op.
 * few-bit (``bits=b``): a b-bit code of ``gate`` (``act'`` from the optimal
   ``2**b``-level table of `fewbit_jax.table`, exact at 1 bit for ReLU),
   ``up`` and the output ``h = act(gate) * up`` itself; ``act(gate)`` is
@@ -130,7 +133,13 @@ def _fwd(plan: _Plan, gate, up):
 
 def _bwd(plan: _Plan, res, g):
   if plan.bits is None:
-    gate, up = res
+    # The barrier keeps XLA from merging the recomputed act(gate) and act'(gate)
+    # with the forward's act(gate) (common-subexpression elimination), which
+    # would keep act(gate) and its intermediates (the tanh GELU's tanh) from the
+    # forward pass: two more hidden-sized arrays than gate and up. With the
+    # cotangent inside it, the recomputation cannot be scheduled before the
+    # backward reaches this op (it would then be held instead).
+    gate, up, g = jax.lax.optimization_barrier((*res, g))
     a, da = _act_and_derivative(plan, gate)
     g32 = g.astype(a.dtype)
     return (g32 * up.astype(a.dtype) * da).astype(gate.dtype), (g32 * a).astype(up.dtype)

@@ -25,6 +25,22 @@ With ``z = x @ kernel`` (soft-capped, ``z = cap * tanh(z / cap)``, when
 Products accumulate in float32 whatever the input dtype (bfloat16 inputs
 stay bfloat16 in the matmuls).
 
+A reduced loss (``reduction="sum"`` or ``"mean"``) has one number as its
+cotangent, so by default (``gradient="forward"``) its gradients are formed
+in the forward pass and kept: the tokens are walked in blocks of
+``token_block_size`` against the whole (local) vocabulary; each block's
+logits give its loss, its ``softmax - target`` (the log-sum-exp of a token
+needs all of its row, so blocking the tokens, not the vocabulary, lets one
+pass form the exact ``dz``), its rows of ``dx`` and its share of
+``dkernel`` (a float32 sum over blocks). The backward only scales the two by
+the cotangent. The matmuls are optax's three (the logits, ``dx``,
+``dkernel``), where the recompute mode pays a fourth, and the residuals are
+the two gradients (``x``'s and the kernel's sizes, named `GRAD_NAME`) and
+one float32 loss per token. A block of the vocabulary cannot be finished
+before the token's whole row is seen (``dz`` needs ``1 / sum exp``, which
+rescales ``dx`` but not ``dkernel``'s sum over tokens), hence the token
+blocks; their logits, ``token_block_size x V`` float32, are the transient.
+
 Sharded inputs: on an ``AxisType.Explicit`` mesh the function reads how
 ``x``'s tokens and ``kernel``'s vocabulary are sharded from their types and
 runs each device on its own shard (``jax.shard_map``): a vocabulary-sharded
@@ -68,11 +84,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fewbit_jax import _mesh
 
-__all__ = ["linear_softmax_cross_entropy", "LSE_NAME"]
+__all__ = ["linear_softmax_cross_entropy", "LSE_NAME", "GRAD_NAME"]
 
 # checkpoint_name of the per-token statistics kept for the backward pass
 # (log-sum-exp and the unweighted loss: float32, one number per token each).
 LSE_NAME = "fused_loss_lse"
+# checkpoint_name of the gradients w.r.t. x and the kernel that
+# ``gradient="forward"`` forms in the forward pass (x's and the kernel's sizes).
+GRAD_NAME = "fused_loss_grads"
 
 # Default vocabulary block: about this many logits (tokens x block columns)
 # at once, a multiple of 128 columns, between 128 and 8192 (see
@@ -80,6 +99,11 @@ LSE_NAME = "fused_loss_lse"
 # V = 32768, blocks of about 2**19 logits were fastest).
 _BLOCK_ELEMENTS = 1 << 19
 _BLOCK_MIN, _BLOCK_MAX = 128, 8192
+# Gradient-in-forward mode: tokens per block, about this many logits (tokens
+# x the whole local vocabulary) at once, at least 1 token.
+_TOKEN_BLOCK_ELEMENTS = 1 << 20
+_REDUCTIONS = ("none", "sum", "mean")
+_GRADIENTS = ("forward", "recompute")
 _LAYOUTS = ("dv", "vd")
 
 
@@ -96,6 +120,7 @@ class _Plan:
   vocab_axes: tuple  # mesh axes the vocabulary is split over (inside shard_map), or ()
   precision: Any
   out_dtype: Any
+  token_block: int = 0  # tokens per block of the gradient-in-forward mode
 
   @property
   def blocks(self) -> tuple[int, int]:
@@ -274,6 +299,125 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 # --------------------------------------------------------------------------
+# Gradient in the forward pass (a reduced loss: the cotangent is one number).
+
+
+def _chunk_grads(plan: _Plan, xs, kernel, ys, ws):
+  """One block of tokens against the whole (local) vocabulary.
+
+  Returns (lse, ce, dx, dk): the per-token log-sum-exp and unweighted loss,
+  and the gradients of ``sum(ws * ce)`` w.r.t. this block's ``xs`` (float32,
+  a partial sum over the vocabulary shards when sharded) and the kernel
+  (float32, this block's contribution).
+  """
+  local = ys - _vocab_offset(plan)
+  z, dcap = _logits(plan, xs, kernel)  # (T, V_local) float32
+  m = z.max(axis=1)
+  if plan.vocab_axes:
+    m = lax.pmax(m, plan.vocab_axes)
+  e = jnp.exp(z - m[:, None])
+  l = e.sum(axis=1)
+  hit = local[:, None] == lax.broadcasted_iota(jnp.int32, z.shape, 1)
+  zy = jnp.where(hit, z, 0).sum(axis=1)
+  a = plan.label_smoothing
+  zs = z.sum(axis=1) if a else None
+  if plan.vocab_axes:
+    l, zy = lax.psum((l, zy), plan.vocab_axes)
+    if a:
+      zs = lax.psum(zs, plan.vocab_axes)
+  lse = m + jnp.log(l)
+  ce = lse - (1 - a) * zy
+  if a:
+    ce = ce - (a / plan.vocab_total) * zs
+  if plan.z_loss:
+    ce = ce + plan.z_loss * lse * lse
+  # dz = w (p (1 + 2 c lse) - (1 - a) onehot - a / V), times 1 - (z/cap)^2.
+  scale = ws / l
+  if plan.z_loss:
+    scale = scale * (1 + 2 * plan.z_loss * lse)
+  dz = e * scale[:, None] - jnp.where(hit, (1 - a) * ws[:, None], 0)
+  if a:
+    dz = dz - (a / plan.vocab_total) * ws[:, None]
+  if dcap is not None:
+    dz = dz * dcap
+  dz = dz.astype(xs.dtype)
+  if plan.layout == "dv":
+    dx = lax.dot_general(dz, kernel, (((1,), (1,)), ((), ())), precision=plan.precision,
+                         preferred_element_type=jnp.float32)  # (T, V) . (D, V) -> (T, D)
+    dk = lax.dot_general(xs, dz, (((0,), (0,)), ((), ())), precision=plan.precision,
+                         preferred_element_type=jnp.float32)  # (T, D) . (T, V) -> (D, V)
+  else:
+    dx = lax.dot_general(dz, kernel, (((1,), (0,)), ((), ())), precision=plan.precision,
+                         preferred_element_type=jnp.float32)  # (T, V) . (V, D) -> (T, D)
+    dk = lax.dot_general(dz, xs, (((0,), (0,)), ((), ())), precision=plan.precision,
+                         preferred_element_type=jnp.float32)  # (T, V) . (T, D) -> (V, D)
+  return lse, ce, dx, dk
+
+
+def _forward_with_grads(plan: _Plan, x, kernel, labels, weight):
+  """(ce, dx, dkernel): per-token loss, and the gradients of ``sum(weight * ce)``.
+
+  Tokens in blocks of ``plan.token_block`` (a scan, the remainder as one
+  last smaller block), each against the whole (local) vocabulary: the
+  block's logits are formed once and give its loss, ``dx`` and its share of
+  ``dkernel`` (accumulated in float32), so the matmuls are optax's three.
+  """
+  n, d = x.shape
+  t = min(plan.token_block, n)
+  full, rest = divmod(n, t)
+  dk = _varying_like(jnp.zeros(kernel.shape, jnp.float32), x, kernel, labels, weight)
+  ces, dxs = [], []
+  if full:
+    def body(dk, blk):
+      xs, ys, ws = blk
+      _, ce, dx, dk_blk = _chunk_grads(plan, xs, kernel, ys, ws)
+      return dk + dk_blk, (ce, dx.astype(x.dtype))
+    blocks = (x[:full * t].reshape(full, t, d), labels[:full * t].reshape(full, t),
+              weight[:full * t].reshape(full, t))
+    dk, (ce, dx) = lax.scan(body, dk, blocks)
+    ces.append(ce.reshape(-1))
+    dxs.append(dx.reshape(-1, d))
+  if rest:
+    _, ce, dx, dk_blk = _chunk_grads(plan, x[full * t:], kernel, labels[full * t:],
+                                     weight[full * t:])
+    dk = dk + dk_blk
+    ces.append(ce)
+    dxs.append(dx.astype(x.dtype))
+  ce = ces[0] if len(ces) == 1 else jnp.concatenate(ces)
+  dx = dxs[0] if len(dxs) == 1 else jnp.concatenate(dxs)
+  return ce, dx, dk.astype(kernel.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core_sum(plan: _Plan, x, kernel, labels, weight):
+  """``sum(weight * ce)`` over this device's tokens, its gradients formed in the forward pass."""
+  lse, ce = _forward(plan, x, kernel, labels)
+  del lse
+  return jnp.sum(weight * ce).astype(plan.out_dtype)
+
+
+def _core_sum_fwd(plan, x, kernel, labels, weight):
+  ce, dx, dk = _forward_with_grads(plan, x, kernel, labels, weight)
+  dx, dk = checkpoint_name((dx, dk), GRAD_NAME)
+  ce = checkpoint_name(ce, LSE_NAME)
+  # Empty slices: no bytes, but the manual-axes types the cotangents must take.
+  types = (x[:0, :0], kernel[:0, :0], weight[:0])
+  return jnp.sum(weight * ce).astype(plan.out_dtype), (dx, dk, ce, types)
+
+
+def _core_sum_bwd(plan, res, g):
+  dx, dk, ce, (x, kernel, weight) = res
+  g = g.astype(jnp.float32)
+  dx = _mesh.like_primal((g * dx.astype(jnp.float32)).astype(x.dtype), x)
+  dk = _mesh.like_primal((g * dk.astype(jnp.float32)).astype(kernel.dtype), kernel)
+  dweight = _mesh.like_primal((g * ce).astype(weight.dtype), weight)
+  return dx, dk, None, dweight
+
+
+_core_sum.defvjp(_core_sum_fwd, _core_sum_bwd)
+
+
+# --------------------------------------------------------------------------
 # The public function: checks and the plan, once.
 
 
@@ -319,6 +463,41 @@ def _check(x, kernel, labels, kernel_layout):
                      f"token); got {labels.shape}.")
 
 
+def _default_token_block(tokens: int, vocab: int) -> int:
+  return max(1, min(tokens, _TOKEN_BLOCK_ELEMENTS // max(vocab, 1)))
+
+
+def _check_mode(reduction, gradient, block_size, token_block_size):
+  """The gradient mode (``"forward"`` or ``"recompute"``) for these options, or a clear error."""
+  if reduction not in _REDUCTIONS:
+    raise ValueError(f"reduction must be 'none' (the per-token loss), 'sum' or 'mean' (one "
+                     f"number: the weighted sum, or it divided by the sum of the weights); got "
+                     f"{reduction!r}.")
+  if gradient is not None and gradient not in _GRADIENTS:
+    raise ValueError(f"gradient must be 'forward' (the gradients formed in the forward pass, "
+                     f"needs reduction='sum' or 'mean'), 'recompute' (the backward recomputes "
+                     f"the logits) or None (the default for the reduction); got {gradient!r}.")
+  if gradient is None:
+    gradient = "recompute" if reduction == "none" else "forward"
+  if gradient == "forward" and reduction == "none":
+    raise ValueError("gradient='forward' forms the gradients in the forward pass, which needs "
+                     "one cotangent for the whole loss: pass reduction='sum' or 'mean' (and "
+                     "reduce nothing after it), or gradient='recompute' for the per-token loss.")
+  if token_block_size is not None:
+    if (not isinstance(token_block_size, (int, np.integer)) or isinstance(token_block_size, bool)
+        or token_block_size < 1):
+      raise ValueError(f"token_block_size must be a positive int (tokens per block) or None for "
+                       f"the default; got {token_block_size!r}.")
+    if gradient != "forward":
+      raise ValueError("token_block_size is the token block of gradient='forward'; the "
+                       "recompute mode blocks the vocabulary: pass block_size= instead.")
+  if block_size is not None and gradient == "forward":
+    raise ValueError("block_size is the vocabulary block of gradient='recompute'; "
+                     "gradient='forward' takes blocks of tokens against the whole vocabulary: "
+                     "pass token_block_size= instead.")
+  return gradient
+
+
 def _check_options(soft_cap, label_smoothing, z_loss, block_size):
   if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and soft_cap > 0):
     raise ValueError(f"soft_cap must be a positive number (Gemma 2 uses 30.0) or None; got "
@@ -341,7 +520,9 @@ def linear_softmax_cross_entropy(x, kernel, labels, *, kernel_layout: str = "dv"
                                  soft_cap: float | None = None, label_smoothing: float = 0.0,
                                  z_loss: float = 0.0, weights=None, where=None,
                                  ignore_index: int | None = None,
-                                 block_size: int | None = None, precision=None,
+                                 reduction: str = "none", gradient: str | None = None,
+                                 block_size: int | None = None,
+                                 token_block_size: int | None = None, precision=None,
                                  token_axis=None, vocab_axis=None):
   r"""Per-token softmax cross-entropy of ``x @ kernel`` without materialising the logits.
 
@@ -357,6 +538,20 @@ def linear_softmax_cross_entropy(x, kernel, labels, *, kernel_layout: str = "dv"
 
   (``a`` = label_smoothing, as optax's ``smooth_labels``; ``c`` = z_loss;
   ``w`` the token's weight, 0 where ignored).
+
+  Two ways to the gradients: ``gradient="recompute"`` (the default for the
+  per-token loss) keeps the per-token log-sum-exp and recomputes the logits
+  in the backward, a block of ``block_size`` vocabulary columns at a time
+  (four matmuls of ``2 N D V`` flops where optax has three; the least
+  memory: the gradients are written straight into their outputs).
+  ``gradient="forward"`` (the default for ``reduction="sum"``/``"mean"``,
+  and only for those: it needs one cotangent for the whole loss) forms the
+  gradients in the forward pass, ``token_block_size`` tokens at a time
+  against the whole vocabulary, and keeps them until the backward scales
+  them by the cotangent: optax's three matmuls, and ``x``'s and the
+  kernel's sizes kept in float32 for the kernel (`GRAD_NAME`), no logits.
+  For a reduced loss, reduce here rather than after: ``reduction="mean"``
+  rather than ``.mean()`` of the per-token loss.
 
   Args:
     x: the last hidden state, (..., D), floating point (bfloat16 stays
@@ -377,9 +572,19 @@ def linear_softmax_cross_entropy(x, kernel, labels, *, kernel_layout: str = "dv"
       gradient.
     ignore_index: tokens whose label equals it have loss 0 and no gradient
       (e.g. -100, or the padding id).
-    block_size: vocabulary columns per block (default: about 2**19 logits
-      per block, 128 to 8192 columns). It need not divide V: the remainder
-      is one last, smaller block.
+    reduction: ``"none"`` (default): the per-token loss, x's leading shape;
+      ``"sum"``: the weighted sum over tokens, one float32 number;
+      ``"mean"``: that sum divided by the sum of the weights (the number of
+      tokens not ignored when no weights are given; 0 when every token is
+      ignored).
+    gradient: ``"recompute"`` or ``"forward"`` (see above); None: ``"forward"``
+      for a reduced loss, ``"recompute"`` for the per-token loss.
+    block_size: vocabulary columns per block of the recompute mode (default:
+      about 2**19 logits per block, 128 to 8192 columns). It need not divide
+      V: the remainder is one last, smaller block.
+    token_block_size: tokens per block of the forward mode (default: about
+      2**20 logits per block, at least one token). It need not divide the
+      tokens.
     precision: ``lax.dot_general`` precision of the matmuls.
     token_axis, vocab_axis: under an ``AxisType.Auto`` mesh (``jax.set_mesh``),
       the mesh axis name(s) over which x's first axis and the kernel's
@@ -388,7 +593,8 @@ def linear_softmax_cross_entropy(x, kernel, labels, *, kernel_layout: str = "dv"
       ``AxisType.Explicit`` mesh both are read from the arrays' types.
 
   Returns:
-    The per-token loss, shape (...), float32 (float64 for float64 inputs).
+    The per-token loss, shape (...), float32 (float64 for float64 inputs);
+    with ``reduction="sum"``/``"mean"`` one number of that dtype.
 
   Raises:
     TypeError: for non-float x or kernel, or non-integer labels.
@@ -410,10 +616,18 @@ def linear_softmax_cross_entropy(x, kernel, labels, *, kernel_layout: str = "dv"
     ...     x, t, labels, kernel_layout="vd", ignore_index=-100).mean(), (0, 1))(x, table)
     >>> dt.shape
     (50, 16)
+    >>> mean = lambda x, t: fb.linear_softmax_cross_entropy(  # gradients in the forward pass
+    ...     x, t, labels, kernel_layout="vd", ignore_index=-100, reduction="mean")
+    >>> bool(jnp.allclose(mean(x, table), ref[keep].mean(), atol=1e-5))
+    True
+    >>> dx2, dt2 = jax.grad(mean, (0, 1))(x, table)
+    >>> bool(jnp.allclose(dt2, dt * 4 / 3, atol=1e-6))   # .mean() above counted the ignored token
+    True
   """
   x, kernel, labels = jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(labels)
   _check(x, kernel, labels, kernel_layout)
   _check_options(soft_cap, label_smoothing, z_loss, block_size)
+  gradient = _check_mode(reduction, gradient, block_size, token_block_size)
   lead = x.shape[:-1]
   out_dtype = jnp.promote_types(jnp.result_type(x, kernel), jnp.float32)
   weight = jnp.ones(lead, jnp.float32) if weights is None else jnp.asarray(weights)
@@ -477,25 +691,45 @@ def linear_softmax_cross_entropy(x, kernel, labels, *, kernel_layout: str = "dv"
     vocab_axes, local_tokens, local_vocab = (), tokens, vocab
   block = _default_block(local_tokens, local_vocab) if block_size is None else \
       min(int(block_size), local_vocab)
+  token_block = _default_token_block(local_tokens, local_vocab) if token_block_size is None \
+      else int(token_block_size)
   plan = _Plan(vocab=local_vocab, vocab_total=vocab, block=max(block, 1),
                layout=kernel_layout, soft_cap=None if soft_cap is None else float(soft_cap),
                label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-               vocab_axes=vocab_axes, precision=precision, out_dtype=out_dtype)
+               vocab_axes=vocab_axes, precision=precision, out_dtype=out_dtype,
+               token_block=token_block)
 
   def run(x, kernel, labels, weight):
     lead = x.shape[:-1]
     d = x.shape[-1]
-    out = _core(plan, x.reshape(-1, d), kernel, labels.reshape(-1), weight.reshape(-1))
-    return out.reshape(lead)
+    args = (x.reshape(-1, d), kernel, labels.reshape(-1), weight.reshape(-1))
+    if gradient == "recompute":
+      out = _core(plan, *args).reshape(lead)
+      if reduction == "none":
+        return out
+      total = out.sum()
+    else:
+      total = _core_sum(plan, *args)
+    # This device's tokens: summed over the token shards.
+    varying = tuple(sorted(jax.typeof(total).mat.varying))
+    return lax.psum(total, varying) if varying else total
 
+  def finish(total):
+    if reduction != "mean":
+      return total
+    count = weight.sum(dtype=jnp.float32)  # every token ignored: 0 / 1, no NaN
+    return (total / jnp.where(count == 0, 1, count).astype(total.dtype))
+
+  t_spec = P(*x_spec[:-1]) if mesh is not None else None
   if mesh is None:
     with jax.named_scope("linear_softmax_cross_entropy"):
-      return run(x, kernel, labels, weight)
-  t_spec = P(*x_spec[:-1])
+      return finish(run(x, kernel, labels, weight))
   specs = (P(*x_spec), P(*k_spec), t_spec, t_spec)
   if _mesh.explicit_axes(mesh):
     x, kernel, labels, weight = (jax.sharding.reshard(a, NamedSharding(mesh, s))
                                  for a, s in zip((x, kernel, labels, weight), specs))
   with jax.named_scope("linear_softmax_cross_entropy"):
-    return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=t_spec)(
+    out = jax.shard_map(run, mesh=mesh, in_specs=specs,
+                        out_specs=t_spec if reduction == "none" else P())(
         x, kernel, labels, weight)
+    return finish(out)

@@ -250,6 +250,45 @@ def test_gated_approximate_exact_product_with_randomized_down():
   assert "/layers/0/mlp/down_proj" in done.linear
 
 
+def test_gated_mlp_recognised_keeps_no_more_compiled_than_gated_false():
+  """XLA's temp bytes of two stacked gated MLPs' gradient: recognised <= left to the patch.
+
+  The exact backward recomputes act(gate) and act'(gate) from gate; without
+  a barrier XLA merged that recomputation with the forward's act(gate) and
+  kept it and the tanh GELU's tanh from the forward pass (one to two
+  hidden-sized arrays per MLP more than ``gated=False``). With the remat
+  barriers kept (the CSE barrier pass off, as for every remat row on the CPU).
+  """
+  exact = True
+  cfg = D.DecoderConfig(embed_dim=64, hidden_dim=512)
+
+  class Two(nnx.Module):
+    def __init__(self):
+      self.mlps = nnx.List([D.FeedForward(cfg, rngs=nnx.Rngs(i)) for i in range(2)])
+
+    def __call__(self, x):
+      for mlp in self.mlps:
+        x = x + mlp(x)
+      return x
+
+  x = jax.random.normal(jax.random.key(0), (4, 128, 64))
+  keep_barriers = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+  def temp(gated):
+    model = fb.nnx.convert(Two(), exact=exact, gated=gated, rngs=nnx.Rngs(sketch=0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p, x, key):
+      with fb.nnx.step_keys(key):
+        return (nnx.merge(graphdef, p, rest)(x) ** 2).sum()
+    compiled = jax.jit(jax.grad(loss, (0, 1))).lower(params, x, jax.random.key(1)).compile(
+        compiler_options=keep_barriers)
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  recognised, patched = temp(True), temp(False)
+  assert recognised <= patched, (recognised, patched)
+
+
 def test_decoder_fused_loss_equal_and_keeps_less_than_optax():
   """The one change (return the hidden state) and fb.linear_softmax_cross_entropy."""
   # 128 tokens x 8192 logits: more than the op's default block (2**19 logits).

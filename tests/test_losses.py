@@ -219,10 +219,157 @@ def test_bad_inputs_say_what_to_do():
 
 
 # --------------------------------------------------------------------------
+# gradient="forward": a reduced loss whose gradients are formed in the forward pass.
+
+REDUCED = [(n, "dv", r) for n in OPTIONS for r in ("sum", "mean")] + [("all", "vd", "mean")]
+
+
+@pytest.mark.parametrize("name,layout,reduction", REDUCED)
+def test_gradient_in_forward_equals_optax(name, layout, reduction):
+  x, kernel, labels, weights = _data()
+  if layout == "vd":
+    kernel = kernel.T
+  labels = labels.at[0, :3].set(-100)
+  where = jnp.ones(labels.shape, bool).at[1, 5].set(False)
+  keep = (labels != -100) & where
+  safe = jnp.where(keep, labels, 0)
+  opts = OPTIONS[name]
+
+  def fused(x, k, w):  # 24 tokens in blocks of 10: two full blocks and a remainder of 4
+    return fb.linear_softmax_cross_entropy(x, k, labels, kernel_layout=layout, weights=w,
+                                           where=where, ignore_index=-100, reduction=reduction,
+                                           gradient="forward", token_block_size=10, **opts)
+
+  def ref(x, k, w):
+    total = (_reference(x, k, safe, kernel_layout=layout, **opts) * w * keep).sum()
+    return total / (w * keep).sum() if reduction == "mean" else total
+
+  got_v, got = jax.value_and_grad(fused, (0, 1, 2))(x, kernel, weights)
+  want_v, want = jax.value_and_grad(ref, (0, 1, 2))(x, kernel, weights)
+  assert got_v.shape == () and got_v.dtype == jnp.float32
+  assert abs(float(got_v - want_v)) <= 1e-5 * abs(float(want_v))
+  for g, w in zip(got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype
+    assert _rel(g, w) < 1e-5
+  assert bool(jnp.all(got[0][~keep] == 0))
+  # The default for a reduced loss is this mode; the recompute mode gives the same.
+  default = lambda x, k, w: fb.linear_softmax_cross_entropy(
+      x, k, labels, kernel_layout=layout, weights=w, where=where, ignore_index=-100,
+      reduction=reduction, **opts)
+  recompute = lambda x, k, w: fb.linear_softmax_cross_entropy(
+      x, k, labels, kernel_layout=layout, weights=w, where=where, ignore_index=-100,
+      reduction=reduction, gradient="recompute", block_size=64, **opts)
+  for f in (default, recompute):
+    for g, w in zip(jax.grad(f, (0, 1, 2))(x, kernel, weights), want):
+      assert _rel(g, w) < 1e-5
+
+
+def test_gradient_in_forward_scales_by_the_cotangent_and_composes():
+  x, kernel, labels, _ = _data()
+  f = lambda x, k: fb.linear_softmax_cross_entropy(x, k, labels, reduction="mean",
+                                                   token_block_size=7)
+  r = lambda x, k: _reference(x, k, labels).mean()
+  wx, wk = jax.grad(lambda x, k: 3.0 * r(x, k) ** 2, (0, 1))(x, kernel)
+  for g, w in zip(jax.grad(lambda x, k: 3.0 * f(x, k) ** 2, (0, 1))(x, kernel), (wx, wk)):
+    assert _rel(g, w) < 1e-5
+  # jit, vmap over a batch of problems, checkpoint keeping the named gradients
+  assert abs(float(jax.jit(f)(x, kernel) - r(x, kernel))) < 1e-5
+  batched = jax.vmap(lambda x, y: fb.linear_softmax_cross_entropy(x, kernel, y, reduction="sum"))
+  want = jax.vmap(lambda x, y: _reference(x, kernel, y).sum())(x, labels)
+  assert _rel(batched(x, labels), want) < 1e-5
+  gx = jax.grad(lambda x: batched(x, labels).sum())(x)
+  assert _rel(gx, jax.grad(lambda x: _reference(x, kernel, labels).sum())(x)) < 1e-5
+  keep = jax.checkpoint_policies.save_only_these_names(losses.GRAD_NAME, losses.LSE_NAME)
+  for g, w in zip(jax.grad(jax.checkpoint(f, policy=keep), (0, 1))(x, kernel),
+                  jax.grad(r, (0, 1))(x, kernel)):
+    assert _rel(g, w) < 1e-5
+  # every token ignored: the mean is 0, not NaN, and so are its gradients
+  none = lambda x: fb.linear_softmax_cross_entropy(x, kernel, labels, reduction="mean",
+                                                   where=jnp.zeros(labels.shape, bool))
+  assert float(none(x)) == 0.0 and bool(jnp.all(jax.grad(none)(x) == 0))
+
+
+def test_gradient_in_forward_grad_of_grad_is_right():
+  x, kernel, labels, _ = _data()
+  f = lambda x: fb.linear_softmax_cross_entropy(x, kernel, labels, soft_cap=5.0,
+                                                reduction="sum", token_block_size=10)
+  r = lambda x: _reference(x, kernel, labels, soft_cap=5.0).sum()
+  gg = jax.grad(lambda x: (jax.grad(f)(x) ** 2).sum())(x)
+  want = jax.grad(lambda x: (jax.grad(r)(x) ** 2).sum())(x)
+  assert _rel(gg, want) < 1e-4
+
+
+def test_gradient_in_forward_bfloat16_accumulates_in_float32():
+  x, kernel, labels, _ = _data(jnp.bfloat16)
+  f = lambda x, k: fb.linear_softmax_cross_entropy(x, k, labels, reduction="mean",
+                                                   token_block_size=10)
+  assert f(x, kernel).dtype == jnp.float32
+  assert abs(float(f(x, kernel) - _reference(x, kernel, labels).mean())) < 1e-3
+  gx, gk = jax.grad(f, (0, 1))(x, kernel)
+  assert gx.dtype == gk.dtype == jnp.bfloat16
+  wx, wk = jax.grad(lambda x, k: _reference(x, k, labels).mean(), (0, 1))(
+      x.astype(jnp.float32), kernel.astype(jnp.float32))
+  ox, ok = jax.grad(lambda x, k: optax.softmax_cross_entropy_with_integer_labels(
+      x @ k, labels).mean(), (0, 1))(x, kernel)
+  assert _rel(gx, wx) <= _rel(ox, wx) + 1e-3 and _rel(gk, wk) <= _rel(ok, wk) + 1e-3
+
+
+def _flops(fn, *args) -> float:
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def test_gradient_in_forward_costs_optax_flops_and_little_memory():
+  t, d, v = 512, 64, 16384  # logits: 32 MiB
+  sds = (jax.ShapeDtypeStruct((t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+         jax.ShapeDtypeStruct((t,), jnp.int32))
+  grad = lambda loss: jax.grad(loss, (0, 1))
+  optax_loss = lambda x, k, y: optax.softmax_cross_entropy_with_integer_labels(x @ k, y).mean()
+  fwd = lambda block: (lambda x, k, y: fb.linear_softmax_cross_entropy(
+      x, k, y, reduction="mean", token_block_size=block))
+  # cost_analysis counts a loop's body once: with the tokens in one block there is no loop.
+  ref_flops = _flops(grad(optax_loss), *sds)
+  # optax's three matmuls (2 t d v each), and at most 4 more elementwise flops per logit
+  assert _flops(grad(fwd(t)), *sds) <= ref_flops + 4 * t * v
+  ref = memory.compiled(jax.jit(grad(optax_loss)), *sds).temp
+  got = memory.compiled(jax.jit(grad(fwd(None))), *sds).temp
+  kernel_bytes = d * v * 4
+  block_logits = (losses._TOKEN_BLOCK_ELEMENTS // v) * v * 4
+  assert got <= kernel_bytes + 4 * block_logits, (got, kernel_bytes, block_logits)
+  assert got < 0.3 * ref, (got, ref)
+  # what the backward keeps: the two gradients (x's and the kernel's sizes) and the loss
+  x = jax.random.normal(jax.random.key(0), (T, D))
+  kernel = jax.random.normal(jax.random.key(1), (D, V))
+  labels = jnp.arange(T) % V
+  res = memory.saved_residuals(fwd(None), x, kernel, labels)
+  assert res.named_bytes(losses.GRAD_NAME) == (T * D + D * V) * 4, res
+  assert res.named_bytes(losses.LSE_NAME) == T * 4, res
+  assert not [r for r in res.residuals if T in r.shape and V in r.shape], res  # no logits
+
+
+def test_gradient_mode_errors_say_what_to_do():
+  x, kernel, labels, _ = _data()
+  f = fb.linear_softmax_cross_entropy
+  with pytest.raises(ValueError, match="reduction='sum' or 'mean'"):
+    f(x, kernel, labels, gradient="forward")
+  with pytest.raises(ValueError, match="reduction must be"):
+    f(x, kernel, labels, reduction="avg")
+  with pytest.raises(ValueError, match="gradient must be"):
+    f(x, kernel, labels, reduction="sum", gradient="fwd")
+  with pytest.raises(ValueError, match="pass block_size= instead"):
+    f(x, kernel, labels, reduction="sum", gradient="recompute", token_block_size=8)
+  with pytest.raises(ValueError, match="pass token_block_size= instead"):
+    f(x, kernel, labels, reduction="sum", block_size=64)
+  with pytest.raises(ValueError, match="token_block_size must be"):
+    f(x, kernel, labels, reduction="sum", token_block_size=0)
+
+
+# --------------------------------------------------------------------------
 # 8 simulated devices: one child runs every case.
 
 CASES = ["Auto-dp", "Auto-vp", "Auto-dp+vp-named", "Explicit-dp", "Explicit-dp+vp",
          "Explicit-dp+vp-vd"]
+CASES += [c + "-fwd" for c in CASES]  # reduction="mean", gradient="forward"
 
 _SCRIPT = textwrap.dedent(r"""
   import json, re, sys
@@ -258,7 +405,7 @@ _SCRIPT = textwrap.dedent(r"""
     try:
       parts = case.split("-")
       mt, layout = parts[0], parts[1]
-      named, vd = "named" in parts, "vd" in parts
+      named, vd, fwd = "named" in parts, "vd" in parts, "fwd" in parts
       mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(getattr(AxisType, mt),) * 2)
       dp, vp = "dp" in layout, "vp" in layout
       xs = P("data" if dp else None, None)
@@ -268,8 +415,12 @@ _SCRIPT = textwrap.dedent(r"""
       kw = dict(opts, kernel_layout="vd" if vd else "dv")
       if named:
         kw.update(token_axis="data" if dp else None, vocab_axis=kv)
+      if fwd:  # blocks of 48 tokens: 256 per device, 5 blocks and a remainder of 16
+        kw.pop("block_size")
+        kw.update(reduction="mean", gradient="forward", token_block_size=48)
       def loss(x, k, y):
-        return fb.linear_softmax_cross_entropy(x, k, y, **kw).mean()
+        out = fb.linear_softmax_cross_entropy(x, k, y, **kw)
+        return out if fwd else out.mean()
       with jax.set_mesh(mesh):
         xa = jax.device_put(x, NamedSharding(mesh, xs))
         ka = jax.device_put(k, NamedSharding(mesh, ks))
