@@ -28,8 +28,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fewbit_jax import rng
+from fewbit_jax import _mesh, rng
 
 SAMPLED_KINDS = ("sampled", "wta")
 
@@ -37,10 +38,48 @@ SAMPLED_KINDS = ("sampled", "wta")
 _DRAW = 5
 
 
-def row_norms(x2d) -> jax.Array:
-  """|x_i| (B,) float32."""
+def row_norms(x2d, feature_axes=()) -> jax.Array:
+  """|x_i| (B,) float32; inside a shard_map, summed over the mesh axes `feature_axes` too."""
   x = x2d.astype(jnp.float32)
-  return jnp.sqrt(jnp.sum(x * x, axis=1))
+  sq = jnp.sum(x * x, axis=1)
+  if feature_axes:
+    sq = jax.lax.psum(sq, feature_axes)
+  return jnp.sqrt(sq)
+
+
+def sample(kind: str, x2d, k0, k1, k: int, feature_axes=()):
+  """(w_j x2d[idx_j] float32 (k, N), idx int32 (k,)): the rows `kind` keeps."""
+  idx, w = choose(kind, row_norms(x2d, feature_axes), k0, k1, k)
+  return x2d[idx].astype(jnp.float32) * w[:, None], idx
+
+
+def sample_blocks(kind: str, x3d, keys, k: int):
+  """`sample` of every block (C, R, N) with its key words (C, 2): ((C, k, N), (C, k)).
+
+  For x3d typed on an Explicit mesh, the blocks are sampled shard by shard
+  (a shard_map over its Explicit axes): a block's rows never leave their
+  device; where x3d's features are sharded, the row norms are summed over
+  those axes (B floats per device).
+  """
+  one = lambda xb, kb: sample(kind, xb, kb[0], kb[1], k)
+  spec = _mesh.explicit_spec(x3d)
+  if spec is None or all(e is None for e in spec):
+    if x3d.shape[0] == 1:
+      rows, idx = one(x3d[0], keys[0])
+      return rows[None], idx[None]
+    return jax.vmap(one)(x3d, keys)
+  mesh = jax.typeof(x3d).sharding.mesh
+  x_spec = P(spec[0], None, spec[2])  # the rows of a block on one device
+  feature_axes = tuple(_mesh.axes(spec[2]))
+
+  def local(xs, ks):
+    return jax.vmap(lambda xb, kb: sample(kind, xb, kb[0], kb[1], k, feature_axes))(xs, ks)
+
+  x3d = jax.sharding.reshard(x3d, NamedSharding(mesh, x_spec))
+  keys = jax.sharding.reshard(keys, NamedSharding(mesh, P(spec[0], None)))
+  return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, P(spec[0], None)),
+                       out_specs=(x_spec, P(spec[0], None)),
+                       axis_names=_mesh.explicit_axes(mesh))(x3d, keys)
 
 
 def uniforms(k0, k1, count: int) -> jax.Array:

@@ -463,8 +463,7 @@ def sample_rows(kind: str, x2d: jax.Array, key: jax.Array, k: int) -> tuple[jax.
   if b == 0:
     return jnp.zeros((k, n), jnp.float32), jnp.zeros((k,), jnp.int32)
   k0, k1 = rng.sketch_words(key)
-  idx, w = _sampling.choose(kind, _sampling.row_norms(x2d), k0, k1, k)
-  return x2d[idx].astype(jnp.float32) * w[:, None], idx
+  return _sampling.sample(kind, x2d, k0, k1, k)
 
 
 def sample_rows_blocks(kind: str, x3d: jax.Array, keys: jax.Array,
@@ -474,7 +473,9 @@ def sample_rows_blocks(kind: str, x3d: jax.Array, keys: jax.Array,
   Block c is sampled with the raw key ``keys[c]`` (as in `project_blocks`):
   the estimate of ``x^T g`` is ``einsum('ckn,ckm->nm', rows, take_rows(g3d, idx))``.
   Each block's rows are chosen from that block alone, so blocks on different
-  devices need no communication.
+  devices need no communication (for x3d typed on an Explicit mesh the
+  blocks are sampled shard by shard; where its features are sharded too, the
+  row norms are summed over those mesh axes: B floats).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -491,11 +492,18 @@ def sample_rows_blocks(kind: str, x3d: jax.Array, keys: jax.Array,
   if keys.shape != (x3d.shape[0], 2) or keys.dtype != jnp.uint32:
     raise ValueError(f"keys must be uint32 of shape (C, 2) = ({x3d.shape[0]}, 2), one raw key "
                      f"per block (see block_keys); got {keys.dtype} {keys.shape}.")
-  one = lambda xb, kb: sample_rows(kind, xb, kb, k)
-  if x3d.shape[0] == 1:
-    rows, idx = one(x3d[0], keys[0])
-    return rows[None], idx[None]
-  return jax.vmap(one)(x3d, keys)
+  if kind not in SAMPLED_KINDS:
+    raise ValueError(f"sample_rows_blocks takes a sampled sketch ({', '.join(SAMPLED_KINDS)}); "
+                     f"{kind!r} has a fixed S: use project_blocks.")
+  k = int(k)
+  if not 1 <= k <= max(x3d.shape[1], 1):
+    raise ValueError(f"sketch size k={k} must be in [1, R={x3d.shape[1]}] (rows per block).")
+  if x3d.shape[1] == 0:
+    return (jnp.zeros((x3d.shape[0], k, x3d.shape[2]), jnp.float32),
+            jnp.zeros((x3d.shape[0], k), jnp.int32))
+  # Raw key words, mixed as `project` mixes any key.
+  words = jax.vmap(lambda kb: jnp.stack(rng.sketch_words(kb)))(keys)
+  return _sampling.sample_blocks(kind, x3d, words, k)
 
 
 def take_rows(g: jax.Array, idx: jax.Array) -> jax.Array:
