@@ -288,6 +288,7 @@ def _project_fwd(x, kernel, bias, keys, spec):
   sx = _sketch_of(spec, _flatten(spec, x, spec.x_perm, x_pspec), keys)
   if spec.kind in _sketch.SAMPLED_KINDS:  # the rows' indices, not the keys, find g's rows
     sx, keys = sx
+    keys = jax.ad_checkpoint.checkpoint_name(keys, SKETCH_NAME)
   sx = sx.astype(x.dtype)
   y = spec.forward(*_after_smaller(spec, x, kernel, sx), bias)
   sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)

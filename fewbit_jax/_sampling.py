@@ -50,7 +50,7 @@ def row_norms(x2d, feature_axes=()) -> jax.Array:
 def sample(kind: str, x2d, k0, k1, k: int, feature_axes=()):
   """(w_j x2d[idx_j] float32 (k, N), idx int32 (k,)): the rows `kind` keeps."""
   idx, w = choose(kind, row_norms(x2d, feature_axes), k0, k1, k)
-  return x2d[idx].astype(jnp.float32) * w[:, None], idx
+  return jnp.asarray(x2d)[idx].astype(jnp.float32) * w[:, None], idx
 
 
 def sample_blocks(kind: str, x3d, keys, k: int):
