@@ -128,6 +128,33 @@ def rel_variance(kind, x, g, blocks, k, keys) -> float:
   return float(((est - exact) ** 2).sum(axis=(1, 2)).mean() / (exact ** 2).sum())
 
 
+def step_times(kinds, *, rounds: int, batch: int, context: int, dim: int, layers: int,
+               ratio: float, vocab: int = 96) -> dict:
+  """Median step time of the example's randomized training step per kind, over alternated rounds."""
+  tx = optax.adamw(1e-3)
+  steps = {}
+  tokens = np.zeros((batch, context), np.int32)
+  for kind in kinds:
+    model = char_gpt.build("randomized", vocab, 0, batch, ratio, kind, context=context, dim=dim,
+                           layers=layers)
+    graphdef, state = nnx.split(model)
+    opt_state = tx.init(nnx.state(model, nnx.Param))
+    step = char_gpt.make_step(graphdef, tx)[0]
+    state, opt_state, loss = step(state, opt_state, tokens, tokens)  # compile
+    jax.block_until_ready(loss)
+    steps[kind] = [step, state, opt_state]
+  times = {kind: [] for kind in kinds}
+  for _ in range(rounds):
+    for kind in kinds:
+      step, state, opt_state = steps[kind]
+      t = time.perf_counter()
+      state, opt_state, loss = step(state, opt_state, tokens, tokens)
+      jax.block_until_ready(loss)
+      times[kind].append(time.perf_counter() - t)
+      steps[kind][1:] = [state, opt_state]
+  return {kind: float(np.median(t)) for kind, t in times.items()}
+
+
 # Rows not yet a layer's option: wta drawing by |x_i| times an estimate of |g_i|.
 PREV = "wta by norm(x_i) times the mean norm(g) at i's position in another batch*"
 ORACLE = "wta by norm(x_i) norm(g_i), this batch's g (a bound)*"
@@ -146,6 +173,8 @@ def main(argv=None) -> None:
   p.add_argument("--dim", type=int, default=128)
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--kinds", default=",".join(sketch.ALL_KINDS))
+  p.add_argument("--time-rounds", type=int, default=20,
+                 help="alternated rounds of the step-time comparison (0: none)")
   args = p.parse_args(argv)
   steps = sorted({int(s) for s in args.steps.split(",")})
   kinds = [k.strip() for k in args.kinds.split(",")]
@@ -225,6 +254,17 @@ def main(argv=None) -> None:
       continue
     print(f"| {n} | {r['gaussian']:.3g} | "
           + " | ".join(f"{r[k] / r['gaussian']:.3f}" for k in kinds if k != "gaussian") + " |")
+
+  if args.time_rounds:
+    times = step_times(kinds, rounds=args.time_rounds, batch=args.batch, context=args.context,
+                       dim=args.dim, layers=args.layers, ratio=args.ratio)
+    print(f"\nStep time of the example's randomized training step (batch {args.batch} x "
+          f"{args.context}; the default path, here {ext.active_path()!r}: the kernels of "
+          f"{', '.join(ext.SKETCH_KINDS)} where built), median of {args.time_rounds} alternated "
+          "rounds in this process, against the Gaussian sketch's:\n")
+    print("| kind | step time | vs gaussian |\n|---|---|---|")
+    for kind in kinds:
+      print(f"| {kind} | {1e3 * times[kind]:.1f} ms | {times[kind] / times['gaussian']:.2f}x |")
 
 
 if __name__ == "__main__":

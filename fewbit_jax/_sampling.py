@@ -93,7 +93,7 @@ def take_all(a, k: int):
   order = jnp.argsort(-a, stable=True)
   s = a[order]
   suffix = jnp.cumsum(s[::-1])[::-1]  # suffix[t] = sum of s[t:]
-  t = jnp.arange(k)
+  t = jnp.arange(k, dtype=jnp.float32)
   ok = (k - t) * s[:k] < suffix[:k]
   return jnp.where(jnp.any(ok), jnp.argmax(ok), k).astype(jnp.int32), order
 

@@ -364,3 +364,16 @@ def test_blocks_per_shard_with_no_collective_beyond_vanilla(sharded_results, mes
   vanilla = sharded_results[f"{mesh}-None"]["collectives"]
   assert r["collectives"] == vanilla, (r["collectives"], vanilla)  # no all-gather, nothing more
   assert r["err"] < 1e-5, r["err"]
+
+
+@pytest.mark.parametrize("blocks", [None, 3])
+def test_strict_promotion_and_rank_rules(blocks):
+  # As tests/test_dense.py's: nothing relies on implicit promotion or rank broadcasting.
+  x, w, _ = _layer_data((3, 20, 8))
+  x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+    for kind in NEW:
+      g = jax.jit(jax.grad(lambda x, w: randomized_dense(
+          x, w, None, jax.random.key(0), proj_dim_ratio=0.3, sketch=kind,
+          sketch_blocks=blocks).astype(jnp.float32).sum(), (0, 1)))(x, w)
+      assert [a.dtype for a in g] == [jnp.bfloat16] * 2
