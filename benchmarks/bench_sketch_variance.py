@@ -41,10 +41,13 @@ class Probe(nnx.Variable):
 class ProbeLinear(nnx.Linear):
   """nnx.Linear that records its input and adds a Probe (set by `set_probes`) to its output."""
 
+  record = False  # set by `capture`: training steps keep no intermediates
+
   def __call__(self, x):
-    with warnings.catch_warnings():  # sow outside nnx.capture: fine for a plain eager call
-      warnings.simplefilter("ignore", DeprecationWarning)
-      self.sow(nnx.Intermediate, "x", x)
+    if ProbeLinear.record:
+      with warnings.catch_warnings():  # sow outside nnx.capture: fine for a plain eager call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        self.sow(nnx.Intermediate, "x", x)
     y = super().__call__(x)
     probe = getattr(self, "probe", None)
     return y if probe is None else y + probe[...]
@@ -67,8 +70,11 @@ def capture(model, x, y) -> dict:
     return loss
 
   grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, Probe))(model)
-  nnx.pop(model, nnx.Intermediate)  # what the differentiated call sowed, if anything
-  model(x)  # once more for the inputs
+  ProbeLinear.record = True
+  try:
+    model(x)  # once more, for the inputs
+  finally:
+    ProbeLinear.record = False
   inter = nnx.pop(model, nnx.Intermediate)
   flat_x = {".".join(map(str, p[:-1])): v for p, v in nnx.to_flat_state(inter)}
   flat_g = {".".join(map(str, p[:-1])): v for p, v in nnx.to_flat_state(grads)}
@@ -167,7 +173,7 @@ def main(argv=None) -> None:
   p.add_argument("--steps", default="0,100,300",
                  help="comma-separated training steps at which to capture (vanilla training)")
   p.add_argument("--ratio", type=float, default=0.2)
-  p.add_argument("--keys", type=int, default=128, help="keys per estimate of the variance")
+  p.add_argument("--keys", type=int, default=64, help="keys per estimate of the variance")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--context", type=int, default=128)
   p.add_argument("--dim", type=int, default=128)
@@ -209,7 +215,7 @@ def main(argv=None) -> None:
       xb, yb = char_gpt.batches(data, args.batch, args.context, rng)
       state, opt_state, _ = step(state, opt_state, xb, yb)
       done += 1
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)  # read only: training goes on from `state`
     xb, yb = char_gpt.batches(data, args.batch, args.context, probe_rng)
     # Another batch: its per-position gradient norms stand for what a layer
     # could carry from its previous steps.
@@ -224,7 +230,6 @@ def main(argv=None) -> None:
                                         k_block, keys)
         r[ORACLE] = rel_variance_weighted(x, g, xn * np.linalg.norm(g, axis=1), args.batch,
                                           k_block, keys)
-    state = nnx.state(model)
 
   print(f"\nchar GPT ({args.layers} layers, dim {args.dim}), vanilla training; dW of every dense "
         f"layer on one batch of {args.batch} x {args.context} positions, ratio {args.ratio:g}: "
