@@ -99,10 +99,20 @@ def estimates(kind: str, x, g, blocks: int, k: int, keys) -> jax.Array:
       rows, sg = (sketch.project_blocks(kind, a, words, k) for a in (x3, g3))
     return jnp.einsum("ckn,ckm->nm", rows, sg)
 
-  return jax.lax.map(one, keys, batch_size=16)
+  return jax.vmap(one)(keys)
 
 
-_est = jax.jit(estimates, static_argnums=(0, 3, 4))
+_est_chunk = jax.jit(estimates, static_argnums=(0, 3, 4))
+
+
+def _est(kind, x, g, blocks, k, keys, chunk: int = 16):
+  # Chunks of keys from Python rather than lax.map, and small ones for the
+  # orthogonal sketch: a loop around its batched QR, or 16 keys of it at
+  # N = 512, did not finish on the CPU here (the threads all waiting).
+  if kind == "orthogonal":
+    chunk = 4
+  return jnp.concatenate([_est_chunk(kind, x, g, blocks, k, keys[i:i + chunk])
+                          for i in range(0, keys.shape[0], chunk)])
 
 
 @jax.jit
@@ -116,15 +126,16 @@ def _weighted_wta(x3, g3, weights, keys):
     rows = sketch.take_rows(x3, idx) * w[..., None]
     return jnp.einsum("ckn,ckm->nm", rows, sketch.take_rows(g3, idx))
 
-  return jax.lax.map(one, keys, batch_size=16)
+  return jax.vmap(one)(keys)
 
 
 def rel_variance_weighted(x, g, weights, blocks, k, keys) -> float:
   exact = x.astype(np.float64).T @ g.astype(np.float64)
   _weighted_wta.k = k
   x3, g3 = x.reshape(blocks, -1, x.shape[1]), g.reshape(blocks, -1, g.shape[1])
-  est = np.asarray(_weighted_wta(x3, g3, jnp.asarray(weights.reshape(blocks, -1)), keys),
-                   np.float64)
+  w = jnp.asarray(weights.reshape(blocks, -1))
+  est = np.concatenate([np.asarray(_weighted_wta(x3, g3, w, keys[i:i + 16]), np.float64)
+                        for i in range(0, keys.shape[0], 16)])
   return float(((est - exact) ** 2).sum(axis=(1, 2)).mean() / (exact ** 2).sum())
 
 
