@@ -50,19 +50,21 @@ def fewbit_gelu(bits: int = 3) -> Callable:
   return activations.gelu(bits=bits)
 
 
-def randomized(ratio: float = 0.2, blocks: int | None = None) -> Callable:
-  """RandomizedLinear keeping a `ratio` sketch in `blocks` blocks, called like nnx.Linear."""
+def randomized(ratio: float = 0.2, blocks: int | None = None, kind: str = "gaussian") -> Callable:
+  """RandomizedLinear keeping a `ratio` sketch of kind `kind` in `blocks` blocks, called like nnx.Linear."""
   from fewbit_jax import nnx as fb_nnx
-  return functools.partial(fb_nnx.RandomizedLinear, proj_dim_ratio=ratio, sketch_blocks=blocks)
+  return functools.partial(fb_nnx.RandomizedLinear, proj_dim_ratio=ratio, sketch_blocks=blocks,
+                           sketch=kind)
 
 
-# Each variant: (sequences per batch = sketch blocks, sketch ratio) -> keyword
-# arguments of CharGPT.
-VARIANTS: dict[str, Callable[[int | None, float], dict]] = {
-    "vanilla": lambda batch, ratio: {},
-    "3-bit GELU": lambda batch, ratio: dict(activation=fewbit_gelu(3)),
-    "randomized": lambda batch, ratio: dict(linear=randomized(ratio, batch)),
-    "both": lambda batch, ratio: dict(activation=fewbit_gelu(3), linear=randomized(ratio, batch)),
+# Each variant: (sequences per batch = sketch blocks, sketch ratio, sketch
+# kind) -> keyword arguments of CharGPT.
+VARIANTS: dict[str, Callable[[int | None, float, str], dict]] = {
+    "vanilla": lambda batch, ratio, kind: {},
+    "3-bit GELU": lambda batch, ratio, kind: dict(activation=fewbit_gelu(3)),
+    "randomized": lambda batch, ratio, kind: dict(linear=randomized(ratio, batch, kind)),
+    "both": lambda batch, ratio, kind: dict(activation=fewbit_gelu(3),
+                                            linear=randomized(ratio, batch, kind)),
 }
 
 
@@ -119,7 +121,7 @@ class CharGPT(nnx.Module):
 
 
 def build(variant: str, vocab: int, seed: int = 0, batch: int | None = None,
-          ratio: float = 0.2, **sizes) -> CharGPT:
+          ratio: float = 0.2, kind: str = "gaussian", **sizes) -> CharGPT:
   """The model of a variant for batches of `batch` sequences.
 
   Every variant starts from the same parameters: they come from the
@@ -128,8 +130,8 @@ def build(variant: str, vocab: int, seed: int = 0, batch: int | None = None,
   one sketch block per sequence, or with ``batch=None`` the rule of
   ``fewbit_jax.dense.sketch_blocks_default`` (one sketch without a mesh).
   """
-  return CharGPT(vocab, rngs=nnx.Rngs(params=seed, sketch=seed + 1), **VARIANTS[variant](batch, ratio),
-                 **sizes)
+  return CharGPT(vocab, rngs=nnx.Rngs(params=seed, sketch=seed + 1),
+                 **VARIANTS[variant](batch, ratio, kind), **sizes)
 
 
 def make_step(graphdef, tx):
@@ -162,16 +164,16 @@ def batches(data: np.ndarray, batch: int, context: int, rng: np.random.Generator
 def train(variant: str, train_data, val_batches, vocab: int, *, steps: int = 500,
           batch: int = 32, context: int = 128, dim: int = 128, heads: int = 4,
           layers: int = 2, lr: float = 3e-3, seed: int = 0, eval_every: int = 50,
-          ratio: float = 0.2, params=None, data_seed: int | None = None,
-          bar=None) -> dict:
+          ratio: float = 0.2, kind: str = "gaussian", params=None,
+          data_seed: int | None = None, bar=None) -> dict:
   """Trains one variant; returns train and validation losses, memory and parameters.
 
   `params` (an ``nnx.State`` of ``nnx.Param``, e.g. another run's ``params``)
   replaces the initial parameters: fine-tuning. Batches come from
   `data_seed` (default `seed`).
   """
-  model = build(variant, vocab, seed, batch, ratio, context=context, dim=dim, heads=heads,
-                layers=layers)
+  model = build(variant, vocab, seed, batch, ratio, kind, context=context, dim=dim,
+                heads=heads, layers=layers)
   if params is not None:  # copies: the step donates its state
     nnx.update(model, jax.tree.map(jnp.copy, params))
   graphdef, state = nnx.split(model)
@@ -203,8 +205,8 @@ def train(variant: str, train_data, val_batches, vocab: int, *, steps: int = 500
 def run(variants=tuple(VARIANTS), *, steps: int = 500, batch: int = 32, context: int = 128,
         dim: int = 128, heads: int = 4, layers: int = 2, seed: int = 0, eval_batches: int = 8,
         eval_every: int = 50, text_chars: int | None = None, plot: str | None = None,
-        ratio: float = 0.2, finetune_from: int = 0, lr: float = 3e-3,
-        progress: bool = True) -> dict:
+        ratio: float = 0.2, kind: str = "gaussian", finetune_from: int = 0,
+        lr: float = 3e-3, progress: bool = True) -> dict:
   """Trains every variant; returns {variant: result}.
 
   With ``finetune_from=N`` the variants do not start from scratch: a vanilla
@@ -223,7 +225,7 @@ def run(variants=tuple(VARIANTS), *, steps: int = 500, batch: int = 32, context:
   val_batches = [batches(val_data, batch, context, vrng) for _ in range(eval_batches)]
   results, start = {}, None
   common = dict(batch=batch, context=context, dim=dim, heads=heads, layers=layers, seed=seed,
-                eval_every=eval_every, ratio=ratio)
+                eval_every=eval_every, ratio=ratio, kind=kind)
   with tqdm(total=steps * len(variants) + finetune_from, disable=not progress, unit="step",
             desc="char GPT", mininterval=0.5) as bar:
     if finetune_from:
@@ -274,6 +276,8 @@ def main(argv=None) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--ratio", type=float, default=0.2,
                  help="proj_dim_ratio of the randomized layers")
+  p.add_argument("--kind", default="gaussian",
+                 help="sketch kind of the randomized layers (fewbit_jax.sketch.ALL_KINDS)")
   p.add_argument("--finetune-from", type=int, default=0, metavar="N",
                  help="train vanilla for N steps, then every variant from there")
   p.add_argument("--lr", type=float, default=3e-3, help="the variants' peak learning rate")
@@ -285,14 +289,14 @@ def main(argv=None) -> None:
   t0 = time.perf_counter()
   results = run([v.strip() for v in args.variants.split(",")], steps=args.steps,
                 batch=args.batch, context=args.context, dim=args.dim, heads=args.heads,
-                layers=args.layers, seed=args.seed, ratio=args.ratio,
+                layers=args.layers, seed=args.seed, ratio=args.ratio, kind=args.kind,
                 finetune_from=args.finetune_from, lr=args.lr,
                 plot=None if args.no_plot else args.plot)
   print(f"\nchar GPT ({args.layers} layers, dim {args.dim}, {args.heads} heads, context "
         f"{args.context}) on pydoc_data.topics, batch {args.batch}, {args.steps} steps at "
         f"peak learning rate {args.lr:g} "
         f"({time.perf_counter() - t0:.0f}s); randomized: every linear layer keeps "
-        f"{args.ratio:.0%} of the rows, one sketch block per sequence"
+        f"{args.ratio:.0%} of the rows ({args.kind} sketch), one sketch block per sequence"
         + (f"; every variant fine-tunes the model of {args.finetune_from} vanilla steps"
            if args.finetune_from else "") + "\n")
   print(format_results(results))

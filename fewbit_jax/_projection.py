@@ -259,7 +259,14 @@ def _flatten(spec, a, perm, pspec):
 
 
 def _sketch_of(spec, a, keys):
-  """S^T a: (k, N), or (C, k, N) for C blocks of rows."""
+  """S^T a: (k, N), or (C, k, N) for C blocks of rows.
+
+  A sampled kind (`fewbit_jax.sketch.SAMPLED_KINDS`) gives (rows, their
+  indices): its S depends on a, so the backward takes the same rows of g.
+  """
+  if spec.kind in _sketch.SAMPLED_KINDS:
+    sample = _sketch.sample_rows_blocks if spec.blocks else _sketch.sample_rows
+    return sample(spec.kind, a, keys, spec.k)
   if not spec.blocks:
     return _sketch.project(spec.kind, a, keys, spec.k, precision=spec.precision)
   return _sharded.project_blocks(spec.kind, a, keys, spec.k, precision=spec.precision)
@@ -288,7 +295,11 @@ def _project(x, kernel, bias, keys, spec):
 
 def _project_fwd(x, kernel, bias, keys, spec):
   x_pspec = None if spec.layout is None else spec.layout[0]
-  sx = _sketch_of(spec, _flatten(spec, x, spec.x_perm, x_pspec), keys).astype(x.dtype)
+  sx = _sketch_of(spec, _flatten(spec, x, spec.x_perm, x_pspec), keys)
+  if spec.kind in _sketch.SAMPLED_KINDS:  # the rows' indices, not the keys, find g's rows
+    sx, keys = sx
+    keys = jax.ad_checkpoint.checkpoint_name(keys, SKETCH_NAME)
+  sx = sx.astype(x.dtype)
   y = spec.forward(*_after_smaller(spec, x, kernel, sx), bias)
   sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
   return y, (sx, keys, kernel, bias)
@@ -306,7 +317,9 @@ def _project_bwd(spec, res, g):
     # from a replicated type is a local slice.
     g = jax.sharding.reshard(g, NamedSharding(mesh, P(*_unpermute(g_pspec, spec.g_perm))))
     x_spec = _unpermute(x_pspec, spec.x_perm)
-  sg = _sketch_of(spec, _flatten(spec, g, spec.g_perm, g_pspec), keys)
+  g2d = _flatten(spec, g, spec.g_perm, g_pspec)
+  sg = (_sketch.take_rows(g2d, keys) if spec.kind in _sketch.SAMPLED_KINDS
+        else _sketch_of(spec, g2d, keys))
   w_in = kernel
   g, kernel = _after_smaller(spec, g, kernel, sg)
   # dx and db are the transposes of the forward's linear map, so they are

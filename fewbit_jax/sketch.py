@@ -28,6 +28,34 @@ words mixed, so that keys differing in any bit give unrelated sketches):
   ``m > 0`` is ``sqrt(2/B) sin(2 pi f i / B)`` with ``f = (m + 1) // 2``; for
   even B the last index is the alternating ``(-1)**i / sqrt(B)``.
 
+* ``orthogonal``: ``S = sqrt(B / k) Q``, ``Q`` (B x k) the orthonormal
+  factor of the QR decomposition of gaussian's matrix (``G[i, j] =
+  rng.gaussian(k0, k1, i, j)``). Its columns span a uniformly random
+  k-dimensional subspace, so ``E[Q Q^T] = (k / B) I``; the variance is about
+  ``1 - k / B`` times gaussian's (exact form in `estimate_variance`). The
+  QR needs the whole S: O(B k) memory and O(B k^2) work, so use it with
+  blocks (`project_blocks`) of a few hundred or thousand rows.
+
+Two more kinds choose k rows of x by their norms ``|x_i|`` instead of mixing
+all rows with a fixed S (`SAMPLED_KINDS`; the S they amount to depends on x,
+so they are not `project`'s but `sample_rows`'s, and a layer keeps the
+chosen rows, scaled, and their indices; the backward pass takes the same
+rows of g):
+
+* ``sampled``: k rows drawn with replacement, row i with probability
+  ``p_i = |x_i| / sum_l |x_l|``, kept scaled by ``1 / (k p_i)``
+  (importance sampling, Drineas-Kannan-Mahoney).
+* ``wta``: winner take all: the rows whose inclusion probability would reach
+  1 are kept for certain (the largest ``|x_i|``: as many as the
+  take-all rule of sampling proportional to size gives), the other rows
+  drawn without replacement by systematic sampling with inclusion
+  probabilities ``pi_i`` proportional to ``|x_i|``, kept scaled by
+  ``1 / pi_i``.
+
+Both are unbiased for every g; their variance is below gaussian's where the
+row norms of x (and of g with them) are uneven, see `estimate_variance`.
+The exact rule of each is in `fewbit_jax._sampling`.
+
 ``dct`` and ``dft`` are the original fewbit kinds with the unbiased scale
 ``sqrt(B/k)`` (the original scaled by ``k B``). The random signs are an
 addition: ``E[S S^T] = diag(sign) I diag(sign) = I`` for any signs, so they
@@ -49,6 +77,8 @@ Memory: ``gaussian`` and ``rademacher`` generate ``S`` in blocks of rows inside
 a loop and accumulate ``S_block^T x_block`` in float32, so neither ``S`` nor a
 float32 copy of ``x`` is ever whole; ``countsketch`` loops over the same row
 blocks; ``dct`` and ``dft`` run FFTs over blocks of columns of ``x``.
+``orthogonal`` builds its whole S (B x k, per block with blocks). ``sampled``
+and ``wta`` read x once for its row norms and keep k rows and k indices.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -67,12 +97,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fewbit_jax import _hash, _order, _rng as rng, ext
+from fewbit_jax import _hash, _order, _rng as rng, _sampling, ext
 
-__all__ = ["KINDS", "check_kind", "project", "project_blocks", "block_keys", "sketch_matrix",
+__all__ = ["KINDS", "FIXED_KINDS", "SAMPLED_KINDS", "ALL_KINDS", "check_kind", "project",
+           "project_blocks", "block_keys", "sketch_matrix", "sample_rows", "sample_rows_blocks", "take_rows",
            "estimate_variance"]
 
+# The kinds whose S is generated a block at a time and never whole.
 KINDS = ("gaussian", "rademacher", "countsketch", "dct", "dft")
+# The kinds with an S fixed by the key (`project`): KINDS and orthogonal,
+# whose QR builds its S whole.
+FIXED_KINDS = KINDS + ("orthogonal",)
+# The kinds that choose rows of x by their norms (`sample_rows`).
+SAMPLED_KINDS = _sampling.SAMPLED_KINDS
+# Every kind a randomized layer takes.
+ALL_KINDS = FIXED_KINDS + SAMPLED_KINDS
 
 # Elements (float32) of the largest temporary a pure-JAX projection builds per
 # loop step: an S block for gaussian/rademacher, an x block for countsketch, a
@@ -83,16 +122,28 @@ _DIMS_T = (((0,), (0,)), ((), ()))  # contract the row axes: A^T B
 
 
 def check_kind(kind) -> str:
-  """Returns `kind` if it names a sketch, else raises a ValueError saying which do.
+  """Returns `kind` if it names a sketch (`ALL_KINDS`), else raises a ValueError saying which do.
 
   Example:
     >>> from fewbit_jax import sketch
     >>> sketch.check_kind("dct")
     'dct'
+    >>> sketch.check_kind("wta")
+    'wta'
   """
-  if not isinstance(kind, str) or kind not in KINDS:
-    raise ValueError(f"unknown sketch {kind!r}: expected one of {', '.join(KINDS)}.")
+  if not isinstance(kind, str) or kind not in ALL_KINDS:
+    raise ValueError(f"unknown sketch {kind!r}: expected one of {', '.join(ALL_KINDS)}.")
   return kind
+
+
+def _check_fixed(kind, what: str) -> None:
+  """ValueError for a sampled kind where a fixed S (one of `FIXED_KINDS`) is needed."""
+  check_kind(kind)
+  if kind in SAMPLED_KINDS:
+    raise ValueError(f"the {kind} sketch chooses rows of x by their norms, so it has no S "
+                     f"fixed by the key and {what} cannot take it: use sample_rows / "
+                     f"sample_rows_blocks (the rows and their indices) and take_rows "
+                     f"(the same rows of g), or one of {', '.join(FIXED_KINDS)}.")
 
 
 def _default_block_rows(kind: str, b: int, n: int, k: int) -> int:
@@ -112,7 +163,7 @@ def project(kind: str, x2d: jax.Array, key: jax.Array, k: int, *,
   docstring); both give the same S.
 
   Args:
-    kind: one of `KINDS`.
+    kind: one of `FIXED_KINDS`.
     x2d: array (B, N) of any float dtype; accumulation is float32.
     key: a PRNG key (typed or raw uint32[2]); the same key gives the same S.
     k: number of sketch columns, ``1 <= k <= B`` (any ``k >= 1`` with `row0`).
@@ -136,7 +187,7 @@ def project(kind: str, x2d: jax.Array, key: jax.Array, k: int, *,
     >>> bool(jnp.allclose(s.T @ s, x.T @ x, rtol=1e-5))
     True
   """
-  check_kind(kind)
+  _check_fixed(kind, "project")
   if x2d.ndim != 2:
     raise ValueError(f"project expects a 2-D array (B, N); got shape {x2d.shape}.")
   b, n = x2d.shape
@@ -145,8 +196,8 @@ def project(kind: str, x2d: jax.Array, key: jax.Array, k: int, *,
   # the columns of the whole sketch, which may exceed the slice's rows.
   if k < 1 or (row0 is None and k > max(b, 1)):
     raise ValueError(f"sketch size k={k} must be in [1, B={b}].")
-  if row0 is not None and kind in ("dct", "dft"):
-    raise ValueError(f"the {kind} sketch mixes all B rows (an FFT over them), so it cannot be "
+  if row0 is not None and kind in ("dct", "dft", "orthogonal"):
+    raise ValueError(f"the {kind} sketch mixes all B rows (an FFT or a QR over them), so it cannot be "
                      "taken over a slice of the rows: row0 is for gaussian, rademacher and "
                      "countsketch.")
   k0, k1 = rng.sketch_words(key)
@@ -158,6 +209,8 @@ def project(kind: str, x2d: jax.Array, key: jax.Array, k: int, *,
       return kernel(x2d, k0, k1, k).astype(jnp.float32)
   if kind in ("dct", "dft"):
     return _project_trig(kind, x2d, k0, k1, k, signs=True)
+  if kind == "orthogonal":
+    return _project_orthogonal(x2d, k0, k1, k, precision)
   rows = block_rows or _default_block_rows(kind, b, n, k)
   return _project_rows(kind, x2d, k0, k1, k, min(int(rows), b), precision,
                        jnp.uint32(0) if row0 is None else jnp.asarray(row0, jnp.uint32))
@@ -189,7 +242,7 @@ def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *, precis
   over blocks, ``einsum('ckn,ckm->nm', sx, sg)``.
 
   Args:
-    kind: one of `KINDS`.
+    kind: one of `FIXED_KINDS`.
     x3d: array (C, R, N): C blocks of R rows.
     keys: uint32 (C, 2), e.g. from `block_keys`.
     k: columns per block, ``1 <= k <= R``.
@@ -209,7 +262,7 @@ def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *, precis
     >>> bool(jnp.allclose(sx.reshape(4, 3), s.T @ x, atol=1e-5))
     True
   """
-  check_kind(kind)
+  _check_fixed(kind, "project_blocks")
   if x3d.ndim != 3:
     raise ValueError(f"project_blocks expects a 3-D array (C, R, N); got shape {x3d.shape}.")
   keys = jnp.asarray(keys)
@@ -351,6 +404,123 @@ def _project_trig(kind, x2d, k0, k1, k, *, signs: bool = True, block_cols=None):
   return lax.fori_loop(0, nblocks, step, out)
 
 
+# --- orthogonal: the QR of gaussian's matrix -----------------------------------
+
+def _orthogonal_matrix(k0, k1, b: int, k: int) -> jax.Array:
+  """``sqrt(B / k) Q`` (B, k) float32, Q from the QR of ``G[i, j] = rng.gaussian(k0, k1, i, j)``."""
+  rows = jnp.arange(b, dtype=jnp.uint32)[:, None]
+  cols = jnp.arange(k, dtype=jnp.uint32)[None, :]
+  q, _ = jnp.linalg.qr(rng.gaussian(k0, k1, rows, cols))
+  return q * jnp.float32(math.sqrt(b / k))
+
+
+def _project_orthogonal(x2d, k0, k1, k, precision):
+  # S tied to x (see _zero_of): a key-only S would be hoisted, or shared with
+  # the backward's, and kept alive between them.
+  s = _orthogonal_matrix(k0, k1 + _zero_of_whole(x2d), x2d.shape[0], k)
+  return lax.dot_general(s, x2d.astype(jnp.float32), _DIMS_T, precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+# --- sampled, wta: rows chosen by their norms ------------------------------------
+
+def sample_rows(kind: str, x2d: jax.Array, key: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The k rows of x2d that the sampled sketch `kind` chooses: (rows, indices).
+
+  ``rows[j] = w_j * x2d[idx[j]]`` with the weights of the module docstring,
+  so that ``rows.T @ take_rows(g, idx)`` is an unbiased estimate of
+  ``x2d.T @ g`` for any g (B, M) with the rows of x2d.
+
+  Args:
+    kind: one of `SAMPLED_KINDS`.
+    x2d: array (B, N) of any float dtype.
+    key: a PRNG key (typed or raw uint32[2]).
+    k: rows to keep, ``1 <= k <= B``.
+
+  Returns:
+    (rows float32 (k, N), idx int32 (k,)).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import sketch
+    >>> x = jnp.array([[3.0, 4.0], [0.0, 0.0], [0.0, 1.0]])
+    >>> rows, idx = sketch.sample_rows("wta", x, jax.random.key(0), 2)
+    >>> idx.tolist()  # the row of norm 5 reaches inclusion 1, the zero row is never drawn
+    [0, 2]
+    >>> bool(jnp.allclose(rows.T @ sketch.take_rows(x, idx), x.T @ x))
+    True
+  """
+  check_kind(kind)
+  if kind not in SAMPLED_KINDS:
+    raise ValueError(f"sample_rows takes a sampled sketch ({', '.join(SAMPLED_KINDS)}); "
+                     f"{kind!r} has a fixed S: use project.")
+  if x2d.ndim != 2:
+    raise ValueError(f"sample_rows expects a 2-D array (B, N); got shape {x2d.shape}.")
+  b, n = x2d.shape
+  k = int(k)
+  if not 1 <= k <= max(b, 1):
+    raise ValueError(f"sketch size k={k} must be in [1, B={b}].")
+  if b == 0:
+    return jnp.zeros((k, n), jnp.float32), jnp.zeros((k,), jnp.int32)
+  k0, k1 = rng.sketch_words(key)
+  return _sampling.sample(kind, x2d, k0, k1, k)
+
+
+def sample_rows_blocks(kind: str, x3d: jax.Array, keys: jax.Array,
+                       k: int) -> tuple[jax.Array, jax.Array]:
+  """`sample_rows` of every block: (rows (C, k, N) float32, idx (C, k) int32, within the block).
+
+  Block c is sampled with the raw key ``keys[c]`` (as in `project_blocks`):
+  the estimate of ``x^T g`` is ``einsum('ckn,ckm->nm', rows, take_rows(g3d, idx))``.
+  Each block's rows are chosen from that block alone, so blocks on different
+  devices need no communication (for x3d typed on an Explicit mesh the
+  blocks are sampled shard by shard; where its features are sharded too, the
+  row norms are summed over those mesh axes: B floats).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import sketch
+    >>> x = jnp.ones((8, 3)).reshape(2, 4, 3)
+    >>> rows, idx = sketch.sample_rows_blocks("sampled", x, sketch.block_keys(jax.random.key(0), 2), 2)
+    >>> rows.shape, idx.shape
+    ((2, 2, 3), (2, 2))
+  """
+  check_kind(kind)
+  if x3d.ndim != 3:
+    raise ValueError(f"sample_rows_blocks expects a 3-D array (C, R, N); got shape {x3d.shape}.")
+  keys = jnp.asarray(keys)
+  if keys.shape != (x3d.shape[0], 2) or keys.dtype != jnp.uint32:
+    raise ValueError(f"keys must be uint32 of shape (C, 2) = ({x3d.shape[0]}, 2), one raw key "
+                     f"per block (see block_keys); got {keys.dtype} {keys.shape}.")
+  if kind not in SAMPLED_KINDS:
+    raise ValueError(f"sample_rows_blocks takes a sampled sketch ({', '.join(SAMPLED_KINDS)}); "
+                     f"{kind!r} has a fixed S: use project_blocks.")
+  k = int(k)
+  if not 1 <= k <= max(x3d.shape[1], 1):
+    raise ValueError(f"sketch size k={k} must be in [1, R={x3d.shape[1]}] (rows per block).")
+  if x3d.shape[1] == 0:
+    return (jnp.zeros((x3d.shape[0], k, x3d.shape[2]), jnp.float32),
+            jnp.zeros((x3d.shape[0], k), jnp.int32))
+  # Raw key words, mixed as `project` mixes any key.
+  words = jax.vmap(lambda kb: jnp.stack(rng.sketch_words(kb)))(keys)
+  return _sampling.sample_blocks(kind, x3d, words, k)
+
+
+def take_rows(g: jax.Array, idx: jax.Array) -> jax.Array:
+  """Rows `idx` of g, float32: g (B, M) with idx (k,), or blocks g (C, R, M) with idx (C, k).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax import sketch
+    >>> sketch.take_rows(jnp.arange(6.0).reshape(3, 2), jnp.array([2, 0])).tolist()
+    [[4.0, 5.0], [0.0, 1.0]]
+  """
+  if g.ndim != idx.ndim + 1:
+    raise ValueError(f"take_rows takes g (B, M) with idx (k,), or g (C, R, M) with idx (C, k); "
+                     f"got g {g.shape} and idx {idx.shape}.")
+  return jnp.take_along_axis(g, idx[..., None].astype(jnp.int32), axis=-2).astype(jnp.float32)
+
+
 # --- reference ---------------------------------------------------------------
 
 def sketch_matrix(kind: str, key: jax.Array, b: int, k: int, *, blocks: int = 1) -> jax.Array:
@@ -369,13 +539,15 @@ def sketch_matrix(kind: str, key: jax.Array, b: int, k: int, *, blocks: int = 1)
     >>> s.shape, int((s != 0).sum())
     ((5, 2), 5)
   """
-  check_kind(kind)
+  _check_fixed(kind, "sketch_matrix")
   if blocks != 1:
     if blocks < 1 or b % blocks:
       raise ValueError(f"blocks={blocks} must be a positive divisor of B={b}.")
     parts = [sketch_matrix(kind, kc, b // blocks, k) for kc in block_keys(key, blocks)]
     return jax.scipy.linalg.block_diag(*parts)
   k0, k1 = rng.sketch_words(key)
+  if kind == "orthogonal":
+    return _orthogonal_matrix(k0, k1, b, k)
   i = jnp.arange(b, dtype=jnp.uint32)[:, None]
   j = jnp.arange(k, dtype=jnp.uint32)[None, :]
   if kind in ("gaussian", "rademacher"):
@@ -431,9 +603,17 @@ def estimate_variance(kind: str, x, g, k: int, *, signs: bool = True) -> np.ndar
     ``B (B - k) / (k (B - 1)) * (sum_j z_j^2 - (a.b)^2 / B)``, averaged over
     the random signs D. ``signs=False`` gives the variance without the signs
     (the original fewbit kinds, with the unbiased scale), for comparison.
+  * orthogonal: ``(B - k) / (k (B - 1) (B + 2)) * (B |a|^2 |b|^2 + (B - 2) (a.b)^2)``
+    (the second moments of a uniformly random rank-k projection), about
+    ``1 - k / B`` times gaussian's.
+  * sampled: ``(sum_i a_i^2 b_i^2 / p_i - (a.b)^2) / k`` with
+    ``p_i = |x_i| / sum_l |x_l|`` (k independent draws).
+  * wta: exact, as the mean over the pieces of [0, 1) on which the one
+    uniform of the systematic draw gives the same rows (a loop over up to B
+    pieces, each an estimate of x^T g: keep B, N and M small).
 
   Args:
-    kind: one of `KINDS`.
+    kind: one of `ALL_KINDS`.
     x: (B, N) array.
     g: (B, M) array.
     k: sketch size.
@@ -461,7 +641,17 @@ def estimate_variance(kind: str, x, g, k: int, *, signs: bool = True) -> np.ndar
   if not 1 <= k <= max(b, 1) or (kind in ("dct", "dft") and b == 0):
     raise ValueError(f"sketch size k={k} must be in [1, B={b}] (and B >= 1 for {kind}).")
   t = x.T @ g
+  if kind == "wta":
+    return _sampling.wta_variance(x, g, k)
+  if kind == "sampled":
+    p = _sampling.inclusion_weights(kind, np.sqrt((x ** 2).sum(1)), k)
+    inv = np.where(p > 0, 1.0 / np.where(p > 0, p, 1.0), 0.0)
+    return ((x ** 2 * inv[:, None]).T @ (g ** 2) - t ** 2) / k
   outer = np.outer((x ** 2).sum(0), (g ** 2).sum(0))
+  if kind == "orthogonal":
+    if k == b:
+      return np.zeros_like(t)
+    return (b - k) / (k * (b - 1) * (b + 2)) * (b * outer + (b - 2) * t ** 2)
   if kind == "gaussian":
     return (t ** 2 + outer) / k
   if kind in ("rademacher", "countsketch"):
