@@ -114,8 +114,10 @@ def is_library_class(cls: type) -> bool:
   """
   module = getattr(cls, "__module__", "") or ""
   top = module.split(".")[0]
-  # (The examples of the conversions define their models in these modules.)
-  return top == "flax" or (top == "fewbit_jax" and not module.endswith("_one_call"))
+  # The models of the demo and benchmarks (fewbit_jax._models) and the
+  # conversions' examples (defined in the _one_call modules) are users' models.
+  return top == "flax" or (top == "fewbit_jax" and not module.endswith("_one_call")
+                           and not module.startswith("fewbit_jax._models"))
 
 
 def is_cheap_class(cls: type) -> bool:

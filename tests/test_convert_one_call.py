@@ -489,3 +489,15 @@ def test_frontier_benchmark_runs_at_test_sizes(tmp_path):
                            __file__)))
   assert out.returncode == 0, out.stderr[-3000:]
   assert "cse_barrier_expander" in out.stdout and (tmp_path / "f.png").exists()
+
+
+def test_the_packaged_models_are_users_models():
+  # The demo's and benchmarks' models live in fewbit_jax._models: the
+  # conversions must find their blocks as in any user's model (a RoBERTa
+  # layer taken for a library layer was never rematerialised).
+  from flax import linen as nn
+  from fewbit_jax._models import roberta
+  from fewbit_jax._one_call import is_library_class
+  assert not is_library_class(roberta.RobertaLayer)
+  assert not is_library_class(roberta.RobertaClassifier)
+  assert is_library_class(nn.Dense) and is_library_class(fb.linen.RandomizedDense)
