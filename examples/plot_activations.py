@@ -40,7 +40,7 @@ def plot(path: str, bits_list=(1, 2, 3, 4), names=None, xlim: float = 4.0) -> st
   import matplotlib.pyplot as plt
   from fewbit_jax import tables
 
-  names = list(names or tables.CONTINUOUS)
+  names = list(names or tables.FORWARDS)
   x = np.linspace(-xlim, xlim, 1601)
   cols = 4
   rows = math.ceil(len(names) / cols)

@@ -33,7 +33,7 @@ def error_table(bits_list=range(1, 9), sigmas=(1.0, 2.0)) -> list[tuple[str, int
   """Rows (table key, bits, relative RMS error under each N(0, sigma**2))."""
   from fewbit_jax import tables
   rows = []
-  for name in sorted(tables.CONTINUOUS):
+  for name in sorted(tables.FORWARDS):
     for params in tables.BUILTIN_PARAMS[name]:
       deriv = tables.builtin_derivative(name, **params)
       for b in bits_list:

@@ -67,7 +67,7 @@ def activation_choices(exact: bool, bits: int) -> dict[str, int | str]:
   """
   out: dict[str, int | str] = {}
   for name in _patch.PATCHABLE:
-    if _registry.ACTIVATIONS[name].kind == _registry.PIECEWISE:
+    if _registry.ACTIVATIONS[name].kind == _registry.KIND_PIECEWISE:
       out[name] = 1
     else:
       out[name] = _patch.EXACT if exact else bits

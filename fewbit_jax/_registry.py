@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PIECEWISE = "piecewise"
-CONTINUOUS = "continuous"
+KIND_PIECEWISE = "piecewise"
+KIND_CONTINUOUS = "continuous"
 
 
 # --------------------------------------------------------------------------
@@ -110,7 +110,7 @@ class Activation:
 
   Attributes:
     name: the canonical name (``jax.nn``'s where it has the function).
-    kind: `PIECEWISE` or `CONTINUOUS`.
+    kind: `KIND_PIECEWISE` or `KIND_CONTINUOUS`.
     forward: ``forward(x, **params)``, bitwise the function it replaces.
     formula: the function in words, for its docstring.
     params: its parameters after ``x``, in signature order.
@@ -166,7 +166,7 @@ class Activation:
     return self.levels(**params) if callable(self.levels) else self.levels
 
 
-def _in_jax(name: str, forward: Callable, formula: str, kind: str = CONTINUOUS,
+def _in_jax(name: str, forward: Callable, formula: str, kind: str = KIND_CONTINUOUS,
             **kw) -> Activation:
   return Activation(name, kind, forward, formula, jax_name=name, **kw)
 
@@ -198,7 +198,7 @@ def _tanhshrink(x):
   return x - jnp.tanh(x)
 
 
-_P = PIECEWISE
+_P = KIND_PIECEWISE
 _RECORDS = (
     # Piecewise linear: a two-valued derivative, exact at 1 bit.
     _in_jax("relu", jax.nn.relu, "max(x, 0)", _P, predicate=lambda x: x > 0),
@@ -246,7 +246,7 @@ _RECORDS = (
     _in_jax("softplus", jax.nn.softplus, "log(1 + exp(x))"),
     _in_jax("soft_sign", jax.nn.soft_sign, "x / (|x| + 1)", aliases=("softsign",)),
     _in_jax("tanh", jnp.tanh, "tanh(x)"),
-    Activation("tanhshrink", CONTINUOUS, _tanhshrink, "x - tanh(x)",
+    Activation("tanhshrink", KIND_CONTINUOUS, _tanhshrink, "x - tanh(x)",
                reference="x - jnp.tanh(x)"),
 )
 

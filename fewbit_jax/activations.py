@@ -299,7 +299,7 @@ def _call(name: str, x, kwargs: dict):
     return p
   rec = _RECORDS[name]
   params = rec.parse({p.name: kwargs.pop(p.name) for p in rec.params})
-  run = _piecewise if rec.kind == _registry.PIECEWISE else _continuous
+  run = _piecewise if rec.kind == _registry.KIND_PIECEWISE else _continuous
   return run(rec, x, params, **kwargs)
 
 
@@ -370,7 +370,7 @@ _PIECEWISE_DOC = """Few-bit {name}: ``{formula}`` with an exact 1-bit gradient.
 def _doc(rec: _registry.Activation) -> str:
   fields = dict(name=rec.name, formula=rec.formula, reference=rec.reference,
                 example=rec.example)
-  if rec.kind == _registry.PIECEWISE:
+  if rec.kind == _registry.KIND_PIECEWISE:
     return _PIECEWISE_DOC.format(**fields)
   notes = [_COMPUTED_NOTE.format(param=p.name) for p in rec.params if p.annotation == "float"]
   return _CONTINUOUS_DOC.format(**fields) + "".join(notes)
@@ -386,7 +386,7 @@ def _define(rec: _registry.Activation) -> Callable:
   names = [p.name for p in rec.params] + ["bits"]
   params = "".join(f", {p.name}: {p.annotation} = {p.default!r}" for p in rec.params)
   extra = ""
-  if rec.kind == _registry.CONTINUOUS:
+  if rec.kind == _registry.KIND_CONTINUOUS:
     names += ["borders", "levels"]
     extra = ", borders=None, levels=None"
   names.append("exact")
@@ -405,7 +405,7 @@ def _define(rec: _registry.Activation) -> Callable:
 
 for _rec in _RECORDS.values():
   _PUBLIC[_rec.name] = _define(_rec)
-  (PIECEWISE if _rec.kind == _registry.PIECEWISE else CONTINUOUS)[_rec.name] = _PUBLIC[_rec.name]
+  (PIECEWISE if _rec.kind == _registry.KIND_PIECEWISE else CONTINUOUS)[_rec.name] = _PUBLIC[_rec.name]
 for _alias, _name in ALIASES.items():
   globals()[_alias] = _PUBLIC[_name]
 del _rec, _alias, _name

@@ -134,7 +134,7 @@ def _check_bits(name: str, bits: Any) -> int | str | None:
       raise ValueError(f"{name}={bits!r}: the only string choice is {EXACT!r} (keep x, exact "
                        f"gradient); otherwise pass the bit width, e.g. {name}=3")
     return EXACT
-  if _registry.ACTIVATIONS[name].kind == _registry.PIECEWISE:
+  if _registry.ACTIVATIONS[name].kind == _registry.KIND_PIECEWISE:
     if bits != 1 or isinstance(bits, bool):
       raise ValueError(f"{name} is piecewise linear: its 1-bit gradient is exact, so pass "
                        f"{name}=1 (or {name}=True); got {name}={bits!r}")

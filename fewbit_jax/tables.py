@@ -55,19 +55,20 @@ from fewbit_jax import _registry
 from fewbit_jax.codes import MAX_BITS, check_bits
 
 __all__ = ["Table", "optimal_table", "table", "default_weight", "normal_weight",
-           "CONTINUOUS", "relative_error", "builtin_derivative", "TABLES_PATH"]
+           "FORWARDS", "relative_error", "builtin_derivative", "TABLES_PATH"]
 
 TABLES_PATH = os.path.join(os.path.dirname(__file__), "data", "tables.json")
 
-# Name -> (forward function of x and params, default params), from the
+# The activations with tables (few-bit codes: `fewbit_jax.activations.CONTINUOUS`):
+# name -> (forward function of x and params, default params), from the
 # activation registry. The derivative of the forward is what the tables
 # approximate.
-CONTINUOUS: dict[str, tuple[Callable, dict]] = {
-    r.name: (r.forward, r.defaults) for r in _registry.of_kind(_registry.CONTINUOUS)}
+FORWARDS: dict[str, tuple[Callable, dict]] = {
+    r.name: (r.forward, r.defaults) for r in _registry.of_kind(_registry.KIND_CONTINUOUS)}
 
 # Parameter sets shipped as built-in tables (others are computed on first use).
 BUILTIN_PARAMS: dict[str, list[dict]] = {
-    r.name: r.shipped() for r in _registry.of_kind(_registry.CONTINUOUS)}
+    r.name: r.shipped() for r in _registry.of_kind(_registry.KIND_CONTINUOUS)}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -279,7 +280,7 @@ def builtin_derivative(name: str, **params) -> Callable:
     >>> tables.builtin_derivative("gelu")(jnp.array([0.0])).tolist()
     [0.5]
   """
-  fn, defaults = CONTINUOUS[name]
+  fn, defaults = FORWARDS[name]
   unknown = set(params) - set(defaults)
   if unknown:
     raise TypeError(f"{name} takes parameters {sorted(defaults)}; got {sorted(unknown)}")
@@ -310,7 +311,7 @@ def table(name: str, bits: int = 3, **params) -> Table:
   """The table of a continuous activation (built-in, or computed and cached).
 
   Args:
-    name: one of `CONTINUOUS` (``gelu``, ``silu``, ...); aliases of the
+    name: one of `FORWARDS` (``gelu``, ``silu``, ...); aliases of the
       original FewBit (``swish``, ``logsigmoid``, ``softsign``, ``hardswish``)
       are accepted.
     bits: 1..8.
@@ -325,11 +326,11 @@ def table(name: str, bits: int = 3, **params) -> Table:
     8
   """
   name = _ALIASES.get(name, name)
-  if name not in CONTINUOUS:
-    raise ValueError(f"no table for {name!r}; tables exist for {sorted(CONTINUOUS)}. "
+  if name not in FORWARDS:
+    raise ValueError(f"no table for {name!r}; tables exist for {sorted(FORWARDS)}. "
                      "For another function use fb.fewbit(fn, bits) or fb.optimal_table.")
   bits = check_bits(bits)
-  _, defaults = CONTINUOUS[name]
+  _, defaults = FORWARDS[name]
   unknown = set(params) - set(defaults)
   if unknown:
     raise TypeError(f"{name} takes parameters {sorted(defaults)}; got {sorted(unknown)}")
@@ -357,14 +358,14 @@ def _cached_builtin(key, bits, borders, levels, error) -> Table:
                error=error)
 
 
-_ALIASES = _registry.aliases_of(_registry.CONTINUOUS)
+_ALIASES = _registry.aliases_of(_registry.KIND_CONTINUOUS)
 
 
 def build_builtin_tables(bits_list=range(1, MAX_BITS + 1), *, cells: int = 4096,
                          progress: Callable[[str], None] | None = None) -> dict:
   """Computes every built-in table (what ``python -m fewbit_jax tables`` writes)."""
   out = {}
-  for name in sorted(CONTINUOUS):
+  for name in sorted(FORWARDS):
     for params in BUILTIN_PARAMS[name]:
       key = table_key(name, {k: (bool(v) if isinstance(v, bool) else float(v))
                              for k, v in params.items()})

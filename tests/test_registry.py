@@ -20,10 +20,10 @@ NAMES = [r.name for r in RECORDS]
 
 def test_records_are_unique_and_complete():
   assert len(NAMES) == len(set(NAMES)) == 21
-  assert {r.kind for r in RECORDS} == {R.PIECEWISE, R.CONTINUOUS}
+  assert {r.kind for r in RECORDS} == {R.KIND_PIECEWISE, R.KIND_CONTINUOUS}
   assert not set(R.ALIASES) & set(NAMES)
   for r in RECORDS:
-    assert (r.predicate is not None) == (r.kind == R.PIECEWISE), r.name
+    assert (r.predicate is not None) == (r.kind == R.KIND_PIECEWISE), r.name
     assert r.formula and r.reference, r.name
     if r.jax_name:
       assert r.reference == f"jax.nn.{r.jax_name}"
@@ -44,13 +44,13 @@ def test_public_function_is_generated_from_the_record(rec):
   assert [(p.name, p.default, p.annotation) for p in after_x] == [
       (p.name, p.default, p.annotation) for p in rec.params]
   keyword = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-  assert keyword == (["bits", "exact"] if rec.kind == R.PIECEWISE
+  assert keyword == (["bits", "exact"] if rec.kind == R.KIND_PIECEWISE
                      else ["bits", "borders", "levels", "exact"])
   assert sig.parameters["bits"].annotation == "int | None"
   assert f"``{rec.formula}``" in f.__doc__ and f"``{rec.reference}``" in f.__doc__
   assert ">>>" in f.__doc__
   assert inspect.getsource(f).startswith(f"def {rec.name}(x=_NO_X")
-  table = A.PIECEWISE if rec.kind == R.PIECEWISE else A.CONTINUOUS
+  table = A.PIECEWISE if rec.kind == R.KIND_PIECEWISE else A.CONTINUOUS
   assert table[rec.name] is f
   for alias in rec.aliases:
     assert getattr(A, alias) is f and getattr(fb, alias) is f and A.ALIASES[alias] == rec.name
@@ -73,10 +73,10 @@ def test_argument_errors_are_pythons_own():
 
 
 def test_tables_derive_from_the_registry():
-  continuous = R.of_kind(R.CONTINUOUS)
-  assert list(T.CONTINUOUS) == [r.name for r in continuous]
+  continuous = R.of_kind(R.KIND_CONTINUOUS)
+  assert list(T.FORWARDS) == [r.name for r in continuous]
   for r in continuous:
-    fn, defaults = T.CONTINUOUS[r.name]
+    fn, defaults = T.FORWARDS[r.name]
     assert fn is r.forward and defaults == r.defaults
     assert T.BUILTIN_PARAMS[r.name][0] == r.defaults
     for alias in r.aliases:
