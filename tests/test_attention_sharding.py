@@ -108,7 +108,6 @@ _DECODER_SCRIPT = textwrap.dedent(r"""
   import jax, jax.numpy as jnp
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
   import fewbit_jax as fb
-  from benchmarks import bench_sharding as bs
 
   assert jax.device_count() == 8, jax.devices()
   ks = jax.random.split(jax.random.key(0), 4)
@@ -150,7 +149,7 @@ _DECODER_SCRIPT = textwrap.dedent(r"""
       one_loss, one_grads = one_device[name]
       ref_loss, ref_grads = one_device["einsum"]
       out[f"{mesh_name} {name}"] = dict(
-          collectives=bs.collectives(compiled.as_text()),
+          collectives=fb.memory.collectives(compiled),
           loss=[float(loss), float(one_loss), float(ref_loss)],
           grad_err=max(float(jnp.abs(a - b).max() / jnp.abs(b).max())
                        for a, b in zip(g, one_grads)),

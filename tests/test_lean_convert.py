@@ -97,8 +97,9 @@ def test_linen_lean_keeps_less():
   plain = memory.compiled(grad, v, x).temp, memory.saved_residuals(loss, v, x)
   with fb.linen.lean():
     lean = memory.compiled(grad, v, x).temp, memory.saved_residuals(loss, v, x)
-  # The dropout keeps flax's boolean mask (fewbit_jax/_dropout.py says why).
-  assert lean[1].by_dtype().get("bool") == plain[1].by_dtype().get("bool")
+  # The dropout keeps its key where flax keeps a boolean mask (masks of more
+  # than REDRAW_BLOCK elements; fewbit_jax/_dropout.py says why).
+  assert lean[1].by_dtype().get("bool", 0) < plain[1].by_dtype().get("bool")
   assert lean[1].saved_bytes < plain[1].saved_bytes - 2 * x.nbytes
   # On CPU, XLA already recomputes much of what flax's norms keep (their
   # broadcasts, the mask from the key) inside the backward's fusions: in
