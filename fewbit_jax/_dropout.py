@@ -125,17 +125,16 @@ def _in_blocks(words, x, keep_prob, mask_shape):
   rows = mask_shape[axis]
   inner = math.prod(mask_shape[axis + 1:])
   per = max(1, min(rows, REDRAW_BLOCK // inner))
-  while rows % per:  # the largest block of whole rows that divides them
-    per -= 1
-  block_shape = mask_shape[:axis] + (per,) + mask_shape[axis + 1:]
+  full, tail = divmod(rows, per)  # full blocks in a loop, the last rows after it
 
-  def body(i, x):  # in place: block i of x becomes its output
-    start = i * per
-    mask = _bernoulli_flat(words, keep_prob, start * inner, per * inner).reshape(block_shape)
-    xs = lax.dynamic_slice_in_dim(x, start, per, axis)
+  def block(x, start, size):  # in place: rows start..start+size of x become their output
+    shape = mask_shape[:axis] + (size,) + mask_shape[axis + 1:]
+    mask = _bernoulli_flat(words, keep_prob, start * inner, size * inner).reshape(shape)
+    xs = lax.dynamic_slice_in_dim(x, start, size, axis)
     return lax.dynamic_update_slice_in_dim(x, _apply(mask, xs, keep_prob), start, axis)
 
-  return lax.fori_loop(0, rows // per, body, x)
+  x = lax.fori_loop(0, full, lambda i, x: block(x, i * per, per), x)
+  return block(x, jnp.int32(full * per), tail) if tail else x
 
 
 def _trivially_placed(out_sharding) -> bool:

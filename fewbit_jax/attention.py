@@ -762,13 +762,13 @@ def dot_product_attention(
     >>> k, v = jax.random.normal(jax.random.key(3), (2, 2, 8, 2, 16))
     >>> pad = (jnp.arange(8) < jnp.array([[8], [6]]))[:, None, None]
     >>> kw = dict(is_causal=True, local_window_size=(3, 0))
-    >>> out = fb.dot_product_attention(q, k, v, mask=pad, **kw)
+    >>> out = jax.jit(lambda q: fb.dot_product_attention(q, k, v, mask=pad, **kw))(q)
     >>> ref = jax.nn.dot_product_attention(q, k, v, mask=pad, implementation="xla", **kw)
     >>> bool(jnp.allclose(out, ref, atol=1e-5))
     True
     >>> capped = lambda q: fb.dot_product_attention(q, k, v, is_causal=True, soft_cap=30.0,
     ...                                             recompute_block=4).sum()
-    >>> jax.grad(capped)(q).shape          # tiles of 4 x 4, 3 of the 4 computed
+    >>> jax.jit(jax.grad(capped))(q).shape  # tiles of 4 x 4, 3 of the 4 computed
     (2, 8, 4, 16)
   """
   if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:

@@ -253,9 +253,9 @@ def test_dropout_keeps_the_key_not_the_mask():
               {}, h, rng=key)), small).by_dtype())
 
 
-@pytest.mark.parametrize("shape,dims,rate", [((300, 1000), (), 0.1), ((4, 96, 700), (0,), 0.5),
+@pytest.mark.parametrize("shape,dims,rate", [((300, 1000), (), 0.1), ((4, 97, 700), (0,), 0.5),
                                              ((12, 5, 7, 1024), (1,), 0.3),
-                                             ((3, 300, 257), (0,), 0.5), ((65537,), (), 0.2)])
+                                             ((65537,), (), 0.2)])
 def test_dropout_blockwise_draw_is_flax_bitwise(shape, dims, rate):
   # Large masks are drawn (on the CPU, a block of rows at a time) and drawn
   # again in the backward from the key: the same bits as jax.random.bernoulli.

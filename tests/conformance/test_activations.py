@@ -96,7 +96,7 @@ def _kind(name: str, *, exact: bool = False) -> Kind:
   if exact:
     return Kind(f"{name}(exact)", functools.partial(fn, exact=True), ref, exact=True,
                 second_order="exact")
-  if rec.kind == _registry.PIECEWISE:
+  if rec.kind == _registry.KIND_PIECEWISE:
     parsed = rec.parse({p.name: params.get(p.name, p.default) for p in rec.params})
     return Kind(name, fn, ref, levels=rec.levels_for(parsed),
                 predicate=functools.partial(rec.predicate, **parsed), second_order="zero")
