@@ -231,6 +231,17 @@ def block_keys(key: jax.Array, blocks: int) -> jax.Array:
   return _hash.block_key_words(k0, k1, jnp.arange(int(blocks), dtype=jnp.uint32))
 
 
+def _block_args(name: str, x3d, keys) -> jax.Array:
+  """`keys` as an array, checked against the (C, R, N) blocks `x3d`: one raw uint32 key per block."""
+  if x3d.ndim != 3:
+    raise ValueError(f"{name} expects a 3-D array (C, R, N); got shape {x3d.shape}.")
+  keys = jnp.asarray(keys)
+  if keys.shape != (x3d.shape[0], 2) or keys.dtype != jnp.uint32:
+    raise ValueError(f"keys must be uint32 of shape (C, 2) = ({x3d.shape[0]}, 2), one raw key "
+                     f"per block (see block_keys); got {keys.dtype} {keys.shape}.")
+  return keys
+
+
 def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *, precision=None,
                    row0=None) -> jax.Array:
   """``S_c^T x3d[c]`` for every block c: the block-diagonal sketch, (C, k, N) float32.
@@ -263,12 +274,7 @@ def project_blocks(kind: str, x3d: jax.Array, keys: jax.Array, k: int, *, precis
     True
   """
   _check_fixed(kind, "project_blocks")
-  if x3d.ndim != 3:
-    raise ValueError(f"project_blocks expects a 3-D array (C, R, N); got shape {x3d.shape}.")
-  keys = jnp.asarray(keys)
-  if keys.shape != (x3d.shape[0], 2) or keys.dtype != jnp.uint32:
-    raise ValueError(f"keys must be uint32 of shape (C, 2) = ({x3d.shape[0]}, 2), one raw key "
-                     f"per block (see block_keys); got {keys.dtype} {keys.shape}.")
+  keys = _block_args("project_blocks", x3d, keys)
   one = lambda xb, kb: project(kind, xb, kb, k, precision=precision, row0=row0)
   if x3d.shape[0] == 1:
     return one(x3d[0], keys[0])[None]
@@ -486,12 +492,7 @@ def sample_rows_blocks(kind: str, x3d: jax.Array, keys: jax.Array,
     ((2, 2, 3), (2, 2))
   """
   check_kind(kind)
-  if x3d.ndim != 3:
-    raise ValueError(f"sample_rows_blocks expects a 3-D array (C, R, N); got shape {x3d.shape}.")
-  keys = jnp.asarray(keys)
-  if keys.shape != (x3d.shape[0], 2) or keys.dtype != jnp.uint32:
-    raise ValueError(f"keys must be uint32 of shape (C, 2) = ({x3d.shape[0]}, 2), one raw key "
-                     f"per block (see block_keys); got {keys.dtype} {keys.shape}.")
+  keys = _block_args("sample_rows_blocks", x3d, keys)
   if kind not in SAMPLED_KINDS:
     raise ValueError(f"sample_rows_blocks takes a sampled sketch ({', '.join(SAMPLED_KINDS)}); "
                      f"{kind!r} has a fixed S: use project_blocks.")
