@@ -193,3 +193,28 @@ def on_8_devices():
   one after another, each as if it were ``python -P -c script *args``.
   """
   return _on_8_devices
+
+
+def _assert_matches_theory(est, truth, var, n_keys: int) -> None:
+  """Sketched estimates `est` (one per key) unbiased for `truth`, with variance `var` (theory's).
+
+  Unbiased: each entry's mean is within 5 standard errors of the truth, and
+  the squared standardized errors average about 1 (their expectation).
+  Variance: the summed squared deviation per key has mean sum(var); it is
+  compared with its own standard error, and within 15%.
+  """
+  import math
+  import numpy as np
+  z = (est.mean(0) - truth) / np.sqrt(var / n_keys)
+  assert np.abs(z).max() < 5.0, z
+  assert (z ** 2).mean() < 3.0, (z ** 2).mean()
+  q = ((est - est.mean(0)) ** 2).sum(axis=(1, 2)) * n_keys / (n_keys - 1)
+  zq = (q.mean() - var.sum()) / (q.std() / math.sqrt(n_keys))
+  assert abs(zq) < 5.0, (q.mean(), var.sum(), zq)
+  assert abs(q.mean() / var.sum() - 1) < 0.15
+
+
+@pytest.fixture
+def matches_theory():
+  """`_assert_matches_theory`: the sketch tests' check of unbiasedness and variance."""
+  return _assert_matches_theory
