@@ -14,11 +14,27 @@ if _ROOT not in sys.path:
 def pytest_addoption(parser):
   parser.addoption("--runslow", action="store_true", default=False,
                    help="also run tests marked slow (long benchmarks and examples)")
+  parser.addoption("--xla-optimized", action="store_true", default=False,
+                   help="compile every test with XLA's full optimisation (by default only "
+                        "the tests marked xla_optimized do; the rest compile at a low level)")
+
+
+# The suite compiles at XLA's low optimisation level (``jax_disable_most_optimizations``):
+# LLVM's expensive passes are skipped (a third of most CPU compilations here) while
+# XLA's HLO passes, hence fusion, buffer assignment and every byte count and
+# collective a test reads, stay as they are. Tests of last-ulp numerics against
+# eager references (transcendental functions differ between the levels) are marked
+# `xla_optimized`; ``--xla-optimized`` runs everything at the full level.
+_LOW_LEVEL = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "compile_only: the test only compiles (reads memory "
-                          "analysis or HLO, runs nothing): XLA's optimisations mostly off")
+  config.addinivalue_line("markers", "xla_optimized: compiled with XLA's full optimisation "
+                          "(numerics checked to the last bits against eager references)")
+  if not config.getoption("--xla-optimized"):
+    os.environ[_LOW_LEVEL] = "1"  # this process and the children it starts
+    if "jax" in sys.modules:
+      sys.modules["jax"].config.update("jax_disable_most_optimizations", True)
   # Under pytest-xdist (`-n 2`) the tests of a module run on one worker, so
   # that its module-scoped fixtures (compiled programs, a child's results)
   # are made once: `--dist load` (what `-n` implies) becomes `loadfile`. Each
@@ -37,24 +53,24 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _compile_only(request):
-  """Tests marked `compile_only` compile with XLA's optimisations mostly off.
+def _xla_optimized(request):
+  """Tests marked `xla_optimized` compile with XLA's full optimisation.
 
-  They only read what XLA compiled (memory analysis, HLO text) and never run
-  it; ``jax_disable_most_optimizations`` skips LLVM's expensive passes (about
-  a third of a CPU compilation) and leaves buffer assignment, hence every
-  byte count and collective such a test reads, as it is.
+  The flag is not part of jax's compilation cache keys, so the caches are
+  cleared first: an executable (an eager op included) compiled at the low level
+  by an earlier test must not be reused.
   """
-  if request.node.get_closest_marker("compile_only") is None:
+  if request.node.get_closest_marker("xla_optimized") is None or os.environ.get(_LOW_LEVEL) != "1":
     yield
     return
   import jax
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
+  jax.config.update("jax_disable_most_optimizations", False)
+  jax.clear_caches()
   try:
     yield
   finally:
-    jax.config.update("jax_disable_most_optimizations", old)
+    jax.config.update("jax_disable_most_optimizations", True)
+    jax.clear_caches()
 
 
 def _child_env(**extra: str) -> dict[str, str]:

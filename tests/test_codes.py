@@ -107,7 +107,6 @@ def test_pack_under_jit_and_vmap():
   np.testing.assert_array_equal(p1, p2)
 
 
-@pytest.mark.compile_only
 @pytest.mark.parametrize("bits", [3, 8])
 def test_pure_path_keeps_only_the_codes(bits):
   # jit(grad) of a few-bit activation between elementwise ops: on the pure

@@ -351,7 +351,6 @@ def _two_layer_temp(kind, lead=(16384,), mode="jax", n=768):
   return compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
 
 
-@pytest.mark.compile_only
 @pytest.mark.parametrize("lead", LEADS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", KINDS)
@@ -367,7 +366,6 @@ def test_compiled_memory_below_vanilla(kind, mode, lead):
   assert "16384,3277]" not in hlo and "3277,16384]" not in hlo  # S is never whole
 
 
-@pytest.mark.compile_only
 @pytest.mark.parametrize("mode", MODES)
 def test_small_batch_adds_no_kernel_copy(mode):
   # 128 positions through a 256 x 256 layer: the activation and the cotangent
@@ -384,7 +382,6 @@ def test_small_batch_adds_no_kernel_copy(mode):
   assert temps[1] - temps[0] < w.nbytes // 2, temps
 
 
-@pytest.mark.compile_only
 @pytest.mark.skipif(not ext.available(), reason="fewbit_jax._xla_ext not built")
 @pytest.mark.parametrize("lead", LEADS)
 @pytest.mark.parametrize("kind", ext.SKETCH_KINDS)

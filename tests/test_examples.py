@@ -33,7 +33,6 @@ ROWS = {r.name: r for r in memory_table.ROWS}
 # benchmarks/
 
 
-@pytest.mark.compile_only
 def test_memory_table_both_below_vanilla():
   cfg = dataclasses.replace(roberta.RobertaConfig.tiny(), num_layers=1)
   names = ["vanilla", "3-bit GELU + randomized 20%"]
@@ -83,7 +82,6 @@ def test_memory_table_figure(tmp_path):
   assert (tmp_path / "m.png").stat().st_size > 1000
 
 
-@pytest.mark.compile_only
 def test_memory_table_keeps_remat_on_cpu():
   # Without the compile options XLA's CPU pipeline undoes jax.checkpoint.
   cfg = dataclasses.replace(roberta.RobertaConfig.tiny(), num_layers=2)
@@ -93,7 +91,6 @@ def test_memory_table_keeps_remat_on_cpu():
   assert remat["temp"] < 0.9 * plain["temp"]
 
 
-@pytest.mark.compile_only
 def test_lean_parts_compiled_saving():
   # What XLA's compiled step holds, not only the jaxpr residuals: left alone,
   # XLA merges the lean backward's mask draws and recomputations with the

@@ -93,7 +93,6 @@ def test_sketch_groups_are_rows_of_one_sketch():
                               kind="gaussian", k=3)
 
 
-@pytest.mark.compile_only
 @pytest.mark.parametrize("kind", ext.SKETCH_KINDS)
 @pytest.mark.parametrize("groups", [1, 4])
 @pytest.mark.parametrize("lead", [(4096,), (16, 256)])

@@ -102,7 +102,6 @@ def test_shape_dtype_structs_and_kwargs():
   assert rep.by_dtype(include_inputs=True) == {"bfloat16": 3 * 32 * 16 * 2}
 
 
-@pytest.mark.compile_only
 def test_compiled_matches_xla_and_lower_temp_for_fewbit():
   def step(act):
     return jax.grad(_mlp(act), argnums=(0, 1))

@@ -228,7 +228,6 @@ def test_rademacher_and_countsketch_beat_gaussian_on_spiky_rows():
 
 # --- memory -------------------------------------------------------------------
 
-@pytest.mark.compile_only
 @pytest.mark.parametrize("kind", KINDS)
 def test_projection_temp_below_input_size(kind):
   # B = 16384 rows, N = 768, k = 0.2 B: a whole Gaussian S (16384 x 3277 f32,

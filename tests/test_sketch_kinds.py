@@ -277,7 +277,6 @@ def test_remat_policy_keeps_only_the_sketch(kind):
   np.testing.assert_allclose(g, jax.jit(jax.grad(block))(w, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.compile_only
 @pytest.mark.parametrize("kind", sketch.SAMPLED_KINDS)
 def test_compiled_memory_below_vanilla(kind):
   # As tests/test_dense.py's: B = 64 x 256, width 768, ratio 0.2; the relu

@@ -42,6 +42,9 @@ from fewbit_jax import _registry
 from fewbit_jax import activations as A
 from fewbit_jax import tables
 
+# Gradients to a few ulps against eager references: at XLA's full optimisation.
+pytestmark = pytest.mark.xla_optimized
+
 PATHS = ["jax"] + (["ffi"] if fb.ext.available() else [])
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 SHAPES = [(), (0,), (3, 0), (4, 1), (2, 16), (31,), (2, 32), (3, 33), (2, 3, 100), (1000,)]
