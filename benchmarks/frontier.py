@@ -1,7 +1,7 @@
 """The memory-compute frontier: the library's one-call conversion against JAX's remat policies.
 
 Two models written without the library: the Gemma/Llama-style decoder of
-`benchmarks.decoder` (NNX; hand-written pre-RMSNorm, GQA with RoPE, inline
+`fewbit_jax._models.decoder` (NNX; hand-written pre-RMSNorm, GQA with RoPE, inline
 gated GELU MLP, vocabulary 32k) and the RoBERTa encoder of
 `benchmarks.roberta` (linen). Rows, in three families:
 
@@ -21,7 +21,7 @@ family compute it with the fused loss head instead: the model returns its
 last hidden state (``return_hidden=True``, the one change) and
 ``fb.linear_softmax_cross_entropy(h, embedding, labels, kernel_layout="vd")``
 gives the loss with no logits and no transposed table
-(`benchmarks.decoder.fused_loss_fn`): either per token, the backward
+(`fewbit_jax._models.decoder.fused_loss_fn`): either per token, the backward
 recomputing the logits ("fused loss"), or reduced to the mean with the
 gradients formed in the forward pass (``gradient="forward"``, "grad in
 fwd": optax's flops); ``gated=False`` rows leave the gated
@@ -96,7 +96,7 @@ from flax import nnx  # noqa: E402
 import fewbit_jax as fb  # noqa: E402
 import fewbit_jax.linen  # noqa: E402,F401
 import fewbit_jax.nnx  # noqa: E402,F401
-from benchmarks import decoder as dec  # noqa: E402
+from fewbit_jax._models import decoder as dec  # noqa: E402
 from benchmarks import roberta as rob  # noqa: E402
 
 MiB = 2.0 ** 20
@@ -322,7 +322,7 @@ def decoder_residuals(full: bool, top: int = 8) -> list[str]:
   the rows at flops <= 1.02x).
 
   For each of `RESIDUAL_CASES` (``fb.nnx.convert`` options), by
-  ``fb.memory.saved_residuals`` of `benchmarks.decoder.fused_loss_fn`
+  ``fb.memory.saved_residuals`` of `fewbit_jax._models.decoder.fused_loss_fn`
   (jaxpr level: before XLA's buffer reuse): one line per array, largest
   first, the same array of every layer on one line (total size, count x
   shape, op or name, source line).
@@ -353,7 +353,7 @@ def decoder_residuals(full: bool, top: int = 8) -> list[str]:
 
 
 def mlp_rows(batch: int = 4, seq: int = 256, dim: int = 512, hidden: int = 2048):
-  """(treatment, bytes kept) for the decoder's MLP alone (`benchmarks.decoder.FeedForward`).
+  """(treatment, bytes kept) for the decoder's MLP alone (`fewbit_jax._models.decoder.FeedForward`).
 
   By ``fb.memory.saved_residuals`` of ``mlp(x).sum()`` with respect to the
   MLP's parameters and x, f32 ``[batch, seq, dim]``: as written (autodiff),

@@ -1,6 +1,6 @@
 """fb.nnx.convert and fb.linen.convert on models written without the library.
 
-The NNX model is the repository's Gemma-style decoder (benchmarks/decoder.py:
+The NNX model is the repository's Gemma-style decoder (fewbit_jax/_models/decoder.py:
 hand-written RMSNorm, GQA with RoPE, inline gated GELU, an nnx.List of
 layers); the linen model below is written in the style of flax's lm1b example
 (pre-LayerNorm blocks named ``encoderdecoderblock_<i>``, flax's attention with
@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 import fewbit_jax as fb
-from benchmarks import decoder as D
+from fewbit_jax._models import decoder as D
 
 CFG = D.DecoderConfig.tiny()
 TOKENS = D.make_tokens(CFG, 2, 16)

@@ -2,8 +2,9 @@
 
 In the style of flax's ``examples/gemma``: pre-RMSNorm written by hand (as
 gemma's ``layers.RMSNorm``: ``x * rsqrt(mean(x^2) + eps) * (1 + scale)``),
-grouped-query attention with rotary position embeddings and a causal mask
-applied with ``jnp.where``, a gated GELU MLP written inline
+grouped-query attention with rotary position embeddings, an optional logit
+soft-cap (Gemma 2's ``tanh(logits / cap) * cap``) and a causal mask applied
+with ``jnp.where``, a gated GELU MLP written inline
 (``nnx.gelu(gate_proj(x)) * up_proj(x)``), the layers in an ``nnx.List``,
 an embedding table tied to the output logits. Nothing in it knows
 fewbit_jax: the benchmarks convert it with `fewbit_jax.nnx.convert`. The
@@ -16,7 +17,7 @@ returns the last hidden state instead of the logits (`fused_loss_fn`).
 Example:
   >>> import jax.numpy as jnp
   >>> from flax import nnx
-  >>> from benchmarks import decoder
+  >>> from fewbit_jax._models import decoder
   >>> cfg = decoder.DecoderConfig.tiny()
   >>> model = decoder.Decoder(cfg, rngs=nnx.Rngs(0))
   >>> model(jnp.ones((2, 8), jnp.int32)).shape
@@ -30,7 +31,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 __all__ = ["DecoderConfig", "RMSNorm", "Attention", "FeedForward", "Block", "Decoder",
@@ -50,6 +50,7 @@ class DecoderConfig:
   num_kv_heads: int = 1
   head_dim: int = 64
   rope_base: float = 10000.0
+  attn_logits_soft_cap: float | None = None  # Gemma 2's 50.0: tanh(logits / cap) * cap
 
   @classmethod
   def full(cls, **overrides) -> "DecoderConfig":
@@ -113,6 +114,8 @@ class Attention(nnx.Module):
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, l, cfg.num_kv_heads, groups, cfg.head_dim)
     logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k)
+    if cfg.attn_logits_soft_cap is not None:  # inline, as gemma writes it
+      logits = jnp.tanh(logits / cfg.attn_logits_soft_cap) * cfg.attn_logits_soft_cap
     logits = jnp.where(mask[:, None, None], logits, K_MASK)
     probs = jax.nn.softmax(logits, axis=-1)
     ctx = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, l, -1)
@@ -185,6 +188,7 @@ class Decoder(nnx.Module):
 def loss_fn(model: Decoder, tokens):
   """Next-token cross-entropy, mean over the batch."""
   logits = model(tokens[:, :-1])
+  import optax  # the tests' and benchmarks' requirement, not the library's
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
