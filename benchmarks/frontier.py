@@ -424,6 +424,74 @@ def norm_rows(batch: int = 8, seq: int = 256, dim: int = 512) -> list[tuple[str,
 
 
 # --------------------------------------------------------------------------
+# Attention's inline elementwise work (soft-cap, mask, RoPE): recomputed or recognised.
+
+class _RecognisedAttention(dec.Attention):
+  """The decoder's attention with its core as `fb.dot_product_attention` (for comparison only).
+
+  What recognising the inline core would give: the same function (causal,
+  GQA, the soft-cap) through the library's op, with the model's RoPE kept.
+  """
+
+  def __call__(self, x, positions, mask):
+    del mask  # causal, as the decoder's
+    cfg = self.cfg
+    b, l, _ = x.shape
+    q = self.q_proj(x).reshape(b, l, cfg.num_heads, cfg.head_dim)
+    k = self.k_proj(x).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+    v = self.v_proj(x).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+    q = dec.apply_rope(q, positions, cfg.rope_base)
+    k = dec.apply_rope(k, positions, cfg.rope_base)
+    ctx = fb.dot_product_attention(q, k, v, is_causal=True, soft_cap=cfg.attn_logits_soft_cap)
+    return self.o_proj(ctx.reshape(b, l, -1))
+
+
+def attention_rows(full, caps=(None, 50.0)) -> list[tuple[str, str, float, float]]:
+  """(model, treatment, temp MiB, flops ratio) of the decoder step, its attention treated.
+
+  The decoder with its fused loss (gradients in the forward pass), without
+  remat, compiled with the CSE barriers kept (``fb.memory.KEEP_REMAT``): vanilla;
+  ``fb.nnx.convert(exact=True)``; the same with ``elementwise=True`` (each
+  attention module rematerialised alone, its matmuls' outputs kept); and its
+  core replaced by `fb.dot_product_attention` (`_RecognisedAttention`: what
+  recognising the inline code would reach). ``caps``: without and with
+  Gemma 2's logit soft-cap (50).
+  """
+  base, batch, seq = decoder_config(full)
+  out = []
+  for cap in caps:
+    cfg = dataclasses.replace(base, attn_logits_soft_cap=cap)
+    tokens = dec.make_tokens(cfg, batch, seq)
+    loss_fn = functools.partial(dec.fused_loss_fn, gradient="forward")
+
+    def measure_one(model):
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+      step = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), tokens))
+      c = jax.jit(step).lower(params).compile(fb.memory.KEEP_REMAT)  # also when imported
+      return c.memory_analysis().temp_size_in_bytes / MiB, _flops(c)
+
+    def recognised():
+      model = dec.Decoder(cfg, rngs=nnx.Rngs(0))
+      for layer in model.layers:
+        layer.attn.__class__ = _RecognisedAttention
+      return fb.nnx.convert(model)
+
+    title = "decoder" + ("" if cap is None else f", soft-cap {cap:g}")
+    cases = [("vanilla", lambda: dec.Decoder(cfg, rngs=nnx.Rngs(0))),
+             ("fb.nnx.convert(exact=True)", lambda: fb.nnx.convert(dec.Decoder(
+                 cfg, rngs=nnx.Rngs(0)))),
+             ("... elementwise=True", lambda: fb.nnx.convert(dec.Decoder(
+                 cfg, rngs=nnx.Rngs(0)), elementwise=True)),
+             ("... core as fb.dot_product_attention", recognised)]
+    vanilla_flops = None
+    for name, make in cases:
+      mib, flops = measure_one(make())
+      vanilla_flops = vanilla_flops or flops
+      out.append((title, name, mib, flops / vanilla_flops))
+  return out
+
+
+# --------------------------------------------------------------------------
 
 def _median_time_ratio(case: Case, vanilla: Case, repeats: int) -> float:
   def once(c):
@@ -555,6 +623,9 @@ def main(argv=None) -> None:
                       help="also: what the decoder's gated MLP keeps, recognised or not")
   parser.add_argument("--norms", action="store_true",
                       help="also: what a norm keeps, recognised or recomputed")
+  parser.add_argument("--attention", action="store_true",
+                      help="also: the decoder's inline attention (soft-cap, mask, RoPE) "
+                           "recomputed (elementwise=True) or recognised")
   args = parser.parse_args(argv)
   log = lambda s: print(s, flush=True)
   if not keep_remat_on_cpu():
@@ -600,6 +671,12 @@ def main(argv=None) -> None:
     log("| norm | treatment | kept MiB |\n|---|---|---|")
     for name, how, nbytes in norm_rows():
       log(f"| {name} | {how} | {nbytes / MiB:.2f} |")
+  if args.attention:
+    log("\nthe decoder's attention, written inline (RoPE, jnp.where mask, optional soft-cap): "
+        "temp memory of the step with the fused loss, no remat")
+    log("| model | attention | temp MiB | flops |\n|---|---|---|---|")
+    for title, name, mib, ratio in attention_rows(size):
+      log(f"| {title} | {name} | {mib:.1f} | {ratio:.3f}x |")
   if args.figure:
     draw(results, args.figure)
     log(f"figure: {args.figure}")

@@ -22,10 +22,13 @@ from fewbit_jax import patch as _patch
 from fewbit_jax import remat as _remat
 
 __all__ = ["activation_choices", "resolve_policy", "is_cheap_class", "is_library_class",
-           "Conversion", "RECOGNISERS"]
+           "is_attention_class", "check_elementwise", "keep_dots", "Conversion", "RECOGNISERS"]
 
 # Module class names that are cheap elementwise/normalisation blocks by default.
 CHEAP_NAME = re.compile(r"norm", re.IGNORECASE)
+
+# Module class names that ``elementwise=True`` takes for attention.
+ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 
 # Recognisers of whole sub-blocks that the library has a lean op for, applied
 # by the NNX conversion before anything else: ``(module, path, *, exact, bits)
@@ -134,6 +137,52 @@ def is_cheap_class(cls: type) -> bool:
   return bool(CHEAP_NAME.search(cls.__name__)) and not is_library_class(cls)
 
 
+def is_attention_class(cls: type) -> bool:
+  """Whether `cls`'s name says it is attention (``/attention|attn/i``) and it is the model's own.
+
+  Example:
+    >>> from fewbit_jax._one_call import is_attention_class
+    >>> is_attention_class(type("SelfAttention", (), {"__module__": "my_model"}))
+    True
+  """
+  return bool(ATTENTION_NAME.search(cls.__name__)) and not is_library_class(cls)
+
+
+def check_elementwise(elementwise, remat: bool, what: str):
+  """`elementwise` as False, True (the attention rule) or a regex; or a clear error.
+
+  Example:
+    >>> from fewbit_jax._one_call import check_elementwise
+    >>> check_elementwise(r"/attn$", remat=False, what="convert").pattern
+    '/attn$'
+  """
+  if elementwise is None or elementwise is False:
+    return False
+  if remat:
+    raise ValueError(f"{what}: elementwise= recomputes the elementwise work of single modules "
+                     "of a model whose blocks are not rematerialised; with remat=True the "
+                     "blocks' policy already decides what is recomputed. Pass one of the two.")
+  if elementwise is True:
+    return True
+  if isinstance(elementwise, str):
+    return re.compile(elementwise)
+  raise TypeError(f"{what}: elementwise must be False, True (the model's own attention "
+                  f"modules, class name matching /attention|attn/i) or a regular expression on "
+                  f"module paths; got {elementwise!r}")
+
+
+def keep_dots() -> tp.Callable[..., bool]:
+  """The policy of `elementwise` modules: keep every matmul's output, recompute the rest.
+
+  Example:
+    >>> import jax
+    >>> from fewbit_jax._one_call import keep_dots
+    >>> keep_dots() is jax.checkpoint_policies.dots_saveable
+    True
+  """
+  return jax.checkpoint_policies.dots_saveable
+
+
 def check_blocks(blocks, what: str):
   """`blocks` as (regex or None, classes tuple), or a clear error."""
   if blocks is None:
@@ -172,7 +221,8 @@ class Conversion:
 
   ``linear``: layers made randomized; ``lean``: flax norms, dropout and
   attention made lean; ``cheap``: the model's own cheap modules recomputed
-  in the backward pass; ``blocks``: the blocks rematerialised with
+  in the backward pass; ``elementwise``: modules whose elementwise work is
+  recomputed (their matmuls' outputs kept); ``blocks``: the blocks rematerialised with
   ``policy``; ``gated``: gated MLPs whose call became `fewbit_jax.gated`
   (path: activation); ``activations``: the activation patch applied while
   the model is traced.
@@ -185,6 +235,7 @@ class Conversion:
   linear: list[str] = dataclasses.field(default_factory=list)
   lean: list[str] = dataclasses.field(default_factory=list)
   cheap: list[str] = dataclasses.field(default_factory=list)
+  elementwise: list[str] = dataclasses.field(default_factory=list)
   blocks: list[str] = dataclasses.field(default_factory=list)
   gated: list[str] = dataclasses.field(default_factory=list)
   activations: dict = dataclasses.field(default_factory=dict)
@@ -194,5 +245,6 @@ class Conversion:
     def short(xs):
       return xs if len(xs) <= 6 else xs[:3] + [f"... {len(xs) - 3} more"]
     return (f"Conversion(linear={short(self.linear)}, lean={short(self.lean)}, "
-            f"cheap={short(self.cheap)}, gated={short(self.gated)}, blocks={short(self.blocks)}, "
+            f"cheap={short(self.cheap)}, elementwise={short(self.elementwise)}, "
+            f"gated={short(self.gated)}, blocks={short(self.blocks)}, "
             f"policy={self.policy})")

@@ -161,6 +161,37 @@ def test_nnx_cheap_module_keeps_less_than_its_autodiff():
   assert kept(holder) < before
 
 
+def test_nnx_elementwise_soft_capped_attention_keeps_its_matmuls_outputs_only(vanilla):
+  # Gemma 2's inline soft-cap, tanh(logits / cap) * cap, keeps its tanh beside
+  # the softmax's output; elementwise=True recomputes both from the logits.
+  cfg = D.DecoderConfig.tiny(attn_logits_soft_cap=2.0)
+  make = lambda: D.Decoder(cfg, rngs=nnx.Rngs(0))
+  plain, ew = fb.nnx.convert(make()), fb.nnx.convert(make(), elementwise=True)
+  assert fb.nnx.conversion(ew).elementwise == ["/layers/0/attn", "/layers/1/attn"]
+  loss, ref = _nnx_jit_grads(make(), TOKENS)
+  got_loss, got = _nnx_jit_grads(ew, TOKENS)
+  step, params, rest = _functional(ew)
+  f_loss, f_got = step(params, rest, TOKENS, jax.random.key(0))
+  assert _rel(ref, got) < 1e-5 and _rel(ref, f_got) < 1e-5
+  np.testing.assert_allclose([got_loss, f_loss], [loss, loss], rtol=1e-6)
+  # The capped model differs from the uncapped one (the cap is applied).
+  assert abs(float(loss) - float(vanilla[0])) > 1e-4
+  scores = 2 * cfg.num_heads * 16 * 16 * 4  # one float32 [B, heads, L, L] array, per layer
+  assert _saved_bytes(ew, TOKENS) <= _saved_bytes(plain, TOKENS) - cfg.num_layers * scores
+
+
+def test_nnx_elementwise_options_and_errors():
+  done = fb.nnx.conversion(fb.nnx.convert(_model(), elementwise=r"^/layers/1/attn$"))
+  assert done.elementwise == ["/layers/1/attn"]
+  assert fb.nnx.conversion(fb.nnx.convert(_model())).elementwise == []
+  with pytest.raises(ValueError, match="remat=True"):
+    fb.nnx.convert(_model(), remat=True, elementwise=True)
+  with pytest.raises(ValueError, match="matches no module path"):
+    fb.nnx.convert(_model(), elementwise=r"^/nothing$")
+  with pytest.raises(TypeError, match="elementwise must be"):
+    fb.nnx.convert(_model(), elementwise=3)
+
+
 # --------------------------------------------------------------------------
 # The gated MLP, recognised by structure and verified by tracing.
 
@@ -450,6 +481,43 @@ def test_linen_own_norms_recomputed_and_blocks_by_pattern():
   assert kept < fb.memory.saved_residuals(loss, v).saved_bytes
 
 
+class CappedSelfAttention(nn.Module):
+  """Single-head attention with an inline logit soft-cap, written by hand."""
+
+  @nn.compact
+  def __call__(self, x):
+    q, k, v = (nn.Dense(x.shape[-1], use_bias=False)(x) for _ in range(3))
+    logits = jnp.einsum("bqd,bkd->bqk", q, k) / np.sqrt(x.shape[-1])
+    logits = jnp.tanh(logits / 3.0) * 3.0
+    return nn.Dense(x.shape[-1])(jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(logits), v))
+
+
+class CappedLM(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(2):
+      x = x + CappedSelfAttention()(x)
+    return x
+
+
+def test_linen_elementwise_soft_capped_attention_keeps_less():
+  x = jax.random.normal(jax.random.key(0), (2, 16, 8))
+  v = CappedLM().init(jax.random.key(1), x)
+  loss = lambda v: (CappedLM().apply(v, x) ** 2).sum()
+  ref = jax.grad(loss)(v)
+  with fb.linen.convert(warn_unused=False):  # softmax patched, nothing else
+    kept_plain = fb.memory.saved_residuals(loss, v).saved_bytes
+  with fb.linen.convert(elementwise=True) as done:
+    got = jax.grad(loss)(v)
+    kept = fb.memory.saved_residuals(loss, v).saved_bytes
+  assert done.elementwise == ["/CappedSelfAttention_0", "/CappedSelfAttention_1"]
+  assert _rel(ref, got) < 1e-5
+  assert kept <= kept_plain - 2 * (2 * 16 * 16 * 4)  # a [2, 16, 16] float32 per layer less
+  with pytest.raises(ValueError, match="remat=True"):
+    with fb.linen.convert(remat=True, elementwise=True):
+      pass
+
+
 def test_linen_convert_errors():
   with pytest.raises(ValueError, match="exact=True does not use"):
     with fb.linen.convert(sketch="countsketch"):
@@ -478,17 +546,27 @@ def test_frontier_keeps_the_pareto_rows_and_norms_recomputed_keep_least():
       kept[("nnx.RMSNorm (flax's)", "recognised")]
 
 
+def test_frontier_attention_rows_soft_cap_recomputed_keeps_less():
+  from benchmarks import frontier
+  rows = {(m, name): (mib, ratio) for m, name, mib, ratio in frontier.attention_rows("tiny")}
+  plain, ew = rows["decoder, soft-cap 50", "fb.nnx.convert(exact=True)"], rows[
+      "decoder, soft-cap 50", "... elementwise=True"]
+  assert ew[0] < plain[0] and ew[1] < 1.02 * plain[1]  # a few elementwise flops more
+  assert rows["decoder", "fb.nnx.convert(exact=True)"][0] < rows["decoder", "vanilla"][0]
+
+
 @pytest.mark.slow
 def test_frontier_benchmark_runs_at_test_sizes(tmp_path):
   import subprocess
   import sys
   out = subprocess.run([sys.executable, "-m", "benchmarks.frontier", "--tiny", "--time",
-                        "--repeats", "1", "--figure", str(tmp_path / "f.png")],
+                        "--repeats", "1", "--figure", str(tmp_path / "f.png"), "--attention"],
                        capture_output=True, text=True, timeout=1800,
                        cwd=__import__("os").path.dirname(__import__("os").path.dirname(
                            __file__)))
   assert out.returncode == 0, out.stderr[-3000:]
   assert "cse_barrier_expander" in out.stdout and (tmp_path / "f.png").exists()
+  assert "| decoder, soft-cap 50 | ... elementwise=True |" in out.stdout  # --attention
 
 
 def test_the_packaged_models_are_users_models():

@@ -89,8 +89,8 @@ def _checkpointed_call(module: nn.Module, args, kwargs, policy):
 
 @contextlib.contextmanager
 def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None, cheap=True,
-            bits: int = 3, proj_dim_ratio: float = 0.2, activations: bool = True,
-            warn_unused: bool = True, **dense_options):
+            elementwise=False, bits: int = 3, proj_dim_ratio: float = 0.2,
+            activations: bool = True, warn_unused: bool = True, **dense_options):
   """Applies every technique of the library to the linen models traced inside.
 
   Linen's counterpart of `fewbit_jax.nnx.convert`; the variables, their
@@ -104,6 +104,10 @@ def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None
   3. The model's own norm-like modules (class name matching ``/norm/i``,
      no matmul parameters) are recomputed in the backward pass
      (``nn.remat`` of that module alone, saving nothing but its inputs).
+     ``elementwise=``: the chosen modules (True: the model's own attention,
+     class name matching ``/attention|attn/i``, holding matmul parameters)
+     keep only their matmuls' outputs (``nn.remat`` with ``dots_saveable``):
+     an inline soft-cap, RoPE, mask or softmax is recomputed from them.
   4. ``remat=True``: the repeated blocks (the model's own modules named
      ``<prefix><i>``, e.g. ``layer_3`` or ``Block_3``, with siblings of the
      same prefix and the same parameter shapes; the outermost) run under
@@ -133,6 +137,8 @@ def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None
       paths (``'^/layer_\\d+$'``), or a class or tuple of classes.
     cheap: True (the ``/norm/i`` rule of step 3), False, or a regular
       expression on module paths.
+    elementwise: False (default), True (the model's own attention modules), or
+      a regular expression on module paths (step 3). Not with ``remat=True``.
     bits: the few-bit activations' bits (``exact=False``).
     proj_dim_ratio: the randomized layers' sketch ratio (``exact=False``).
     activations: patch inline activations and softmax (default True).
@@ -175,6 +181,7 @@ def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None
                      "exact=True does not use; pass exact=False or drop them.")
   block_regex, block_classes = _one_call.check_blocks(blocks, "fb.linen.convert")
   cheap_rule = _one_call.check_cheap(cheap, "fb.linen.convert")
+  elementwise_rule = _one_call.check_elementwise(elementwise, remat, "fb.linen.convert")
   remat_policy = _one_call.resolve_policy(policy) if remat else None
   choices = _one_call.activation_choices(exact, bits) if activations else {}
   if choices:
@@ -185,6 +192,7 @@ def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None
                                      if policy is None else getattr(policy, "__name__",
                                                                     repr(policy))))
   recompute = jax.checkpoint_policies.nothing_saveable
+  keep_dots = _one_call.keep_dots()
 
   def kind_of(module: nn.Module) -> str | None:
     if module.is_initializing():
@@ -205,6 +213,13 @@ def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None
           return "cheap"
       elif _is_cheap(module):
         return "cheap"
+    if elementwise_rule is not False:
+      if isinstance(elementwise_rule, re.Pattern):
+        if elementwise_rule.search(path):
+          return "elementwise"
+      elif (_one_call.is_attention_class(type(module))
+            and _has_kernel(_params_of(module))):
+        return "elementwise"
     return None
 
   def interceptor(next_fun, args, kwargs, context):
@@ -218,11 +233,12 @@ def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None
     if kind is None:
       return next_fun(*args, **kwargs)
     path = module_path(module)
-    seen = record.blocks if kind == "block" else record.cheap
+    seen = {"block": record.blocks, "cheap": record.cheap,
+            "elementwise": record.elementwise}[kind]
     if path not in seen:
       seen.append(path)
-    return _checkpointed_call(module, args, kwargs,
-                              remat_policy if kind == "block" else recompute)
+    return _checkpointed_call(module, args, kwargs, {"block": remat_policy, "cheap": recompute,
+                                                     "elementwise": keep_dots}[kind])
 
   with contextlib.ExitStack() as stack:
     if not exact:
@@ -234,7 +250,8 @@ def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None
     if choices:
       stack.enter_context(_patch.patch_activations(warn_unused=False, **choices))
     yield record
-  if warn_unused and not (record.linear or record.lean or record.cheap or record.blocks):
+  if warn_unused and not (record.linear or record.lean or record.cheap or record.elementwise
+                          or record.blocks):
     import warnings
     warnings.warn("fewbit_jax.linen.convert converted no layer: no linen model was traced in "
                   "the context (a jitted step traced before it is reused from jax.jit's cache: "

@@ -326,8 +326,8 @@ def conversion(model) -> _one_call.Conversion | None:
 
 
 def convert(model, *, exact: bool = True, remat: bool = False, policy=None, blocks=None,
-            cheap=True, bits: int = 3, proj_dim_ratio: float = 0.2, rngs=None,
-            activations: bool = True, gated: bool = True, **linear_options):
+            cheap=True, elementwise=False, bits: int = 3, proj_dim_ratio: float = 0.2,
+            rngs=None, activations: bool = True, gated: bool = True, **linear_options):
   """Applies every technique of the library to an NNX model written without it.
 
   In place, keeping the model's ``Variable`` objects (parameters, rng
@@ -342,6 +342,14 @@ def convert(model, *, exact: bool = True, remat: bool = False, policy=None, bloc
      no matmul parameters inside, e.g. gemma's hand-written ``RMSNorm``)
      keep only their input: their forward is recomputed in the backward pass
      (``jax.checkpoint`` of that module alone, saving nothing).
+     ``elementwise=``: the chosen modules (True: the model's own attention,
+     class name matching ``/attention|attn/i``, holding matmul parameters)
+     keep their matmuls' outputs only (``jax.checkpoint`` of that module
+     alone with ``dots_saveable``): what an inline soft-cap
+     (``tanh(logits / cap) * cap``), RoPE, mask or softmax would keep is
+     recomputed from them. For models without block remat; it pays where
+     the module's elementwise chain keeps more than its matmuls' outputs
+     (a soft-capped attention: one score-sized array per layer less).
   4. ``remat=True``: the repeated blocks (modules of one class held twice or
      more by one owner, e.g. the elements of an ``nnx.List`` of layers; the
      outermost such) are rematerialised with ``policy``.
@@ -382,6 +390,9 @@ def convert(model, *, exact: bool = True, remat: bool = False, policy=None, bloc
       or tuple of classes.
     cheap: True (the ``/norm/i`` rule of step 3), False (none), or a regular
       expression on module paths naming the modules to recompute.
+    elementwise: False (default), True (the model's own attention modules), or
+      a regular expression on module paths: modules whose elementwise work is
+      recomputed, their matmuls' outputs kept (step 3). Not with ``remat=True``.
     bits: the few-bit activations' bits (``exact=False``).
     proj_dim_ratio: the randomized layers' sketch ratio (``exact=False``).
     rngs: where the randomized layers' sketch streams come from (as for
@@ -395,9 +406,10 @@ def convert(model, *, exact: bool = True, remat: bool = False, policy=None, bloc
 
   Raises:
     ValueError: a model converted already, ``remat=True`` with no block
-      found (pass ``blocks=``), a `blocks` pattern or class matching no
-      module, options given that the mode does not use.
-    TypeError: bad `policy`, `blocks` or `cheap`.
+      found (pass ``blocks=``), a `blocks`, `cheap` or `elementwise` pattern
+      matching no module, `elementwise` with ``remat=True``, options given
+      that the mode does not use.
+    TypeError: bad `policy`, `blocks`, `cheap` or `elementwise`.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -437,6 +449,7 @@ def convert(model, *, exact: bool = True, remat: bool = False, policy=None, bloc
     _patch.parse_bits(_one_call.activation_choices(exact, bits))  # bad bits raise here
   block_regex, block_classes = _one_call.check_blocks(blocks, "fb.nnx.convert")
   cheap_rule = _one_call.check_cheap(cheap, "fb.nnx.convert")
+  elementwise_rule = _one_call.check_elementwise(elementwise, remat, "fb.nnx.convert")
   remat_policy = _one_call.resolve_policy(policy) if remat else None
   record = _one_call.Conversion(policy=None if not remat else
                                 (policy if isinstance(policy, str) else
@@ -490,6 +503,21 @@ def convert(model, *, exact: bool = True, remat: bool = False, policy=None, bloc
         record.cheap.append(_path_str(path))
     if isinstance(cheap_rule, re.Pattern) and not record.cheap:
       raise ValueError(f"cheap={cheap!r} matches no module path; the paths are: "
+                       + ", ".join(_path_str(p) for p in list(_modules(model))[1:25]))
+  if elementwise_rule is not False:
+    keep_dots = _one_call.keep_dots()
+    for path, m in _modules(model).items():
+      if not path or _path_str(path) in record.cheap:
+        continue
+      chosen = (elementwise_rule.search(_path_str(path))
+                if isinstance(elementwise_rule, re.Pattern)
+                else _one_call.is_attention_class(type(m)) and _has_kernel(m))
+      if chosen:
+        pure = _only_params(m)
+        _give_call(m, "elementwise", lambda call: _checkpointed(call, keep_dots, pure))
+        record.elementwise.append(_path_str(path))
+    if isinstance(elementwise_rule, re.Pattern) and not record.elementwise:
+      raise ValueError(f"elementwise={elementwise!r} matches no module path; the paths are: "
                        + ", ".join(_path_str(p) for p in list(_modules(model))[1:25]))
 
   # 4. the blocks.
