@@ -10,11 +10,11 @@ One definition each, imported by every user (no copies):
 * `sharded`: the functional transformer stack of
   ``benchmarks/bench_sharding.py`` and tests/test_sharding.py.
 * `decoder`: the Gemma/Llama-style NNX decoder of ``benchmarks/frontier.py``
-  and tests/test_convert_one_call.py (its optax loss imports optax when called).
+  and tests/test_convert_one_call.py.
 * `mesh_mlp`: the 2-block MLPs of ``benchmarks/bench_mesh_defaults.py`` and
   tests/test_mesh_defaults.py.
 
 They live in the package (a private subpackage: no name of it is public) so
 that the demo can build its model and the tests need not import a
-benchmark. None of them imports optax at import time: the library does not depend on it.
+benchmark. None of them imports optax: the library does not depend on it.
 """
