@@ -292,6 +292,29 @@ def _owner(path: tuple) -> tuple:
   return parent
 
 
+def _recompute_alone(model, option: str, value, rule, done: list[str], by_default, policy,
+                     skip=()) -> None:
+  """Gives the modules `rule` chooses a call rematerialised alone with `policy`.
+
+  `rule` is False (none), True (those `by_default` accepts) or a regular
+  expression on module paths (which must match one); their paths go to
+  `done`; paths in `skip` are left as they are.
+  """
+  if rule is False:
+    return
+  for path, m in _modules(model).items():
+    if not path or _path_str(path) in skip:
+      continue
+    chosen = rule.search(_path_str(path)) if isinstance(rule, re.Pattern) else by_default(m)
+    if chosen:
+      pure = _only_params(m)
+      _give_call(m, option, lambda call: _checkpointed(call, policy, pure))
+      done.append(_path_str(path))
+  if isinstance(rule, re.Pattern) and not done:
+    raise ValueError(f"{option}={value!r} matches no module path; the paths are: "
+                     + ", ".join(_path_str(p) for p in list(_modules(model))[1:25]))
+
+
 def find_blocks(model) -> list[tuple]:
   """The paths of the repeated blocks: modules of one class held twice or more by one owner.
 
@@ -489,36 +512,13 @@ def convert(model, *, exact: bool = True, remat: bool = False, policy=None, bloc
     return new
   model = map_module(model, to_lean)
 
-  # 3. the model's own cheap modules.
-  if cheap_rule is not False:
-    recompute = jax.checkpoint_policies.nothing_saveable
-    for path, m in _modules(model).items():
-      if not path:
-        continue
-      chosen = (cheap_rule.search(_path_str(path)) if isinstance(cheap_rule, re.Pattern)
-                else _one_call.is_cheap_class(type(m)) and not _has_kernel(m))
-      if chosen:
-        pure = _only_params(m)
-        _give_call(m, "cheap", lambda call: _checkpointed(call, recompute, pure))
-        record.cheap.append(_path_str(path))
-    if isinstance(cheap_rule, re.Pattern) and not record.cheap:
-      raise ValueError(f"cheap={cheap!r} matches no module path; the paths are: "
-                       + ", ".join(_path_str(p) for p in list(_modules(model))[1:25]))
-  if elementwise_rule is not False:
-    keep_dots = _one_call.keep_dots()
-    for path, m in _modules(model).items():
-      if not path or _path_str(path) in record.cheap:
-        continue
-      chosen = (elementwise_rule.search(_path_str(path))
-                if isinstance(elementwise_rule, re.Pattern)
-                else _one_call.is_attention_class(type(m)) and _has_kernel(m))
-      if chosen:
-        pure = _only_params(m)
-        _give_call(m, "elementwise", lambda call: _checkpointed(call, keep_dots, pure))
-        record.elementwise.append(_path_str(path))
-    if isinstance(elementwise_rule, re.Pattern) and not record.elementwise:
-      raise ValueError(f"elementwise={elementwise!r} matches no module path; the paths are: "
-                       + ", ".join(_path_str(p) for p in list(_modules(model))[1:25]))
+  # 3. the model's own cheap modules, and those whose elementwise work is recomputed.
+  _recompute_alone(model, "cheap", cheap, cheap_rule, record.cheap,
+                   lambda m: _one_call.is_cheap_class(type(m)) and not _has_kernel(m),
+                   jax.checkpoint_policies.nothing_saveable)
+  _recompute_alone(model, "elementwise", elementwise, elementwise_rule, record.elementwise,
+                   lambda m: _one_call.is_attention_class(type(m)) and _has_kernel(m),
+                   _one_call.keep_dots(), skip=record.cheap)
 
   # 4. the blocks.
   if remat:
