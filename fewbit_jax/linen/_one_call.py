@@ -207,19 +207,16 @@ def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None
           return "block"
       elif _is_repeated_block(module):
         return "block"
-    if cheap_rule is not False:
-      if isinstance(cheap_rule, re.Pattern):
-        if cheap_rule.search(path):
-          return "cheap"
-      elif _is_cheap(module):
-        return "cheap"
-    if elementwise_rule is not False:
-      if isinstance(elementwise_rule, re.Pattern):
-        if elementwise_rule.search(path):
-          return "elementwise"
-      elif (_one_call.is_attention_class(type(module))
-            and _has_kernel(_params_of(module))):
-        return "elementwise"
+
+    def chosen(rule, by_default) -> bool:  # rule: False, True (by_default) or a path regex
+      if rule is False:
+        return False
+      return bool(rule.search(path)) if isinstance(rule, re.Pattern) else by_default()
+    if chosen(cheap_rule, lambda: _is_cheap(module)):
+      return "cheap"
+    if chosen(elementwise_rule, lambda: _one_call.is_attention_class(type(module))
+              and _has_kernel(_params_of(module))):
+      return "elementwise"
     return None
 
   def interceptor(next_fun, args, kwargs, context):
