@@ -11,7 +11,8 @@ gated GELU MLP, vocabulary 32k) and the RoBERTa encoder of
 * exact: ``fb.nnx.convert(model, exact=True)`` / ``fb.linen.convert(exact=True)``
   without remat, and with ``remat=True`` under each of the library's
   `fewbit_jax.remat.FRONTIER` policies (``lean`` is JAX's
-  ``save_only_these_names`` of the library's names);
+  ``save_only_these_names`` of the library's names; ``dots_and_probs``
+  keeps the non-batch dots and the attention probabilities);
 * approximate: the same with ``exact=False`` (3-bit activations, randomized
   dense layers at 20%).
 
@@ -103,7 +104,8 @@ MiB = 2.0 ** 20
 CP = jax.checkpoint_policies
 JAX_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots")
 SHORT = {"nothing_saveable": "nothing", "dots_with_no_batch_dims_saveable": "dots_no_batch",
-         "checkpoint_dots": "checkpoint_dots", "lean": "lean (fb names)", None: "-"}
+         "checkpoint_dots": "checkpoint_dots", "lean": "lean (fb names)",
+         "dots_and_probs": "dots_and_probs", None: "-"}
 
 
 @dataclasses.dataclass
@@ -220,7 +222,8 @@ def decoder_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
     variants = [(None, dec.loss_fn, False), (None, fused, False), (None, fused, True),
                 (None, fused_fwd, False), (None, fused_fwd, True)]
     variants += [(policy, fused, True) for policy in ("lean", "nothing_saveable")]
-    variants += [(policy, fused_fwd, True) for policy in ("lean", *JAX_POLICIES)]
+    variants += [(policy, fused_fwd, True)
+                 for policy in ("lean", *JAX_POLICIES, "dots_and_probs")]
     for policy, loss_fn, gated in variants:
       def build(exact=exact, policy=policy, loss_fn=loss_fn, gated=gated):
         def case(loss_fn):
@@ -296,7 +299,7 @@ def roberta_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
                                 params, batch), p)))
   for exact in (True, False):
     family = "exact" if exact else "approximate"
-    for policy in (None, "lean", *JAX_POLICIES):
+    for policy in (None, "lean", *JAX_POLICIES, "dots_and_probs"):
       def build(exact=exact, policy=policy):
         ctx = fb.linen.convert(exact=exact, remat=policy is not None, policy=policy)
         return _roberta_case(base, params, batch, ctx)

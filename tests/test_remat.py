@@ -99,3 +99,36 @@ def test_policy_beats_plain_remat_and_fewbit_alone_in_compiled_temp():
   assert ours < temp["few-bit (3-bit GELU + randomized 20%)"]
   assert ours < temp["jax.checkpoint each block (keep nothing)"]
   assert set(temp) == set(_ROWS)
+
+
+def test_dots_and_probs_keeps_the_probabilities_instead_of_the_scores():
+  # Self-attention with the lean softmax: 'dots_and_probs' keeps the
+  # projections (non-batch dots) and the softmax's output, not the batched
+  # q.k scores (checkpoint_dots keeps those) and nothing the softmax needs
+  # recomputing (dots_with_no_batch_dims keeps no score-sized array).
+  from fewbit_jax.attention import SOFTMAX_NAME
+  from fewbit_jax.remat import frontier_policy
+  wq, wk, wv = (jax.random.normal(jax.random.key(i), (D, D)) * 0.2 for i in range(3))
+  x = jax.random.normal(KEY, (4, 16, D))
+
+  def attend(wq, wk, wv, x):
+    q, k, v = x @ wq, x @ wk, x @ wv
+    p = fb.softmax(jnp.einsum("bqd,bkd->bqk", q, k), axis=-1)
+    return jnp.einsum("bqk,bkd->bqd", p, v)
+
+  def saved(kind):
+    f = jax.checkpoint(attend, policy=frontier_policy(kind))
+    return memory.saved_residuals(lambda *a: f(*a).sum(), wq, wk, wv, x).by_source()
+
+  scores = 4 * 16 * 16 * 4
+  probs = saved("dots_and_probs")
+  assert probs[f"named {SOFTMAX_NAME!r}"] == scores
+  assert probs["op dot_general"] == 3 * 4 * 16 * D * 4  # q, k, v; no score-sized dot
+  assert f"named {SOFTMAX_NAME!r}" not in saved("dots_with_no_batch_dims_saveable")
+  assert saved("checkpoint_dots")["op dot_general"] > probs["op dot_general"]  # + q.k, p @ v
+  loss = lambda f: lambda *a: f(*a).sum()
+  g0 = jax.grad(loss(attend), argnums=(0, 1, 2))(wq, wk, wv, x)
+  g1 = jax.grad(loss(jax.checkpoint(attend, policy=frontier_policy("dots_and_probs"))),
+                argnums=(0, 1, 2))(wq, wk, wv, x)
+  for a, b in zip(g0, g1):
+    assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
