@@ -156,19 +156,13 @@ def check_elementwise(elementwise, remat: bool, what: str):
     >>> check_elementwise(r"/attn$", remat=False, what="convert").pattern
     '/attn$'
   """
-  if elementwise is None or elementwise is False:
-    return False
-  if remat:
+  rule = _module_rule(elementwise, False, what, "elementwise",
+                      "the model's own attention modules, class name matching /attention|attn/i")
+  if rule is not False and remat:
     raise ValueError(f"{what}: elementwise= recomputes the elementwise work of single modules "
                      "of a model whose blocks are not rematerialised; with remat=True the "
                      "blocks' policy already decides what is recomputed. Pass one of the two.")
-  if elementwise is True:
-    return True
-  if isinstance(elementwise, str):
-    return re.compile(elementwise)
-  raise TypeError(f"{what}: elementwise must be False, True (the model's own attention "
-                  f"modules, class name matching /attention|attn/i) or a regular expression on "
-                  f"module paths; got {elementwise!r}")
+  return rule
 
 
 def keep_dots() -> tp.Callable[..., bool]:
@@ -200,14 +194,19 @@ def check_blocks(blocks, what: str):
 
 def check_cheap(cheap, what: str):
   """`cheap` as a regex, True (the default rule) or False; or a clear error."""
-  if cheap is None or cheap is True:
-    return True
-  if cheap is False:
-    return False
-  if isinstance(cheap, str):
-    return re.compile(cheap)
-  raise TypeError(f"{what}: cheap must be True (modules whose class name matches /norm/i), "
-                  f"False, or a regular expression on module paths; got {cheap!r}")
+  return _module_rule(cheap, True, what, "cheap", "modules whose class name matches /norm/i")
+
+
+def _module_rule(value, if_none: bool, what: str, option: str, rule_true: str):
+  """An option choosing modules: True (its default rule), False, or a regex on module paths."""
+  if value is None:
+    return if_none
+  if value is True or value is False:
+    return value
+  if isinstance(value, str):
+    return re.compile(value)
+  raise TypeError(f"{what}: {option} must be True ({rule_true}), False, or a regular "
+                  f"expression on module paths; got {value!r}")
 
 
 def nothing_saveable() -> tp.Callable[..., bool]:

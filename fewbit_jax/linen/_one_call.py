@@ -191,7 +191,7 @@ def convert(*, exact: bool = True, remat: bool = False, policy=None, blocks=None
       policy=None if not remat else (policy if isinstance(policy, str) else "lean"
                                      if policy is None else getattr(policy, "__name__",
                                                                     repr(policy))))
-  recompute = jax.checkpoint_policies.nothing_saveable
+  recompute = _one_call.nothing_saveable()
   keep_dots = _one_call.keep_dots()
 
   def kind_of(module: nn.Module) -> str | None:

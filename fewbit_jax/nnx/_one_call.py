@@ -515,7 +515,7 @@ def convert(model, *, exact: bool = True, remat: bool = False, policy=None, bloc
   # 3. the model's own cheap modules, and those whose elementwise work is recomputed.
   _recompute_alone(model, "cheap", cheap, cheap_rule, record.cheap,
                    lambda m: _one_call.is_cheap_class(type(m)) and not _has_kernel(m),
-                   jax.checkpoint_policies.nothing_saveable)
+                   _one_call.nothing_saveable())
   _recompute_alone(model, "elementwise", elementwise, elementwise_rule, record.elementwise,
                    lambda m: _one_call.is_attention_class(type(m)) and _has_kernel(m),
                    _one_call.keep_dots(), skip=record.cheap)
