@@ -16,9 +16,11 @@ import threading
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax.core.scope import LazyRng
 
-from fewbit_jax import _one_call
+from fewbit_jax import _dropout, _one_call
 from fewbit_jax import patch as _patch
 from fewbit_jax.linen._convert import module_path, intercept
 from fewbit_jax.linen._lean import lean
@@ -65,6 +67,28 @@ def _is_cheap(module: nn.Module) -> bool:
   return _one_call.is_cheap_class(type(module)) and not _has_kernel(_params_of(module))
 
 
+def _draw_after_inputs(module: nn.Module, values) -> None:
+  """Let the random draws inside `module`'s call start only once its first float input exists.
+
+  Its keys are those of the scope it was given (the same values, bitwise:
+  every mask is unchanged). Left alone, XLA's CPU scheduler runs the random
+  draws of every rematerialised block at the start of the step, since their
+  keys are known there, and holds their bits (threefry's two uint32 arrays a
+  draw, 8 bytes an element) until each block runs: more than the blocks'
+  activations themselves. Tied to the block's input, each draw runs when its
+  block does.
+  """
+  dep = next((v for v in values if jnp.issubdtype(v.dtype, jnp.floating) and v.size), None)
+  rngs = getattr(module.scope, "rngs", None)
+  if dep is None or not rngs:
+    return
+  for name, lazy in list(rngs.items()):
+    if isinstance(lazy, LazyRng):
+      rngs[name] = LazyRng(_dropout.key_after(lazy.rng, dep), lazy.suffix)
+    else:
+      rngs[name] = _dropout.key_after(lazy, dep)
+
+
 def _checkpointed_call(module: nn.Module, args, kwargs, policy):
   """``module(*args, **kwargs)`` under ``nn.remat(policy=policy)``; Python values stay static."""
   leaves, treedef = jax.tree.flatten((args, kwargs))
@@ -76,6 +100,7 @@ def _checkpointed_call(module: nn.Module, args, kwargs, policy):
     for i, v in zip(dyn, values):
       full[i] = v
     a, k = jax.tree.unflatten(treedef, full)
+    _draw_after_inputs(mdl, values)
     _local.enter = mdl  # its own call passes through the interceptor
     depth = getattr(_local, "depth", 0)
     _local.depth = depth + 1
