@@ -13,10 +13,6 @@ draw runs (8 bytes an element, more than the mask it replaces), the backward
 draws the same bits a block of rows at a time (`REDRAW_BLOCK` elements);
 other platforms fuse the draw and run it whole. Bitwise the same mask: a
 test compares it with ``jax.random.bernoulli``'s for every shape tried.
-Under ``jax.checkpoint`` the output's mask is drawn only once the input
-exists: XLA's CPU scheduler would otherwise run the draws of every
-rematerialised block at the step's start and hold their bits until the
-block runs (tests/test_remat_draws.py).
 
 The layers are `fewbit_jax.Dropout` (linen) and `fewbit_jax.nnx.Dropout`;
 `fewbit_jax.linen.lean` and `fewbit_jax.nnx.convert_lean` convert existing
@@ -183,7 +179,7 @@ def _masked(key, x, keep_prob, mask_shape, out_sharding, after=None):
 def _dropout(x, key, keep_prob, broadcast_dims, out_sharding):
   mask_shape = _mask_shape(x.shape, broadcast_dims)
   if _redraws(key, mask_shape, out_sharding):
-    return _masked(key, x, keep_prob, mask_shape, out_sharding, after=x)
+    return _masked(key, x, keep_prob, mask_shape, out_sharding)
   return _apply(_draw(key, keep_prob, mask_shape, out_sharding), x, keep_prob)
 
 
@@ -195,21 +191,12 @@ def _dropout_jvp(keep_prob, broadcast_dims, out_sharding, primals, tangents):
   # under forward mode, vmap or an outer derivative, autodiff of flax's select.
   (x, key), (x_dot, _) = primals, tangents
   mask_shape = _mask_shape(x.shape, broadcast_dims)
-  redraws = _redraws(key, mask_shape, out_sharding)
-  if redraws and _linearizing((x,), (x_dot,)):
+  if _redraws(key, mask_shape, out_sharding) and _linearizing((x,), (x_dot,)):
     y = _masked(key, x, keep_prob, mask_shape, out_sharding)
     tangent = lambda key, t: _masked(key, t, keep_prob, mask_shape, out_sharding)
     transpose = lambda key, ct: _masked(key, ct, keep_prob, mask_shape, out_sharding, after=ct)
     return y, custom_derivatives.linear_call(tangent, transpose, key, x_dot)
   mask = _draw(key, keep_prob, mask_shape, out_sharding)
-  if redraws:
-    # JAX differentiates this rule (under jax.checkpoint among others). The
-    # output's mask, drawn again, once x is: XLA would otherwise run the draw
-    # of every rematerialised block at the step's start, where the key is
-    # known, holding its bits until the block runs. The tangent's, the same
-    # bits, from the key alone: a backward recomputing it needs no x.
-    y = _apply(_draw(key_after(key, x), keep_prob, mask_shape, out_sharding), x, keep_prob)
-    return y, _apply(mask, x_dot, keep_prob)
   return jax.jvp(lambda x: _apply(mask, x, keep_prob), (x,), (x_dot,))
 
 
