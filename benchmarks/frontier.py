@@ -11,8 +11,9 @@ gated GELU MLP, vocabulary 32k) and the RoBERTa encoder of
 * exact: ``fb.nnx.convert(model, exact=True)`` / ``fb.linen.convert(exact=True)``
   without remat, and with ``remat=True`` under each of the library's
   `fewbit_jax.remat.FRONTIER` policies (``lean`` is JAX's
-  ``save_only_these_names`` of the library's names; ``dots_and_probs``
-  keeps the non-batch dots and the attention probabilities);
+  ``save_only_these_names`` of the library's names, ``lean_without_probs``
+  the same but for the attention probabilities; ``dots_and_probs`` keeps
+  the non-batch dots and the attention probabilities);
 * approximate: the same with ``exact=False`` (3-bit activations, randomized
   dense layers at 20%).
 
@@ -105,7 +106,8 @@ CP = jax.checkpoint_policies
 JAX_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots")
 SHORT = {"nothing_saveable": "nothing", "dots_with_no_batch_dims_saveable": "dots_no_batch",
          "checkpoint_dots": "checkpoint_dots", "lean": "lean (fb names)",
-         "dots_and_probs": "dots_and_probs", None: "-"}
+         "dots_and_probs": "dots_and_probs", "lean_without_probs": "lean_without_probs",
+         None: "-"}
 
 
 @dataclasses.dataclass
@@ -223,7 +225,7 @@ def decoder_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
                 (None, fused_fwd, False), (None, fused_fwd, True)]
     variants += [(policy, fused, True) for policy in ("lean", "nothing_saveable")]
     variants += [(policy, fused_fwd, True)
-                 for policy in ("lean", *JAX_POLICIES, "dots_and_probs")]
+                 for policy in ("lean", "lean_without_probs", *JAX_POLICIES, "dots_and_probs")]
     for policy, loss_fn, gated in variants:
       def build(exact=exact, policy=policy, loss_fn=loss_fn, gated=gated):
         def case(loss_fn):
@@ -299,7 +301,7 @@ def roberta_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
                                 params, batch), p)))
   for exact in (True, False):
     family = "exact" if exact else "approximate"
-    for policy in (None, "lean", *JAX_POLICIES, "dots_and_probs"):
+    for policy in (None, "lean", "lean_without_probs", *JAX_POLICIES, "dots_and_probs"):
       def build(exact=exact, policy=policy):
         ctx = fb.linen.convert(exact=exact, remat=policy is not None, policy=policy)
         return _roberta_case(base, params, batch, ctx)

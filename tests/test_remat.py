@@ -132,3 +132,36 @@ def test_dots_and_probs_keeps_the_probabilities_instead_of_the_scores():
                 argnums=(0, 1, 2))(wq, wk, wv, x)
   for a, b in zip(g0, g1):
     assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lean_without_probs_keeps_no_probabilities_and_the_same_gradient():
+  # 'lean_without_probs' is 'lean' but for the softmax's output: with the
+  # lean softmax and a lean LayerNorm, it keeps the norm's residuals and not
+  # the score-sized probabilities that 'lean' keeps.
+  from fewbit_jax.attention import SOFTMAX_NAME
+  from fewbit_jax.norms import NORM_STATS_NAME
+  from fewbit_jax.remat import frontier_policy
+  wq, wk, wv = (jax.random.normal(jax.random.key(i), (D, D)) * 0.2 for i in range(3))
+  x = jax.random.normal(KEY, (4, 16, D))
+  scale, bias = jnp.ones((D,)), jnp.zeros((D,))
+
+  def attend(wq, wk, wv, x):
+    x = fb.layer_norm(x, scale, bias)
+    q, k, v = x @ wq, x @ wk, x @ wv
+    p = fb.softmax(jnp.einsum("bqd,bkd->bqk", q, k), axis=-1)
+    return jnp.einsum("bqk,bkd->bqd", p, v)
+
+  def saved(kind):
+    f = jax.checkpoint(attend, policy=frontier_policy(kind))
+    return memory.saved_residuals(lambda *a: f(*a).sum(), wq, wk, wv, x).by_source()
+
+  lean, without = saved("lean"), saved("lean_without_probs")
+  assert lean[f"named {SOFTMAX_NAME!r}"] == 4 * 16 * 16 * 4
+  assert f"named {SOFTMAX_NAME!r}" not in without
+  assert without[f"named {NORM_STATS_NAME!r}"] == lean[f"named {NORM_STATS_NAME!r}"] > 0
+  loss = lambda f: lambda *a: f(*a).sum()
+  g0 = jax.grad(loss(attend), argnums=(0, 1, 2, 3))(wq, wk, wv, x)
+  g1 = jax.grad(loss(jax.checkpoint(attend, policy=frontier_policy("lean_without_probs"))),
+                argnums=(0, 1, 2, 3))(wq, wk, wv, x)
+  for a, b in zip(g0, g1):
+    assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
