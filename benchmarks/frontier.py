@@ -152,6 +152,7 @@ class Case:
   run: Callable[[], object]
   flops_compiled: object = None
   flops_extra: float = 0.0
+  lowered: object = None  # what ``compiled`` was compiled from (``--peak`` compiles it again)
 
 
 def fused_head_recompute_flops(tokens: int, dim: int, vocab: int) -> float:
@@ -191,8 +192,10 @@ def _decoder_functional(model, tokens, loss_fn=dec.loss_fn) -> Case:
       return jax.value_and_grad(loss)(params, rest, tokens)
 
   key = jax.random.key(1)
-  compiled = jax.jit(step).lower(params, rest, tokens, key).compile()
-  return Case(compiled, lambda: nnx.to_pure_dict(compiled(params, rest, tokens, key)[1]))
+  lowered = jax.jit(step).lower(params, rest, tokens, key)
+  compiled = lowered.compile()
+  return Case(compiled, lambda: nnx.to_pure_dict(compiled(params, rest, tokens, key)[1]),
+              lowered=lowered)
 
 
 def _decoder_nnx_jit(model, tokens, loss_fn=dec.loss_fn) -> Case:
@@ -200,8 +203,9 @@ def _decoder_nnx_jit(model, tokens, loss_fn=dec.loss_fn) -> Case:
     return nnx.value_and_grad(loss_fn)(model, tokens)
 
   jitted = nnx.jit(step)
-  compiled = jitted.lower(model, tokens).compile()
-  return Case(compiled, lambda: nnx.to_pure_dict(jitted(model, tokens)[1]))
+  lowered = jitted.lower(model, tokens)
+  compiled = lowered.compile()
+  return Case(compiled, lambda: nnx.to_pure_dict(jitted(model, tokens)[1]), lowered=lowered)
 
 
 def decoder_rows(full: bool, log) -> list[tuple[str, str, Callable[[], Case]]]:
@@ -273,8 +277,9 @@ def _roberta_case(model, params, batch, context=None) -> Case:
 
   key = jax.random.key(1)
   with context if context is not None else _nothing():
-    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, batch, key).compile()
-  return Case(compiled, lambda: compiled(params, batch, key)[1])
+    lowered = jax.jit(jax.value_and_grad(loss)).lower(params, batch, key)
+    compiled = lowered.compile()
+  return Case(compiled, lambda: compiled(params, batch, key)[1], lowered=lowered)
 
 
 class _nothing:
@@ -620,6 +625,26 @@ def draw(results: dict[str, list[Row]], path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def peak_lines(rows, texts, top: int = 8) -> list[str]:
+  """What each row whose name contains one of `texts` holds at its memory peak.
+
+  `fewbit_jax.memory.peak_buffers` of the row's step (XLA's buffer dump:
+  parameters, temporaries and outputs live at the peak, after XLA's buffer
+  reuse and scheduling), the `top` largest groups; the same array of every
+  layer is one line.
+  """
+  out = []
+  for _, name, build in rows:
+    if not any(t in name for t in texts):
+      continue
+    case = build()
+    groups = fb.memory.peak_buffers(case.lowered, top=None)
+    out.append(f"\n{name}: {fb.memory.format_bytes(sum(g.nbytes for g in groups))} live at the "
+               f"peak (temp {fb.memory.format_bytes(case.compiled.memory_analysis().temp_size_in_bytes)})")
+    out += [f"  {g}" for g in groups[:top]]
+  return out
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", choices=("decoder", "roberta", "both", "none"), default="both")
@@ -642,6 +667,9 @@ def main(argv=None) -> None:
   parser.add_argument("--attention", action="store_true",
                       help="also: the decoder's inline attention (soft-cap, mask, RoPE) "
                            "recomputed (elementwise=True) or recognised")
+  parser.add_argument("--peak", action="append", default=[], metavar="TEXT",
+                      help="only print what the rows whose name contains TEXT hold at their "
+                           "memory peak (fb.memory.peak_buffers); repeatable")
   args = parser.parse_args(argv)
   log = lambda s: print(s, flush=True)
   if not keep_remat_on_cpu():
@@ -653,6 +681,13 @@ def main(argv=None) -> None:
   log(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; temp memory of "
       "jax.value_and_grad(loss), f32")
   size = "tiny" if args.tiny else args.full
+  if args.peak:
+    for model in ("decoder", "roberta"):
+      if args.model in (model, "both"):
+        rows = decoder_rows(size, log) if model == "decoder" else roberta_rows(size, log)
+        for line in peak_lines(rows, args.peak):
+          log(line)
+    return
   results = {}
   for model in ("decoder", "roberta"):
     if args.model not in (model, "both", "none") or args.model == "none":

@@ -59,7 +59,7 @@ from jax.extend import source_info_util as _source_info
 
 __all__ = ["Residual", "ResidualReport", "saved_residuals", "residual_keepers", "CompiledMemory",
            "compiled", "compiler_options", "KEEP_REMAT", "MEMORY_ONLY", "collectives",
-           "COLLECTIVES", "format_bytes"]
+           "COLLECTIVES", "format_bytes", "PeakBuffers", "peak_buffers"]
 
 # XLA options for one compile (``.compile(compiler_options)``, or `compiled`'s
 # `compiler_options`): on the CPU, XLA's ``cse_barrier_expander`` pass merges
@@ -540,6 +540,106 @@ def compiled(f: Callable, *args, compiler_options: dict | None = None,
       raise TypeError(f"compiled needs a function; got {type(f).__name__}")
     lower = jax.jit(f).lower
   return CompiledMemory.of(lower(*args, **kwargs).compile(compiler_options))
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakBuffers:
+  """Buffers of one kind live at a compiled program's peak: `count` of them, `nbytes` in all.
+
+  `kind` is the HLO type (``u32[128,12,128,128]``; ``tuple`` for a loop's
+  state) and `op` the JAX name stack of the operation that made them, with
+  numbered module names folded (``layer_3`` -> ``layer_N``), so the same
+  array of every layer is one line.
+
+  Example:
+    >>> from fewbit_jax import memory
+    >>> print(memory.PeakBuffers(3 << 20, 3, "f32[512,512]", "jit(f)/layer_N/add"))
+      3.00 MiB    3 x f32[512,512]  jit(f)/layer_N/add
+  """
+  nbytes: int
+  count: int
+  kind: str
+  op: str
+
+  def __str__(self) -> str:
+    return f"{format_bytes(self.nbytes):>10}  {self.count:3d} x {self.kind}  {self.op}"
+
+
+def _peak_from_dump(directory: str) -> list[tuple[int, str, str]]:
+  """(bytes, HLO type, op_name) of each buffer live at the peak, from XLA's dump in `directory`."""
+  best: list[tuple[int, str, str]] = []
+  for name in os.listdir(directory):
+    if not name.endswith("-live-range.txt"):
+      continue
+    with open(os.path.join(directory, name)) as f:
+      lines = f.read().split("\n")
+    with open(os.path.join(directory, name.replace("-live-range", ""))) as f:
+      hlo = f.read()
+    defs = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = (\(|[^\s(]+)([^\n]*)$", hlo, re.M):
+      op = re.search(r'op_name="([^"]*)"', m.group(3))
+      defs[m.group(1)] = (m.group(2), op.group(1).replace("\\'", "'") if op else m.group(1))
+    at = next((i for i, line in enumerate(lines) if "(peak):" in line), None)
+    if at is None:
+      continue
+    live = []
+    for line in lines[at + 1:]:
+      m = re.match(r"^\s+(\S+?)\{[^}]*\}: (\d+) bytes", line)
+      if not m:
+        break
+      kind, op = defs.get(m.group(1), ("?", m.group(1)))
+      live.append((int(m.group(2)), "tuple" if kind == "(" else kind.split("{")[0], op))
+    if sum(b for b, _, _ in live) > sum(b for b, _, _ in best):
+      best = live
+  return best
+
+
+def peak_buffers(f: Callable, *args, compiler_options: dict | None = None,
+                 top: int | None = 10, **kwargs) -> list[PeakBuffers]:
+  """What ``jax.jit(f)(*args, **kwargs)`` holds at its memory peak, largest first.
+
+  Compiles `f` once with XLA's buffer dump (``xla_dump_to``, a temporary
+  directory) and reads the buffers its schedule holds live at the peak:
+  parameters, temporaries and outputs, grouped by type and by the operation
+  that made them. This names what `compiled`'s totals are made of, after
+  XLA's buffer reuse and scheduling (`saved_residuals` names the residuals
+  of the jaxpr, before them).
+
+  Args:
+    f: a function, an already jitted one, or a ``jax.stages.Lowered`` (then
+      no `args`).
+    *args, **kwargs: arrays or ``jax.ShapeDtypeStruct``s.
+    compiler_options: more XLA options for this compile (`KEEP_REMAT`, ...).
+    top: how many groups to return (None: all).
+
+  Returns:
+    `PeakBuffers`, the largest groups first.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import memory
+    >>> x = jax.ShapeDtypeStruct((512, 512), jnp.float32)
+    >>> top = memory.peak_buffers(lambda x: jnp.sin(x) @ jnp.cos(x), x, top=1)[0]
+    >>> top.kind, top.nbytes                    # one 1 MiB array of these
+    ('f32[512,512]', 1048576)
+  """
+  import tempfile
+  if isinstance(f, jax.stages.Lowered):
+    lowered = f
+  else:
+    lowered = (getattr(f, "lower", None) or jax.jit(f).lower)(*args, **kwargs)
+  with tempfile.TemporaryDirectory() as directory:
+    options = dict(compiler_options or {}, xla_dump_to=directory, xla_dump_hlo_as_text=True)
+    lowered.compile(options)
+    live = _peak_from_dump(directory)
+  groups: dict[tuple[str, str], list[int]] = {}
+  for nbytes, kind, op in live:
+    g = groups.setdefault((kind, re.sub(r"_\d+(?=/|\.|$)", "_N", op)), [0, 0])
+    g[0] += nbytes
+    g[1] += 1
+  out = sorted((PeakBuffers(b, n, kind, op) for (kind, op), (b, n) in groups.items()),
+               key=lambda p: -p.nbytes)
+  return out if top is None else out[:top]
 
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,

@@ -168,7 +168,7 @@ def frontier_policy(kind: str = "lean") -> Callable[..., bool]:
   the scores and their softmax: between ``checkpoint_dots`` and
   ``dots_with_no_batch_dims_saveable`` in flops, and measured on RoBERTa-base
   (batch 128, ``python -m benchmarks.frontier --model roberta --full
-  --no-run``) at 67.3% saving and 1.017x flops where JAX's policies give
+  --no-run``) at 66.9% saving and 1.018x flops where JAX's policies give
   61.4% at 1.014x (checkpoint_dots) and 67.8% at 1.023x.
 
   ``'lean_without_probs'``: ``'lean'`` but for the attention probabilities
@@ -176,7 +176,7 @@ def frontier_policy(kind: str = "lean") -> Callable[..., bool]:
   from q and k, which ``'lean'`` recomputes anyway (it keeps no matmul
   output): one batched matmul and a softmax more, for the largest array of
   a layer. With the approximate conversion of RoBERTa-base (batch 128, the
-  command above) it keeps 83.1% less than no remat at 0.836x flops, where
+  command above) it keeps 83.1% less than no remat at 0.835x flops, where
   ``'lean'`` keeps 78.8% less at 0.831x.
 
   Args:
