@@ -36,7 +36,7 @@ from flax import nnx
 from flax.nnx import graphlib, rnglib
 
 __all__ = ["missing_rng_error", "linen_key", "KeyStream", "own_stream", "nnx_fork", "nnx_key",
-           "nnx_source", "step_keys", "scoped_key", "stream_key", "guard_gradient"]
+           "nnx_source", "step_keys", "in_step_keys", "scoped_key", "stream_key", "guard_gradient"]
 
 
 def missing_rng_error(owner: str, collection: str, how: str,
@@ -339,6 +339,20 @@ def _frozen_constant(owner: str) -> str:
           "of the compiled step reuses it, the same random draw every step (for a sketch: a "
           "biased weight update). Pass the key into the jitted step as an argument "
           "(jax.random.fold_in(key, step)) and enter step_keys inside the step.")
+
+
+def in_step_keys() -> bool:
+  """Whether a `step_keys` scope is active (layers draw from it, advancing no stream).
+
+  Example:
+    >>> import jax
+    >>> from fewbit_jax._sketch_stream import in_step_keys, step_keys
+    >>> with step_keys(jax.random.key(0)):
+    ...   inside = in_step_keys()
+    >>> inside, in_step_keys()
+    (True, False)
+  """
+  return bool(_SCOPES.get())
 
 
 def scoped_key(salt: jax.Array, holder, collection: str,

@@ -20,10 +20,11 @@ import re
 import typing as tp
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fewbit_jax import _one_call
+from fewbit_jax import _dropout, _one_call, _sketch_stream
 from fewbit_jax import patch as _patch
 from fewbit_jax.gated import gated as _gated
 from fewbit_jax.nnx._convert import convert_linear, map_module
@@ -49,6 +50,32 @@ def _only_params(module) -> bool:
              if isinstance(v, nnx.Variable))
 
 
+def _draw_after_inputs(module, values) -> tp.Callable[[], None]:
+  """Let the random draws inside `module`'s call start only once its first float input exists.
+
+  Each of its key streams (``nnx.RngStream``) draws, for the call, from its
+  key tied to that input (the same value, bitwise: every mask is unchanged);
+  the returned function puts the keys back. Left alone, XLA's CPU scheduler
+  runs the random draws of every rematerialised block at the step's start,
+  where their keys are known, and holds their bits (threefry's two uint32
+  arrays a draw, 8 bytes an element) until each block runs
+  (tests/test_remat_draws.py).
+  """
+  dep = next((v for v in values if isinstance(v, jax.Array)
+              and jnp.issubdtype(v.dtype, jnp.floating) and v.size), None)
+  if dep is None:
+    return lambda: None
+  streams = [node for _, node in nnx.iter_graph(module) if isinstance(node, nnx.RngStream)]
+  keys = [stream.key[...] for stream in streams]
+  for stream, key in zip(streams, keys):
+    stream.key[...] = _dropout.key_after(key, dep)
+
+  def untie():
+    for stream, key in zip(streams, keys):
+      stream.key[...] = key
+  return untie
+
+
 def _checkpointed(base_call, policy, pure: bool = False):
   """``__call__`` running `base_call` under ``nnx.remat(policy=policy)``.
 
@@ -69,18 +96,37 @@ def _checkpointed(base_call, policy, pure: bool = False):
       for i, v in zip(dyn, values):
         full[i] = v
       a, k = jax.tree.unflatten(treedef, full)
-      return base_call(module, *a, **k)
+      untie = _draw_after_inputs(module, values)
+      try:
+        return base_call(module, *a, **k)
+      finally:
+        untie()
 
     values = [leaves[i] for i in dyn]
-    if pure and not any(_is_node(v) for v in values):
-      # Nothing but parameters inside, nothing mutated: a plain jax.checkpoint
-      # over the module's state, which (unlike nnx.remat) also runs where the
-      # Variables belong to an outer trace (a model closed over by jax.grad).
-      graphdef, state = nnx.split(self)
-      checkpointed = jax.checkpoint(
-          lambda state, *values: inner(nnx.merge(graphdef, state), *values), policy=policy)
-      return checkpointed(state, *values)
-    return nnx.remat(inner, policy=policy)(self, *values)
+    if any(_is_node(v) for v in values) or not (pure or _sketch_stream.in_step_keys()):
+      return nnx.remat(inner, policy=policy)(self, *values)
+    # A plain jax.checkpoint over the module's state, which (unlike nnx.remat)
+    # also runs where the Variables belong to an outer trace: a model closed
+    # over by jax.grad, or merged inside jax.value_and_grad (flax's functional
+    # loop, keys from fb.nnx.step_keys), whose rng counts nnx.remat would
+    # write back there, which NNX refuses. Only what the call changed is
+    # written back after it.
+    graphdef, state = nnx.split(self)
+    if pure:  # nothing but parameters inside, nothing mutated
+      return jax.checkpoint(lambda state, *values: inner(nnx.merge(graphdef, state), *values),
+                            policy=policy)(state, *values)
+
+    def body(state, *values):
+      module = nnx.merge(graphdef, state)
+      out = inner(module, *values)
+      before = dict(nnx.to_flat_state(state))
+      changed = [(path, var) for path, var in nnx.to_flat_state(
+          nnx.state(module, nnx.Not(nnx.Param))) if var.get_value() is not before[path].get_value()]
+      return out, changed
+    out, changed = jax.checkpoint(body, policy=policy)(state, *values)
+    if changed:  # only what the call set: writing an rng count back is refused where the
+      nnx.update(self, nnx.from_flat_state(changed))  # call could not have advanced it
+    return out
 
   return __call__
 
