@@ -31,7 +31,7 @@ from jax import lax
 from jax._src.interpreters import ad as _ad, partial_eval as _pe
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fewbit_jax import _order, _mesh, _rng as rng, _sharded, sketch as _sketch
+from fewbit_jax import _order, _mesh, _quantized, _rng as rng, _sharded, sketch as _sketch
 
 # checkpoint_name of the kept sketch S^T x, for jax.checkpoint policies such
 # as jax.checkpoint_policies.save_only_these_names(SKETCH_NAME).
@@ -223,6 +223,8 @@ class Spec:
   # Nothing to sketch: zero positions or a zero-size kernel (dW is empty or
   # zero), or a forward-mode / transpose trace (`_exact_trace`): the plain layer.
   plain: bool = False
+  # The quantized kind's bits an element of x (`fewbit_jax._quantized.bits_for`); else 0.
+  bits: int = 0
 
   @property
   def n_batch(self) -> int:
@@ -267,6 +269,8 @@ def _sketch_of(spec, a, keys):
   if spec.kind in _sketch.SAMPLED_KINDS:
     sample = _sketch.sample_rows_blocks if spec.blocks else _sketch.sample_rows
     return sample(spec.kind, a, keys, spec.k)
+  if spec.kind in _sketch.QUANTIZED_KINDS:  # (codes, scales) of every row
+    return _sketch.quantize_rows(a, keys, spec.bits)
   if not spec.blocks:
     return _sketch.project(spec.kind, a, keys, spec.k, precision=spec.precision)
   return _sharded.project_blocks(spec.kind, a, keys, spec.k, precision=spec.precision)
@@ -296,10 +300,13 @@ def _project(x, kernel, bias, keys, spec):
 def _project_fwd(x, kernel, bias, keys, spec):
   x_pspec = None if spec.layout is None else spec.layout[0]
   sx = _sketch_of(spec, _flatten(spec, x, spec.x_perm, x_pspec), keys)
-  if spec.kind in _sketch.SAMPLED_KINDS:  # the rows' indices, not the keys, find g's rows
+  if spec.kind in _sketch.SAMPLED_KINDS + _sketch.QUANTIZED_KINDS:
+    # sampled: the rows' indices, not the keys, find g's rows; quantized:
+    # the rows' scales (the codes in sx)
     sx, keys = sx
     keys = jax.ad_checkpoint.checkpoint_name(keys, SKETCH_NAME)
-  sx = sx.astype(x.dtype)
+  if spec.kind not in _sketch.QUANTIZED_KINDS:
+    sx = sx.astype(x.dtype)
   y = spec.forward(*_after_smaller(spec, x, kernel, sx), bias)
   sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
   return y, (sx, keys, kernel, bias)
@@ -318,8 +325,13 @@ def _project_bwd(spec, res, g):
     g = jax.sharding.reshard(g, NamedSharding(mesh, P(*_unpermute(g_pspec, spec.g_perm))))
     x_spec = _unpermute(x_pspec, spec.x_perm)
   g2d = _flatten(spec, g, spec.g_perm, g_pspec)
-  sg = (_sketch.take_rows(g2d, keys) if spec.kind in _sketch.SAMPLED_KINDS
-        else _sketch_of(spec, g2d, keys))
+  if spec.kind in _sketch.QUANTIZED_KINDS:  # x^ from its codes; g whole
+    n = math.prod(kernel.shape[a] for a in spec.k_perm[:len(spec.x_perm) - spec.n_batch])
+    sx, sg = _sketch.dequantize_rows(sx, keys, spec.bits, n), g2d.astype(jnp.float32)
+  elif spec.kind in _sketch.SAMPLED_KINDS:
+    sg = _sketch.take_rows(g2d, keys)
+  else:
+    sg = _sketch_of(spec, g2d, keys)
   w_in = kernel
   g, kernel = _after_smaller(spec, g, kernel, sg)
   # dx and db are the transposes of the forward's linear map, so they are
@@ -512,9 +524,14 @@ def plan(op, arg, x, kernel, bias, x_perm, g_perm, k_perm, *, proj_dim_ratio=Non
     forward = functools.partial(_forward, op, arg, precision=precision,
                                 pet=preferred_element_type, out_sharding=out_sharding)
     layout = block_layout(x, kernel, bias, forward, x_perm, g_perm, len(batch_axes))
+  k = -(-k // c) if c else k
+  bits = 0
+  if kind in _sketch.QUANTIZED_KINDS and not empty:
+    n = math.prod(x.shape[a] for a in x_perm[len(batch_axes):])
+    bits = _quantized.bits_for(k, b // c if c else b, n, jnp.dtype(x.dtype).itemsize)
   return Spec(op, arg, precision, preferred_element_type, out_sharding, x_perm, g_perm, k_perm,
-              k=-(-k // c) if c else k, kind=kind, blocks=c, layout=layout,
-              plain=empty or _exact_trace(x, kernel, bias))
+              k=k, kind=kind, blocks=c, layout=layout,
+              plain=empty or _exact_trace(x, kernel, bias), bits=bits)
 
 
 def randomized(op, arg, x, kernel, bias, key, x_perm, g_perm, k_perm, **options):

@@ -56,6 +56,13 @@ Both are unbiased for every g; their variance is below gaussian's where the
 row norms of x (and of g with them) are uneven, see `estimate_variance`.
 The exact rule of each is in `fewbit_jax._sampling`.
 
+One kind keeps every row of x at fewer bits instead (`QUANTIZED_KINDS`,
+`quantize_rows`): ``quantized``, x rounded stochastically (unbiased) to the
+most bits an element that, with a float32 scale per row, fit in the bytes a
+k-row sketch in x's dtype takes (about ``8 * itemsize * k / B``); the backward pass
+takes g whole. Its variance is that of the rounding, at most a quarter of a
+step squared an element (the rule is in `fewbit_jax._quantized`).
+
 ``dct`` and ``dft`` are the original fewbit kinds with the unbiased scale
 ``sqrt(B/k)`` (the original scaled by ``k B``). The random signs are an
 addition: ``E[S S^T] = diag(sign) I diag(sign) = I`` for any signs, so they
@@ -97,10 +104,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fewbit_jax import _hash, _order, _rng as rng, _sampling, ext
+from fewbit_jax import _hash, _order, _quantized, _rng as rng, _sampling, ext
 
-__all__ = ["KINDS", "FIXED_KINDS", "SAMPLED_KINDS", "ALL_KINDS", "check_kind", "project",
-           "project_blocks", "block_keys", "sketch_matrix", "sample_rows", "sample_rows_blocks", "take_rows",
+__all__ = ["KINDS", "FIXED_KINDS", "SAMPLED_KINDS", "QUANTIZED_KINDS", "ALL_KINDS", "check_kind",
+           "project", "project_blocks", "block_keys", "sketch_matrix", "sample_rows",
+           "sample_rows_blocks", "take_rows", "quantize_rows", "dequantize_rows",
            "estimate_variance"]
 
 # The kinds whose S is generated a block at a time and never whole.
@@ -110,8 +118,10 @@ KINDS = ("gaussian", "rademacher", "countsketch", "dct", "dft")
 FIXED_KINDS = KINDS + ("orthogonal",)
 # The kinds that choose rows of x by their norms (`sample_rows`).
 SAMPLED_KINDS = _sampling.SAMPLED_KINDS
+# The kinds that keep every row of x at fewer bits (`quantize_rows`).
+QUANTIZED_KINDS = _quantized.QUANTIZED_KINDS
 # Every kind a randomized layer takes.
-ALL_KINDS = FIXED_KINDS + SAMPLED_KINDS
+ALL_KINDS = FIXED_KINDS + SAMPLED_KINDS + QUANTIZED_KINDS
 
 # Elements (float32) of the largest temporary a pure-JAX projection builds per
 # loop step: an S block for gaussian/rademacher, an x block for countsketch, a
@@ -139,6 +149,10 @@ def check_kind(kind) -> str:
 def _check_fixed(kind, what: str) -> None:
   """ValueError for a sampled kind where a fixed S (one of `FIXED_KINDS`) is needed."""
   check_kind(kind)
+  if kind in QUANTIZED_KINDS:
+    raise ValueError(f"the {kind} sketch keeps every row of x at fewer bits, so it has no S "
+                     f"and {what} cannot take it: use quantize_rows / dequantize_rows, or "
+                     f"one of {', '.join(FIXED_KINDS)}.")
   if kind in SAMPLED_KINDS:
     raise ValueError(f"the {kind} sketch chooses rows of x by their norms, so it has no S "
                      f"fixed by the key and {what} cannot take it: use sample_rows / "
@@ -505,6 +519,60 @@ def sample_rows_blocks(kind: str, x3d: jax.Array, keys: jax.Array,
   # Raw key words, mixed as `project` mixes any key.
   words = jax.vmap(lambda kb: jnp.stack(rng.sketch_words(kb)))(keys)
   return _sampling.sample_blocks(kind, x3d, words, k)
+
+
+def quantize_rows(x: jax.Array, key: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+  """x (..., B, N) kept at `bits` bits an element by unbiased stochastic rounding.
+
+  Each row is rounded on ``2^bits`` levels spanning ``[-s, s]``, s its
+  largest magnitude, to the level below or above each element with the
+  probabilities that make its expectation the element (uniforms from `key`,
+  the row and the column). ``dequantize_rows`` gives x^ with ``E[x^] = x``.
+  For blocks (C, R, N) pass `block_keys` (C keys, one per block: a block's
+  rounding never reads another's).
+
+  Args:
+    x: array (B, N), or (C, R, N) with `key` of shape (C, 2) (raw keys).
+    key: a PRNG key (typed or raw uint32[2]), or (C, 2) raw keys for blocks.
+    bits: 1 to `fewbit_jax.codes.MAX_BITS`.
+
+  Returns:
+    (packed codes uint32 (..., B, bits, ceil(N / 32)), scales float32 (..., B)).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import sketch
+    >>> x = jnp.array([[0.5, -1.0, 0.25, 1.0]])
+    >>> keys = jax.random.split(jax.random.key(0), 4000)
+    >>> mean = jnp.mean(jax.vmap(lambda k: sketch.dequantize_rows(
+    ...     *sketch.quantize_rows(x, k, 1), 1, 4))(keys), axis=0)
+    >>> bool(jnp.allclose(mean, x, atol=0.05))   # 1 bit: each element is +-1, mean x
+    True
+  """
+  from fewbit_jax import codes as _codes
+  bits = _codes.check_bits(bits)
+  if x.ndim == 3:
+    keys = _block_args("quantize_rows", x, key)
+    words = jax.vmap(lambda kb: jnp.stack(rng.sketch_words(kb)))(keys)
+    return _quantized.quantize_blocks(x, words, bits)
+  if x.ndim != 2:
+    raise ValueError(f"quantize_rows expects x of shape (B, N) or blocks (C, R, N); got "
+                     f"{x.shape}.")
+  k0, k1 = rng.sketch_words(key)
+  return _quantized.quantize(x, k0, k1, bits)
+
+
+def dequantize_rows(packed: jax.Array, scale: jax.Array, bits: int, n: int) -> jax.Array:
+  """x^ float32 (..., N) from `quantize_rows`'s codes and scales (`n` the columns of x).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fewbit_jax import sketch
+    >>> x = jnp.array([[-2.0, 0.0, 2.0]])
+    >>> sketch.dequantize_rows(*sketch.quantize_rows(x, jax.random.key(0), 1), 1, 3)[0, ::2]
+    Array([-2.,  2.], dtype=float32)
+  """
+  return _quantized.dequantize(packed, scale, bits, n)
 
 
 def take_rows(g: jax.Array, idx: jax.Array) -> jax.Array:

@@ -23,6 +23,8 @@ from fewbit_jax import ext, sketch
 from fewbit_jax.dense import SKETCH_NAME, randomized_dense
 
 NEW = ("orthogonal", "sampled", "wta")
+# Through the layer: every kind beside gaussian's family, the quantized one too.
+LAYER = NEW + sketch.QUANTIZED_KINDS
 
 
 @pytest.fixture(autouse=True)
@@ -183,7 +185,7 @@ def _layer_data(shape=(4, 16, 8), m=5):
   return tuple(jnp.asarray(a, jnp.float32) for a in (x, w, c))
 
 
-@pytest.mark.parametrize("kind", NEW)
+@pytest.mark.parametrize("kind", LAYER)
 @pytest.mark.parametrize("blocks", [None, 4])
 def test_layer_weight_gradient_is_unbiased(kind, blocks):
   x, w, c = _layer_data()
@@ -234,7 +236,7 @@ def test_residual_is_k_rows_like_gaussian_plus_indices(kind, dtype):
   assert sorted(kept(kind)) == sorted([rows] + [(s, d) for d, s in extra]), kept(kind)
 
 
-@pytest.mark.parametrize("kind", NEW)
+@pytest.mark.parametrize("kind", LAYER)
 def test_scan_over_layers(kind):
   n, layers = 8, 3
   r = np.random.default_rng(0)
@@ -321,7 +323,7 @@ _SCRIPT = textwrap.dedent(r"""
   with ext.mode("jax"):
     for at in ("Auto", "Explicit"):
       mesh = jax.make_mesh((8,), ("data",), axis_types=(getattr(AxisType, at),))
-      for kind in ("orthogonal", "sampled", "wta", None):
+      for kind in ("orthogonal", "sampled", "wta", "quantized", None):
         def loss(w, x, blocks=None, kind=kind):
           y = x @ w if kind is None else fb.randomized_dense(
               x, w, None, key, proj_dim_ratio=0.25, sketch=kind, sketch_blocks=blocks)
@@ -349,7 +351,7 @@ def sharded_results(on_8_devices):
 
 
 @pytest.mark.parametrize("mesh", ["Auto", "Explicit"])
-@pytest.mark.parametrize("kind", NEW)
+@pytest.mark.parametrize("kind", LAYER)
 def test_blocks_per_shard_with_no_collective_beyond_vanilla(sharded_results, mesh, kind):
   r = sharded_results[f"{mesh}-{kind}"]
   assert "error" not in r, r["error"]
@@ -369,3 +371,83 @@ def test_strict_promotion_and_rank_rules(blocks):
           x, w, None, jax.random.key(0), proj_dim_ratio=0.3, sketch=kind,
           sketch_blocks=blocks).astype(jnp.float32).sum(), (0, 1)))(x, w)
       assert [a.dtype for a in g] == [jnp.bfloat16] * 2
+
+
+# --- quantized: every row at fewer bits ------------------------------------------------
+
+def test_quantized_rows_are_unbiased_within_a_step():
+  x, _ = _xg(b=16, n=40)
+  for bits in (1, 3, 6):
+    packed, scale = sketch.quantize_rows(x, jax.random.key(bits), bits)
+    assert packed.shape == (16, bits, 2) and packed.dtype == jnp.uint32, packed.shape
+    xh = np.asarray(sketch.dequantize_rows(packed, scale, bits, 40))
+    step = 2 * np.abs(x).max(axis=1, keepdims=True) / (2 ** bits - 1)
+    assert (np.abs(xh - x) <= step * (1 + 1e-5)).all()  # the level below or the one above
+  keys = jax.random.split(jax.random.key(0), 4000)
+  xs = np.asarray(jax.jit(jax.vmap(lambda k: sketch.dequantize_rows(
+      *sketch.quantize_rows(x, k, 2), 2, 40)))(keys), np.float64)
+  # (an element at a row's extreme is a level: no spread, and float rounding)
+  slack = 5 * xs.std(0) / math.sqrt(len(keys)) + 1e-5 * np.abs(x).max()
+  assert (np.abs(xs.mean(0) - x) <= slack).all()
+  # blocks: each with its own key, the same as quantizing the block alone
+  x3 = jnp.asarray(x).reshape(4, 4, 40)
+  bk = sketch.block_keys(jax.random.key(1), 4)
+  p3, s3 = sketch.quantize_rows(x3, bk, 3)
+  p1, s1 = sketch.quantize_rows(x3[2], bk[2], 3)
+  np.testing.assert_array_equal(p3[2], p1)
+  np.testing.assert_array_equal(s3[2], s1)
+
+
+def test_quantized_zero_rows_stay_zero():
+  x = jnp.zeros((4, 7)).at[1].set(jnp.arange(7.0))
+  xh = sketch.dequantize_rows(*sketch.quantize_rows(x, jax.random.key(0), 2), 2, 7)
+  assert float(jnp.abs(xh[jnp.array([0, 2, 3])]).max()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_quantized_residual_fits_in_the_gaussian_sketchs_bytes(dtype):
+  x, w, _ = _layer_data((4, 50, 64))
+  x, w = x.astype(dtype), w.astype(dtype)
+
+  def kept(kind):
+    res = saved_residuals(lambda w, x: randomized_dense(
+        jnp.sin(x), w, None, jax.random.key(0), proj_dim_ratio=0.2, sketch=kind).sum(), w, x)
+    return {(tuple(a.shape), str(a.dtype)): a.size * a.dtype.itemsize for a, why in res
+            if "argument" not in why and len(a.shape) != 3 or str(a.dtype) == "uint32"}
+
+  gauss, quant = sum(kept("gaussian").values()), kept("quantized")
+  # 200 rows of 64: float32 at ratio 0.2 (k = 40 rows, 10240 bytes) fits 5
+  # bits an element and a float32 scale a row (8800 bytes); bfloat16, 2 bits.
+  bits = 5 if dtype == jnp.float32 else 2
+  assert ((200, bits, 2), "uint32") in quant and ((200,), "float32") in quant, quant
+  assert sum(quant.values()) <= gauss, (quant, gauss)
+
+
+def test_quantized_variance_far_below_the_gaussian_sketchs():
+  # The same residual bytes (ratio 0.2, float32: 6 bits): the rounding's
+  # variance of dW against the Gaussian sketch's, over 64 keys.
+  x, w, c = _layer_data((4, 32, 64), m=16)
+
+  def dws(kind):
+    dw = lambda key: jax.grad(lambda w: jnp.vdot(randomized_dense(
+        x, w, None, key, proj_dim_ratio=0.2, sketch=kind), c))(w)
+    return np.asarray(jax.jit(jax.vmap(dw))(jax.random.split(jax.random.key(2), 64)), np.float64)
+
+  truth = np.einsum("btn,btm->nm", np.asarray(x, np.float64), np.asarray(c, np.float64))
+  var = {kind: ((dws(kind) - truth) ** 2).sum(axis=(1, 2)).mean()
+         for kind in ("gaussian", "quantized")}
+  assert var["quantized"] < 0.01 * var["gaussian"], var
+
+
+def test_quantized_errors_say_what_to_do():
+  x, w, _ = _layer_data((2, 32, 64))
+  with pytest.raises(ValueError, match="less than one.*larger projection"):
+    randomized_dense(x, w, None, jax.random.key(0), proj_dim=1, sketch="quantized")
+  with pytest.raises(ValueError, match="more than 8.*smaller projection"):
+    randomized_dense(x, w, None, jax.random.key(0), proj_dim=64, sketch="quantized")
+  with pytest.raises(ValueError, match="quantize_rows"):
+    sketch.project("quantized", x[0], jax.random.key(0), 4)
+  with pytest.raises(ValueError, match="quantize_rows"):
+    sketch.sketch_matrix("quantized", jax.random.key(0), 8, 2)
+  with pytest.raises(ValueError, match="bits must be in 1..8"):
+    sketch.quantize_rows(x[0], jax.random.key(0), 9)
