@@ -10,7 +10,7 @@ batch``), ``k = ceil(ratio B)`` rows over the batch, ``ceil(k / batch)``
 per block, so every kind keeps the same number of rows of N values (the
 sampled kinds also keep one int32 index per row: 1/N more; ``quantized``
 keeps every row at the bits those bytes allow, a float32 scale a row
-included: 5 bits an element at ratio 0.2 here). Reported: the
+included: 6 bits an element at ratio 0.2 here). Reported: the
 relative variance ``E|dW_est - dW|^2 / |dW|^2`` (mean over keys) and its
 ratio to the Gaussian sketch's on the same layer.
 

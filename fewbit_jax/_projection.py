@@ -325,9 +325,17 @@ def _project_bwd(spec, res, g):
     g = jax.sharding.reshard(g, NamedSharding(mesh, P(*_unpermute(g_pspec, spec.g_perm))))
     x_spec = _unpermute(x_pspec, spec.x_perm)
   g2d = _flatten(spec, g, spec.g_perm, g_pspec)
-  if spec.kind in _sketch.QUANTIZED_KINDS:  # x^ from its codes; g whole
+  dw = None
+  if spec.kind in _sketch.QUANTIZED_KINDS:  # x^ from its codes, once g is here; g whole
     n = math.prod(kernel.shape[a] for a in spec.k_perm[:len(spec.x_perm) - spec.n_batch])
-    sx, sg = _sketch.dequantize_rows(sx, keys, spec.bits, n), g2d.astype(jnp.float32)
+    # (x^ reads nothing but residuals: left alone, XLA's CPU scheduler builds
+    # every layer's at the backward's start, each the size of x)
+    sx = (_sharded.after if spec.blocks else _order.after)(sx, g2d)
+    sg = g2d
+    if spec.blocks:  # x^ whole, its blocks where they lie
+      sx = _sketch.dequantize_rows(sx, keys, spec.bits, n)
+    else:  # x^T g a block of rows at a time: x^ is never whole
+      dw = _quantized.xt_g(sx, keys, spec.bits, n, g2d, spec.precision)
   elif spec.kind in _sketch.SAMPLED_KINDS:
     sg = _sketch.take_rows(g2d, keys)
   else:
@@ -357,8 +365,9 @@ def _project_bwd(spec, res, g):
   if mesh is not None and _mesh.explicit_spec(sx) is not None:
     kw["out_sharding"] = NamedSharding(mesh, P(*k_spec) if simple and k_spec else P())
   rows = tuple(range(sx.ndim - 1))  # the sketch rows, and the blocks if any
-  dw = lax.dot_general(sx.astype(jnp.float32), sg, ((rows, rows), ((), ())),
-                       precision=spec.precision, preferred_element_type=jnp.float32, **kw)
+  if dw is None:
+    dw = lax.dot_general(sx.astype(jnp.float32), sg, ((rows, rows), ((), ())),
+                         precision=spec.precision, preferred_element_type=jnp.float32, **kw)
   dw = dw.reshape(tuple(kernel.shape[a] for a in spec.k_perm))
   inverse = tuple(sorted(range(kernel.ndim), key=lambda i: spec.k_perm[i]))
   dw = jnp.transpose(dw, inverse).astype(kernel.dtype)

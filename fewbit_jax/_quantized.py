@@ -104,3 +104,33 @@ def quantize_blocks(x3d, words, bits: int):
   blocks sharded over devices are rounded where they lie.
   """
   return quantize(x3d, words[:, 0, None, None], words[:, 1, None, None], bits)
+
+
+# Elements (float32) of the x^ block `xt_g` rebuilds per loop step: 4 MiB.
+_BLOCK_ELEMS = 1 << 20
+
+
+def xt_g(packed, scale, bits: int, n: int, g, precision=None):
+  """x^T g (N, M) float32 from `quantize`'s codes of x (B rows) and g (B, M), a block of rows at a time.
+
+  x^ is rebuilt `_BLOCK_ELEMS` elements at a time, so the backward never
+  holds it whole (it is the size of x).
+  """
+  b = packed.shape[0]
+  rows = max(1, min(b, _BLOCK_ELEMS // max(n, 1)))
+  full, tail = divmod(b, rows)
+  g = g.astype(jnp.float32)
+
+  def part(start, size):
+    p = jax.lax.dynamic_slice_in_dim(packed, start, size, 0)
+    s = jax.lax.dynamic_slice_in_dim(scale, start, size, 0)
+    gb = jax.lax.dynamic_slice_in_dim(g, start, size, 0)
+    return jax.lax.dot_general(dequantize(p, s, bits, n), gb, (((0,), (0,)), ((), ())),
+                               precision=precision, preferred_element_type=jnp.float32)
+
+  acc = jnp.zeros((n, g.shape[1]), jnp.float32)
+  if full:
+    acc = jax.lax.fori_loop(0, full, lambda i, acc: acc + part(i * rows, rows), acc)
+  if tail:
+    acc = acc + part(full * rows, tail)
+  return acc
