@@ -114,7 +114,10 @@ def randomized_dense(x, kernel, bias, key, *, proj_dim_ratio=None, proj_dim=None
     proj_dim_min: lower bound on k.
     proj_dim_max: upper bound on k. k is also clamped to [1, B].
     sketch: one of ``gaussian``, ``rademacher``, ``countsketch`` (O(B N),
-      the fastest), ``dct``, ``dft``; see `fewbit_jax.sketch`.
+      the fastest), ``dct``, ``dft``, ``orthogonal``, ``sampled``, ``wta``
+      (k rows chosen by their norms), or ``quantized`` (every row kept at the
+      bits k rows' bytes allow, stochastically rounded: the lowest variance
+      for the same residual bytes); see `fewbit_jax.sketch`.
     precision: ``lax.Precision`` of the matmuls, as in ``nn.Dense``.
     preferred_element_type: output dtype of the forward ``dot_general``, as in
       ``nnx.Linear``.
