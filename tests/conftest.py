@@ -52,24 +52,35 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip)
 
 
+# Whether jax is at the full level with caches holding nothing compiled at the
+# low level since they were cleared: consecutive `xla_optimized` tests (a
+# marked module) then share their compilations (eager ops included).
+_AT_FULL_LEVEL = False
+
+
 @pytest.fixture(autouse=True)
 def _xla_optimized(request):
   """Tests marked `xla_optimized` compile with XLA's full optimisation.
 
   The flag is not part of jax's compilation cache keys, so the caches are
   cleared first: an executable (an eager op included) compiled at the low level
-  by an earlier test must not be reused.
+  by an earlier test must not be reused. The level stays full after the test
+  until an unmarked one starts (what was compiled in between is at the full
+  level too), so the next marked test needs no clearing; an unmarked test
+  reusing what was compiled at the full level is harmless.
   """
-  if request.node.get_closest_marker("xla_optimized") is None or os.environ.get(_LOW_LEVEL) != "1":
+  global _AT_FULL_LEVEL
+  if os.environ.get(_LOW_LEVEL) != "1":
     yield
     return
-  import jax
-  jax.config.update("jax_disable_most_optimizations", False)
-  jax.clear_caches()
-  try:
-    yield
-  finally:  # what it compiled stays cached: reusing it at the low level is harmless
-    jax.config.update("jax_disable_most_optimizations", True)
+  marked = request.node.get_closest_marker("xla_optimized") is not None
+  if marked != _AT_FULL_LEVEL:
+    import jax
+    jax.config.update("jax_disable_most_optimizations", not marked)
+    if marked:
+      jax.clear_caches()
+    _AT_FULL_LEVEL = marked
+  yield
 
 
 def _child_env(**extra: str) -> dict[str, str]:
