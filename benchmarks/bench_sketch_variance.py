@@ -183,6 +183,11 @@ PREV = "wta by norm(x_i) times the mean norm(g) at i's position in another batch
 ORACLE = "wta by norm(x_i) norm(g_i), this batch's g (a bound)*"
 
 
+def _fmt(v: float, digits: int) -> str:
+  """`v` with `digits` decimals, or in scientific notation where those would show 0."""
+  return f"{v:.{digits}f}" if v >= 10 ** -digits else f"{v:.1e}"
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -262,7 +267,7 @@ def main(argv=None) -> None:
     for s in steps:
       r = [results[s, n][kind] / results[s, n]["gaussian"] for (t, n) in results if t == s]
       gm = math.exp(np.mean(np.log(r)))
-      cells.append(f"{gm:.3f} [{min(r):.2f}, {max(r):.2f}]")
+      cells.append(f"{_fmt(gm, 3)} [{_fmt(min(r), 2)}, {_fmt(max(r), 2)}]")
     print(f"| {kind} | " + " | ".join(cells) + " |")
   print("\n*: not a sketch kind of the layers (yet): the rows are drawn by wta's rule with "
         "|x_i| times a gradient norm, which a layer would have to carry between steps as state.")
@@ -275,7 +280,7 @@ def main(argv=None) -> None:
     if t != last:
       continue
     print(f"| {n} | {r['gaussian']:.3g} | "
-          + " | ".join(f"{r[k] / r['gaussian']:.3f}" for k in kinds if k != "gaussian") + " |")
+          + " | ".join(_fmt(r[k] / r['gaussian'], 3) for k in kinds if k != "gaussian") + " |")
 
   if args.time_rounds:
     times = step_times(kinds, rounds=args.time_rounds, batch=args.batch, context=args.context,
