@@ -360,7 +360,7 @@ def test_estimate_variance_is_the_variance_at_k_equal_b():
 # --- sharded: one subprocess -----------------------------------------------------------
 
 _SHARDED = r'''
-import itertools, json, math, os, sys
+import functools, itertools, json, math, os, sys
 import numpy as np
 import jax, jax.numpy as jnp
 from jax import lax
@@ -424,10 +424,14 @@ def one_device_dw(kind, x, c, key, k, xspec, sizes, explicit):
   keys = sketch.block_keys(key, d)
   kc = -(-k // d)
   xb, cb = blocks(x), blocks(c)
-  with ext.mode("jax"):
-    sx = sketch.project_blocks(kind, jnp.asarray(xb), keys, kc)
-    sg = sketch.project_blocks(kind, jnp.asarray(cb), keys, kc)
+  with ext.mode("jax"):  # one compilation for both, not each op of the sketch on its own
+    sx, sg = _project_both(kind, jnp.asarray(xb), jnp.asarray(cb), keys, kc)
   return np.einsum("ckn,ckm->nm", np.asarray(sx, np.float64), np.asarray(sg, np.float64))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _project_both(kind, xb, cb, keys, k):
+  return sketch.project_blocks(kind, xb, keys, k), sketch.project_blocks(kind, cb, keys, k)
 
 
 ROT = [0]
