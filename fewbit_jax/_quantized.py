@@ -84,8 +84,29 @@ def quantize(x2d, k0, k1, bits: int):
   # u in [0, 1): the code is the level below y or the one above, with
   # probability its distance to the one below (E[code] = y).
   y = (x + s) / step
-  code = jnp.clip(jnp.floor(y + u), 0, levels).astype(jnp.uint8)
-  return _codes.pack(code, bits), s[..., 0]
+  code = jnp.clip(jnp.floor(y + u), 0, levels).astype(jnp.uint32)
+  return _pack(code, bits), s[..., 0]
+
+
+def _pack(code, bits: int):
+  """`fewbit_jax.codes.pack`'s words, every plane from one variadic reduction.
+
+  `codes.pack` reduces each plane on its own, and XLA fuses the codes'
+  computation (here the rounding's hash) into each: bits times over. One
+  reduction with an output per plane computes each code once (3x faster for
+  6 bits on the CPU).
+  """
+  *lead, n = code.shape
+  words = -(-n // _codes.WORD_BITS)
+  pad = words * _codes.WORD_BITS - n
+  if pad:
+    code = jnp.pad(code, [(0, 0)] * len(lead) + [(0, pad)])
+  c = code.reshape(*lead, words, _codes.WORD_BITS)
+  shifts = jnp.arange(_codes.WORD_BITS, dtype=jnp.uint32)
+  planes = [((c >> jnp.uint32(p)) & jnp.uint32(1)) << shifts for p in range(bits)]
+  out = jax.lax.reduce(planes, [jnp.uint32(0)] * bits,
+                       lambda a, b: tuple(u | v for u, v in zip(a, b)), (len(lead) + 1,))
+  return jnp.stack(out, axis=-2)
 
 
 def dequantize(packed, scale, bits: int, n: int):

@@ -454,3 +454,12 @@ def test_quantized_errors_say_what_to_do():
     sketch.sketch_matrix("quantized", jax.random.key(0), 8, 2)
   with pytest.raises(ValueError, match="bits must be in 1..8"):
     sketch.quantize_rows(x[0], jax.random.key(0), 9)
+
+
+def test_quantized_packs_the_words_of_codes_pack():
+  # The quantized sketch packs with one variadic reduction (every plane at
+  # once); the words must be fewbit_jax.codes.pack's, bit for bit.
+  from fewbit_jax import _quantized, codes
+  for shape, bits in [((5, 37), 6), ((3, 4, 64), 3), ((1, 1), 1), ((8, 96), 8)]:
+    c = jax.random.randint(jax.random.key(bits), shape, 0, 2 ** bits).astype(jnp.uint32)
+    np.testing.assert_array_equal(_quantized._pack(c, bits), codes.pack(c.astype(jnp.uint8), bits))
