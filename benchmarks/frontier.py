@@ -51,6 +51,7 @@ Usage::
 
   python -m benchmarks.frontier                    # small sizes, both models
   python -m benchmarks.frontier --model decoder --full --time --figure frontier.png
+  python -m benchmarks.frontier --model roberta --full --peak "nn.remat nothing"   # what its peak holds
 
 The NNX rows are measured in flax's functional loop (``nnx.split`` /
 ``nnx.merge`` inside ``jax.value_and_grad``, sketch keys by
