@@ -305,9 +305,12 @@ def _project_fwd(x, kernel, bias, keys, spec):
     # the rows' scales (the codes in sx)
     sx, keys = sx
     keys = jax.ad_checkpoint.checkpoint_name(keys, SKETCH_NAME)
-  if spec.kind not in _sketch.QUANTIZED_KINDS:
+  quantized = spec.kind in _sketch.QUANTIZED_KINDS
+  if not quantized:
     sx = sx.astype(x.dtype)
-  y = spec.forward(*_after_smaller(spec, x, kernel, sx), bias)
+  # (the quantized kind orders by its scales, shaped as x's rows: its words
+  # may split a sharded feature axis in a way a partitioner cannot follow)
+  y = spec.forward(*_after_smaller(spec, x, kernel, keys if quantized else sx), bias)
   sx = jax.ad_checkpoint.checkpoint_name(sx, SKETCH_NAME)
   return y, (sx, keys, kernel, bias)
 
@@ -330,7 +333,7 @@ def _project_bwd(spec, res, g):
     n = math.prod(kernel.shape[a] for a in spec.k_perm[:len(spec.x_perm) - spec.n_batch])
     # (x^ reads nothing but residuals: left alone, XLA's CPU scheduler builds
     # every layer's at the backward's start, each the size of x)
-    sx = (_sharded.after if spec.blocks else _order.after)(sx, g2d)
+    keys = (_sharded.after if spec.blocks else _order.after)(keys, g2d)  # the scales
     sg = g2d
     if spec.blocks:  # x^ whole, its blocks where they lie
       sx = _sketch.dequantize_rows(sx, keys, spec.bits, n)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fewbit_jax import _rng as rng
+from fewbit_jax import _mesh, _rng as rng
 from fewbit_jax import codes as _codes
 
 QUANTIZED_KINDS = ("quantized",)
@@ -85,7 +85,11 @@ def quantize(x2d, k0, k1, bits: int):
   # probability its distance to the one below (E[code] = y).
   y = (x + s) / step
   code = jnp.clip(jnp.floor(y + u), 0, levels).astype(jnp.uint32)
-  return _pack(code, bits), s[..., 0]
+  # The one-pass packing's variadic reduction cannot be partitioned across
+  # devices (XLA: "Unsupported reduction computation"): codes.pack's, one
+  # reduction a plane, where a mesh is in play.
+  on_mesh = _mesh.type_mesh(x2d) is not None or _mesh.auto_mesh(x2d) is not None
+  return (_codes.pack if on_mesh else _pack)(code, bits), s[..., 0]
 
 
 def _pack(code, bits: int):
