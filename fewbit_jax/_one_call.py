@@ -16,6 +16,7 @@ import re
 import typing as tp
 
 import jax
+import jax.numpy as jnp
 
 from fewbit_jax import _registry
 from fewbit_jax import patch as _patch
@@ -207,6 +208,23 @@ def _module_rule(value, if_none: bool, what: str, option: str, rule_true: str):
     return re.compile(value)
   raise TypeError(f"{what}: {option} must be True ({rule_true}), False, or a regular "
                   f"expression on module paths; got {value!r}")
+
+
+def draw_dependency(values):
+  """The block input its random draws wait for: the first non-empty float array, or None.
+
+  Both converters tie the keys of a rematerialised block to it, so that XLA's
+  CPU scheduler cannot start the block's draws at the step's start (where
+  their keys are known) and hold their bits until the block runs.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from fewbit_jax._one_call import draw_dependency
+    >>> draw_dependency([jnp.arange(3), jnp.ones(2)]).dtype
+    dtype('float32')
+  """
+  return next((v for v in values if isinstance(v, jax.Array)
+               and jnp.issubdtype(v.dtype, jnp.floating) and v.size), None)
 
 
 def nothing_saveable() -> tp.Callable[..., bool]:

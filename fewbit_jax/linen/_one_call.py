@@ -16,7 +16,6 @@ import threading
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax.core.scope import LazyRng
 
@@ -78,7 +77,7 @@ def _draw_after_inputs(module: nn.Module, values) -> None:
   activations themselves. Tied to the block's input, each draw runs when its
   block does.
   """
-  dep = next((v for v in values if jnp.issubdtype(v.dtype, jnp.floating) and v.size), None)
+  dep = _one_call.draw_dependency(values)
   rngs = getattr(module.scope, "rngs", None)
   if dep is None or not rngs:
     return

@@ -20,7 +20,6 @@ import re
 import typing as tp
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -61,8 +60,7 @@ def _draw_after_inputs(module, values) -> tp.Callable[[], None]:
   arrays a draw, 8 bytes an element) until each block runs
   (tests/test_remat_draws.py).
   """
-  dep = next((v for v in values if isinstance(v, jax.Array)
-              and jnp.issubdtype(v.dtype, jnp.floating) and v.size), None)
+  dep = _one_call.draw_dependency(values)
   if dep is None:
     return lambda: None
   streams = [node for _, node in nnx.iter_graph(module) if isinstance(node, nnx.RngStream)]
@@ -112,9 +110,6 @@ def _checkpointed(base_call, policy, pure: bool = False):
     # write back there, which NNX refuses. Only what the call changed is
     # written back after it.
     graphdef, state = nnx.split(self)
-    if pure:  # nothing but parameters inside, nothing mutated
-      return jax.checkpoint(lambda state, *values: inner(nnx.merge(graphdef, state), *values),
-                            policy=policy)(state, *values)
 
     def body(state, *values):
       module = nnx.merge(graphdef, state)
