@@ -101,24 +101,46 @@ def test_policy_beats_plain_remat_and_fewbit_alone_in_compiled_temp():
   assert set(temp) == set(_ROWS)
 
 
+def _attention(norm: bool):
+  """Self-attention with the lean softmax (after a lean LayerNorm if `norm`), and its arguments."""
+  wq, wk, wv = (jax.random.normal(jax.random.key(i), (D, D)) * 0.2 for i in range(3))
+  x = jax.random.normal(KEY, (4, 16, D))
+  scale, bias = jnp.ones((D,)), jnp.zeros((D,))
+
+  def attend(wq, wk, wv, x):
+    if norm:
+      x = fb.layer_norm(x, scale, bias)
+    q, k, v = x @ wq, x @ wk, x @ wv
+    p = fb.softmax(jnp.einsum("bqd,bkd->bqk", q, k), axis=-1)
+    return jnp.einsum("bqk,bkd->bqd", p, v)
+  return attend, (wq, wk, wv, x)
+
+
+def _saved_by_policy(f, args, kind):
+  """What ``jax.checkpoint(f, policy=frontier_policy(kind))`` keeps, by source."""
+  from fewbit_jax.remat import frontier_policy
+  g = jax.checkpoint(f, policy=frontier_policy(kind))
+  return memory.saved_residuals(lambda *a: g(*a).sum(), *args).by_source()
+
+
+def _assert_remat_gradient_equal(f, args, kind, argnums):
+  """The gradient under ``frontier_policy(kind)`` equals the one without remat."""
+  from fewbit_jax.remat import frontier_policy
+  loss = lambda f: lambda *a: f(*a).sum()
+  g0 = jax.grad(loss(f), argnums=argnums)(*args)
+  g1 = jax.grad(loss(jax.checkpoint(f, policy=frontier_policy(kind))), argnums=argnums)(*args)
+  for a, b in zip(g0, g1):
+    assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_dots_and_probs_keeps_the_probabilities_instead_of_the_scores():
   # Self-attention with the lean softmax: 'dots_and_probs' keeps the
   # projections (non-batch dots) and the softmax's output, not the batched
   # q.k scores (checkpoint_dots keeps those) and nothing the softmax needs
   # recomputing (dots_with_no_batch_dims keeps no score-sized array).
   from fewbit_jax.attention import SOFTMAX_NAME
-  from fewbit_jax.remat import frontier_policy
-  wq, wk, wv = (jax.random.normal(jax.random.key(i), (D, D)) * 0.2 for i in range(3))
-  x = jax.random.normal(KEY, (4, 16, D))
-
-  def attend(wq, wk, wv, x):
-    q, k, v = x @ wq, x @ wk, x @ wv
-    p = fb.softmax(jnp.einsum("bqd,bkd->bqk", q, k), axis=-1)
-    return jnp.einsum("bqk,bkd->bqd", p, v)
-
-  def saved(kind):
-    f = jax.checkpoint(attend, policy=frontier_policy(kind))
-    return memory.saved_residuals(lambda *a: f(*a).sum(), wq, wk, wv, x).by_source()
+  attend, args = _attention(norm=False)
+  saved = lambda kind: _saved_by_policy(attend, args, kind)
 
   scores = 4 * 16 * 16 * 4
   probs = saved("dots_and_probs")
@@ -126,12 +148,7 @@ def test_dots_and_probs_keeps_the_probabilities_instead_of_the_scores():
   assert probs["op dot_general"] == 3 * 4 * 16 * D * 4  # q, k, v; no score-sized dot
   assert f"named {SOFTMAX_NAME!r}" not in saved("dots_with_no_batch_dims_saveable")
   assert saved("checkpoint_dots")["op dot_general"] > probs["op dot_general"]  # + q.k, p @ v
-  loss = lambda f: lambda *a: f(*a).sum()
-  g0 = jax.grad(loss(attend), argnums=(0, 1, 2))(wq, wk, wv, x)
-  g1 = jax.grad(loss(jax.checkpoint(attend, policy=frontier_policy("dots_and_probs"))),
-                argnums=(0, 1, 2))(wq, wk, wv, x)
-  for a, b in zip(g0, g1):
-    assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+  _assert_remat_gradient_equal(attend, args, "dots_and_probs", argnums=(0, 1, 2))
 
 
 def test_lean_without_probs_keeps_no_probabilities_and_the_same_gradient():
@@ -140,28 +157,11 @@ def test_lean_without_probs_keeps_no_probabilities_and_the_same_gradient():
   # the score-sized probabilities that 'lean' keeps.
   from fewbit_jax.attention import SOFTMAX_NAME
   from fewbit_jax.norms import NORM_STATS_NAME
-  from fewbit_jax.remat import frontier_policy
-  wq, wk, wv = (jax.random.normal(jax.random.key(i), (D, D)) * 0.2 for i in range(3))
-  x = jax.random.normal(KEY, (4, 16, D))
-  scale, bias = jnp.ones((D,)), jnp.zeros((D,))
-
-  def attend(wq, wk, wv, x):
-    x = fb.layer_norm(x, scale, bias)
-    q, k, v = x @ wq, x @ wk, x @ wv
-    p = fb.softmax(jnp.einsum("bqd,bkd->bqk", q, k), axis=-1)
-    return jnp.einsum("bqk,bkd->bqd", p, v)
-
-  def saved(kind):
-    f = jax.checkpoint(attend, policy=frontier_policy(kind))
-    return memory.saved_residuals(lambda *a: f(*a).sum(), wq, wk, wv, x).by_source()
+  attend, args = _attention(norm=True)
+  saved = lambda kind: _saved_by_policy(attend, args, kind)
 
   lean, without = saved("lean"), saved("lean_without_probs")
   assert lean[f"named {SOFTMAX_NAME!r}"] == 4 * 16 * 16 * 4
   assert f"named {SOFTMAX_NAME!r}" not in without
   assert without[f"named {NORM_STATS_NAME!r}"] == lean[f"named {NORM_STATS_NAME!r}"] > 0
-  loss = lambda f: lambda *a: f(*a).sum()
-  g0 = jax.grad(loss(attend), argnums=(0, 1, 2, 3))(wq, wk, wv, x)
-  g1 = jax.grad(loss(jax.checkpoint(attend, policy=frontier_policy("lean_without_probs"))),
-                argnums=(0, 1, 2, 3))(wq, wk, wv, x)
-  for a, b in zip(g0, g1):
-    assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+  _assert_remat_gradient_equal(attend, args, "lean_without_probs", argnums=(0, 1, 2, 3))
