@@ -50,6 +50,7 @@ import inspect
 import math
 import os
 import re
+import tempfile
 from typing import Any, Callable
 
 import jax
@@ -623,7 +624,6 @@ def peak_buffers(f: Callable, *args, compiler_options: dict | None = None,
     >>> top.kind, top.nbytes                    # one 1 MiB array of these
     ('f32[512,512]', 1048576)
   """
-  import tempfile
   if isinstance(f, jax.stages.Lowered):
     lowered = f
   else:
